@@ -1,0 +1,26 @@
+//! CPU kernels. Activations are `f32` slices; weight matrices are [`TensorView`]s of `f32`, `f16`
+//! or `bf16`, row-major `[N, K]` (one row per output feature, as Hugging Face stores them).
+//!
+//! Every kernel here has a plain counterpart in [`crate::reference`] that the tests compare with.
+
+pub mod activation;
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod matmul;
+pub mod matvec;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+pub mod topk;
+
+pub use activation::silu_mul;
+pub use attention::{attention, KvCache};
+pub use elementwise::{add_assign, axpy, scale};
+pub use embedding::embedding;
+pub use matmul::matmul;
+pub use matvec::matvec;
+pub use norm::rms_norm;
+pub use rope::Rope;
+pub use softmax::softmax;
+pub use topk::top_k;
