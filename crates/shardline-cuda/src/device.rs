@@ -1,0 +1,154 @@
+//! One CUDA device: its context, the stream everything is queued on, and the loaded kernels.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    ValidAsZeroBits,
+};
+
+use crate::error::DriverContext;
+use crate::{ptx_cache, CudaError};
+
+/// The kernel source, compiled with NVRTC when a device is opened.
+const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+
+/// Handles of every kernel in `kernels.cu`.
+pub struct Kernels {
+    pub matvec_bf16: CudaFunction,
+    pub matvec_f16: CudaFunction,
+    pub matvec_f32: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub rope_kv_append: CudaFunction,
+    pub attention_decode: CudaFunction,
+    pub router_top_k: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub fill_uniform: CudaFunction,
+}
+
+impl Kernels {
+    fn load(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .during(format!("loading kernel {name}"))
+        };
+        Ok(Kernels {
+            matvec_bf16: f("matvec_bf16")?,
+            matvec_f16: f("matvec_f16")?,
+            matvec_f32: f("matvec_f32")?,
+            rms_norm: f("rms_norm")?,
+            rope_kv_append: f("rope_kv_append")?,
+            attention_decode: f("attention_decode")?,
+            router_top_k: f("router_top_k")?,
+            silu_mul: f("silu_mul")?,
+            fill_uniform: f("fill_uniform")?,
+        })
+    }
+}
+
+/// An opened CUDA device with one stream. Cross-stream event tracking is off: everything runs on
+/// the one stream, in order, so the tracking would only add work to every launch.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    name: String,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`, compiling (or loading from the cache) the kernels.
+    pub fn open(ordinal: usize) -> Result<CudaDevice, CudaError> {
+        // SAFETY: these only try to load the shared libraries.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable(
+                "the CUDA driver library (libcuda.so) was not found".into(),
+            ));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable(
+                "NVRTC (libnvrtc.so) was not found: put the CUDA toolkit's lib64 directory on \
+                 LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().during("counting CUDA devices")?;
+        if ordinal >= count as usize {
+            return Err(CudaError::Unavailable(format!(
+                "device {ordinal} asked for, but {count} CUDA device(s) found"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).during(format!("opening CUDA device {ordinal}"))?;
+        // SAFETY: called before any allocation or stream exists.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().during("creating a stream")?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .during("reading the compute capability")?;
+        let ptx = ptx_cache::compile_cached(KERNEL_SOURCE, major, minor)?;
+        let module = ctx.load_module(ptx).during("loading the kernel module")?;
+        let kernels = Kernels::load(&module)?;
+        let name = ctx.name().during("reading the device name")?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            kernels,
+            name,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A zero-filled device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        self.stream
+            .alloc_zeros(len.max(1))
+            .during(format!("allocating {len} elements"))
+    }
+
+    /// A device copy of `data`.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        if data.is_empty() {
+            return Err(CudaError::Shape("cannot upload an empty buffer".into()));
+        }
+        self.stream
+            .clone_htod(data)
+            .during(format!("copying {} elements to the device", data.len()))
+    }
+
+    /// A host copy of `buf` (waits for the stream).
+    pub fn download<T: DeviceRepr>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+        self.stream
+            .clone_dtoh(buf)
+            .during("copying from the device")
+    }
+
+    /// Waits until everything queued so far has run, and reports any error it raised.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().during("waiting for the stream")
+    }
+}
+
+/// The raw device address of `buf`, for kernel arguments (event tracking is off, so this records
+/// nothing).
+pub fn dptr<T>(dev: &CudaDevice, buf: &CudaSlice<T>) -> u64 {
+    let (p, _sync) = buf.device_ptr(dev.stream());
+    p
+}

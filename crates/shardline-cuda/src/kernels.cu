@@ -1,0 +1,397 @@
+// Shardline's CUDA kernels for batch-1 decode, compiled at run time with NVRTC.
+//
+// Activations are f32 everywhere (so results match the CPU path); weights are bf16, f16 or f32.
+// Anything that changes from one decode step to the next (the position, the chosen experts) is
+// read from device memory, so a captured graph can be replayed unchanged.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define WARP 32
+#define MATVEC_WARPS 8
+#define NEG_INF __int_as_float(0xff800000u)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    v = warp_sum(v);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    float r = total;
+    __syncthreads();
+    return r;
+}
+
+// ---- weight element types: 8 consecutive weights as one 16-byte load ----
+
+struct Bf16 {
+    typedef uint4 Pack;  // 8 x bf16
+    static const int PACK_BYTES = 16;
+    __device__ static float one(const void* w, long i) {
+        return __uint_as_float(((u32)((const u16*)w)[i]) << 16);
+    }
+    __device__ static float dot8(uint4 p, float4 a, float4 b) {
+        float s = __uint_as_float(p.x << 16) * a.x;
+        s = fmaf(__uint_as_float(p.x & 0xffff0000u), a.y, s);
+        s = fmaf(__uint_as_float(p.y << 16), a.z, s);
+        s = fmaf(__uint_as_float(p.y & 0xffff0000u), a.w, s);
+        s = fmaf(__uint_as_float(p.z << 16), b.x, s);
+        s = fmaf(__uint_as_float(p.z & 0xffff0000u), b.y, s);
+        s = fmaf(__uint_as_float(p.w << 16), b.z, s);
+        s = fmaf(__uint_as_float(p.w & 0xffff0000u), b.w, s);
+        return s;
+    }
+};
+
+__device__ __forceinline__ float half_bits_to_f32(u32 h) {
+    float f;
+    unsigned short s = (unsigned short)h;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
+    return f;
+}
+
+struct F16 {
+    typedef uint4 Pack;
+    static const int PACK_BYTES = 16;
+    __device__ static float one(const void* w, long i) {
+        return half_bits_to_f32(((const u16*)w)[i]);
+    }
+    __device__ static float dot8(uint4 p, float4 a, float4 b) {
+        float s = half_bits_to_f32(p.x & 0xffffu) * a.x;
+        s = fmaf(half_bits_to_f32(p.x >> 16), a.y, s);
+        s = fmaf(half_bits_to_f32(p.y & 0xffffu), a.z, s);
+        s = fmaf(half_bits_to_f32(p.y >> 16), a.w, s);
+        s = fmaf(half_bits_to_f32(p.z & 0xffffu), b.x, s);
+        s = fmaf(half_bits_to_f32(p.z >> 16), b.y, s);
+        s = fmaf(half_bits_to_f32(p.w & 0xffffu), b.z, s);
+        s = fmaf(half_bits_to_f32(p.w >> 16), b.w, s);
+        return s;
+    }
+};
+
+// f32 weights: a "pack" is two float4 loads (8 elements, 32 bytes).
+struct F32 {
+    struct Pack { float4 lo, hi; };
+    static const int PACK_BYTES = 32;
+    __device__ static float one(const void* w, long i) { return ((const float*)w)[i]; }
+    __device__ static float dot8(Pack p, float4 a, float4 b) {
+        float s = p.lo.x * a.x;
+        s = fmaf(p.lo.y, a.y, s); s = fmaf(p.lo.z, a.z, s); s = fmaf(p.lo.w, a.w, s);
+        s = fmaf(p.hi.x, b.x, s); s = fmaf(p.hi.y, b.y, s); s = fmaf(p.hi.z, b.z, s);
+        s = fmaf(p.hi.w, b.w, s);
+        return s;
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ typename T::Pack load_pack(const char* row, long pack) {
+    return __ldg((const typename T::Pack*)(row + pack * T::PACK_BYTES));
+}
+
+template <>
+__device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) {
+    const float4* p = (const float4*)(row + pack * 32);
+    F32::Pack r;
+    r.lo = __ldg(p);
+    r.hi = __ldg(p + 1);
+    return r;
+}
+
+// Dot product of one weight row (K elements, 16-byte aligned, K % 8 == 0 on the fast path) with x,
+// computed by one warp; every lane returns the full sum.
+template <typename T>
+__device__ float warp_row_dot(const char* row, const float* __restrict__ x, int K) {
+    const int lane = threadIdx.x & 31;
+    // Rows or inputs that are not 16-byte aligned (K not a multiple of 8) take the scalar path.
+    const bool aligned = (((unsigned long)row | (unsigned long)x) & 15) == 0;
+    const long packs = aligned ? K / 8 : 0;
+    const float4* x4 = (const float4*)x;
+    float acc = 0.0f;
+    long p = lane;
+    // Four independent 16-byte loads in flight per lane before the first use.
+    for (; p + 3 * WARP < packs; p += 4 * WARP) {
+        typename T::Pack w0 = load_pack<T>(row, p);
+        typename T::Pack w1 = load_pack<T>(row, p + WARP);
+        typename T::Pack w2 = load_pack<T>(row, p + 2 * WARP);
+        typename T::Pack w3 = load_pack<T>(row, p + 3 * WARP);
+        acc += T::dot8(w0, __ldg(x4 + 2 * p), __ldg(x4 + 2 * p + 1));
+        acc += T::dot8(w1, __ldg(x4 + 2 * (p + WARP)), __ldg(x4 + 2 * (p + WARP) + 1));
+        acc += T::dot8(w2, __ldg(x4 + 2 * (p + 2 * WARP)), __ldg(x4 + 2 * (p + 2 * WARP) + 1));
+        acc += T::dot8(w3, __ldg(x4 + 2 * (p + 3 * WARP)), __ldg(x4 + 2 * (p + 3 * WARP) + 1));
+    }
+    for (; p < packs; p += WARP) {
+        acc += T::dot8(load_pack<T>(row, p), __ldg(x4 + 2 * p), __ldg(x4 + 2 * p + 1));
+    }
+    for (long i = packs * 8 + lane; i < K; i += WARP) acc += T::one(row, i) * x[i];
+    return warp_sum(acc);
+}
+
+// The one matrix-vector kernel: dense layers, MoE experts chosen on the device, and the weighted
+// combination of expert outputs.
+//
+//   slot s (0..n_slots) uses matrix W_base + e_s * expert_stride_bytes, e_s = ids ? ids[s] : s,
+//   input x + s * x_slot_stride;  r_s[n] = W_{e_s}[n, :] . x_s
+//   combine == 0: y[s * y_slot_stride + n] = r_s[n] (+ residual[n])      grid.y = n_slots
+//   combine == 1: y[n] = sum_s slot_weights[s] * r_s[n] (+ residual[n])  grid.y = 1
+// One warp per output row n; MATVEC_WARPS rows per block.
+template <typename T>
+__device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_bytes,
+                            const int* __restrict__ ids, int n_slots,
+                            const float* __restrict__ x, long x_slot_stride,
+                            const float* __restrict__ slot_weights, int combine,
+                            const float* __restrict__ residual, float* __restrict__ y,
+                            long y_slot_stride, int N, int K) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = blockIdx.x * MATVEC_WARPS + warp;
+    if (n >= N) return;
+    const long row_bytes = (long)K * (T::PACK_BYTES / 8);
+    if (combine) {
+        float total = 0.0f;
+        for (int s = 0; s < n_slots; ++s) {
+            const int e = ids ? ids[s] : s;
+            const char* row = W_base + (long)e * expert_stride_bytes + (long)n * row_bytes;
+            total += slot_weights[s] * warp_row_dot<T>(row, x + s * x_slot_stride, K);
+        }
+        if (lane == 0) y[n] = total + (residual ? residual[n] : 0.0f);
+    } else {
+        const int s = blockIdx.y;
+        const int e = ids ? ids[s] : s;
+        const char* row = W_base + (long)e * expert_stride_bytes + (long)n * row_bytes;
+        float r = warp_row_dot<T>(row, x + s * x_slot_stride, K);
+        if (lane == 0) y[s * y_slot_stride + n] = r + (residual ? residual[n] : 0.0f);
+    }
+}
+
+#define MATVEC_ENTRY(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP)                           \
+        NAME(const char* W, long es, const int* ids, int ns, const float* x, long xs,           \
+             const float* sw, int combine, const float* res, float* y, long ys, int N, int K) {  \
+        matvec_impl<T>(W, es, ids, ns, x, xs, sw, combine, res, y, ys, N, K);                   \
+    }
+MATVEC_ENTRY(matvec_bf16, Bf16)
+MATVEC_ENTRY(matvec_f16, F16)
+MATVEC_ENTRY(matvec_f32, F32)
+
+// y = x / sqrt(mean(x^2) + eps) * g, one block per row of length D.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,
+                                    float* __restrict__ y, int D, float eps) {
+    const float* xr = x + (long)blockIdx.x * D;
+    float* yr = y + (long)blockIdx.x * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    const float inv = rsqrtf(ss / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * inv * g[i];
+}
+
+// Optional per-head q/k RMSNorm (Qwen3), rotary embedding (half rotation) at position *pos, and
+// the KV-cache append. qkv is [q (H*D) | k (KVH*D) | v (KVH*D)]; q is rotated in place; caches are
+// [KVH][capacity][D]. One block per head (H + 2*KVH blocks) of D rounded up to 32 threads; D <= 1024.
+extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const int* __restrict__ pos_ptr,
+                                          float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                          const float* __restrict__ q_norm,
+                                          const float* __restrict__ k_norm, float eps, int H,
+                                          int KVH, int D, int capacity, float theta) {
+    __shared__ float head[1024];
+    const int b = blockIdx.x, i = threadIdx.x;
+    const bool active = i < D;
+    const int pos = *pos_ptr;
+    float* src = qkv + (long)b * D;
+    const float v = active ? src[i] : 0.0f;
+    if (b >= H + KVH) {  // a value head: append as is
+        const int kvh = b - H - KVH;
+        if (active) v_cache[((long)kvh * capacity + pos) * D + i] = v;
+        return;
+    }
+    const float* norm = b < H ? q_norm : k_norm;
+    float val = v;
+    if (norm) {
+        const float ss = block_sum(v * v);
+        val = active ? v * rsqrtf(ss / (float)D + eps) * norm[i] : 0.0f;
+    }
+    head[i] = val;
+    __syncthreads();
+    if (!active) return;
+    const int half = D / 2;
+    const int j = i < half ? i : i - half;
+    const float inv_freq = 1.0f / powf(theta, (float)(2 * j) / (float)D);
+    float s, c;
+    sincosf((float)pos * inv_freq, &s, &c);
+    const float out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
+    if (b < H) {
+        src[i] = out;
+    } else {
+        const int kvh = b - H;
+        k_cache[((long)kvh * capacity + pos) * D + i] = out;
+    }
+}
+
+// Decode attention for one token with grouped-query heads over positions 0..=*pos_ptr.
+// One block per query head; its warps split the KV positions (online softmax per warp) and are
+// combined at the end, so any context length runs in fixed shared memory. Lane l holds elements
+// l, l+32, ... of a head: D <= 32 * ATTN_MAX_PER_LANE.
+#define ATTN_WARPS 8
+#define ATTN_MAX_PER_LANE 8
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
+    attention_decode(const float* __restrict__ q, const float* __restrict__ k_cache,
+                     const float* __restrict__ v_cache, const int* __restrict__ pos_ptr,
+                     float* __restrict__ out, int H, int KVH, int D, int capacity, float scale) {
+    __shared__ float m_s[ATTN_WARPS], l_s[ATTN_WARPS];
+    __shared__ float acc_s[ATTN_WARPS][WARP * ATTN_MAX_PER_LANE];
+    const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kvh = h / (H / KVH);
+    const int len = *pos_ptr + 1;
+    const float* kb = k_cache + (long)kvh * capacity * D;
+    const float* vb = v_cache + (long)kvh * capacity * D;
+    float qv[ATTN_MAX_PER_LANE], acc[ATTN_MAX_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
+        const int d = lane + WARP * j;
+        qv[j] = d < D ? q[(long)h * D + d] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int p = warp; p < len; p += ATTN_WARPS) {
+        const float* kp = kb + (long)p * D;
+        const float* vp = vb + (long)p * D;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
+            const int d = lane + WARP * j;
+            if (d < D) s = fmaf(qv[j], kp[d], s);
+        }
+        s = warp_sum(s) * scale;
+        const float m_new = fmaxf(m, s);
+        const float corr = expf(m - m_new);
+        const float e = expf(s - m_new);
+        l = l * corr + e;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
+            const int d = lane + WARP * j;
+            if (d < D) acc[j] = acc[j] * corr + e * vp[d];
+        }
+        m = m_new;
+    }
+    if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) acc_s[warp][lane + WARP * j] = acc[j];
+    __syncthreads();
+    if (warp != 0) return;
+    float M = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, m_s[w]);
+    float L = 0.0f;
+    float o[ATTN_MAX_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) o[j] = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        if (m_s[w] == NEG_INF) continue;  // this warp saw no position
+        const float f = expf(m_s[w] - M);
+        L += l_s[w] * f;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) o[j] += acc_s[w][lane + WARP * j] * f;
+    }
+    const float inv = 1.0f / L;
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
+        const int d = lane + WARP * j;
+        if (d < D) out[(long)h * D + d] = o[j] * inv;
+    }
+}
+
+// Router: softmax over E logits, top-k (ties to the lower index), optional renormalisation.
+// Writes ids[k] and weights[k]. One warp; E <= 1024.
+extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E, int k,
+                                       int renormalize, int* __restrict__ ids,
+                                       float* __restrict__ weights) {
+    __shared__ float probs[1024];
+    const int lane = threadIdx.x;
+    float mx = NEG_INF;
+    for (int e = lane; e < E; e += WARP) mx = fmaxf(mx, logits[e]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += WARP) {
+        const float p = expf(logits[e] - mx);
+        probs[e] = p;
+        sum += p;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    float chosen_sum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        float best = -1.0f;
+        int best_e = E;
+        for (int e = lane; e < E; e += WARP) {
+            const float p = probs[e];
+            if (p > best || (p == best && e < best_e)) { best = p; best_e = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+            if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
+        }
+        if (lane == 0) {
+            ids[j] = best_e;
+            weights[j] = best / sum;
+            probs[best_e] = -2.0f;  // taken
+        }
+        chosen_sum += best / sum;
+        __syncwarp();
+    }
+    if (renormalize && lane < k) weights[lane] /= chosen_sum;
+}
+
+// h[s][i] = silu(g[s][i]) * u[s][i] where gate_up[s] = [g (I) | u (I)].
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, float* __restrict__ h, int I,
+                                    int slots) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)I * slots) return;
+    const long s = idx / I, i = idx % I;
+    const float g = gate_up[s * 2 * I + i];
+    const float u = gate_up[s * 2 * I + I + i];
+    h[idx] = g / (1.0f + expf(-g)) * u;
+}
+
+// Deterministic pseudo-random fill in [-scale, scale) for benchmark weights (a hash of the index,
+// so any size fills in one pass with no host upload). dtype: 0 f32, 1 f16, 2 bf16.
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+extern "C" __global__ void fill_uniform(void* dst, long n, int dtype, u32 seed, float scale) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        const u32 r = mix32((u32)i * 0x9E3779B9u ^ mix32(seed + (u32)(i >> 32)));
+        const float v = ((float)(r >> 8) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * scale;
+        if (dtype == 0) {
+            ((float*)dst)[i] = v;
+        } else if (dtype == 1) {
+            unsigned short hbits;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hbits) : "f"(v));
+            ((u16*)dst)[i] = hbits;
+        } else {
+            const u32 bits = __float_as_uint(v);
+            ((u16*)dst)[i] = (u16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Shardline's CUDA backend: a device context with one stream, kernels compiled at run time with
+//! NVRTC (and cached on disk), typed launches of those kernels, and a batch-1 decode layer whose
+//! two segments are each captured once as a CUDA graph and replayed every step.
+//!
+//! The crate builds on machines without a CUDA toolkit: the driver and NVRTC libraries are loaded
+//! when a [`CudaDevice`] is opened, and their absence is an error, not a build failure.
+
+pub mod device;
+pub mod error;
+pub mod layer;
+pub mod ops;
+mod ptx_cache;
+
+pub use device::CudaDevice;
+pub use error::CudaError;
+pub use layer::{DeviceLayer, ExecMode, HostLayerWeights, LayerShape, LayerStack};

@@ -1,0 +1,301 @@
+//! Typed launches of the kernels in `kernels.cu`. Buffers are passed as raw device addresses
+//! (`u64`, 0 for "none"), so a launch costs one driver call and can be captured into a graph.
+
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use shardline_tensor::DType;
+
+use crate::error::DriverContext;
+use crate::{CudaDevice, CudaError};
+
+/// Warps (one output row each) per matvec block; matches `MATVEC_WARPS` in kernels.cu.
+const MATVEC_WARPS: u32 = 8;
+/// Warps per attention block; matches `ATTN_WARPS`.
+const ATTN_WARPS: u32 = 8;
+/// Largest head dimension the attention kernel takes (32 lanes x ATTN_MAX_PER_LANE).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Weights of one or more same-shaped `[n, k]` matrices laid out back to back.
+#[derive(Clone, Copy, Debug)]
+pub struct Weights {
+    pub ptr: u64,
+    pub dtype: DType,
+    /// Bytes from one matrix (expert) to the next.
+    pub matrix_stride_bytes: u64,
+}
+
+/// How the outputs of several matrix slots are produced (see `matvec_impl` in kernels.cu).
+#[derive(Clone, Copy, Debug)]
+pub enum Slots {
+    /// One matrix, one output: `y = W x (+ residual)`.
+    Single,
+    /// `y[s] = W[ids[s]] x[s] (+ residual)` for `count` slots; `ids` on the device.
+    Each {
+        ids: u64,
+        count: u32,
+        x_stride: u64,
+        y_stride: u64,
+    },
+    /// `y = sum_s weights[s] * W[ids[s]] x[s] (+ residual)`; `ids`, `weights` on the device.
+    WeightedSum {
+        ids: u64,
+        weights: u64,
+        count: u32,
+        x_stride: u64,
+    },
+}
+
+fn launch(mut args: LaunchArgs<'_>, cfg: LaunchConfig, what: &str) -> Result<(), CudaError> {
+    // SAFETY: every kernel's arguments are pushed in the order and types its signature has, and
+    // the callers pass addresses of live buffers large enough for the given sizes.
+    unsafe { args.launch(cfg) }
+        .map(|_| ())
+        .during(format!("launching {what}"))
+}
+
+/// `y = W x` over `n` rows of `k` columns, per [`Slots`].
+#[allow(clippy::too_many_arguments)]
+pub fn matvec(
+    dev: &CudaDevice,
+    w: Weights,
+    slots: Slots,
+    x: u64,
+    residual: u64,
+    y: u64,
+    n: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    let kern = dev.kernels();
+    let f = match w.dtype {
+        DType::BF16 => &kern.matvec_bf16,
+        DType::F16 => &kern.matvec_f16,
+        DType::F32 => &kern.matvec_f32,
+    };
+    let (ids, count, x_stride, sw, combine, y_stride, grid_y) = match slots {
+        Slots::Single => (0u64, 1i32, 0i64, 0u64, 0i32, 0i64, 1u32),
+        Slots::Each {
+            ids,
+            count,
+            x_stride,
+            y_stride,
+        } => (
+            ids,
+            count as i32,
+            x_stride as i64,
+            0,
+            0,
+            y_stride as i64,
+            count,
+        ),
+        Slots::WeightedSum {
+            ids,
+            weights,
+            count,
+            x_stride,
+        } => (ids, count as i32, x_stride as i64, weights, 1, 0, 1),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(MATVEC_WARPS), grid_y, 1),
+        block_dim: (MATVEC_WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let es = w.matrix_stride_bytes as i64;
+    let (n, k) = (n as i32, k as i32);
+    let mut a = dev.stream().launch_builder(f);
+    a.arg(&w.ptr)
+        .arg(&es)
+        .arg(&ids)
+        .arg(&count)
+        .arg(&x)
+        .arg(&x_stride)
+        .arg(&sw)
+        .arg(&combine)
+        .arg(&residual)
+        .arg(&y)
+        .arg(&y_stride)
+        .arg(&n)
+        .arg(&k);
+    launch(a, cfg, "matvec")
+}
+
+/// `y = rms_norm(x) * g` for `rows` rows of `d`.
+pub fn rms_norm(
+    dev: &CudaDevice,
+    x: u64,
+    g: u64,
+    y: u64,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (1024.min(d.next_multiple_of(32)) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let d = d as i32;
+    let mut a = dev.stream().launch_builder(&dev.kernels().rms_norm);
+    a.arg(&x).arg(&g).arg(&y).arg(&d).arg(&eps);
+    launch(a, cfg, "rms_norm")
+}
+
+/// Geometry of the attention part of a layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions the KV cache holds.
+    pub capacity: usize,
+}
+
+/// Per-head q/k norm (when `q_norm`/`k_norm` are non-zero), rope at `*pos`, and KV append.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_append(
+    dev: &CudaDevice,
+    dims: AttentionDims,
+    qkv: u64,
+    pos: u64,
+    k_cache: u64,
+    v_cache: u64,
+    q_norm: u64,
+    k_norm: u64,
+    eps: f32,
+    theta: f32,
+) -> Result<(), CudaError> {
+    let blocks = dims.n_heads + 2 * dims.n_kv_heads;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (dims.head_dim.next_multiple_of(32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (h, kvh, d, cap) = (
+        dims.n_heads as i32,
+        dims.n_kv_heads as i32,
+        dims.head_dim as i32,
+        dims.capacity as i32,
+    );
+    let mut a = dev.stream().launch_builder(&dev.kernels().rope_kv_append);
+    a.arg(&qkv)
+        .arg(&pos)
+        .arg(&k_cache)
+        .arg(&v_cache)
+        .arg(&q_norm)
+        .arg(&k_norm)
+        .arg(&eps)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&d)
+        .arg(&cap)
+        .arg(&theta);
+    launch(a, cfg, "rope_kv_append")
+}
+
+/// Attention of the query heads `q` over cache positions `0..=*pos`, into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    dev: &CudaDevice,
+    dims: AttentionDims,
+    q: u64,
+    k_cache: u64,
+    v_cache: u64,
+    pos: u64,
+    out: u64,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (dims.n_heads as u32, 1, 1),
+        block_dim: (ATTN_WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (h, kvh, d, cap) = (
+        dims.n_heads as i32,
+        dims.n_kv_heads as i32,
+        dims.head_dim as i32,
+        dims.capacity as i32,
+    );
+    let mut a = dev.stream().launch_builder(&dev.kernels().attention_decode);
+    a.arg(&q)
+        .arg(&k_cache)
+        .arg(&v_cache)
+        .arg(&pos)
+        .arg(&out)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&d)
+        .arg(&cap)
+        .arg(&scale);
+    launch(a, cfg, "attention_decode")
+}
+
+/// Softmax over `n_experts` router logits, top `k`, optional renormalisation, into `ids`/`weights`.
+#[allow(clippy::too_many_arguments)]
+pub fn router_top_k(
+    dev: &CudaDevice,
+    logits: u64,
+    n_experts: usize,
+    k: usize,
+    renormalize: bool,
+    ids: u64,
+    weights: u64,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (e, k, r) = (n_experts as i32, k as i32, renormalize as i32);
+    let mut a = dev.stream().launch_builder(&dev.kernels().router_top_k);
+    a.arg(&logits)
+        .arg(&e)
+        .arg(&k)
+        .arg(&r)
+        .arg(&ids)
+        .arg(&weights);
+    launch(a, cfg, "router_top_k")
+}
+
+/// `h[s] = silu(gate[s]) * up[s]` for `slots` rows of `[gate (i) | up (i)]`.
+pub fn silu_mul(
+    dev: &CudaDevice,
+    gate_up: u64,
+    h: u64,
+    i: usize,
+    slots: usize,
+) -> Result<(), CudaError> {
+    let total = (i * slots) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (total.div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (i, s) = (i as i32, slots as i32);
+    let mut a = dev.stream().launch_builder(&dev.kernels().silu_mul);
+    a.arg(&gate_up).arg(&h).arg(&i).arg(&s);
+    launch(a, cfg, "silu_mul")
+}
+
+/// Fills `n` elements of `dtype` at `dst` with deterministic pseudo-random values in
+/// `[-scale, scale)`.
+pub fn fill_uniform(
+    dev: &CudaDevice,
+    dst: u64,
+    n: usize,
+    dtype: DType,
+    seed: u32,
+    scale: f32,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (((n as u64).div_ceil(256)).min(65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let code: i32 = match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    };
+    let n = n as i64;
+    let mut a = dev.stream().launch_builder(&dev.kernels().fill_uniform);
+    a.arg(&dst).arg(&n).arg(&code).arg(&seed).arg(&scale);
+    launch(a, cfg, "fill_uniform")
+}

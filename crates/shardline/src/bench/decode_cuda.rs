@@ -1,0 +1,113 @@
+//! `bench decode --device cuda`: one decode step through preset-shaped layers with random weights
+//! on the GPU, timed with CUDA events, in split (graph per segment) or per-op mode.
+
+use anyhow::Context;
+use cudarc::driver::sys::CUevent_flags;
+use serde_json::{json, Map, Value};
+use shardline_cuda::{ops, CudaDevice, DeviceLayer, ExecMode, LayerShape, LayerStack};
+use shardline_tensor::DType;
+
+use super::record::{Sink, Stats};
+
+/// The shapes of one layer of each preset (DESIGN.md / the model issue).
+pub fn preset_shape(name: &str, kv_len: usize) -> anyhow::Result<LayerShape> {
+    let base = |hidden, n_heads, n_kv_heads, n_experts, top_k, intermediate, qk_norm| LayerShape {
+        hidden,
+        n_heads,
+        n_kv_heads,
+        head_dim: 128,
+        n_experts,
+        top_k,
+        intermediate,
+        qk_norm,
+        renormalize: true,
+        rope_theta: 1_000_000.0,
+        eps: 1e-5,
+        capacity: kv_len + 1,
+    };
+    Ok(match name {
+        "mixtral-8x7b" => base(4096, 32, 8, 8, 2, 14336, false),
+        "qwen3-30b-a3b" => base(2048, 32, 4, 128, 8, 768, true),
+        "mixtral-mini" => base(1024, 8, 2, 8, 2, 3584, false),
+        other => anyhow::bail!(
+            "unknown preset `{other}` (expected mixtral-8x7b, qwen3-30b-a3b or mixtral-mini)"
+        ),
+    })
+}
+
+/// Layers to cycle through so that one step reads at least this many weight bytes: the H100's
+/// 50 MB L2 must not hold a step's weights between iterations.
+const MIN_BYTES_PER_STEP: u64 = 256 << 20;
+
+pub struct CudaDecodeCase<'a> {
+    pub preset: &'a str,
+    pub dtype: DType,
+    pub layers: usize,
+    pub kv_len: usize,
+    pub iters: usize,
+    pub exec: ExecMode,
+}
+
+/// Runs one case and writes its record.
+pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> anyhow::Result<()> {
+    let shape = preset_shape(case.preset, case.kv_len)?;
+    let per_layer = shape.weight_bytes_read(case.dtype);
+    let layers = case
+        .layers
+        .max(MIN_BYTES_PER_STEP.div_ceil(per_layer) as usize);
+    let dev_layers = (0..layers)
+        .map(|l| DeviceLayer::random(dev, &shape, case.dtype, 0x5EED + l as u32))
+        .collect::<Result<Vec<_>, _>>()
+        .context("building the random layers on the GPU")?;
+    let mut stack = LayerStack::new(dev, shape.clone(), dev_layers)?;
+
+    // A pool of inputs so that the routing, and so the experts read, vary between iterations.
+    const POOL: usize = 16;
+    let inputs = dev.zeros::<f32>(POOL * shape.hidden)?;
+    let inputs_ptr = shardline_cuda::device::dptr(dev, &inputs);
+    ops::fill_uniform(
+        dev,
+        inputs_ptr,
+        POOL * shape.hidden,
+        DType::F32,
+        0xABCD,
+        1.0,
+    )?;
+    stack.set_position(dev, case.kv_len)?;
+
+    let stream = dev.stream();
+    let warmup = 10;
+    let mut samples = Vec::with_capacity(case.iters);
+    for it in 0..warmup + case.iters {
+        let slot = it % POOL;
+        let input = inputs.slice(slot * shape.hidden..(slot + 1) * shape.hidden);
+        stack.copy_hidden_from(dev, &input)?;
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        stack.step(dev, case.exec)?;
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        dev.synchronize()?;
+        if it >= warmup {
+            samples.push(start.elapsed_ms(&end)? as f64 * 1000.0 / layers as f64);
+        }
+    }
+    let stats = Stats::from_samples(&mut samples);
+    let gbps = per_layer as f64 / (stats.median_us * 1e-6) / 1e9;
+    let fields: Map<String, Value> = json!({
+        "model": case.preset,
+        "device": "cuda",
+        "device_name": dev.name(),
+        "dtype": case.dtype.name(),
+        "tp": 1,
+        "ep": 1,
+        "exec": case.exec.name(),
+        "layers": layers,
+        "kv_len": case.kv_len,
+        "weight_bytes_per_layer": per_layer,
+        "gbps": (gbps * 10.0).round() / 10.0,
+        "comm_us_per_layer": 0,
+    })
+    .as_object()
+    .cloned()
+    .unwrap_or_default();
+    sink.write("decode", stats, fields)
+}

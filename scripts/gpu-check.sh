@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs Shardline's GPU tests and GPU benchmarks (with the PyTorch peer, when present) on a machine
+# with an NVIDIA GPU. Builds with cargo when cargo is there; otherwise takes prebuilt binaries from
+# $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda` and the `layer_gpu` test binary
+# (`cargo test -p shardline-cuda --release --no-run`). Results go to $OUT (default gpu-results/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+
+if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
+    bin=$SHARDLINE_GPU_BIN
+    test_bin=$bin/layer_gpu
+else
+    cargo build --release -p shardline --features cuda
+    bin=target/release
+    test_bin=$(cargo test -p shardline-cuda --release --no-run 2>&1 |
+        grep -o 'target/release/deps/layer_gpu-[a-z0-9]*' | head -1)
+fi
+
+# NVRTC is loaded at run time: find it where CUDA toolkits and pip wheels put it.
+if ! ldconfig -p | grep -q 'libnvrtc\.so'; then
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+        $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13/lib") + " " + os.path.join(p, "cuda_nvrtc/lib") for p in nvidia.__path__))' 2>/dev/null); do
+        if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then
+            export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+            break
+        fi
+    done
+fi
+export SHARDLINE_CACHE_DIR=${SHARDLINE_CACHE_DIR:-/tmp/shardline-cache}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "== GPU tests"
+"$test_bin" --test-threads=1 2>&1 | tee "$out/gpu_tests.log"
+
+echo "== Shardline decode bench on the GPU"
+presets=${PRESETS:-mixtral-8x7b,qwen3-30b-a3b,mixtral-mini}
+"$bin/shardline" bench decode-gpu --preset "$presets" --exec split,per-op --dtype bf16 \
+    --json "$out/shardline_decode_gpu.jsonl"
+
+if [ -f bench/peers/torch_decode.py ] && python3 -c 'import torch' 2>/dev/null; then
+    echo "== PyTorch peer on the GPU"
+    for p in ${presets//,/ }; do
+        for mode in eager compile; do
+            python3 bench/peers/torch_decode.py --device cuda --preset "$p" --dtype bf16 \
+                --mode "$mode" --json "$out/torch_decode_gpu_${p}_${mode}.jsonl" ||
+                echo "torch $p $mode failed"
+        done
+    done
+    cat "$out"/torch_decode_gpu_*.jsonl > "$out/torch_decode_gpu.jsonl" || true
+    if [ -f bench/peers/compare.py ]; then
+        python3 bench/peers/compare.py "$out/shardline_decode_gpu.jsonl" "$out/torch_decode_gpu.jsonl"
+    fi
+else
+    echo "PyTorch peer not run: bench/peers/torch_decode.py or torch is missing"
+fi
