@@ -22,7 +22,7 @@ pub struct Kernels {
     pub rope_kv_append: CudaFunction,
     pub attention_decode: CudaFunction,
     pub router_top_k: CudaFunction,
-    pub silu_mul: CudaFunction,
+    pub combine_slots: CudaFunction,
     pub fill_uniform: CudaFunction,
 }
 
@@ -41,7 +41,7 @@ impl Kernels {
             rope_kv_append: f("rope_kv_append")?,
             attention_decode: f("attention_decode")?,
             router_top_k: f("router_top_k")?,
-            silu_mul: f("silu_mul")?,
+            combine_slots: f("combine_slots")?,
             fill_uniform: f("fill_uniform")?,
         })
     }

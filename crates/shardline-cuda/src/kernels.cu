@@ -117,76 +117,110 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) 
     return r;
 }
 
-// Dot product of one weight row (K elements, 16-byte aligned, K % 8 == 0 on the fast path) with x,
-// computed by one warp; every lane returns the full sum.
+// Packs (of 8 weights) loaded per lane before the first is used: enough bytes in flight per warp
+// to cover DRAM latency with few warps per SM.
+#define UNROLL 8
+
+// row . x for one row of K elements, computed by one warp; every lane gets the sum. Rows and
+// inputs that are not 16-byte aligned (K not a multiple of 8) take the scalar path.
 template <typename T>
 __device__ float warp_row_dot(const char* row, const float* __restrict__ x, int K) {
     const int lane = threadIdx.x & 31;
-    // Rows or inputs that are not 16-byte aligned (K not a multiple of 8) take the scalar path.
     const bool aligned = (((unsigned long)row | (unsigned long)x) & 15) == 0;
     const long packs = aligned ? K / 8 : 0;
     const float4* x4 = (const float4*)x;
     float acc = 0.0f;
     long p = lane;
-    // Four independent 16-byte loads in flight per lane before the first use.
-    for (; p + 3 * WARP < packs; p += 4 * WARP) {
-        typename T::Pack w0 = load_pack<T>(row, p);
-        typename T::Pack w1 = load_pack<T>(row, p + WARP);
-        typename T::Pack w2 = load_pack<T>(row, p + 2 * WARP);
-        typename T::Pack w3 = load_pack<T>(row, p + 3 * WARP);
-        acc += T::dot8(w0, __ldg(x4 + 2 * p), __ldg(x4 + 2 * p + 1));
-        acc += T::dot8(w1, __ldg(x4 + 2 * (p + WARP)), __ldg(x4 + 2 * (p + WARP) + 1));
-        acc += T::dot8(w2, __ldg(x4 + 2 * (p + 2 * WARP)), __ldg(x4 + 2 * (p + 2 * WARP) + 1));
-        acc += T::dot8(w3, __ldg(x4 + 2 * (p + 3 * WARP)), __ldg(x4 + 2 * (p + 3 * WARP) + 1));
+    for (; p + (UNROLL - 1) * WARP < packs; p += UNROLL * WARP) {
+        typename T::Pack w[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) w[u] = load_pack<T>(row, p + u * WARP);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long q = p + u * WARP;
+            acc += T::dot8(w[u], __ldg(x4 + 2 * q), __ldg(x4 + 2 * q + 1));
+        }
     }
-    for (; p < packs; p += WARP) {
-        acc += T::dot8(load_pack<T>(row, p), __ldg(x4 + 2 * p), __ldg(x4 + 2 * p + 1));
-    }
+    for (; p < packs; p += WARP) acc += T::dot8(load_pack<T>(row, p), __ldg(x4 + 2 * p), __ldg(x4 + 2 * p + 1));
     for (long i = packs * 8 + lane; i < K; i += WARP) acc += T::one(row, i) * x[i];
     return warp_sum(acc);
 }
 
-// The one matrix-vector kernel: dense layers, MoE experts chosen on the device, and the weighted
-// combination of expert outputs.
+// (row_a . x, row_b . x) by one warp, the two rows' loads interleaved so both are in flight at
+// once (the gate and up rows of a SwiGLU). Same alignment rule as warp_row_dot.
+template <typename T>
+__device__ float2 warp_row_dot2(const char* row_a, const char* row_b, const float* __restrict__ x,
+                                int K) {
+    const int lane = threadIdx.x & 31;
+    const bool aligned = (((unsigned long)row_a | (unsigned long)row_b | (unsigned long)x) & 15) == 0;
+    const long packs = aligned ? K / 8 : 0;
+    const float4* x4 = (const float4*)x;
+    float acc_a = 0.0f, acc_b = 0.0f;
+    long p = lane;
+    for (; p + (UNROLL - 1) * WARP < packs; p += UNROLL * WARP) {
+        typename T::Pack wa[UNROLL], wb[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            wa[u] = load_pack<T>(row_a, p + u * WARP);
+            wb[u] = load_pack<T>(row_b, p + u * WARP);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long q = p + u * WARP;
+            const float4 x0 = __ldg(x4 + 2 * q), x1 = __ldg(x4 + 2 * q + 1);
+            acc_a += T::dot8(wa[u], x0, x1);
+            acc_b += T::dot8(wb[u], x0, x1);
+        }
+    }
+    for (; p < packs; p += WARP) {
+        const float4 x0 = __ldg(x4 + 2 * p), x1 = __ldg(x4 + 2 * p + 1);
+        acc_a += T::dot8(load_pack<T>(row_a, p), x0, x1);
+        acc_b += T::dot8(load_pack<T>(row_b, p), x0, x1);
+    }
+    for (long i = packs * 8 + lane; i < K; i += WARP) {
+        acc_a += T::one(row_a, i) * x[i];
+        acc_b += T::one(row_b, i) * x[i];
+    }
+    return make_float2(warp_sum(acc_a), warp_sum(acc_b));
+}
+
+// The one matrix-vector kernel: dense layers, MoE experts chosen on the device, and the SwiGLU of
+// gate and up projections.
 //
-//   slot s (0..n_slots) uses matrix W_base + e_s * expert_stride_bytes, e_s = ids ? ids[s] : s,
-//   input x + s * x_slot_stride;  r_s[n] = W_{e_s}[n, :] . x_s
-//   combine == 0: y[s * y_slot_stride + n] = r_s[n] (+ residual[n])      grid.y = n_slots
-//   combine == 1: y[n] = sum_s slot_weights[s] * r_s[n] (+ residual[n])  grid.y = 1
+//   slot s (0..n_slots, grid.y) uses matrix W_base + e_s * expert_stride_bytes,
+//   e_s = ids ? ids[s] : s, and input x + s * x_slot_stride;
+//   mode 0 (plain):  y[s * y_slot_stride + n] = W_{e_s}[n, :] . x_s (+ residual[n])
+//   mode 1 (swiglu): each matrix is [gate (N rows); up (N rows)];
+//                    y[s * y_slot_stride + n] = silu(gate[n, :] . x_s) * (up[n, :] . x_s)
 // One warp per output row n; MATVEC_WARPS rows per block.
 template <typename T>
 __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_bytes,
-                            const int* __restrict__ ids, int n_slots,
-                            const float* __restrict__ x, long x_slot_stride,
-                            const float* __restrict__ slot_weights, int combine,
-                            const float* __restrict__ residual, float* __restrict__ y,
-                            long y_slot_stride, int N, int K) {
+                            const int* __restrict__ ids, const float* __restrict__ x,
+                            long x_slot_stride, int mode, const float* __restrict__ residual,
+                            float* __restrict__ y, long y_slot_stride, int N, int K) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = blockIdx.x * MATVEC_WARPS + warp;
     if (n >= N) return;
     const long row_bytes = (long)K * (T::PACK_BYTES / 8);
-    if (combine) {
-        float total = 0.0f;
-        for (int s = 0; s < n_slots; ++s) {
-            const int e = ids ? ids[s] : s;
-            const char* row = W_base + (long)e * expert_stride_bytes + (long)n * row_bytes;
-            total += slot_weights[s] * warp_row_dot<T>(row, x + s * x_slot_stride, K);
-        }
-        if (lane == 0) y[n] = total + (residual ? residual[n] : 0.0f);
+    const int s = blockIdx.y;
+    const int e = ids ? ids[s] : s;
+    const char* base = W_base + (long)e * expert_stride_bytes;
+    const float* xv = x + s * x_slot_stride;
+    float r;
+    if (mode == 1) {
+        const float2 gu = warp_row_dot2<T>(base + (long)n * row_bytes, base + (long)(n + N) * row_bytes, xv, K);
+        r = gu.x / (1.0f + expf(-gu.x)) * gu.y;
     } else {
-        const int s = blockIdx.y;
-        const int e = ids ? ids[s] : s;
-        const char* row = W_base + (long)e * expert_stride_bytes + (long)n * row_bytes;
-        float r = warp_row_dot<T>(row, x + s * x_slot_stride, K);
-        if (lane == 0) y[s * y_slot_stride + n] = r + (residual ? residual[n] : 0.0f);
+        r = warp_row_dot<T>(base + (long)n * row_bytes, xv, K);
     }
+    if (lane == 0) y[s * y_slot_stride + n] = r + (residual ? residual[n] : 0.0f);
 }
 
 #define MATVEC_ENTRY(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP)                           \
-        NAME(const char* W, long es, const int* ids, int ns, const float* x, long xs,           \
-             const float* sw, int combine, const float* res, float* y, long ys, int N, int K) {  \
-        matvec_impl<T>(W, es, ids, ns, x, xs, sw, combine, res, y, ys, N, K);                   \
+        NAME(const char* W, long es, const int* ids, const float* x, long xs, int mode,         \
+             const float* res, float* y, long ys, int N, int K) {                               \
+        matvec_impl<T>(W, es, ids, x, xs, mode, res, y, ys, N, K);                              \
     }
 MATVEC_ENTRY(matvec_bf16, Bf16)
 MATVEC_ENTRY(matvec_f16, F16)
@@ -247,11 +281,13 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const int* __
 }
 
 // Decode attention for one token with grouped-query heads over positions 0..=*pos_ptr.
-// One block per query head; its warps split the KV positions (online softmax per warp) and are
-// combined at the end, so any context length runs in fixed shared memory. Lane l holds elements
-// l, l+32, ... of a head: D <= 32 * ATTN_MAX_PER_LANE.
-#define ATTN_WARPS 8
+// One block per query head; its warps split the KV positions (online softmax per warp, ATTN_BATCH
+// positions loaded at once so their latencies overlap) and are combined at the end, so any
+// context length runs in fixed shared memory. Lane l holds elements l, l+32, ... of a head:
+// D <= 32 * ATTN_MAX_PER_LANE.
+#define ATTN_WARPS 16
 #define ATTN_MAX_PER_LANE 8
+#define ATTN_BATCH 4
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
     attention_decode(const float* __restrict__ q, const float* __restrict__ k_cache,
                      const float* __restrict__ v_cache, const int* __restrict__ pos_ptr,
@@ -271,24 +307,41 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
         acc[j] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int p = warp; p < len; p += ATTN_WARPS) {
-        const float* kp = kb + (long)p * D;
-        const float* vp = vb + (long)p * D;
-        float s = 0.0f;
+    for (int base = warp; base < len; base += ATTN_WARPS * ATTN_BATCH) {
+        float kr[ATTN_BATCH][ATTN_MAX_PER_LANE], vr[ATTN_BATCH][ATTN_MAX_PER_LANE];
 #pragma unroll
-        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
-            const int d = lane + WARP * j;
-            if (d < D) s = fmaf(qv[j], kp[d], s);
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            const int p = base + b * ATTN_WARPS;
+#pragma unroll
+            for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
+                const int d = lane + WARP * j;
+                const bool ok = p < len && d < D;
+                kr[b][j] = ok ? kb[(long)p * D + d] : 0.0f;
+                vr[b][j] = ok ? vb[(long)p * D + d] : 0.0f;
+            }
         }
-        s = warp_sum(s) * scale;
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new);
-        const float e = expf(s - m_new);
-        l = l * corr + e;
+        float sc[ATTN_BATCH];
+        float m_new = m;
 #pragma unroll
-        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
-            const int d = lane + WARP * j;
-            if (d < D) acc[j] = acc[j] * corr + e * vp[d];
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            float sd = 0.0f;
+#pragma unroll
+            for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) sd = fmaf(qv[j], kr[b][j], sd);
+            sd = warp_sum(sd) * scale;
+            sc[b] = base + b * ATTN_WARPS < len ? sd : NEG_INF;
+            m_new = fmaxf(m_new, sc[b]);
+        }
+        // Position `base` is always valid, so m_new is finite here.
+        const float corr = expf(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) acc[j] *= corr;
+#pragma unroll
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            const float e = expf(sc[b] - m_new);
+            l += e;
+#pragma unroll
+            for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) acc[j] = fmaf(e, vr[b][j], acc[j]);
         }
         m = m_new;
     }
@@ -361,15 +414,17 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
     if (renormalize && lane < k) weights[lane] /= chosen_sum;
 }
 
-// h[s][i] = silu(g[s][i]) * u[s][i] where gate_up[s] = [g (I) | u (I)].
-extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, float* __restrict__ h, int I,
-                                    int slots) {
-    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long)I * slots) return;
-    const long s = idx / I, i = idx % I;
-    const float g = gate_up[s * 2 * I + i];
-    const float u = gate_up[s * 2 * I + I + i];
-    h[idx] = g / (1.0f + expf(-g)) * u;
+// y[n] = residual[n] + sum_s weights[s] * partial[s][n]: the weighted sum of the chosen experts'
+// outputs, in a fixed order (deterministic, unlike atomics).
+extern "C" __global__ void combine_slots(const float* __restrict__ partial,
+                                         const float* __restrict__ weights, int n_slots,
+                                         const float* __restrict__ residual,
+                                         float* __restrict__ y, int N) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    float acc = 0.0f;
+    for (int s = 0; s < n_slots; ++s) acc = fmaf(weights[s], partial[(long)s * N + n], acc);
+    y[n] = residual[n] + acc;
 }
 
 // Deterministic pseudo-random fill in [-scale, scale) for benchmark weights (a hash of the index,

@@ -2,11 +2,11 @@
 //! GPU, and a stack of such layers whose two segments per layer are captured once as CUDA graphs.
 //!
 //! Segment "attention": rms_norm -> qkv -> (q/k norm) rope + KV append -> attention -> o_proj + residual.
-//! Segment "ffn": rms_norm -> router -> top-k on the device -> chosen experts' gate/up -> silu*up ->
-//! weighted down projections + residual. The chosen experts never go back to the host.
+//! Segment "ffn": rms_norm -> router -> top-k on the device -> chosen experts' gate/up with SwiGLU
+//! fused -> weighted down projections + residual. The chosen experts never go back to the host.
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DevicePtr};
 use shardline_tensor::DType;
 
 use crate::device::dptr;
@@ -288,9 +288,38 @@ struct Scratch {
     logits: CudaSlice<f32>,
     expert_ids: CudaSlice<i32>,
     expert_weights: CudaSlice<f32>,
-    gate_up: CudaSlice<f32>,
+    /// `silu(gate) * up` of each chosen expert, `[top_k, intermediate]`.
     act: CudaSlice<f32>,
+    /// Each chosen expert's down projection, `[top_k, hidden]`.
+    expert_out: CudaSlice<f32>,
     pos: CudaSlice<i32>,
+}
+
+/// What happens after each op is queued.
+enum AfterOp<'a> {
+    /// Nothing: the ops of a segment are queued back to back (and captured as a graph).
+    Queue,
+    /// The op is waited for (the per-op mode).
+    Sync,
+    /// An event is recorded, to time each op.
+    Time(&'a mut Vec<(&'static str, CudaEvent)>),
+}
+
+impl AfterOp<'_> {
+    fn done(&mut self, dev: &CudaDevice, op: &'static str) -> Result<(), CudaError> {
+        match self {
+            AfterOp::Queue => Ok(()),
+            AfterOp::Sync => dev.synchronize(),
+            AfterOp::Time(events) => {
+                let ev = dev
+                    .stream()
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .during("recording an event")?;
+                events.push((op, ev));
+                Ok(())
+            }
+        }
+    }
 }
 
 /// How a step is submitted.
@@ -338,8 +367,8 @@ impl LayerStack {
             logits: dev.zeros(shape.n_experts)?,
             expert_ids: dev.zeros(k)?,
             expert_weights: dev.zeros(k)?,
-            gate_up: dev.zeros(k * 2 * shape.intermediate)?,
             act: dev.zeros(k * shape.intermediate)?,
+            expert_out: dev.zeros(k * shape.hidden)?,
             pos: dev.zeros(1)?,
         };
         Ok(LayerStack {
@@ -406,8 +435,8 @@ impl LayerStack {
         match mode {
             ExecMode::PerOp => {
                 for l in 0..self.layers.len() {
-                    self.enqueue_attention(dev, l, true)?;
-                    self.enqueue_ffn(dev, l, true)?;
+                    self.enqueue_attention(dev, l, &mut AfterOp::Sync)?;
+                    self.enqueue_ffn(dev, l, &mut AfterOp::Sync)?;
                 }
             }
             ExecMode::Split => {
@@ -428,8 +457,9 @@ impl LayerStack {
         dev.synchronize()?;
         let mut graphs = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
-            let attn = self.capture_one(dev, |s| s.enqueue_attention(dev, l, false))?;
-            let ffn = self.capture_one(dev, |s| s.enqueue_ffn(dev, l, false))?;
+            let attn =
+                self.capture_one(dev, |s| s.enqueue_attention(dev, l, &mut AfterOp::Queue))?;
+            let ffn = self.capture_one(dev, |s| s.enqueue_ffn(dev, l, &mut AfterOp::Queue))?;
             graphs.push([attn, ffn]);
         }
         self.graphs = graphs;
@@ -455,14 +485,41 @@ impl LayerStack {
         Ok(graph)
     }
 
-    fn after_op(dev: &CudaDevice, sync: bool) -> Result<(), CudaError> {
-        if sync {
-            dev.synchronize()?;
+    /// Runs one step op by op and returns each op's device time in microseconds, summed over
+    /// the layers, in the order the ops run.
+    pub fn profile_step(
+        &mut self,
+        dev: &CudaDevice,
+    ) -> Result<Vec<(&'static str, f64)>, CudaError> {
+        let mut events = Vec::new();
+        let start = dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .during("recording an event")?;
+        for l in 0..self.layers.len() {
+            self.enqueue_attention(dev, l, &mut AfterOp::Time(&mut events))?;
+            self.enqueue_ffn(dev, l, &mut AfterOp::Time(&mut events))?;
         }
-        Ok(())
+        dev.synchronize()?;
+        let mut totals: Vec<(&'static str, f64)> = Vec::new();
+        let mut prev = &start;
+        for (op, ev) in &events {
+            let us = prev.elapsed_ms(ev).during("reading an event")? as f64 * 1000.0;
+            match totals.iter_mut().find(|(name, _)| name == op) {
+                Some(t) => t.1 += us,
+                None => totals.push((op, us)),
+            }
+            prev = ev;
+        }
+        Ok(totals)
     }
 
-    fn enqueue_attention(&self, dev: &CudaDevice, l: usize, sync: bool) -> Result<(), CudaError> {
+    fn enqueue_attention(
+        &self,
+        dev: &CudaDevice,
+        l: usize,
+        after: &mut AfterOp,
+    ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
         let pos = dptr(dev, &s.pos);
@@ -475,7 +532,7 @@ impl LayerStack {
             sh.hidden,
             sh.eps,
         )?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "attn.rms_norm")?;
         let qkv = w.weights(dev, &w.qkv, 0);
         ops::matvec(
             dev,
@@ -487,7 +544,7 @@ impl LayerStack {
             sh.qkv_rows(),
             sh.hidden,
         )?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "attn.qkv")?;
         let norm_ptr = |n: &Option<CudaSlice<f32>>| n.as_ref().map_or(0, |b| dptr(dev, b));
         ops::rope_kv_append(
             dev,
@@ -501,7 +558,7 @@ impl LayerStack {
             sh.eps,
             sh.rope_theta,
         )?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "attn.rope_kv_append")?;
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         ops::attention_decode(
             dev,
@@ -513,7 +570,7 @@ impl LayerStack {
             p(&s.attn),
             scale,
         )?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "attn.attention")?;
         let o = w.weights(dev, &w.o, 0);
         ops::matvec(
             dev,
@@ -525,17 +582,22 @@ impl LayerStack {
             sh.hidden,
             sh.q_dim(),
         )?;
-        Self::after_op(dev, sync)
+        after.done(dev, "attn.o_proj")
     }
 
-    fn enqueue_ffn(&self, dev: &CudaDevice, l: usize, sync: bool) -> Result<(), CudaError> {
+    fn enqueue_ffn(
+        &self,
+        dev: &CudaDevice,
+        l: usize,
+        after: &mut AfterOp,
+    ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
         let (h, i, k) = (sh.hidden, sh.intermediate, sh.top_k);
         let es = self.layers[l].dtype.size_in_bytes();
         let ids = dptr(dev, &s.expert_ids);
         ops::rms_norm(dev, p(&s.x_mid), p(&w.ffn_norm), p(&s.normed), 1, h, sh.eps)?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "ffn.rms_norm")?;
         let router = w.weights(dev, &w.router, 0);
         ops::matvec(
             dev,
@@ -547,7 +609,7 @@ impl LayerStack {
             sh.n_experts,
             h,
         )?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "ffn.router")?;
         ops::router_top_k(
             dev,
             p(&s.logits),
@@ -557,26 +619,33 @@ impl LayerStack {
             ids,
             p(&s.expert_weights),
         )?;
-        Self::after_op(dev, sync)?;
+        after.done(dev, "ffn.router_top_k")?;
         let gate_up = w.weights(dev, &w.gate_up, 2 * i * h * es);
+        let each = Slots::SwiGlu {
+            ids,
+            count: k as u32,
+            y_stride: i as u64,
+        };
+        ops::matvec(dev, gate_up, each, p(&s.normed), 0, p(&s.act), i, h)?;
+        after.done(dev, "ffn.gate_up_swiglu")?;
+        let down = w.weights(dev, &w.down, h * i * es);
         let each = Slots::Each {
             ids,
             count: k as u32,
-            x_stride: 0,
-            y_stride: (2 * i) as u64,
-        };
-        ops::matvec(dev, gate_up, each, p(&s.normed), 0, p(&s.gate_up), 2 * i, h)?;
-        Self::after_op(dev, sync)?;
-        ops::silu_mul(dev, p(&s.gate_up), p(&s.act), i, k)?;
-        Self::after_op(dev, sync)?;
-        let down = w.weights(dev, &w.down, h * i * es);
-        let sum = Slots::WeightedSum {
-            ids,
-            weights: p(&s.expert_weights),
-            count: k as u32,
             x_stride: i as u64,
+            y_stride: h as u64,
         };
-        ops::matvec(dev, down, sum, p(&s.act), p(&s.x_mid), p(&s.x), h, i)?;
-        Self::after_op(dev, sync)
+        ops::matvec(dev, down, each, p(&s.act), 0, p(&s.expert_out), h, i)?;
+        after.done(dev, "ffn.down")?;
+        ops::combine_slots(
+            dev,
+            p(&s.expert_out),
+            p(&s.expert_weights),
+            k,
+            p(&s.x_mid),
+            p(&s.x),
+            h,
+        )?;
+        after.done(dev, "ffn.combine")
     }
 }

@@ -10,7 +10,7 @@ use crate::{CudaDevice, CudaError};
 /// Warps (one output row each) per matvec block; matches `MATVEC_WARPS` in kernels.cu.
 const MATVEC_WARPS: u32 = 8;
 /// Warps per attention block; matches `ATTN_WARPS`.
-const ATTN_WARPS: u32 = 8;
+const ATTN_WARPS: u32 = 16;
 /// Largest head dimension the attention kernel takes (32 lanes x ATTN_MAX_PER_LANE).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -35,13 +35,9 @@ pub enum Slots {
         x_stride: u64,
         y_stride: u64,
     },
-    /// `y = sum_s weights[s] * W[ids[s]] x[s] (+ residual)`; `ids`, `weights` on the device.
-    WeightedSum {
-        ids: u64,
-        weights: u64,
-        count: u32,
-        x_stride: u64,
-    },
+    /// Each matrix is `[gate (n rows); up (n rows)]`:
+    /// `y[s] = silu(gate[ids[s]] x) * (up[ids[s]] x)` for `count` slots sharing one `x`.
+    SwiGlu { ids: u64, count: u32, y_stride: u64 },
 }
 
 fn launch(mut args: LaunchArgs<'_>, cfg: LaunchConfig, what: &str) -> Result<(), CudaError> {
@@ -70,28 +66,19 @@ pub fn matvec(
         DType::F16 => &kern.matvec_f16,
         DType::F32 => &kern.matvec_f32,
     };
-    let (ids, count, x_stride, sw, combine, y_stride, grid_y) = match slots {
-        Slots::Single => (0u64, 1i32, 0i64, 0u64, 0i32, 0i64, 1u32),
+    let (ids, x_stride, mode, y_stride, grid_y) = match slots {
+        Slots::Single => (0u64, 0i64, 0i32, 0i64, 1u32),
         Slots::Each {
             ids,
             count,
             x_stride,
             y_stride,
-        } => (
+        } => (ids, x_stride as i64, 0, y_stride as i64, count),
+        Slots::SwiGlu {
             ids,
-            count as i32,
-            x_stride as i64,
-            0,
-            0,
-            y_stride as i64,
             count,
-        ),
-        Slots::WeightedSum {
-            ids,
-            weights,
-            count,
-            x_stride,
-        } => (ids, count as i32, x_stride as i64, weights, 1, 0, 1),
+            y_stride,
+        } => (ids, 0, 1, y_stride as i64, count),
     };
     let cfg = LaunchConfig {
         grid_dim: ((n as u32).div_ceil(MATVEC_WARPS), grid_y, 1),
@@ -104,11 +91,9 @@ pub fn matvec(
     a.arg(&w.ptr)
         .arg(&es)
         .arg(&ids)
-        .arg(&count)
         .arg(&x)
         .arg(&x_stride)
-        .arg(&sw)
-        .arg(&combine)
+        .arg(&mode)
         .arg(&residual)
         .arg(&y)
         .arg(&y_stride)
@@ -254,24 +239,30 @@ pub fn router_top_k(
     launch(a, cfg, "router_top_k")
 }
 
-/// `h[s] = silu(gate[s]) * up[s]` for `slots` rows of `[gate (i) | up (i)]`.
-pub fn silu_mul(
+/// `y = residual + sum_s weights[s] * partial[s]` over `count` rows of `n`.
+pub fn combine_slots(
     dev: &CudaDevice,
-    gate_up: u64,
-    h: u64,
-    i: usize,
-    slots: usize,
+    partial: u64,
+    weights: u64,
+    count: usize,
+    residual: u64,
+    y: u64,
+    n: usize,
 ) -> Result<(), CudaError> {
-    let total = (i * slots) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (total.div_ceil(256), 1, 1),
+        grid_dim: ((n as u32).div_ceil(256), 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (i, s) = (i as i32, slots as i32);
-    let mut a = dev.stream().launch_builder(&dev.kernels().silu_mul);
-    a.arg(&gate_up).arg(&h).arg(&i).arg(&s);
-    launch(a, cfg, "silu_mul")
+    let (count, n) = (count as i32, n as i32);
+    let mut a = dev.stream().launch_builder(&dev.kernels().combine_slots);
+    a.arg(&partial)
+        .arg(&weights)
+        .arg(&count)
+        .arg(&residual)
+        .arg(&y)
+        .arg(&n);
+    launch(a, cfg, "combine_slots")
 }
 
 /// Fills `n` elements of `dtype` at `dst` with deterministic pseudo-random values in

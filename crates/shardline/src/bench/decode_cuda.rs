@@ -91,6 +91,9 @@ pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> any
         }
     }
     let stats = Stats::from_samples(&mut samples);
+    if case.exec == ExecMode::PerOp {
+        print_op_breakdown(dev, &mut stack, &inputs, layers)?;
+    }
     let gbps = per_layer as f64 / (stats.median_us * 1e-6) / 1e9;
     let fields: Map<String, Value> = json!({
         "model": case.preset,
@@ -110,4 +113,33 @@ pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> any
     .cloned()
     .unwrap_or_default();
     sink.write("decode", stats, fields)
+}
+
+/// Prints (to stderr) each op's mean device time per layer over a few op-by-op steps.
+fn print_op_breakdown(
+    dev: &CudaDevice,
+    stack: &mut LayerStack,
+    inputs: &cudarc::driver::CudaSlice<f32>,
+    layers: usize,
+) -> anyhow::Result<()> {
+    const RUNS: usize = 20;
+    let hidden = stack.shape().hidden;
+    let mut totals: Vec<(&'static str, f64)> = Vec::new();
+    for r in 0..RUNS {
+        let slot = r % (inputs.len() / hidden);
+        stack.copy_hidden_from(dev, &inputs.slice(slot * hidden..(slot + 1) * hidden))?;
+        for (op, us) in stack.profile_step(dev)? {
+            match totals.iter_mut().find(|(name, _)| *name == op) {
+                Some(t) => t.1 += us,
+                None => totals.push((op, us)),
+            }
+        }
+    }
+    let scale = 1.0 / (RUNS * layers) as f64;
+    let line: Vec<String> = totals
+        .iter()
+        .map(|(op, us)| format!("{op} {:.1}", us * scale))
+        .collect();
+    eprintln!("per-op device us per layer: {}", line.join(", "));
+    Ok(())
 }
