@@ -146,6 +146,20 @@ impl CudaDevice {
     }
 }
 
+/// Compiles the kernels for Hopper (compute_90) without a GPU: only NVRTC is needed. Lets a
+/// machine without a GPU check that the kernel source compiles.
+pub fn check_kernels_compile() -> Result<(), CudaError> {
+    // SAFETY: only tries to load the shared library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::Unavailable(
+            "NVRTC (libnvrtc.so) was not found: put the CUDA toolkit's lib64 directory on \
+             LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    ptx_cache::compile(KERNEL_SOURCE, "compute_90").map(|_| ())
+}
+
 /// The raw device address of `buf`, for kernel arguments (event tracking is off, so this records
 /// nothing).
 pub fn dptr<T>(dev: &CudaDevice, buf: &CudaSlice<T>) -> u64 {

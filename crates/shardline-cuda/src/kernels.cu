@@ -103,23 +103,34 @@ struct F32 {
     }
 };
 
+// Packs (of 8 weights) loaded per lane before the first is used: enough bytes in flight per warp
+// to cover DRAM latency with few warps per SM.
+#define UNROLL 8
+
+// Weights are read exactly once per step: stream them past L1 (which keeps x) and ask L2 to
+// fetch 256-byte sectors, which keeps more DRAM requests in flight.
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
 template <typename T>
 __device__ __forceinline__ typename T::Pack load_pack(const char* row, long pack) {
-    return __ldg((const typename T::Pack*)(row + pack * T::PACK_BYTES));
+    return load_stream16(row + pack * T::PACK_BYTES);
 }
 
 template <>
 __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) {
-    const float4* p = (const float4*)(row + pack * 32);
+    const char* p = row + pack * 32;
+    const uint4 lo = load_stream16(p), hi = load_stream16(p + 16);
     F32::Pack r;
-    r.lo = __ldg(p);
-    r.hi = __ldg(p + 1);
+    r.lo = make_float4(__uint_as_float(lo.x), __uint_as_float(lo.y), __uint_as_float(lo.z), __uint_as_float(lo.w));
+    r.hi = make_float4(__uint_as_float(hi.x), __uint_as_float(hi.y), __uint_as_float(hi.z), __uint_as_float(hi.w));
     return r;
 }
-
-// Packs (of 8 weights) loaded per lane before the first is used: enough bytes in flight per warp
-// to cover DRAM latency with few warps per SM.
-#define UNROLL 8
 
 // row . x for one row of K elements, computed by one warp; every lane gets the sum. Rows and
 // inputs that are not 16-byte aligned (K not a multiple of 8) take the scalar path.

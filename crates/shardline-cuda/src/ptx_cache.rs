@@ -24,9 +24,10 @@ fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("shardline")
 }
 
-/// PTX for `source` compiled for `compute_{major}{minor}`, from the cache when present.
-pub fn compile_cached(source: &str, major: i32, minor: i32) -> Result<Ptx, CudaError> {
-    let arch: &'static str = match (major, minor) {
+/// The NVRTC architecture name for a compute capability (unknown ones get compute_80 PTX, which
+/// newer GPUs run).
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
         (9, 0) => "compute_90",
         (8, 9) => "compute_89",
         (8, 6) => "compute_86",
@@ -34,7 +35,22 @@ pub fn compile_cached(source: &str, major: i32, minor: i32) -> Result<Ptx, CudaE
         (10, 0) => "compute_100",
         (12, 0) => "compute_120",
         _ => "compute_80",
+    }
+}
+
+/// PTX for `source` compiled for `arch`.
+pub fn compile(source: &str, arch: &'static str) -> Result<Ptx, CudaError> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
     };
+    compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile(e.to_string()))
+}
+
+/// PTX for `source` compiled for `compute_{major}{minor}`, from the cache when present.
+pub fn compile_cached(source: &str, major: i32, minor: i32) -> Result<Ptx, CudaError> {
+    let arch = arch_name(major, minor);
     let mut hasher = DefaultHasher::new();
     source.hash(&mut hasher);
     arch.hash(&mut hasher);
@@ -42,12 +58,7 @@ pub fn compile_cached(source: &str, major: i32, minor: i32) -> Result<Ptx, CudaE
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(Ptx::from_src(text));
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile(e.to_string()))?;
+    let ptx = compile(source, arch)?;
     // A cache that cannot be written only costs a recompilation next time.
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));

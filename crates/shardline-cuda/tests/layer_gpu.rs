@@ -274,3 +274,12 @@ fn bad_shapes_and_positions_are_errors() {
     let err = stack.set_hidden(&dev, &[0.0; 3]).err().expect("refused");
     assert!(err.to_string().contains("hidden state"), "{err}");
 }
+
+#[test]
+fn kernels_compile_with_nvrtc() {
+    match shardline_cuda::device::check_kernels_compile() {
+        Ok(()) => {}
+        Err(e @ CudaError::Unavailable(_)) => eprintln!("SKIPPED kernels_compile_with_nvrtc: {e}"),
+        Err(e) => panic!("{e}"),
+    }
+}
