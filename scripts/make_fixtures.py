@@ -44,7 +44,7 @@ MIN_ROUTER_MARGIN = 2e-3
 MIN_DISTINCT_GREEDY = 4
 MAX_PROMPT_TRIES = 200
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, hidden_act="silu", max_position_embeddings=128)
+COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "hidden_act": "silu", "max_position_embeddings": 128}
 
 # name -> (model class, config class, config kwargs, stored weight dtype, legacy config keys, notes)
 FIXTURES = {
@@ -175,9 +175,7 @@ def byte_to_unicode():
     Written out because the tokenizers library exposes the alphabet but not the mapping.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = list(printable)
     extra = 0

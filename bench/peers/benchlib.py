@@ -45,10 +45,20 @@ def measure(step, warmup=3, min_iters=100, min_time_s=0.5, max_time_s=3.0, floor
 
 
 class Sink:
-    """Prints each record as one JSON line and, with a path, writes it to that file too."""
+    """Prints each record as one JSON line and, with a path, writes it to that file too.
+
+    A context manager: `with Sink(path) as sink: ...` closes the file.
+    """
 
     def __init__(self, path=None):
-        self.file = open(path, "w") if path else None
+        # Held open across records, closed by __exit__.
+        self.file = open(path, "w") if path else None  # noqa: SIM115
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def write(self, bench, st, **fields):
         rec = {"bench": bench, **st, **fields}

@@ -16,7 +16,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from benchlib import Sink, gbps, measure
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -71,14 +70,13 @@ def main():
     torch.manual_seed(0)
     extra = {"threads": args.threads, "peer": "torch"}
     cold = args.cold_mb << 20
-    sink = Sink(args.json)
-    bench_mem_read(sink, args.mem_mb << 20, **extra)
-    for dtype in dtypes:
-        for rows, cols in MATVEC_SHAPES:
-            bench_linear(sink, "matvec", dtype, 1, rows, cols, cold, **extra)
-        for m, rows, cols in MATMUL_SHAPES:
-            bench_linear(sink, "matmul", dtype, m, rows, cols, cold, **extra)
-    sink.close()
+    with Sink(args.json) as sink:
+        bench_mem_read(sink, args.mem_mb << 20, **extra)
+        for dtype in dtypes:
+            for rows, cols in MATVEC_SHAPES:
+                bench_linear(sink, "matvec", dtype, 1, rows, cols, cold, **extra)
+            for m, rows, cols in MATMUL_SHAPES:
+                bench_linear(sink, "matmul", dtype, m, rows, cols, cold, **extra)
     return 0
 
 
