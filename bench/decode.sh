@@ -2,6 +2,7 @@
 # Shardline's decode bench and the PyTorch layer (eager and torch.compile) in one go, then one table.
 # Env: PRESET (mixtral-mini), DTYPES ("f32 bf16"), MODES ("eager compile"), DEVICE (cpu), LAYERS (1),
 #      KV_LEN (128), THREADS (torch threads, default all cores), SHARDLINE_ARGS, PEER_ARGS, OUT.
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 PRESET=${PRESET:-mixtral-mini}
 DEVICE=${DEVICE:-cpu}
