@@ -136,11 +136,11 @@ class Layer:
 
 def random_layer(spec, dtype, device, gen):
     def mat(*shape):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float32) / math.sqrt(shape[-1])
-        return t.to(device=device, dtype=dtype)
+        t = torch.randn(*shape, generator=gen, device=device) / math.sqrt(shape[-1])
+        return t.to(dtype)
 
     def norm(n):
-        return (1 + 0.1 * torch.randn(n, generator=gen)).to(device=device, dtype=dtype)
+        return (1 + 0.1 * torch.randn(n, generator=gen, device=device)).to(dtype)
 
     w = {
         "in_norm": norm(spec.hidden),
@@ -175,17 +175,16 @@ def bench(args):
     spec = PRESETS[args.preset]
     dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # on the device: 8x7b's experts are 5.6 GB in f32
     first = random_layer(spec, dtype, device, gen)
     layer_total = sum(nbytes(t) for t in first.values())
     copies = max(args.layers, math.ceil((args.cold_mb << 20) / layer_total))
     weights = [first] + [{k: t.clone() for k, t in first.items()} for _ in range(copies - 1)]
     kv_shape = (spec.kv_heads, args.kv_len + 1, spec.head_dim)
     caches = [
-        (torch.randn(kv_shape, generator=gen).to(device, dtype), torch.randn(kv_shape, generator=gen).to(device, dtype))
-        for _ in range(copies)
+        tuple(torch.randn(kv_shape, generator=gen, device=device).to(dtype) for _ in range(2)) for _ in range(copies)
     ]
-    pool = [torch.randn(1, spec.hidden, generator=gen).to(device, dtype) for _ in range(POOL)]
+    pool = [torch.randn(1, spec.hidden, generator=gen, device=device).to(dtype) for _ in range(POOL)]
     cos, sin = rope_tables(spec, args.kv_len + 1, device)
     cos, sin = cos[args.kv_len], sin[args.kv_len]
     layer = Layer(spec, args.mode == "compile")
