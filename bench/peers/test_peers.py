@@ -81,7 +81,8 @@ class CompareTest(unittest.TestCase):
 
 
 class FixtureTest(unittest.TestCase):
-    """torch_decode.py's layer code reproduces the repo's MoE fixtures (needs torch and safetensors)."""
+    """torch_decode.py's layer code, written apart from transformers, reproduces every repo fixture's
+    reference (needs torch and safetensors)."""
 
     def test_layer_code_reproduces_the_fixtures(self):
         try:
@@ -89,10 +90,11 @@ class FixtureTest(unittest.TestCase):
             import torch_decode
         except ImportError as e:
             self.skipTest(f"torch/safetensors not installed ({e}); pip install torch safetensors")
-        fixtures = HERE.parent.parent / "fixtures"
-        for name in ("mixtral-tiny", "mixtral-tiny-bf16", "mixtral-tiny-f16", "qwen3-moe-tiny"):
-            with self.subTest(name):
-                self.assertTrue(torch_decode.check_fixture(fixtures / name))
+        fixtures = sorted(p for p in (HERE.parent.parent / "fixtures").iterdir() if p.is_dir())
+        self.assertEqual(len(fixtures), 6)
+        for path in fixtures:
+            with self.subTest(path.name):
+                self.assertTrue(torch_decode.check_fixture(path))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ one hidden state from a pool of 16 (so routing varies) through --layers layers; 
 new token is overwritten every step, so the attended length stays kv_len + 1. On CPU, layers are
 cycled over enough copies that their weights total at least --cold-mb, so they are never in cache.
 
-`--check-fixture DIR` instead runs a whole Mixtral or Qwen3-MoE fixture (fixtures/README.md) token by
-token through the same layer code and compares its logits with the fixture's reference.
+`--check-fixture DIR...` instead runs whole fixtures (fixtures/README.md: Mixtral, Qwen2-MoE,
+Qwen3-MoE, Llama) token by token through the same layer code and compares every logit row with the
+fixture's reference.
 
 Usage: python3 bench/peers/torch_decode.py [--preset mixtral-mini|mixtral-8x7b|qwen3-30b-a3b]
          [--dtype f32|bf16|f16] [--device cpu|cuda] [--layers N] [--kv-len 128] [--mode eager|compile]
@@ -77,9 +78,9 @@ def rope(x, cos, sin):
 def attention_block(x, w, k_cache, v_cache, pos, cos, sin, spec):
     """x + o_proj(attention(rope(q), cache + rope(k), v)) for x [1, hidden] at position `pos`."""
     h = rms_norm(x, w["in_norm"], spec.eps)
-    q = F.linear(h, w["wq"]).view(spec.heads, spec.head_dim)
-    k = F.linear(h, w["wk"]).view(spec.kv_heads, spec.head_dim)
-    v = F.linear(h, w["wv"]).view(spec.kv_heads, spec.head_dim)
+    q = F.linear(h, w["wq"], w.get("bq")).view(spec.heads, spec.head_dim)
+    k = F.linear(h, w["wk"], w.get("bk")).view(spec.kv_heads, spec.head_dim)
+    v = F.linear(h, w["wv"], w.get("bv")).view(spec.kv_heads, spec.head_dim)
     if spec.qk_norm:
         q = rms_norm(q, w["q_norm"], spec.eps)
         k = rms_norm(k, w["k_norm"], spec.eps)
@@ -115,7 +116,9 @@ class Layer:
     """One decoder layer's step; `compile` wraps each dense part in torch.compile.
 
     The expert loop stays in Python, reading the chosen ids on the host, as HF's MoE blocks do:
-    compiling through it would specialise on the expert ids.
+    compiling through it would specialise on the expert ids. The benchmark's presets are MoE layers;
+    for checking fixtures the layer also takes q/k/v biases (`bq`...), a Qwen2-MoE shared expert with
+    its sigmoid gate (`shared_*`), and a dense SwiGLU (no `router`: `w1`/`w3`/`w2` are one matrix each).
     """
 
     def __init__(self, spec, compile_mode):
@@ -127,10 +130,16 @@ class Layer:
 
     def __call__(self, x, w, k_cache, v_cache, pos, cos, sin):
         x = self.attention(x, w, k_cache, v_cache, pos, cos, sin, self.spec)
+        if "router" not in w:
+            h = rms_norm(x, w["post_norm"], self.spec.eps)
+            return x + self.expert(h, w["w1"], w["w3"], w["w2"])
         h, ids, weights = self.route(x, w, self.spec)
         y = torch.zeros_like(x)
         for e, we in zip(ids.tolist(), weights.tolist(), strict=True):
             y = y + we * self.expert(h, w["w1"][e], w["w3"][e], w["w2"][e])
+        if "shared_w1" in w:
+            gate = torch.sigmoid(F.linear(h, w["shared_gate"]))
+            y = y + gate * self.expert(h, w["shared_w1"], w["shared_w3"], w["shared_w2"])
         return x + y
 
 
@@ -231,47 +240,63 @@ def bench(args):
         sink.write("decode", per_layer, **fields)
 
 
+# Per architecture: the FFN's module name, its expert matrices' names (gate, up, down), whether the
+# attention has per-head q/k norms.
+ARCHS = {
+    "MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2"), False),
+    "Qwen2MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"), False),
+    "Qwen3MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"), True),
+    "LlamaForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"), False),
+}
+
+
 def load_fixture(path):
-    """A Mixtral or Qwen3-MoE fixture as (spec, per-layer weight dicts, embed, final norm, lm_head)."""
+    """A fixture (fixtures/README.md) as (spec, per-layer weight dicts, embed, final norm, lm_head), in f32."""
     from safetensors.torch import load_file
 
     cfg = json.loads((path / "config.json").read_text())
     arch = cfg["architectures"][0]
-    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
-        raise SystemExit(f"{path}: --check-fixture supports Mixtral and Qwen3-MoE, not {arch}")
-    qwen = arch == "Qwen3MoeForCausalLM"
+    if arch not in ARCHS:
+        raise SystemExit(f"{path}: --check-fixture supports {sorted(ARCHS)}, not {arch}")
+    ffn, names, qk_norm = ARCHS[arch]
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
     rope = cfg.get("rope_parameters") or {}
     spec = Spec(
         hidden=cfg["hidden_size"],
         heads=cfg["num_attention_heads"],
         kv_heads=cfg["num_key_value_heads"],
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-        experts=cfg.get("num_local_experts") or cfg["num_experts"],
-        top_k=cfg["num_experts_per_tok"],
-        inter=cfg["moe_intermediate_size"] if qwen else cfg["intermediate_size"],
-        qk_norm=qwen,
+        experts=experts,
+        top_k=cfg.get("num_experts_per_tok", 0),
+        inter=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+        qk_norm=qk_norm,
         renormalise=cfg.get("norm_topk_prob", True),
         eps=cfg["rms_norm_eps"],
         rope_theta=rope.get("rope_theta", cfg.get("rope_theta")),
     )
     t = {k: v.float() for k, v in load_file(path / "model.safetensors").items()}
-    moe = "mlp" if qwen else "block_sparse_moe"
-    names = ("gate_proj", "up_proj", "down_proj") if qwen else ("w1", "w3", "w2")
     layers = []
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w = {
-            "in_norm": t[p + "input_layernorm.weight"],
-            "post_norm": t[p + "post_attention_layernorm.weight"],
-            "router": t[p + f"{moe}.gate.weight"],
-        }
-        for short, proj in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
-            w[short] = t[p + f"self_attn.{proj}_proj.weight"]
-        if qwen:
+        w = {"in_norm": t[p + "input_layernorm.weight"], "post_norm": t[p + "post_attention_layernorm.weight"]}
+        for proj in "qkvo":
+            w["w" + proj] = t[p + f"self_attn.{proj}_proj.weight"]
+            if p + f"self_attn.{proj}_proj.bias" in t:
+                w["b" + proj] = t[p + f"self_attn.{proj}_proj.bias"]
+        if qk_norm:
             w["q_norm"] = t[p + "self_attn.q_norm.weight"]
             w["k_norm"] = t[p + "self_attn.k_norm.weight"]
         for short, name in zip(("w1", "w3", "w2"), names, strict=True):
-            w[short] = torch.stack([t[p + f"{moe}.experts.{e}.{name}.weight"] for e in range(spec.experts)])
+            if experts:
+                w[short] = torch.stack([t[p + f"{ffn}.experts.{e}.{name}.weight"] for e in range(experts)])
+                if p + f"{ffn}.shared_expert.{name}.weight" in t:
+                    w["shared_" + short] = t[p + f"{ffn}.shared_expert.{name}.weight"]
+            else:
+                w[short] = t[p + f"{ffn}.{name}.weight"]
+        if experts:
+            w["router"] = t[p + f"{ffn}.gate.weight"]
+        if "shared_w1" in w:
+            w["shared_gate"] = t[p + f"{ffn}.shared_expert_gate.weight"]
         layers.append(w)
     lm_head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     return spec, layers, t["model.embed_tokens.weight"], t["model.norm.weight"], lm_head
@@ -323,8 +348,14 @@ def main():
         ap.error("--layers and --threads must be at least 1, --kv-len at least 0")
     torch.set_num_threads(args.threads)
     if args.check_fixture:
-        results = [check_fixture(p) for p in args.check_fixture]
-        return 0 if all(results) else 1
+        ok = True
+        for path in args.check_fixture:
+            try:
+                ok &= check_fixture(path)
+            except (OSError, KeyError, ValueError) as e:  # a missing file or tensor, bad JSON
+                print(f"{path}: cannot check: {type(e).__name__}: {e}", file=sys.stderr)
+                ok = False
+        return 0 if ok else 1
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
     with torch.inference_mode():
