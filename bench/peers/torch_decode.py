@@ -6,8 +6,9 @@ rms_norm), rotary embedding, KV append, grouped-query attention over kv_len cach
 new one, o_proj, residual, rms_norm, router softmax, top-k (renormalised), the k selected experts'
 SwiGLU, weighted sum, residual. Random weights at the preset's real shapes; each iteration decodes
 one hidden state from a pool of 16 (so routing varies) through --layers layers; the KV slot of the
-new token is overwritten every step, so the attended length stays kv_len + 1. On CPU, layers are
-cycled over enough copies that their weights total at least --cold-mb, so they are never in cache.
+new token is overwritten every step, so the attended length stays kv_len + 1. Layers are cycled
+over enough copies that their weights total at least --cold-mb (256 MB: more than a CPU's L3 or a
+GPU's L2), so no step finds its weights in cache. On CUDA, each step is timed with CUDA events.
 
 `--check-fixture DIR...` instead runs whole fixtures (fixtures/README.md: Mixtral, Qwen2-MoE,
 Qwen3-MoE, Llama) token by token through the same layer code and compares every logit row with the
