@@ -2,4 +2,9 @@
 # The project's test command (README): every crate's tests, on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace
+cargo test --workspace --exclude shardline-cuda
+# The GPU tests print why they did not run when there is no GPU or NVRTC.
+cargo test -p shardline-cuda -- --nocapture
+# The peer benchmarks' own tests (statistics, table matching; the fixture check needs torch and
+# says so when it is missing).
+python3 -m unittest discover -s bench/peers -v
