@@ -1,0 +1,335 @@
+//! `config.json` -> [`ModelSpec`]: the one description of a model that drives the decoder.
+//!
+//! Reads both the newer (`rope_parameters`, `dtype`) and the older (`rope_theta`,
+//! `torch_dtype`) Hugging Face keys.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use shardline_tensor::DType;
+
+use crate::error::{ModelError, Result};
+use crate::files::read_json;
+
+/// The checkpoint families the decoder knows; they differ in tensor names and FFN details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Llama,
+}
+
+impl Arch {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Arch::Llama => "LlamaForCausalLM",
+        }
+    }
+}
+
+/// Mixture-of-experts settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeSpec {
+    pub n_experts: usize,
+    pub top_k: usize,
+    /// Intermediate size of one routed expert.
+    pub intermediate: usize,
+    /// Divide the top-k router probabilities by their sum (Mixtral; Qwen when `norm_topk_prob`).
+    pub renormalize: bool,
+    /// Intermediate size of the always-on shared expert, scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_intermediate: Option<usize>,
+    /// Layer `i` is sparse when `(i + 1) % sparse_step == 0` and `i` is not in `dense_layers`.
+    pub sparse_step: usize,
+    pub dense_layers: Vec<usize>,
+}
+
+/// The feed-forward block of one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FfnKind {
+    /// SwiGLU MLP with this intermediate size.
+    Dense {
+        intermediate: usize,
+    },
+    Moe(MoeSpec),
+}
+
+/// Everything the decoder needs to know about a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f64,
+    /// Bias on q, k and v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// Per-head RMSNorm of q and k before rope (Qwen3).
+    pub qk_norm: bool,
+    pub tie_embeddings: bool,
+    /// Intermediate size of dense layers.
+    pub dense_intermediate: usize,
+    pub moe: Option<MoeSpec>,
+    /// The dtype the config declares (informational; tensors carry their own).
+    pub dtype: Option<DType>,
+    pub eos_ids: Vec<u32>,
+}
+
+impl ModelSpec {
+    /// Reads `config.json` at `path`.
+    pub fn from_file(path: &Path) -> Result<ModelSpec> {
+        let value = read_json(path, 1 << 20)?;
+        ModelSpec::from_json(&value, path)
+    }
+
+    /// Builds a spec from a parsed config; `path` is only used in error messages.
+    pub fn from_json(v: &Value, path: &Path) -> Result<ModelSpec> {
+        let c = Cfg { v, path };
+        if !v.is_object() {
+            return Err(ModelError::config(path, "expected a JSON object"));
+        }
+        let arch_name = match v.get("architectures").and_then(|a| a.get(0)) {
+            Some(Value::String(s)) => s.clone(),
+            _ => {
+                return Err(ModelError::config(
+                    path,
+                    "missing setting `architectures` (a list with the model class name)",
+                ))
+            }
+        };
+        let arch = match arch_name.as_str() {
+            "MixtralForCausalLM" => Arch::Mixtral,
+            "Qwen2MoeForCausalLM" => Arch::Qwen2Moe,
+            "Qwen3MoeForCausalLM" => Arch::Qwen3Moe,
+            "LlamaForCausalLM" => Arch::Llama,
+            _ => {
+                return Err(ModelError::UnknownArchitecture {
+                    path: path.to_path_buf(),
+                    arch: arch_name,
+                })
+            }
+        };
+        let hidden = c.usize("hidden_size")?;
+        let n_heads = c.usize("num_attention_heads")?;
+        let n_kv_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        if n_heads == 0 || hidden == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(c.err(format!(
+                "num_attention_heads ({n_heads}) must be a positive multiple of num_key_value_heads ({n_kv_heads}) and hidden_size ({hidden}) positive"
+            )));
+        }
+        let head_dim =
+            match c.opt_usize("head_dim")? {
+                Some(d) => d,
+                None if hidden % n_heads == 0 => hidden / n_heads,
+                None => return Err(c.err(
+                    "hidden_size is not a multiple of num_attention_heads and head_dim is not set",
+                )),
+            };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(c.err(format!("head_dim ({head_dim}) must be even and positive")));
+        }
+        let rope_params = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
+        if let Some(rp) = rope_params.filter(|rp| !rp.is_null()) {
+            let kind = rp
+                .get("rope_type")
+                .or_else(|| rp.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(c.err(format!(
+                    "rope_type `{kind}` is not supported (only `default`)"
+                )));
+            }
+        }
+        let rope_theta = match rope_params.and_then(|rp| rp.get("rope_theta")) {
+            Some(t) => t
+                .as_f64()
+                .ok_or_else(|| c.err("rope_parameters.rope_theta is not a number"))?,
+            None => c.opt_f64("rope_theta")?.unwrap_or(10000.0),
+        };
+        let dtype = match v.get("dtype").or_else(|| v.get("torch_dtype")) {
+            Some(Value::String(s)) => {
+                Some(DType::parse(s).map_err(|_| c.err(format!("dtype `{s}` is not supported")))?)
+            }
+            _ => None,
+        };
+        let eos_ids = match v.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as u32))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| c.err("eos_token_id must be an integer or a list of integers"))?,
+            Some(x) => vec![x
+                .as_u64()
+                .ok_or_else(|| c.err("eos_token_id must be an integer or a list of integers"))?
+                as u32],
+        };
+        if c.opt_bool("mlp_bias")?.unwrap_or(false) {
+            return Err(c.err("mlp_bias = true is not supported"));
+        }
+        let attention_bias = c.opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            // Qwen2 attention always has q/k/v bias and none on o_proj.
+            Arch::Qwen2Moe => (c.opt_bool("qkv_bias")?.unwrap_or(true), false),
+            _ => (attention_bias, attention_bias),
+        };
+        let dense_intermediate = c.usize("intermediate_size")?;
+        let moe = match arch {
+            Arch::Llama => None,
+            Arch::Mixtral => Some(MoeSpec {
+                n_experts: c.usize("num_local_experts")?,
+                top_k: c.usize("num_experts_per_tok")?,
+                intermediate: dense_intermediate,
+                renormalize: true,
+                shared_intermediate: None,
+                sparse_step: 1,
+                dense_layers: Vec::new(),
+            }),
+            Arch::Qwen2Moe | Arch::Qwen3Moe => {
+                let n_experts = match c.opt_usize("num_experts")? {
+                    Some(n) => n,
+                    None => c.usize("num_local_experts")?,
+                };
+                let shared = match arch {
+                    Arch::Qwen2Moe => Some(c.usize("shared_expert_intermediate_size")?),
+                    _ => None,
+                };
+                let dense_layers = match v.get("mlp_only_layers") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|x| x.as_u64().map(|x| x as usize))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| c.err("mlp_only_layers must be a list of layer indices"))?,
+                    Some(_) => return Err(c.err("mlp_only_layers must be a list of layer indices")),
+                };
+                Some(MoeSpec {
+                    n_experts,
+                    top_k: c.usize("num_experts_per_tok")?,
+                    intermediate: c.usize("moe_intermediate_size")?,
+                    renormalize: c.opt_bool("norm_topk_prob")?.unwrap_or(false),
+                    shared_intermediate: shared.filter(|&s| s > 0),
+                    sparse_step: c.opt_usize("decoder_sparse_step")?.unwrap_or(1),
+                    dense_layers,
+                })
+            }
+        };
+        if let Some(m) = &moe {
+            if m.top_k == 0 || m.top_k > m.n_experts || m.sparse_step == 0 {
+                return Err(c.err(format!(
+                    "num_experts_per_tok ({}) must be between 1 and the number of experts ({}), decoder_sparse_step positive",
+                    m.top_k, m.n_experts
+                )));
+            }
+        }
+        let spec = ModelSpec {
+            arch,
+            hidden,
+            n_layers: c.usize("num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab: c.usize("vocab_size")?,
+            max_positions: c.usize("max_position_embeddings")?,
+            rms_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_theta,
+            qkv_bias,
+            o_bias,
+            qk_norm: arch == Arch::Qwen3Moe,
+            tie_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            dense_intermediate,
+            moe,
+            dtype,
+            eos_ids,
+        };
+        Ok(spec)
+    }
+
+    /// The feed-forward block of layer `layer`.
+    pub fn ffn(&self, layer: usize) -> FfnKind {
+        match &self.moe {
+            Some(m)
+                if (layer + 1).is_multiple_of(m.sparse_step)
+                    && !m.dense_layers.contains(&layer) =>
+            {
+                FfnKind::Moe(m.clone())
+            }
+            _ => FfnKind::Dense {
+                intermediate: self.dense_intermediate,
+            },
+        }
+    }
+
+    /// Width of the query projection output (`n_heads * head_dim`).
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of the key (and value) projection output.
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Typed access to config keys with errors naming the file and the key.
+struct Cfg<'a> {
+    v: &'a Value,
+    path: &'a Path,
+}
+
+impl Cfg<'_> {
+    fn err(&self, reason: impl Into<String>) -> ModelError {
+        ModelError::config(PathBuf::from(self.path), reason)
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "setting `{key}` must be a non-negative integer, got {x}"
+                    ))
+                }),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(format!("missing setting `{key}`")))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("setting `{key}` must be a number, got {x}"))),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("setting `{key}` must be true or false, got {x}"))),
+        }
+    }
+}

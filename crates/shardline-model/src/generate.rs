@@ -1,0 +1,77 @@
+//! Text generation: one prefill of the prompt, then one decode step per new token, streaming the
+//! text as it grows, until EOS or the token limit.
+
+use std::time::Instant;
+
+use crate::backend::{Backend, Reduce};
+use crate::engine::{Engine, Logits};
+use crate::error::Result;
+use crate::sampler::Sampler;
+use crate::tokenizer::TextCodec;
+
+/// How long a generation took.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    pub prefill_ms: f64,
+    pub generated: usize,
+    /// Mean time of one decode step (0 when there was none).
+    pub decode_ms_per_token: f64,
+}
+
+/// Generates up to `max_tokens` tokens after `prompt`, calling `emit` with each new piece of
+/// text; stops early at any of `eos`. Returns the generated ids and the timings.
+pub fn generate<B: Backend, R: Reduce>(
+    engine: &mut Engine<B, R>,
+    codec: &TextCodec,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    eos: &[u32],
+    mut emit: impl FnMut(&str),
+) -> Result<(Vec<u32>, Timings)> {
+    // The last generated token is never fed back, so it needs no position.
+    engine.start(prompt.len() + max_tokens.saturating_sub(1))?;
+    let mut timings = Timings {
+        prompt_tokens: prompt.len(),
+        prefill_ms: 0.0,
+        generated: 0,
+        decode_ms_per_token: 0.0,
+    };
+    let mut out = Vec::new();
+    if max_tokens == 0 {
+        return Ok((out, timings));
+    }
+    let t0 = Instant::now();
+    let mut logits = engine.forward(prompt, Logits::Last)?;
+    timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut shown = 0usize;
+    let mut decode_s = 0.0;
+    loop {
+        let next = sampler.sample(&logits);
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        // Decode the whole tail so multi-byte characters split over tokens come out whole.
+        let text = codec.decode(&out)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > shown {
+            emit(text.get(shown..).unwrap_or(&text));
+            shown = text.len();
+        }
+        if out.len() == max_tokens {
+            break;
+        }
+        let t = Instant::now();
+        logits = engine.forward(&[next], Logits::Last)?;
+        decode_s += t.elapsed().as_secs_f64();
+    }
+    let steps = out.len().saturating_sub(1).max(usize::from(decode_s > 0.0));
+    timings.generated = out.len();
+    timings.decode_ms_per_token = if steps > 0 {
+        decode_s * 1e3 / steps as f64
+    } else {
+        0.0
+    };
+    Ok((out, timings))
+}
