@@ -15,6 +15,7 @@ pub mod generate;
 pub mod layer;
 pub mod load;
 pub mod model;
+pub mod presets;
 pub mod random;
 pub mod reference;
 pub mod safetensors_dir;

@@ -1,0 +1,38 @@
+//! `shardline verify`: run a model on reference inputs and compare its logits and greedy choices
+//! with the reference's (computed by transformers); exits non-zero unless they agree.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use shardline_model::verify_dir;
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The model directory (config.json, safetensors weights).
+    #[arg(long, env = "SHARDLINE_MODEL")]
+    model: PathBuf,
+    /// The reference file (prompt_ids, prefill_logits, greedy_ids, decode_logits);
+    /// default MODEL/reference.json.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+}
+
+pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
+    let r = verify_dir(&args.model, args.reference.as_deref())
+        .with_context(|| format!("cannot verify the model in {}", args.model.display()))?;
+    println!(
+        "{}: prefill max |diff| {:.3e}, decode max |diff| {:.3e} (tolerance {:.0e} for {} weights); greedy {}/{} agree",
+        args.model.display(),
+        r.prefill_max_diff,
+        r.decode_max_diff,
+        r.tolerance,
+        r.weight_dtype,
+        r.greedy_agree,
+        r.greedy_total
+    );
+    if !r.passed() {
+        anyhow::bail!("verify FAILED for {}", args.model.display());
+    }
+    println!("verify passed");
+    Ok(())
+}
