@@ -82,6 +82,10 @@ pub struct ModelSpec {
     pub moe: Option<MoeSpec>,
     /// The dtype the config declares (informational; tensors carry their own).
     pub dtype: Option<DType>,
+    /// The precision of rope's inverse frequencies: f32 as transformers computes them when it
+    /// loads a model; a reference made from a model cast with `model.to(dtype)` (buffers too)
+    /// has them rounded to that dtype instead (`verify --rope-freqs model-dtype`).
+    pub rope_freq_dtype: DType,
     pub eos_ids: Vec<u32>,
 }
 
@@ -251,6 +255,7 @@ impl ModelSpec {
             dense_intermediate,
             moe,
             dtype,
+            rope_freq_dtype: DType::F32,
             eos_ids,
         };
         Ok(spec)

@@ -51,16 +51,15 @@ impl CpuBackend {
     }
 }
 
-/// Rope tables for `positions` positions. The inverse frequencies are rounded to the model's
-/// declared dtype, as transformers holds them once a model is cast to bf16/f16: references made
-/// from such a model (e.g. the `mixtral-tiny-bf16` fixture) differ by ~1e-2 otherwise.
+/// Rope tables for `positions` positions, the inverse frequencies rounded to
+/// `spec.rope_freq_dtype` (see there).
 fn rope_table(spec: &ModelSpec, positions: usize) -> Rope {
     let mut inv_freq = Rope::inv_freq(spec.head_dim, spec.rope_theta);
     for f in &mut inv_freq {
-        *f = match spec.dtype {
-            Some(DType::BF16) => half::bf16::from_f32(*f).to_f32(),
-            Some(DType::F16) => half::f16::from_f32(*f).to_f32(),
-            _ => *f,
+        *f = match spec.rope_freq_dtype {
+            DType::BF16 => half::bf16::from_f32(*f).to_f32(),
+            DType::F16 => half::f16::from_f32(*f).to_f32(),
+            DType::F32 => *f,
         };
     }
     Rope::from_inv_freq(&inv_freq, positions)

@@ -28,5 +28,7 @@ pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
 pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};
 pub use error::{ModelError, Result};
-pub use model::{builtin, builtin_spec, load_dir, load_tokenizer, verify_dir, CpuEngine};
+pub use model::{
+    builtin, builtin_spec, load_dir, load_dir_with, load_tokenizer, verify_dir, CpuEngine,
+};
 pub use reference::{verify, Reference, VerifyReport};

@@ -20,7 +20,13 @@ pub type CpuEngine = Engine<CpuBackend, SingleRank>;
 
 /// Loads `dir/config.json` and the directory's safetensors weights.
 pub fn load_dir(dir: &Path) -> Result<CpuEngine> {
-    let spec = ModelSpec::from_file(&dir.join("config.json"))?;
+    load_dir_with(dir, |_| {})
+}
+
+/// [`load_dir`], with `adjust` applied to the spec read from `config.json` before loading.
+pub fn load_dir_with(dir: &Path, adjust: impl FnOnce(&mut ModelSpec)) -> Result<CpuEngine> {
+    let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
+    adjust(&mut spec);
     let files = SafetensorsDir::open(dir)?;
     let weights = load_model(&spec, &files)?;
     Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
@@ -63,6 +69,7 @@ pub fn builtin_spec() -> ModelSpec {
             dense_layers: Vec::new(),
         }),
         dtype: Some(DType::F32),
+        rope_freq_dtype: DType::F32,
         eos_ids: Vec::new(),
     }
 }
@@ -74,9 +81,19 @@ pub fn builtin() -> Result<CpuEngine> {
     Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
 }
 
-/// Verifies the model in `dir` against `reference` (default `dir/reference.json`).
-pub fn verify_dir(dir: &Path, reference: Option<&Path>) -> Result<crate::VerifyReport> {
-    let mut engine = load_dir(dir)?;
+/// Verifies the model in `dir` against `reference` (default `dir/reference.json`). With
+/// `rope_in_model_dtype`, rope's inverse frequencies are rounded to the config's dtype, as in a
+/// reference computed from a model cast with `model.to(dtype)` (see [`ModelSpec::rope_freq_dtype`]).
+pub fn verify_dir(
+    dir: &Path,
+    reference: Option<&Path>,
+    rope_in_model_dtype: bool,
+) -> Result<crate::VerifyReport> {
+    let mut engine = load_dir_with(dir, |spec| {
+        if rope_in_model_dtype {
+            spec.rope_freq_dtype = spec.dtype.unwrap_or(DType::F32);
+        }
+    })?;
     let path = reference
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("reference.json"));

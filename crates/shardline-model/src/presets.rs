@@ -43,6 +43,7 @@ pub fn preset(name: &str, n_layers: usize, dtype: DType) -> Option<ModelSpec> {
             dense_layers: Vec::new(),
         }),
         dtype: Some(dtype),
+        rope_freq_dtype: DType::F32,
         eos_ids: Vec::new(),
     })
 }

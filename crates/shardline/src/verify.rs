@@ -15,10 +15,22 @@ pub struct VerifyArgs {
     /// default MODEL/reference.json.
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// Precision of rope's inverse frequencies: `f32`, as transformers computes them when it
+    /// loads a model; `model-dtype` rounds them to the config's dtype, as in a reference computed
+    /// from a model cast to bf16/f16 with its buffers (`model.to(dtype)`) and then upcast.
+    #[arg(long, value_enum, default_value_t = RopeFreqs::F32)]
+    rope_freqs: RopeFreqs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RopeFreqs {
+    F32,
+    ModelDtype,
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    let r = verify_dir(&args.model, args.reference.as_deref())
+    let rope_in_model_dtype = args.rope_freqs == RopeFreqs::ModelDtype;
+    let r = verify_dir(&args.model, args.reference.as_deref(), rope_in_model_dtype)
         .with_context(|| format!("cannot verify the model in {}", args.model.display()))?;
     println!(
         "{}: prefill max |diff| {:.3e}, decode max |diff| {:.3e} (tolerance {:.0e} for {} weights); greedy {}/{} agree",
