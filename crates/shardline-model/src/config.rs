@@ -338,3 +338,72 @@ impl Cfg<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: Value) -> Result<ModelSpec> {
+        ModelSpec::from_json(&v, Path::new("cfg/config.json"))
+    }
+
+    fn qwen2(extra: Value) -> Value {
+        let mut v = json!({
+            "architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 4, "vocab_size": 256, "max_position_embeddings": 128,
+            "intermediate_size": 96, "num_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+            "decoder_sparse_step": 2, "mlp_only_layers": [3]
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    }
+
+    #[test]
+    fn reads_new_and_legacy_keys() {
+        let new = spec(qwen2(json!({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}, "dtype": "bfloat16"}))).unwrap();
+        let old = spec(qwen2(json!({"rope_theta": 5e5, "torch_dtype": "bfloat16"}))).unwrap();
+        assert_eq!(new, old);
+        assert_eq!(new.rope_theta, 5e5);
+        assert_eq!(new.dtype, Some(DType::BF16));
+        let default = spec(qwen2(json!({}))).unwrap();
+        assert_eq!(default.rope_theta, 10000.0);
+    }
+
+    #[test]
+    fn qwen2_moe_defaults_and_sparse_layers() {
+        let s = spec(qwen2(json!({}))).unwrap();
+        assert_eq!((s.head_dim, s.n_kv_heads), (16, 4));
+        assert!(s.qkv_bias && !s.o_bias && !s.qk_norm);
+        let m = s.moe.clone().unwrap();
+        assert!(!m.renormalize);
+        assert_eq!(m.shared_intermediate, Some(48));
+        // decoder_sparse_step 2: layers 1 and 3 would be sparse, but 3 is in mlp_only_layers.
+        let kinds: Vec<bool> = (0..4)
+            .map(|i| matches!(s.ffn(i), FfnKind::Moe(_)))
+            .collect();
+        assert_eq!(kinds, [false, true, false, false]);
+        assert_eq!(s.ffn(0), FfnKind::Dense { intermediate: 96 });
+    }
+
+    #[test]
+    fn refuses_unsupported_rope_and_bad_heads() {
+        let e = spec(qwen2(
+            json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cfg/config.json") && e.contains("yarn"), "{e}");
+        let e = spec(qwen2(json!({"num_key_value_heads": 3})))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_key_value_heads (3)"), "{e}");
+        let e = spec(qwen2(json!({"num_experts_per_tok": 9})))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_experts_per_tok (9)"), "{e}");
+    }
+}
