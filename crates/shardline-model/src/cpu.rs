@@ -45,10 +45,6 @@ impl CpuBackend {
         }
         self.caches.iter_mut().for_each(KvCache::clear);
     }
-
-    pub fn weights(&self) -> &ModelWeights {
-        &self.weights
-    }
 }
 
 /// Rope tables for `positions` positions, the inverse frequencies rounded to

@@ -47,6 +47,7 @@ pub fn generate<B: Backend, R: Reduce>(
     timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut shown = 0usize;
     let mut decode_s = 0.0;
+    let mut decode_steps = 0usize;
     loop {
         let next = sampler.sample(&logits);
         if eos.contains(&next) {
@@ -65,11 +66,11 @@ pub fn generate<B: Backend, R: Reduce>(
         let t = Instant::now();
         logits = engine.forward(&[next], Logits::Last)?;
         decode_s += t.elapsed().as_secs_f64();
+        decode_steps += 1;
     }
-    let steps = out.len().saturating_sub(1).max(usize::from(decode_s > 0.0));
     timings.generated = out.len();
-    timings.decode_ms_per_token = if steps > 0 {
-        decode_s * 1e3 / steps as f64
+    timings.decode_ms_per_token = if decode_steps > 0 {
+        decode_s * 1e3 / decode_steps as f64
     } else {
         0.0
     };

@@ -138,14 +138,20 @@ const MIXTRAL_NAMES: MlpNames = ["w1", "w3", "w2"];
 fn load_mlp(
     src: &dyn TensorSource,
     prefix: &str,
-    [gate, up, down]: MlpNames,
+    [gate_name, up_name, down]: MlpNames,
     hidden: usize,
     intermediate: usize,
 ) -> Result<Mlp> {
-    let gate = src.get(&format!("{prefix}.{gate}.weight"), &[intermediate, hidden])?;
-    let up = src.get(&format!("{prefix}.{up}.weight"), &[intermediate, hidden])?;
+    let gate = src.get(
+        &format!("{prefix}.{gate_name}.weight"),
+        &[intermediate, hidden],
+    )?;
+    let up = src.get(
+        &format!("{prefix}.{up_name}.weight"),
+        &[intermediate, hidden],
+    )?;
     Ok(Mlp {
-        gate_up: stack_rows(&gate, &up)?,
+        gate_up: stack_rows(&format!("{prefix}.{{{gate_name}, {up_name}}}"), &gate, &up)?,
         down: src.get(&format!("{prefix}.{down}.weight"), &[hidden, intermediate])?,
         intermediate,
     })

@@ -77,11 +77,6 @@ impl SafetensorsDir {
         }
         Ok(out)
     }
-
-    /// The total bytes of every tensor in the directory.
-    pub fn total_bytes(&self) -> usize {
-        self.files.iter().map(|f| f.map.len()).sum()
-    }
 }
 
 fn map_file(path: &Path) -> Result<MappedFile> {

@@ -74,13 +74,14 @@ pub fn check_shape(origin: &str, name: &str, expected: &[usize], actual: &[usize
 }
 
 /// Rows `[a; b]` stacked into one owned `[rows_a + rows_b, cols]` matrix of `a`'s dtype (gate and
-/// up projections become one matrix so an expert reads both in one pass).
-pub fn stack_rows(a: &Weight, b: &Weight) -> Result<Weight> {
+/// up projections become one matrix so an expert reads both in one pass); `what` names them in
+/// errors.
+pub fn stack_rows(what: &str, a: &Weight, b: &Weight) -> Result<Weight> {
     let (va, vb) = (a.view(), b.view());
     let (da, db) = (va.shape().dims(), vb.shape().dims());
     if da.len() != 2 || db.len() != 2 || da[1] != db[1] || va.dtype() != vb.dtype() {
         return Err(ModelError::Invalid(format!(
-            "cannot merge matrices of shapes {da:?} ({}) and {db:?} ({})",
+            "{what}: cannot merge matrices of shapes {da:?} ({}) and {db:?} ({}): the dtypes must match",
             va.dtype(),
             vb.dtype()
         )));
