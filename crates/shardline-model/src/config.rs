@@ -167,18 +167,7 @@ impl ModelSpec {
             }
             _ => None,
         };
-        let eos_ids = match v.get("eos_token_id") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| x.as_u64().map(|x| x as u32))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| c.err("eos_token_id must be an integer or a list of integers"))?,
-            Some(x) => vec![x
-                .as_u64()
-                .ok_or_else(|| c.err("eos_token_id must be an integer or a list of integers"))?
-                as u32],
-        };
+        let eos_ids = eos_ids(v, path)?;
         if c.opt_bool("mlp_bias")?.unwrap_or(false) {
             return Err(c.err("mlp_bias = true is not supported"));
         }
@@ -284,6 +273,26 @@ impl ModelSpec {
     /// Width of the key (and value) projection output.
     pub fn kv_width(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+}
+
+/// The `eos_token_id` of a config or generation config: absent, one id or a list of ids.
+pub fn eos_ids(v: &Value, path: &Path) -> Result<Vec<u32>> {
+    let bad = || {
+        ModelError::config(
+            path,
+            "eos_token_id must be an integer or a list of integers",
+        )
+    };
+    let id = |x: &Value| {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(bad)
+    };
+    match v.get("eos_token_id") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
     }
 }
 

@@ -6,10 +6,11 @@ use std::path::Path;
 use shardline_tensor::DType;
 
 use crate::backend::{Backend, SingleRank};
-use crate::config::{Arch, ModelSpec, MoeSpec};
+use crate::config::{eos_ids, Arch, ModelSpec, MoeSpec};
 use crate::cpu::CpuBackend;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::files::read_json;
 use crate::load::load_model;
 use crate::random::RandomWeights;
 use crate::safetensors_dir::SafetensorsDir;
@@ -26,6 +27,16 @@ pub fn load_dir(dir: &Path) -> Result<CpuEngine> {
 /// [`load_dir`], with `adjust` applied to the spec read from `config.json` before loading.
 pub fn load_dir_with(dir: &Path, adjust: impl FnOnce(&mut ModelSpec)) -> Result<CpuEngine> {
     let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
+    // Chat models often list more end tokens in generation_config.json than in config.json.
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        let v = read_json(&generation, 1 << 20)?;
+        for id in eos_ids(&v, &generation)? {
+            if !spec.eos_ids.contains(&id) {
+                spec.eos_ids.push(id);
+            }
+        }
+    }
     adjust(&mut spec);
     let files = SafetensorsDir::open(dir)?;
     let weights = load_model(&spec, &files)?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use shardline_model::{load_dir, load_tokenizer, Engine, Logits};
+use shardline_model::{load_dir, load_tokenizer, Backend, Engine, Logits};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mixtral-tiny")
@@ -206,5 +206,19 @@ fn sharded_index_loads_and_bad_index_is_named() {
     assert_mentions(
         &load_err(p),
         &["model.safetensors.index.json", "weight_map"],
+    );
+}
+
+#[test]
+fn generation_config_adds_eos_ids_and_is_checked() {
+    let dir = copy_fixture();
+    let path = dir.path().join("generation_config.json");
+    std::fs::write(&path, "{\"eos_token_id\": [2, 7]}").unwrap();
+    let engine = load_dir(dir.path()).unwrap();
+    assert_eq!(engine.backend.spec().eos_ids, [2, 7]);
+    std::fs::write(&path, "{\"eos_token_id\": \"end\"}").unwrap();
+    assert_mentions(
+        &load_err(dir.path()),
+        &["generation_config.json", "eos_token_id"],
     );
 }
