@@ -10,6 +10,7 @@ use shardline_tensor::DType;
 
 use crate::error::{ModelError, Result};
 use crate::files::read_json;
+use crate::rope::RopeScaling;
 
 /// The checkpoint families the decoder knows; they differ in tensor names and FFN details.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +69,12 @@ pub struct ModelSpec {
     pub head_dim: usize,
     pub vocab: usize,
     pub max_positions: usize,
+    /// Attention window when the config enables sliding-window attention. Not implemented:
+    /// sequences longer than the window are refused (shorter ones are unaffected by it).
+    pub sliding_window: Option<usize>,
     pub rms_eps: f32,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     /// Bias on q, k and v projections.
     pub qkv_bias: bool,
     /// Bias on the output projection.
@@ -142,19 +147,14 @@ impl ModelSpec {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(c.err(format!("head_dim ({head_dim}) must be even and positive")));
         }
-        let rope_params = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
-        if let Some(rp) = rope_params.filter(|rp| !rp.is_null()) {
-            let kind = rp
-                .get("rope_type")
-                .or_else(|| rp.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if kind != "default" {
-                return Err(c.err(format!(
-                    "rope_type `{kind}` is not supported (only `default`)"
-                )));
-            }
-        }
+        let rope_params = v
+            .get("rope_parameters")
+            .or_else(|| v.get("rope_scaling"))
+            .filter(|rp| !rp.is_null());
+        let rope_scaling = match rope_params {
+            Some(rp) => RopeScaling::from_json(rp).map_err(|e| c.err(e))?,
+            None => RopeScaling::None,
+        };
         let rope_theta = match rope_params.and_then(|rp| rp.get("rope_theta")) {
             Some(t) => t
                 .as_f64()
@@ -235,8 +235,13 @@ impl ModelSpec {
             head_dim,
             vocab: c.usize("vocab_size")?,
             max_positions: c.usize("max_position_embeddings")?,
+            sliding_window: match c.opt_bool("use_sliding_window")? {
+                Some(false) => None,
+                _ => c.opt_usize("sliding_window")?.filter(|&w| w > 0),
+            },
             rms_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
             rope_theta,
+            rope_scaling,
             qkv_bias,
             o_bias,
             qk_norm: arch == Arch::Qwen3Moe,
@@ -396,6 +401,19 @@ mod tests {
             .collect();
         assert_eq!(kinds, [false, true, false, false]);
         assert_eq!(s.ffn(0), FfnKind::Dense { intermediate: 96 });
+    }
+
+    #[test]
+    fn sliding_window_only_when_enabled() {
+        let on = spec(qwen2(json!({"sliding_window": 64}))).unwrap();
+        assert_eq!(on.sliding_window, Some(64));
+        let off = spec(qwen2(
+            json!({"sliding_window": 64, "use_sliding_window": false}),
+        ))
+        .unwrap();
+        assert_eq!(off.sliding_window, None);
+        let null = spec(qwen2(json!({"sliding_window": null}))).unwrap();
+        assert_eq!(null.sliding_window, None);
     }
 
     #[test]

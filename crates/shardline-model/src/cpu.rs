@@ -47,18 +47,9 @@ impl CpuBackend {
     }
 }
 
-/// Rope tables for `positions` positions, the inverse frequencies rounded to
-/// `spec.rope_freq_dtype` (see there).
+/// Rope tables for `positions` positions.
 fn rope_table(spec: &ModelSpec, positions: usize) -> Rope {
-    let mut inv_freq = Rope::inv_freq(spec.head_dim, spec.rope_theta);
-    for f in &mut inv_freq {
-        *f = match spec.rope_freq_dtype {
-            DType::BF16 => half::bf16::from_f32(*f).to_f32(),
-            DType::F16 => half::f16::from_f32(*f).to_f32(),
-            DType::F32 => *f,
-        };
-    }
-    Rope::from_inv_freq(&inv_freq, positions)
+    Rope::from_inv_freq(&crate::rope::inv_freq(spec), positions)
 }
 
 impl Backend for CpuBackend {

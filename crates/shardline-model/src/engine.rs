@@ -28,12 +28,18 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
 
     /// Starts a new sequence that will need `positions` positions in all (prompt + generation).
     pub fn start(&mut self, positions: usize) -> Result<()> {
-        let max = self.backend.spec().max_positions;
+        let spec = self.backend.spec();
+        let max = spec.max_positions;
         if positions > max {
             return Err(ModelError::TooLong {
                 needed: positions,
                 max,
             });
+        }
+        if let Some(window) = spec.sliding_window.filter(|&w| positions > w) {
+            return Err(ModelError::Invalid(format!(
+                "the prompt and generation need {positions} positions, more than the config's sliding_window ({window}); sliding-window attention is not implemented"
+            )));
         }
         self.backend.reset(positions)
     }

@@ -18,6 +18,7 @@ pub mod model;
 pub mod presets;
 pub mod random;
 pub mod reference;
+pub mod rope;
 pub mod safetensors_dir;
 pub mod sampler;
 pub mod tokenizer;

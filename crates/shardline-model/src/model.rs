@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::files::read_json;
 use crate::load::load_model;
 use crate::random::RandomWeights;
+use crate::rope::RopeScaling;
 use crate::safetensors_dir::SafetensorsDir;
 use crate::tokenizer::TextCodec;
 
@@ -63,8 +64,10 @@ pub fn builtin_spec() -> ModelSpec {
         head_dim: 32,
         vocab: 256,
         max_positions: 4096,
+        sliding_window: None,
         rms_eps: 1e-5,
         rope_theta: 1e6,
+        rope_scaling: RopeScaling::None,
         qkv_bias: false,
         o_bias: false,
         qk_norm: false,

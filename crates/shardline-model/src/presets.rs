@@ -3,6 +3,7 @@
 use shardline_tensor::DType;
 
 use crate::config::{Arch, ModelSpec, MoeSpec};
+use crate::rope::RopeScaling;
 
 /// Names accepted by [`preset`].
 pub const PRESETS: [&str; 3] = ["mixtral-8x7b", "qwen3-30b-a3b", "mixtral-mini"];
@@ -26,8 +27,10 @@ pub fn preset(name: &str, n_layers: usize, dtype: DType) -> Option<ModelSpec> {
         head_dim: 128,
         vocab,
         max_positions: 32768,
+        sliding_window: None,
         rms_eps: if qwen { 1e-6 } else { 1e-5 },
         rope_theta: 1e6,
+        rope_scaling: RopeScaling::None,
         qkv_bias: false,
         o_bias: false,
         qk_norm: qwen,

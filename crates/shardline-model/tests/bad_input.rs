@@ -222,3 +222,15 @@ fn generation_config_adds_eos_ids_and_is_checked() {
         &["generation_config.json", "eos_token_id"],
     );
 }
+
+#[test]
+fn sequence_longer_than_an_enabled_sliding_window() {
+    let dir = copy_fixture();
+    edit_config(dir.path(), |c| {
+        c.insert("sliding_window".into(), 16.into());
+    });
+    let mut engine = load_dir(dir.path()).unwrap();
+    engine.start(16).unwrap();
+    let err = engine.start(17).unwrap_err().to_string();
+    assert_mentions(&err, &["sliding_window (16)", "17"]);
+}

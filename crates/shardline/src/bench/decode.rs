@@ -9,6 +9,7 @@ use serde_json::{json, Map};
 use shardline_model::load::load_layer;
 use shardline_model::presets::{preset, PRESETS};
 use shardline_model::random::RandomWeights;
+use shardline_model::rope::inv_freq;
 use shardline_model::safetensors_dir::SafetensorsDir;
 use shardline_model::weights::{TensorSource, Weight};
 use shardline_model::{layer::Layer, ModelSpec};
@@ -143,7 +144,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|l| KvCache::new(l.attn.n_kv_heads, spec.head_dim, args.kv_len + 1))
         .collect();
-    let rope = Rope::new(spec.head_dim, args.kv_len + 1, spec.rope_theta);
+    let rope = Rope::from_inv_freq(&inv_freq(&spec), args.kv_len + 1);
     let inputs: Vec<Vec<f32>> = (0..INPUT_POOL)
         .map(|_| random_f32(&mut rng, spec.hidden))
         .collect();
