@@ -70,12 +70,22 @@ impl Mlp {
     }
 }
 
+impl AttentionWeights {
+    /// Every byte of weights, biases and norms (the small vectors are held as f32).
+    fn bytes(&self) -> usize {
+        let vectors = self.input_norm.len()
+            + self.qkv_bias.iter().flatten().map(Vec::len).sum::<usize>()
+            + self.o_bias.as_ref().map_or(0, Vec::len)
+            + self.qk_norm.iter().flatten().map(Vec::len).sum::<usize>();
+        self.q.byte_len() + self.k.byte_len() + self.v.byte_len() + self.o.byte_len() + 4 * vectors
+    }
+}
+
 impl Layer {
-    /// Weight bytes one decode step reads: attention, router, `top_k` routed experts (the
+    /// Weight bytes one decode step reads: attention, norms, router, `top_k` routed experts (the
     /// largest, should they differ) and the shared expert.
     pub fn decode_bytes(&self) -> usize {
-        let a = &self.attn;
-        let attn = a.q.byte_len() + a.k.byte_len() + a.v.byte_len() + a.o.byte_len();
+        let attn = self.attn.bytes() + 4 * self.post_norm.len();
         let ffn = match &self.ffn {
             FfnWeights::Dense(m) => m.bytes(),
             FfnWeights::Moe(moe) => {
@@ -93,19 +103,19 @@ impl Layer {
 
     /// Every weight byte the layer holds.
     pub fn total_bytes(&self) -> usize {
-        let a = &self.attn;
-        let attn = a.q.byte_len() + a.k.byte_len() + a.v.byte_len() + a.o.byte_len();
-        attn + match &self.ffn {
-            FfnWeights::Dense(m) => m.bytes(),
-            FfnWeights::Moe(moe) => {
-                moe.router.byte_len()
-                    + moe.experts.iter().map(Mlp::bytes).sum::<usize>()
-                    + moe
-                        .shared
-                        .as_ref()
-                        .map_or(0, |(m, g)| m.bytes() + g.byte_len())
+        self.attn.bytes()
+            + 4 * self.post_norm.len()
+            + match &self.ffn {
+                FfnWeights::Dense(m) => m.bytes(),
+                FfnWeights::Moe(moe) => {
+                    moe.router.byte_len()
+                        + moe.experts.iter().map(Mlp::bytes).sum::<usize>()
+                        + moe
+                            .shared
+                            .as_ref()
+                            .map_or(0, |(m, g)| m.bytes() + g.byte_len())
+                }
             }
-        }
     }
 }
 

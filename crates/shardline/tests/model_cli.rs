@@ -145,8 +145,9 @@ fn bench_decode_writes_a_record() {
     assert!(rec["median_us"].as_f64().unwrap() > 0.0);
     assert!(rec["p99_us"].as_f64().unwrap() >= rec["median_us"].as_f64().unwrap());
     assert!(rec["gbps"].as_f64().unwrap() > 0.0);
-    // f32 q [96, 64] + k, v [48, 64] + o [64, 96] + router [4, 64] + top-2 x 3 x [64, 64].
-    let elems = (96 + 48 + 48 + 96) * 64 + 4 * 64 + 2 * 3 * 64 * 64;
+    // f32 q [96, 64] + k, v [48, 64] + o [64, 96] + 2 norms [64] + router [4, 64]
+    // + top-2 x 3 x [64, 64].
+    let elems = (96 + 48 + 48 + 96) * 64 + 2 * 64 + 4 * 64 + 2 * 3 * 64 * 64;
     assert_eq!(rec["weight_bytes_per_layer"], 4 * elems);
     assert!(
         rec["layer_copies"].as_u64().unwrap() > 1,

@@ -37,7 +37,7 @@ varies) through the layers: rms_norm, q/k/v, rope, KV append, attention, o_proj,
 rms_norm, router softmax + top-k, the selected experts, weighted sum, residual. When all\n\
 layers together hold under 256 MB of weights, iterations cycle over enough layer copies that\n\
 weights are not in cache. Reported per layer: `median_us`, `p99_us` (iteration time /\n\
-layers); `weight_bytes_per_layer` = attention + router + top_k experts' weights (the bytes one\n\
+layers); `weight_bytes_per_layer` = attention + norms + router + top_k experts' weights (the bytes one\n\
 step reads); `gbps` = weight_bytes_per_layer / median. Threads: SHARDLINE_THREADS (default all\n\
 cores).";
 
