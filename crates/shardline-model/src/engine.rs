@@ -16,6 +16,10 @@ pub enum Logits {
     Last,
 }
 
+/// Prompt tokens run at once when only the last logits are wanted (bounds activation memory:
+/// a chunk's expert intermediates are `rows x 2 x intermediate` floats).
+pub const PREFILL_CHUNK: usize = 512;
+
 pub struct Engine<B, R> {
     pub backend: B,
     pub reduce: R,
@@ -66,7 +70,27 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                 ))
             });
         }
-        let n_layers = spec.n_layers;
+        if which == Logits::Last && tokens.len() > PREFILL_CHUNK {
+            // Only the last row is wanted: run the prompt in chunks to bound activation memory.
+            let (head, tail) = tokens.split_at(tokens.len() - PREFILL_CHUNK);
+            for chunk in head.chunks(PREFILL_CHUNK) {
+                self.run_layers(chunk)?;
+            }
+            return self.forward(tail, which);
+        }
+        let x = self.run_layers(tokens)?;
+        let rows = match which {
+            Logits::All => &x[..],
+            Logits::Last => &x[x.len() - h..],
+        };
+        let mut logits = vec![0.0f32; rows.len() / h * vocab];
+        self.backend.logits(rows, &mut logits);
+        Ok(logits)
+    }
+
+    /// Embeds `tokens` and runs every layer; returns the final hidden states (before the norm).
+    fn run_layers(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (h, n_layers) = (self.backend.spec().hidden, self.backend.spec().n_layers);
         let mut x = vec![0.0f32; tokens.len() * h];
         let mut part = vec![0.0f32; x.len()];
         self.backend.embed(tokens, &mut x);
@@ -78,12 +102,6 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
         }
-        let rows = match which {
-            Logits::All => &x[..],
-            Logits::Last => &x[x.len() - h..],
-        };
-        let mut logits = vec![0.0f32; rows.len() / h * vocab];
-        self.backend.logits(rows, &mut logits);
-        Ok(logits)
+        Ok(x)
     }
 }

@@ -87,3 +87,23 @@ fn generation_stops_at_eos() {
     .unwrap();
     assert!(ids.is_empty(), "{ids:?}");
 }
+
+#[test]
+fn chunked_prefill_matches_one_pass() {
+    use shardline_model::engine::PREFILL_CHUNK;
+    let tokens: Vec<u32> = (0..PREFILL_CHUNK as u32 + 37)
+        .map(|i| (i * 7 + 3) % 256)
+        .collect();
+    let mut engine = builtin().unwrap();
+    engine.start(tokens.len()).unwrap();
+    let all = engine.forward(&tokens, Logits::All).unwrap();
+    engine.start(tokens.len()).unwrap();
+    let last = engine.forward(&tokens, Logits::Last).unwrap();
+    let expected = &all[all.len() - last.len()..];
+    let diff = last
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "chunked prefill differs by {diff}");
+}
