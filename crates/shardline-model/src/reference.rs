@@ -61,7 +61,11 @@ impl Reference {
 #[derive(Clone, Debug)]
 pub struct VerifyReport {
     pub prefill_max_diff: f32,
+    /// The prompt position with the largest difference.
+    pub prefill_worst_position: usize,
     pub decode_max_diff: f32,
+    /// The decode step with the largest difference.
+    pub decode_worst_step: usize,
     pub tolerance: f32,
     pub weight_dtype: DType,
     /// Greedy choices made, and how many agree with the reference.
@@ -107,14 +111,23 @@ pub fn verify<B: Backend, R: Reduce>(
     let prefill = engine.forward(&reference.prompt_ids, Logits::All)?;
     let mut report = VerifyReport {
         prefill_max_diff: 0.0,
+        prefill_worst_position: 0,
         decode_max_diff: 0.0,
+        decode_worst_step: 0,
         tolerance: tolerance(weight_dtype),
         weight_dtype,
         greedy_total: 0,
         greedy_agree: 0,
     };
-    for (ours, theirs) in prefill.chunks_exact(vocab).zip(&reference.prefill_logits) {
-        report.prefill_max_diff = report.prefill_max_diff.max(max_abs_diff(ours, theirs));
+    for (pos, (ours, theirs)) in prefill
+        .chunks_exact(vocab)
+        .zip(&reference.prefill_logits)
+        .enumerate()
+    {
+        let d = max_abs_diff(ours, theirs);
+        if d > report.prefill_max_diff {
+            (report.prefill_max_diff, report.prefill_worst_position) = (d, pos);
+        }
     }
     let mut last = prefill[prefill.len() - vocab..].to_vec();
     for (i, expected) in reference.greedy_ids.iter().enumerate() {
@@ -125,7 +138,9 @@ pub fn verify<B: Backend, R: Reduce>(
         }
         last = engine.forward(&[*expected], Logits::Last)?;
         let d = max_abs_diff(&last, &reference.decode_logits[i]);
-        report.decode_max_diff = report.decode_max_diff.max(d);
+        if d > report.decode_max_diff {
+            (report.decode_max_diff, report.decode_worst_step) = (d, i);
+        }
     }
     Ok(report)
 }

@@ -68,3 +68,39 @@ fn every_fixture_directory_has_a_test() {
         ]
     );
 }
+
+/// verify must notice a logit off by twice the tolerance, and a greedy id that differs.
+#[test]
+fn verify_detects_wrong_logits_and_wrong_greedy_ids() {
+    let dir = fixtures_dir().join("mixtral-tiny");
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("reference.json");
+    let check = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = original.clone();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+        verify_dir(&dir, Some(&path), false).unwrap()
+    };
+    let bump = |v: &mut serde_json::Value, key: &str, row: usize| {
+        let x = &mut v[key][row][17];
+        *x = (x.as_f64().unwrap() + 2e-4).into();
+    };
+    let r = check(&|v| bump(v, "prefill_logits", 3));
+    assert!(!r.passed() && r.prefill_worst_position == 3, "{r:?}");
+    assert!(
+        r.prefill_max_diff > 1.5e-4 && r.decode_max_diff < 1e-4,
+        "{r:?}"
+    );
+    let r = check(&|v| bump(v, "decode_logits", 5));
+    assert!(!r.passed() && r.decode_worst_step == 5, "{r:?}");
+    let r = check(&|v| {
+        let id = &mut v["greedy_ids"][4];
+        *id = ((id.as_u64().unwrap() + 1) % 256).into();
+    });
+    assert!(!r.passed(), "{r:?}");
+    assert!(r.greedy_agree < r.greedy_total, "{r:?}");
+    // The unedited reference passes through the same path.
+    assert!(check(&|_| {}).passed());
+}

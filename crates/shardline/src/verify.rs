@@ -33,10 +33,12 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let r = verify_dir(&args.model, args.reference.as_deref(), rope_in_model_dtype)
         .with_context(|| format!("cannot verify the model in {}", args.model.display()))?;
     println!(
-        "{}: prefill max |diff| {:.3e}, decode max |diff| {:.3e} (tolerance {:.0e} for {} weights); greedy {}/{} agree",
+        "{}: prefill max |diff| {:.3e} (position {}), decode max |diff| {:.3e} (step {}) (tolerance {:.0e} for {} weights); greedy {}/{} agree",
         args.model.display(),
         r.prefill_max_diff,
+        r.prefill_worst_position,
         r.decode_max_diff,
+        r.decode_worst_step,
         r.tolerance,
         r.weight_dtype,
         r.greedy_agree,
