@@ -45,7 +45,7 @@ pub fn generate<B: Backend, R: Reduce>(
     let t0 = Instant::now();
     let mut logits = engine.forward(prompt, Logits::Last)?;
     timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut shown = 0usize;
+    let mut stream = TextStream::default();
     let mut decode_s = 0.0;
     let mut decode_steps = 0usize;
     loop {
@@ -54,11 +54,8 @@ pub fn generate<B: Backend, R: Reduce>(
             break;
         }
         out.push(next);
-        // Decode the whole tail so multi-byte characters split over tokens come out whole.
-        let text = codec.decode(&out)?;
-        if !text.ends_with('\u{FFFD}') && text.len() > shown {
-            emit(text.get(shown..).unwrap_or(&text));
-            shown = text.len();
+        if let Some(piece) = stream.next(codec, &out)? {
+            emit(&piece);
         }
         if out.len() == max_tokens {
             break;
@@ -75,4 +72,63 @@ pub fn generate<B: Backend, R: Reduce>(
         0.0
     };
     Ok((out, timings))
+}
+
+/// Turns a growing list of ids into text pieces without decoding the whole list each time:
+/// only the ids since the last piece, with the piece before them as context (a tokenizer's
+/// decode of a token can depend on its neighbour: leading spaces, bytes of one character).
+#[derive(Default)]
+struct TextStream {
+    /// Start of the context window.
+    prefix: usize,
+    /// End of what has been emitted.
+    read: usize,
+}
+
+impl TextStream {
+    /// The new text that `ids` (the list so far) adds, if it ends on a whole character.
+    fn next(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<Option<String>> {
+        let before = codec.decode(&ids[self.prefix..self.read])?;
+        let now = codec.decode(&ids[self.prefix..])?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let piece = now.get(before.len()..).map(str::to_string);
+        self.prefix = self.read;
+        self.read = ids.len();
+        Ok(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(codec: &TextCodec, ids: &[u32]) -> String {
+        let mut stream = TextStream::default();
+        let mut text = String::new();
+        for n in 1..=ids.len() {
+            if let Some(piece) = stream.next(codec, &ids[..n]).unwrap() {
+                text.push_str(&piece);
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn pieces_add_up_to_the_text_across_split_characters() {
+        let text = "héllo wörld, ünïcode ✓ done";
+        let bytes = TextCodec::Bytes;
+        assert_eq!(streamed(&bytes, &bytes.encode(text).unwrap()), text);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/llama-tiny/tokenizer.json");
+        let hf = TextCodec::from_file(&path).unwrap();
+        let ids = hf.encode(text).unwrap();
+        assert!(
+            ids.len() > text.chars().count(),
+            "byte-level: one id per byte"
+        );
+        assert_eq!(streamed(&hf, &ids), hf.decode(&ids).unwrap());
+        assert_eq!(hf.decode(&ids).unwrap(), text);
+    }
 }
