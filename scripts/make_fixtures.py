@@ -225,20 +225,21 @@ def randomise(model, gen):
 
 
 def router_recorder(model):
-    """Hooks every MoE router (`mlp.gate`) and collects its logits; returns (records, remove)."""
-    records = []
+    """Hooks every MoE router (`mlp.gate`); collects, per call, the gap between its k-th and (k+1)-th
+    logits (the closest call of the top-k cut). Returns (gaps, remove)."""
+    gaps = []
     handles = []
+    k = getattr(model.config, "num_experts_per_tok", 0)
     for name, module in model.named_modules():
         if name.endswith("mlp.gate") and hasattr(module, "weight"):
-            k = model.config.num_experts_per_tok
 
-            def hook(mod, args, name=name, k=k):
+            def hook(mod, args):
                 logits = torch.nn.functional.linear(args[0].reshape(-1, mod.weight.shape[1]), mod.weight)
                 top = logits.topk(k + 1, dim=-1).values
-                records.append((name, (top[:, k - 1] - top[:, k]).min().item()))
+                gaps.append((top[:, k - 1] - top[:, k]).min().item())
 
             handles.append(module.register_forward_pre_hook(hook))
-    return records, lambda: [h.remove() for h in handles]
+    return gaps, lambda: [h.remove() for h in handles]
 
 
 def margin(row):
@@ -316,12 +317,12 @@ def build(name, out_dir, seed):
         # Every stored tensor must be one the model uses, and every weight it uses must be stored.
         if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
             raise RuntimeError(f"{name}: reloading the saved weights did not match exactly: {info}")
-        routers, remove_hooks = router_recorder(ref_model)
+        router_gaps, remove_hooks = router_recorder(ref_model)
         for attempt in range(MAX_PROMPT_TRIES):
-            routers.clear()
+            router_gaps.clear()
             prompt = torch.randint(3, VOCAB, (PROMPT_LEN,), generator=gen).tolist()
             prefill, greedy, decode, greedy_margin = run_reference(ref_model, prompt)
-            router_margin = min((m for _, m in routers), default=float("inf"))
+            router_margin = min(router_gaps, default=float("inf"))
             if (
                 greedy_margin >= MIN_GREEDY_MARGIN
                 and router_margin >= MIN_ROUTER_MARGIN

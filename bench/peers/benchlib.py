@@ -75,4 +75,4 @@ class Sink:
 
 
 def gbps(nbytes, us):
-    return round(nbytes / (us * 1e3), 3) if us > 0 else 0.0
+    return round(nbytes / (us * 1e3), 6) if us > 0 else 0.0
