@@ -15,13 +15,21 @@ enum Command {
     /// Measure kernels, communication or decode speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Generate text with a model (the built-in demo model without --model).
+    Run(run::RunArgs),
+    /// Check a model against reference logits computed by transformers.
+    Verify(verify::VerifyArgs),
 }
 
 mod bench;
+mod run;
+mod verify;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Run(args) => run::run(args),
+        Command::Verify(args) => verify::run(args),
     }
 }

@@ -15,22 +15,32 @@ impl Rope {
     /// Tables for `head_dim` (even) with base `theta`, as transformers computes them in f32:
     /// `inv_freq[i] = 1 / theta^(2i/head_dim)`, angle = `pos * inv_freq[i]`.
     pub fn new(head_dim: usize, max_positions: usize, theta: f64) -> Rope {
-        assert!(head_dim % 2 == 0, "rope: head_dim must be even");
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        Rope::from_inv_freq(&Rope::inv_freq(head_dim, theta), max_positions)
+    }
+
+    /// `inv_freq[i] = 1 / theta^(2i/head_dim)` for `i < head_dim/2`, in f32.
+    pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+        assert!(head_dim.is_multiple_of(2), "rope: head_dim must be even");
+        (0..head_dim / 2)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
+            .collect()
+    }
+
+    /// Tables for the given inverse frequencies (`head_dim/2` of them), for callers that must
+    /// match a reference's rounding of them (transformers keeps them in the model's dtype).
+    pub fn from_inv_freq(inv_freq: &[f32], max_positions: usize) -> Rope {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
-            for f in &inv_freq {
+            for f in inv_freq {
                 let angle = pos as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
         Rope {
-            head_dim,
+            head_dim: 2 * half,
             max_positions,
             cos,
             sin,

@@ -5,33 +5,34 @@ use anyhow::Context;
 use cudarc::driver::sys::CUevent_flags;
 use serde_json::{json, Map, Value};
 use shardline_cuda::{ops, CudaDevice, DeviceLayer, ExecMode, LayerShape, LayerStack};
+use shardline_model::ModelSpec;
 use shardline_tensor::DType;
 
 use super::record::{Sink, Stats};
 
-/// The shapes of one layer of each preset (DESIGN.md / the model issue).
-pub fn preset_shape(name: &str, kv_len: usize) -> anyhow::Result<LayerShape> {
-    let base = |hidden, n_heads, n_kv_heads, n_experts, top_k, intermediate, qk_norm| LayerShape {
-        hidden,
-        n_heads,
-        n_kv_heads,
-        head_dim: 128,
-        n_experts,
-        top_k,
-        intermediate,
-        qk_norm,
-        renormalize: true,
-        rope_theta: 1_000_000.0,
-        eps: 1e-5,
+/// The GPU layer shape of a (MoE) model spec, with room for `kv_len + 1` positions.
+pub fn layer_shape(spec: &ModelSpec, kv_len: usize) -> anyhow::Result<LayerShape> {
+    let moe = spec
+        .moe
+        .as_ref()
+        .context("the GPU decode bench runs MoE presets")?;
+    anyhow::ensure!(
+        moe.shared_intermediate.is_none() && !spec.qkv_bias,
+        "the GPU decode layer has no shared expert or q/k/v bias yet"
+    );
+    Ok(LayerShape {
+        hidden: spec.hidden,
+        n_heads: spec.n_heads,
+        n_kv_heads: spec.n_kv_heads,
+        head_dim: spec.head_dim,
+        n_experts: moe.n_experts,
+        top_k: moe.top_k,
+        intermediate: moe.intermediate,
+        qk_norm: spec.qk_norm,
+        renormalize: moe.renormalize,
+        rope_theta: spec.rope_theta as f32,
+        eps: spec.rms_eps,
         capacity: kv_len + 1,
-    };
-    Ok(match name {
-        "mixtral-8x7b" => base(4096, 32, 8, 8, 2, 14336, false),
-        "qwen3-30b-a3b" => base(2048, 32, 4, 128, 8, 768, true),
-        "mixtral-mini" => base(1024, 8, 2, 8, 2, 3584, false),
-        other => anyhow::bail!(
-            "unknown preset `{other}` (expected mixtral-8x7b, qwen3-30b-a3b or mixtral-mini)"
-        ),
     })
 }
 
@@ -41,7 +42,7 @@ const MIN_BYTES_PER_STEP: u64 = 256 << 20;
 
 pub struct CudaDecodeCase<'a> {
     pub preset: &'a str,
-    pub dtype: DType,
+    pub spec: &'a ModelSpec,
     pub layers: usize,
     pub kv_len: usize,
     pub iters: usize,
@@ -50,13 +51,14 @@ pub struct CudaDecodeCase<'a> {
 
 /// Runs one case and writes its record.
 pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> anyhow::Result<()> {
-    let shape = preset_shape(case.preset, case.kv_len)?;
-    let per_layer = shape.weight_bytes_read(case.dtype);
+    let shape = layer_shape(case.spec, case.kv_len)?;
+    let dtype = case.spec.dtype.unwrap_or(DType::BF16);
+    let per_layer = shape.weight_bytes_read(dtype);
     let layers = case
         .layers
         .max(MIN_BYTES_PER_STEP.div_ceil(per_layer) as usize);
     let dev_layers = (0..layers)
-        .map(|l| DeviceLayer::random(dev, &shape, case.dtype, 0x5EED + l as u32))
+        .map(|l| DeviceLayer::random(dev, &shape, dtype, 0x5EED + l as u32))
         .collect::<Result<Vec<_>, _>>()
         .context("building the random layers on the GPU")?;
     let mut stack = LayerStack::new(dev, shape.clone(), dev_layers)?;
@@ -99,7 +101,7 @@ pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> any
         "model": case.preset,
         "device": "cuda",
         "device_name": dev.name(),
-        "dtype": case.dtype.name(),
+        "dtype": dtype.name(),
         "tp": 1,
         "ep": 1,
         "exec": case.exec.name(),

@@ -1,0 +1,53 @@
+//! The interface between the decoder loop and a device: a [`Backend`] runs the two segments of a
+//! layer (attention, FFN) plus the embedding and the logits; a [`Reduce`] hook combines the
+//! segments' partial sums across ranks. The CPU backend implements it now, a CUDA backend
+//! later, and the decoder loop ([`crate::engine::Engine`]) is written once over both.
+
+use shardline_tensor::DType;
+
+use crate::config::ModelSpec;
+use crate::error::Result;
+
+/// A device that holds one rank's weights and KV cache and runs the segments on them.
+pub trait Backend {
+    fn spec(&self) -> &ModelSpec;
+
+    /// The dtype of the weights (the least precise one, where they differ).
+    fn weight_dtype(&self) -> DType;
+
+    /// Positions already in the KV cache.
+    fn position(&self) -> usize;
+
+    /// How many positions the KV cache holds.
+    fn capacity(&self) -> usize;
+
+    /// Empties the KV cache and makes room for `capacity` positions.
+    fn reset(&mut self, capacity: usize) -> Result<()>;
+
+    /// `[tokens.len(), hidden]` embeddings of `tokens` (already checked against the vocabulary).
+    fn embed(&self, tokens: &[u32], out: &mut [f32]);
+
+    /// Attention segment of `layer` for `[rows, hidden]` `x` at the next positions: appends to
+    /// the KV cache and writes this rank's partial residual update to `out`.
+    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]);
+
+    /// FFN segment of `layer`: writes this rank's partial residual update to `out`.
+    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]);
+
+    /// Final norm and lm_head: `[rows, vocab]` logits for `[rows, hidden]` `x`.
+    fn logits(&self, x: &[f32], out: &mut [f32]);
+}
+
+/// Combines every rank's partial sums after a segment (an all-reduce).
+pub trait Reduce {
+    fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()>;
+}
+
+/// The reduce of a single rank: its partial sum is already the whole sum.
+pub struct SingleRank;
+
+impl Reduce for SingleRank {
+    fn all_reduce_sum(&mut self, _x: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! [`CpuBackend`]: the segments run on the host with `shardline-tensor`'s kernels.
+
+use shardline_tensor::kernels::{embedding, rms_norm, KvCache, Rope};
+use shardline_tensor::DType;
+
+use crate::backend::Backend;
+use crate::config::ModelSpec;
+use crate::error::Result;
+use crate::layer::linear;
+use crate::load::ModelWeights;
+
+/// One rank's weights and KV caches in host memory.
+pub struct CpuBackend {
+    spec: ModelSpec,
+    weights: ModelWeights,
+    caches: Vec<KvCache>,
+    rope: Rope,
+}
+
+impl CpuBackend {
+    /// A backend over `weights` with an empty KV cache of `capacity` positions.
+    pub fn new(spec: ModelSpec, weights: ModelWeights, capacity: usize) -> CpuBackend {
+        let mut b = CpuBackend {
+            rope: rope_table(&spec, 0),
+            caches: Vec::new(),
+            spec,
+            weights,
+        };
+        b.make_room(capacity);
+        b
+    }
+
+    fn make_room(&mut self, capacity: usize) {
+        let s = &self.spec;
+        if self.rope.max_positions() < capacity {
+            self.rope = rope_table(s, capacity);
+        }
+        if self.caches.first().is_none_or(|c| c.capacity() < capacity) {
+            self.caches = self
+                .weights
+                .layers
+                .iter()
+                .map(|l| KvCache::new(l.attn.n_kv_heads, s.head_dim, capacity))
+                .collect();
+        }
+        self.caches.iter_mut().for_each(KvCache::clear);
+    }
+}
+
+/// Rope tables for `positions` positions.
+fn rope_table(spec: &ModelSpec, positions: usize) -> Rope {
+    Rope::from_inv_freq(&crate::rope::inv_freq(spec), positions)
+}
+
+impl Backend for CpuBackend {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn weight_dtype(&self) -> DType {
+        let w = &self.weights;
+        let mut dtypes = vec![w.embed.dtype(), w.lm_head().dtype()];
+        for l in &w.layers {
+            dtypes.extend([l.attn.q.dtype(), l.attn.o.dtype()]);
+        }
+        dtypes
+            .into_iter()
+            .max_by_key(|d| match d {
+                DType::F32 => 0,
+                DType::F16 => 1,
+                DType::BF16 => 2,
+            })
+            .unwrap_or(DType::F32)
+    }
+
+    fn position(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::len)
+    }
+
+    fn capacity(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::capacity)
+    }
+
+    fn reset(&mut self, capacity: usize) -> Result<()> {
+        self.make_room(capacity);
+        Ok(())
+    }
+
+    fn embed(&self, tokens: &[u32], out: &mut [f32]) {
+        let h = self.spec.hidden;
+        for (t, row) in tokens.iter().zip(out.chunks_exact_mut(h)) {
+            embedding(&self.weights.embed.view(), *t as usize, row);
+        }
+    }
+
+    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) {
+        self.weights.layers[layer].attention_forward(x, &mut self.caches[layer], &self.rope, out);
+    }
+
+    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) {
+        self.weights.layers[layer].ffn_forward(x, out);
+    }
+
+    fn logits(&self, x: &[f32], out: &mut [f32]) {
+        let mut xn = vec![0.0f32; x.len()];
+        rms_norm(x, &self.weights.final_norm, self.spec.rms_eps, &mut xn);
+        let rows = x.len() / self.spec.hidden;
+        linear(&self.weights.lm_head().view(), &xn, rows, out);
+    }
+}

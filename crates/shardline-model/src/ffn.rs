@@ -1,0 +1,101 @@
+//! The FFN segment on the CPU: rms_norm -> dense SwiGLU, or router -> selected experts ->
+//! weighted sum (+ sigmoid-gated shared expert). Its output is this rank's partial sum.
+
+use shardline_tensor::kernels::{axpy, rms_norm, silu_mul, softmax, top_k};
+
+use crate::layer::{linear, FfnWeights, Layer, Mlp, MoeWeights};
+
+impl Mlp {
+    /// `out = down(silu(gate x) * up x)` for `rows` rows of `x`.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let i = self.intermediate;
+        let mut gu = vec![0.0f32; rows * 2 * i];
+        linear(&self.gate_up.view(), x, rows, &mut gu);
+        let mut h = vec![0.0f32; rows * i];
+        for (g, hr) in gu.chunks_exact(2 * i).zip(h.chunks_exact_mut(i)) {
+            silu_mul(&g[..i], &g[i..], hr);
+        }
+        linear(&self.down.view(), &h, rows, out);
+    }
+}
+
+/// The experts chosen for one token and their weights.
+pub struct Routing {
+    pub experts: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+impl MoeWeights {
+    /// Router softmax over all experts (in f32), then top-k, then renormalised when the model
+    /// says so: transformers' order for Mixtral, Qwen2-MoE and Qwen3-MoE.
+    pub fn route(&self, xn_row: &[f32]) -> Routing {
+        let n = self.router.view().shape().dims()[0];
+        let mut probs = vec![0.0f32; n];
+        linear(&self.router.view(), xn_row, 1, &mut probs);
+        softmax(&mut probs);
+        let mut experts = vec![0usize; self.top_k];
+        let mut weights = vec![0.0f32; self.top_k];
+        top_k(&probs, &mut experts, &mut weights);
+        if self.renormalize {
+            let sum: f32 = weights.iter().sum();
+            for w in &mut weights {
+                *w /= sum;
+            }
+        }
+        Routing { experts, weights }
+    }
+
+    fn forward(&self, xn: &[f32], rows: usize, out: &mut [f32]) {
+        let hidden = xn.len() / rows;
+        out.fill(0.0);
+        // Token rows grouped by expert, so each expert runs once over all of its rows.
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for (r, row) in xn.chunks_exact(hidden).enumerate() {
+            let routing = self.route(row);
+            for (&e, &w) in routing.experts.iter().zip(&routing.weights) {
+                by_expert[e].push((r, w));
+            }
+        }
+        for (expert, assigned) in self.experts.iter().zip(&by_expert) {
+            if assigned.is_empty() {
+                continue;
+            }
+            let xs: Vec<f32> = assigned
+                .iter()
+                .flat_map(|&(r, _)| xn[r * hidden..(r + 1) * hidden].iter().copied())
+                .collect();
+            let mut ys = vec![0.0f32; xs.len()];
+            expert.forward(&xs, assigned.len(), &mut ys);
+            for (&(r, w), y) in assigned.iter().zip(ys.chunks_exact(hidden)) {
+                axpy(w, y, &mut out[r * hidden..(r + 1) * hidden]);
+            }
+        }
+        if let Some((shared, gate)) = &self.shared {
+            let mut ys = vec![0.0f32; xn.len()];
+            shared.forward(xn, rows, &mut ys);
+            let mut g = vec![0.0f32; rows];
+            linear(&gate.view(), xn, rows, &mut g);
+            for ((o, y), g) in out
+                .chunks_exact_mut(hidden)
+                .zip(ys.chunks_exact(hidden))
+                .zip(g)
+            {
+                axpy(1.0 / (1.0 + (-g).exp()), y, o);
+            }
+        }
+    }
+}
+
+impl Layer {
+    /// Runs the FFN segment for `[rows, hidden]` `x`; writes `[rows, hidden]` to `out`.
+    pub fn ffn_forward(&self, x: &[f32], out: &mut [f32]) {
+        let hidden = self.post_norm.len();
+        let rows = x.len() / hidden;
+        let mut xn = vec![0.0f32; x.len()];
+        rms_norm(x, &self.post_norm, self.rms_eps, &mut xn);
+        match &self.ffn {
+            FfnWeights::Dense(m) => m.forward(&xn, rows, out),
+            FfnWeights::Moe(moe) => moe.forward(&xn, rows, out),
+        }
+    }
+}

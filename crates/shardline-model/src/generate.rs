@@ -1,0 +1,134 @@
+//! Text generation: one prefill of the prompt, then one decode step per new token, streaming the
+//! text as it grows, until EOS or the token limit.
+
+use std::time::Instant;
+
+use crate::backend::{Backend, Reduce};
+use crate::engine::{Engine, Logits};
+use crate::error::Result;
+use crate::sampler::Sampler;
+use crate::tokenizer::TextCodec;
+
+/// How long a generation took.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    pub prefill_ms: f64,
+    pub generated: usize,
+    /// Mean time of one decode step (0 when there was none).
+    pub decode_ms_per_token: f64,
+}
+
+/// Generates up to `max_tokens` tokens after `prompt`, calling `emit` with each new piece of
+/// text; stops early at any of `eos`. Returns the generated ids and the timings.
+pub fn generate<B: Backend, R: Reduce>(
+    engine: &mut Engine<B, R>,
+    codec: &TextCodec,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    eos: &[u32],
+    mut emit: impl FnMut(&str),
+) -> Result<(Vec<u32>, Timings)> {
+    // The last generated token is never fed back, so it needs no position.
+    engine.start(prompt.len() + max_tokens.saturating_sub(1))?;
+    let mut timings = Timings {
+        prompt_tokens: prompt.len(),
+        prefill_ms: 0.0,
+        generated: 0,
+        decode_ms_per_token: 0.0,
+    };
+    let mut out = Vec::new();
+    if max_tokens == 0 {
+        return Ok((out, timings));
+    }
+    let t0 = Instant::now();
+    let mut logits = engine.forward(prompt, Logits::Last)?;
+    timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut stream = TextStream::default();
+    let mut decode_s = 0.0;
+    let mut decode_steps = 0usize;
+    loop {
+        let next = sampler.sample(&logits);
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        if let Some(piece) = stream.next(codec, &out)? {
+            emit(&piece);
+        }
+        if out.len() == max_tokens {
+            break;
+        }
+        let t = Instant::now();
+        logits = engine.forward(&[next], Logits::Last)?;
+        decode_s += t.elapsed().as_secs_f64();
+        decode_steps += 1;
+    }
+    timings.generated = out.len();
+    timings.decode_ms_per_token = if decode_steps > 0 {
+        decode_s * 1e3 / decode_steps as f64
+    } else {
+        0.0
+    };
+    Ok((out, timings))
+}
+
+/// Turns a growing list of ids into text pieces without decoding the whole list each time:
+/// only the ids since the last piece, with the piece before them as context (a tokenizer's
+/// decode of a token can depend on its neighbour: leading spaces, bytes of one character).
+#[derive(Default)]
+struct TextStream {
+    /// Start of the context window.
+    prefix: usize,
+    /// End of what has been emitted.
+    read: usize,
+}
+
+impl TextStream {
+    /// The new text that `ids` (the list so far) adds, if it ends on a whole character.
+    fn next(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<Option<String>> {
+        let before = codec.decode(&ids[self.prefix..self.read])?;
+        let now = codec.decode(&ids[self.prefix..])?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let piece = now.get(before.len()..).map(str::to_string);
+        self.prefix = self.read;
+        self.read = ids.len();
+        Ok(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(codec: &TextCodec, ids: &[u32]) -> String {
+        let mut stream = TextStream::default();
+        let mut text = String::new();
+        for n in 1..=ids.len() {
+            if let Some(piece) = stream.next(codec, &ids[..n]).unwrap() {
+                text.push_str(&piece);
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn pieces_add_up_to_the_text_across_split_characters() {
+        let text = "héllo wörld, ünïcode ✓ done";
+        let bytes = TextCodec::Bytes;
+        assert_eq!(streamed(&bytes, &bytes.encode(text).unwrap()), text);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/llama-tiny/tokenizer.json");
+        let hf = TextCodec::from_file(&path).unwrap();
+        let ids = hf.encode(text).unwrap();
+        assert!(
+            ids.len() > text.chars().count(),
+            "byte-level: one id per byte"
+        );
+        assert_eq!(streamed(&hf, &ids), hf.decode(&ids).unwrap());
+        assert_eq!(hf.decode(&ids).unwrap(), text);
+    }
+}

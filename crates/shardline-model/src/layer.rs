@@ -1,0 +1,139 @@
+//! The weights of one decoder layer, laid out for the kernels, and the bytes one decode step reads.
+//!
+//! Head and expert counts here are what *this* rank holds: the layer code never assumes it has
+//! whole matrices, so a tensor-parallel plan only changes what the loader slices.
+
+use shardline_tensor::kernels::{matmul, matvec};
+use shardline_tensor::TensorView;
+
+use crate::weights::Weight;
+
+/// A SwiGLU MLP (a dense FFN, one routed expert or a shared expert).
+#[derive(Debug)]
+pub struct Mlp {
+    /// Gate rows then up rows, `[2 * intermediate, hidden]`.
+    pub gate_up: Weight,
+    /// `[hidden, intermediate]`.
+    pub down: Weight,
+    pub intermediate: usize,
+}
+
+/// The attention segment's weights.
+#[derive(Debug)]
+pub struct AttentionWeights {
+    pub input_norm: Vec<f32>,
+    pub q: Weight,
+    pub k: Weight,
+    pub v: Weight,
+    pub o: Weight,
+    /// q, k and v biases (Qwen2).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    pub o_bias: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights for q and k (Qwen3).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A routed mixture of experts, with an optional sigmoid-gated shared expert.
+#[derive(Debug)]
+pub struct MoeWeights {
+    /// `[n_experts, hidden]`, replicated on every rank.
+    pub router: Weight,
+    pub experts: Vec<Mlp>,
+    pub top_k: usize,
+    pub renormalize: bool,
+    /// The shared expert and its `[1, hidden]` gate.
+    pub shared: Option<(Mlp, Weight)>,
+}
+
+/// The FFN segment's weights.
+#[derive(Debug)]
+pub enum FfnWeights {
+    Dense(Mlp),
+    Moe(MoeWeights),
+}
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct Layer {
+    pub attn: AttentionWeights,
+    pub post_norm: Vec<f32>,
+    pub ffn: FfnWeights,
+    pub rms_eps: f32,
+}
+
+impl Mlp {
+    fn bytes(&self) -> usize {
+        self.gate_up.byte_len() + self.down.byte_len()
+    }
+}
+
+impl AttentionWeights {
+    /// Every byte of weights, biases and norms (the small vectors are held as f32).
+    fn bytes(&self) -> usize {
+        let vectors = self.input_norm.len()
+            + self.qkv_bias.iter().flatten().map(Vec::len).sum::<usize>()
+            + self.o_bias.as_ref().map_or(0, Vec::len)
+            + self.qk_norm.iter().flatten().map(Vec::len).sum::<usize>();
+        self.q.byte_len() + self.k.byte_len() + self.v.byte_len() + self.o.byte_len() + 4 * vectors
+    }
+}
+
+impl Layer {
+    /// Weight bytes one decode step reads: attention, norms, router, `top_k` routed experts (the
+    /// largest, should they differ) and the shared expert.
+    pub fn decode_bytes(&self) -> usize {
+        let attn = self.attn.bytes() + 4 * self.post_norm.len();
+        let ffn = match &self.ffn {
+            FfnWeights::Dense(m) => m.bytes(),
+            FfnWeights::Moe(moe) => {
+                let mut sizes: Vec<usize> = moe.experts.iter().map(Mlp::bytes).collect();
+                sizes.sort_unstable_by(|x, y| y.cmp(x));
+                let shared = moe
+                    .shared
+                    .as_ref()
+                    .map_or(0, |(m, g)| m.bytes() + g.byte_len());
+                moe.router.byte_len() + sizes.iter().take(moe.top_k).sum::<usize>() + shared
+            }
+        };
+        attn + ffn
+    }
+
+    /// Every weight byte the layer holds.
+    pub fn total_bytes(&self) -> usize {
+        self.attn.bytes()
+            + 4 * self.post_norm.len()
+            + match &self.ffn {
+                FfnWeights::Dense(m) => m.bytes(),
+                FfnWeights::Moe(moe) => {
+                    moe.router.byte_len()
+                        + moe.experts.iter().map(Mlp::bytes).sum::<usize>()
+                        + moe
+                            .shared
+                            .as_ref()
+                            .map_or(0, |(m, g)| m.bytes() + g.byte_len())
+                }
+            }
+    }
+}
+
+/// `y = x W^T` for `rows` rows of `x`: a matrix-vector product for one row (decode), a matrix
+/// product for several (prefill).
+pub fn linear(w: &TensorView, x: &[f32], rows: usize, y: &mut [f32]) {
+    if rows == 1 {
+        matvec(w, x, y);
+    } else {
+        matmul(w, x, rows, y);
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}

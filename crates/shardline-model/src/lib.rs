@@ -1,0 +1,35 @@
+//! Shardline's model engine: one decoder for Mixtral, Qwen2-MoE, Qwen3-MoE and Llama, driven by a
+//! [`ModelSpec`] read from `config.json`, with weights used in place from memory-mapped
+//! safetensors. A layer runs as two segments (attention, FFN), each followed by a reduce hook, so
+//! the same code runs split over ranks (DESIGN.md, "Model").
+
+pub mod attention;
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod engine;
+pub mod error;
+pub mod ffn;
+pub mod files;
+pub mod generate;
+pub mod layer;
+pub mod load;
+pub mod model;
+pub mod presets;
+pub mod random;
+pub mod reference;
+pub mod rope;
+pub mod safetensors_dir;
+pub mod sampler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{Backend, Reduce, SingleRank};
+pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
+pub use cpu::CpuBackend;
+pub use engine::{Engine, Logits};
+pub use error::{ModelError, Result};
+pub use model::{
+    builtin, builtin_spec, load_dir, load_dir_with, load_tokenizer, verify_dir, CpuEngine,
+};
+pub use reference::{verify, Reference, VerifyReport};

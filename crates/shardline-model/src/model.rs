@@ -1,0 +1,116 @@
+//! Putting a model together: a Hugging Face directory (config, safetensors, tokenizer) or the
+//! built-in demo model with deterministic random weights, as a single-rank CPU [`Engine`].
+
+use std::path::Path;
+
+use shardline_tensor::DType;
+
+use crate::backend::{Backend, SingleRank};
+use crate::config::{eos_ids, Arch, ModelSpec, MoeSpec};
+use crate::cpu::CpuBackend;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::files::read_json;
+use crate::load::load_model;
+use crate::random::RandomWeights;
+use crate::rope::RopeScaling;
+use crate::safetensors_dir::SafetensorsDir;
+use crate::tokenizer::TextCodec;
+
+/// A single-rank engine on the CPU.
+pub type CpuEngine = Engine<CpuBackend, SingleRank>;
+
+/// Loads `dir/config.json` and the directory's safetensors weights.
+pub fn load_dir(dir: &Path) -> Result<CpuEngine> {
+    load_dir_with(dir, |_| {})
+}
+
+/// [`load_dir`], with `adjust` applied to the spec read from `config.json` before loading.
+pub fn load_dir_with(dir: &Path, adjust: impl FnOnce(&mut ModelSpec)) -> Result<CpuEngine> {
+    let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
+    // Chat models often list more end tokens in generation_config.json than in config.json.
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        let v = read_json(&generation, 1 << 20)?;
+        for id in eos_ids(&v, &generation)? {
+            if !spec.eos_ids.contains(&id) {
+                spec.eos_ids.push(id);
+            }
+        }
+    }
+    adjust(&mut spec);
+    let files = SafetensorsDir::open(dir)?;
+    let weights = load_model(&spec, &files)?;
+    Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
+}
+
+/// Loads `dir/tokenizer.json`.
+pub fn load_tokenizer(dir: &Path) -> Result<TextCodec> {
+    TextCodec::from_file(&dir.join("tokenizer.json"))
+}
+
+/// The seed of the built-in model's weights (fixed, so its output is the same everywhere).
+pub const BUILTIN_SEED: u64 = 0x5348_4152_444c_494e;
+
+/// The built-in demo model: Mixtral-shaped (8 experts, top-2, grouped-query attention), small
+/// enough to start instantly, byte-level vocabulary, no EOS.
+pub fn builtin_spec() -> ModelSpec {
+    ModelSpec {
+        arch: Arch::Mixtral,
+        hidden: 256,
+        n_layers: 4,
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 32,
+        vocab: 256,
+        max_positions: 4096,
+        sliding_window: None,
+        rms_eps: 1e-5,
+        rope_theta: 1e6,
+        rope_scaling: RopeScaling::None,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
+        tie_embeddings: false,
+        dense_intermediate: 512,
+        moe: Some(MoeSpec {
+            n_experts: 8,
+            top_k: 2,
+            intermediate: 512,
+            renormalize: true,
+            shared_intermediate: None,
+            sparse_step: 1,
+            dense_layers: Vec::new(),
+        }),
+        dtype: Some(DType::F32),
+        rope_freq_dtype: DType::F32,
+        eos_ids: Vec::new(),
+    }
+}
+
+/// The built-in model with its deterministic random weights.
+pub fn builtin() -> Result<CpuEngine> {
+    let spec = builtin_spec();
+    let weights = load_model(&spec, &RandomWeights::new(BUILTIN_SEED, DType::F32))?;
+    Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
+}
+
+/// Verifies the model in `dir` against `reference` (default `dir/reference.json`). With
+/// `rope_in_model_dtype`, rope's inverse frequencies are rounded to the config's dtype, as in a
+/// reference computed from a model cast with `model.to(dtype)` (see [`ModelSpec::rope_freq_dtype`]).
+pub fn verify_dir(
+    dir: &Path,
+    reference: Option<&Path>,
+    rope_in_model_dtype: bool,
+) -> Result<crate::VerifyReport> {
+    let mut engine = load_dir_with(dir, |spec| {
+        if rope_in_model_dtype {
+            spec.rope_freq_dtype = spec.dtype.unwrap_or(DType::F32);
+        }
+    })?;
+    let path = reference
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join("reference.json"));
+    let reference = crate::Reference::from_file(&path, engine.backend.spec().vocab)?;
+    crate::verify(&mut engine, &reference)
+}

@@ -1,0 +1,146 @@
+//! Checking the engine against reference logits computed by `transformers` (the
+//! `reference.json` format of the fixtures' README): one prefill of `prompt_ids`, then one decode
+//! step per entry of `decode_logits`, feeding `greedy_ids`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use shardline_tensor::DType;
+
+use crate::backend::{Backend, Reduce};
+use crate::engine::{Engine, Logits};
+use crate::error::{ModelError, Result};
+use crate::sampler::argmax;
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub prompt_ids: Vec<u32>,
+    pub prefill_logits: Vec<Vec<f32>>,
+    pub greedy_ids: Vec<u32>,
+    pub decode_logits: Vec<Vec<f32>>,
+}
+
+impl Reference {
+    /// Reads and checks a reference file against a vocabulary of `vocab`.
+    pub fn from_file(path: &Path, vocab: usize) -> Result<Reference> {
+        let v = crate::files::read_json(path, 1 << 30)?;
+        let r: Reference = serde_json::from_value(v)
+            .map_err(|e| ModelError::config(path, format!("not a reference file: {e}")))?;
+        let bad = |what: String| ModelError::config(path, what);
+        if r.prompt_ids.is_empty() || r.prefill_logits.len() != r.prompt_ids.len() {
+            return Err(bad(format!(
+                "prefill_logits has {} rows for {} prompt_ids (must be equal and non-zero)",
+                r.prefill_logits.len(),
+                r.prompt_ids.len()
+            )));
+        }
+        let steps = r.decode_logits.len();
+        if r.greedy_ids.len() < steps || r.greedy_ids.len() > steps + 1 {
+            return Err(bad(format!(
+                "greedy_ids has {} entries for {steps} decode_logits rows (expected {steps} or {})",
+                r.greedy_ids.len(),
+                steps + 1
+            )));
+        }
+        if let Some(row) = r
+            .prefill_logits
+            .iter()
+            .chain(&r.decode_logits)
+            .find(|row| row.len() != vocab)
+        {
+            return Err(bad(format!(
+                "a logits row has {} entries, the model's vocab_size is {vocab}",
+                row.len()
+            )));
+        }
+        Ok(r)
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug)]
+pub struct VerifyReport {
+    pub prefill_max_diff: f32,
+    /// The prompt position with the largest difference.
+    pub prefill_worst_position: usize,
+    pub decode_max_diff: f32,
+    /// The decode step with the largest difference.
+    pub decode_worst_step: usize,
+    pub tolerance: f32,
+    pub weight_dtype: DType,
+    /// Greedy choices made, and how many agree with the reference.
+    pub greedy_total: usize,
+    pub greedy_agree: usize,
+}
+
+impl VerifyReport {
+    pub fn passed(&self) -> bool {
+        self.prefill_max_diff <= self.tolerance
+            && self.decode_max_diff <= self.tolerance
+            && self.greedy_agree == self.greedy_total
+    }
+}
+
+/// The absolute logit tolerance for weights of `dtype`.
+pub fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 | DType::BF16 => 1e-3,
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(
+            0.0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
+}
+
+/// Runs `reference` through `engine` and compares.
+pub fn verify<B: Backend, R: Reduce>(
+    engine: &mut Engine<B, R>,
+    reference: &Reference,
+) -> Result<VerifyReport> {
+    let vocab = engine.backend.spec().vocab;
+    let weight_dtype = engine.backend.weight_dtype();
+    let steps = reference.decode_logits.len();
+    engine.start(reference.prompt_ids.len() + steps)?;
+    let prefill = engine.forward(&reference.prompt_ids, Logits::All)?;
+    let mut report = VerifyReport {
+        prefill_max_diff: 0.0,
+        prefill_worst_position: 0,
+        decode_max_diff: 0.0,
+        decode_worst_step: 0,
+        tolerance: tolerance(weight_dtype),
+        weight_dtype,
+        greedy_total: 0,
+        greedy_agree: 0,
+    };
+    for (pos, (ours, theirs)) in prefill
+        .chunks_exact(vocab)
+        .zip(&reference.prefill_logits)
+        .enumerate()
+    {
+        let d = max_abs_diff(ours, theirs);
+        if d > report.prefill_max_diff {
+            (report.prefill_max_diff, report.prefill_worst_position) = (d, pos);
+        }
+    }
+    let mut last = prefill[prefill.len() - vocab..].to_vec();
+    for (i, expected) in reference.greedy_ids.iter().enumerate() {
+        report.greedy_total += 1;
+        report.greedy_agree += usize::from(argmax(&last) as u32 == *expected);
+        if i == steps {
+            break;
+        }
+        last = engine.forward(&[*expected], Logits::Last)?;
+        let d = max_abs_diff(&last, &reference.decode_logits[i]);
+        if d > report.decode_max_diff {
+            (report.decode_max_diff, report.decode_worst_step) = (d, i);
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,95 @@
+//! A weight tensor used where it lies ([`Weight`]) and the [`TensorSource`] trait that every
+//! weight provider (safetensors files, deterministic random weights) implements.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use shardline_tensor::{DType, Shape, Tensor, TensorView};
+
+use crate::error::{ModelError, Result};
+
+/// One weight tensor: either a byte range of a memory-mapped file (no copy) or owned storage
+/// (merged matrices, generated weights).
+#[derive(Debug)]
+pub enum Weight {
+    Mapped {
+        dtype: DType,
+        shape: Shape,
+        map: Arc<Mmap>,
+        range: Range<usize>,
+    },
+    Owned(Tensor),
+}
+
+impl Weight {
+    pub fn view(&self) -> TensorView<'_> {
+        match self {
+            Weight::Mapped {
+                dtype,
+                shape,
+                map,
+                range,
+            } => TensorView::new(*dtype, shape, &map[range.clone()])
+                .expect("mapped range checked against the shape at load time"),
+            Weight::Owned(t) => t.view(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.view().dtype()
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.view().bytes().len()
+    }
+
+    /// The elements widened to f32 (norm weights and biases are kept this way).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.view().to_f32_vec()
+    }
+}
+
+/// Somewhere named weight tensors come from. Loading code asks for every tensor with the shape it
+/// expects; the source checks presence, dtype and shape, with errors naming the file and tensor.
+pub trait TensorSource {
+    /// The tensor `name`, which must have shape `expected`.
+    fn get(&self, name: &str, expected: &[usize]) -> Result<Weight>;
+
+    /// Whether `name` exists (for optional tensors such as an untied `lm_head`).
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// The shape check every source applies.
+pub fn check_shape(origin: &str, name: &str, expected: &[usize], actual: &[usize]) -> Result<()> {
+    if expected != actual {
+        return Err(ModelError::TensorShape {
+            origin: origin.to_string(),
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Rows `[a; b]` stacked into one owned `[rows_a + rows_b, cols]` matrix of `a`'s dtype (gate and
+/// up projections become one matrix so an expert reads both in one pass); `what` names them in
+/// errors.
+pub fn stack_rows(what: &str, a: &Weight, b: &Weight) -> Result<Weight> {
+    let (va, vb) = (a.view(), b.view());
+    let (da, db) = (va.shape().dims(), vb.shape().dims());
+    if da.len() != 2 || db.len() != 2 || da[1] != db[1] || va.dtype() != vb.dtype() {
+        return Err(ModelError::Invalid(format!(
+            "{what}: cannot merge matrices of shapes {da:?} ({}) and {db:?} ({}): the dtypes must match",
+            va.dtype(),
+            vb.dtype()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(va.bytes().len() + vb.bytes().len());
+    bytes.extend_from_slice(va.bytes());
+    bytes.extend_from_slice(vb.bytes());
+    let t = Tensor::from_bytes(va.dtype(), [da[0] + db[0], da[1]], &bytes)
+        .map_err(|e| ModelError::Invalid(e.to_string()))?;
+    Ok(Weight::Owned(t))
+}

@@ -1,0 +1,156 @@
+//! The `run`, `verify` and `bench decode` commands through the real binary: exit codes, output
+//! and error messages.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+fn shardline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardline"))
+        .args(args)
+        .env_remove("SHARDLINE_MODEL")
+        .output()
+        .expect("cannot start the shardline binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn verify_passes_on_a_fixture() {
+    let dir = fixture("qwen2-moe-tiny");
+    let out = shardline(&["verify", "--model", dir.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "verify failed: {stdout}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("greedy 8/8 agree") && stdout.contains("verify passed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn verify_fails_with_a_named_error_on_a_bad_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("ref.json");
+    std::fs::write(&reference, "{\"prompt_ids\": [1, 2]}").unwrap();
+    let dir = fixture("llama-tiny");
+    let out = shardline(&[
+        "verify",
+        "--model",
+        dir.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("ref.json") && stderr.contains("not a reference file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_builtin_model_is_deterministic_and_prints_timings() {
+    let args = [
+        "run",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "9",
+    ];
+    let a = shardline(&args);
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    let stdout = text(&a.stdout);
+    let mut lines = stdout.lines();
+    assert!(lines.next().unwrap().starts_with("Hello"));
+    let timings = lines.next().unwrap();
+    assert!(
+        timings.starts_with("[prefill 5 tokens:") && timings.contains("decode 6 tokens"),
+        "{timings}"
+    );
+    let b = shardline(&args);
+    assert_eq!(text(&b.stdout).lines().next(), stdout.lines().next());
+}
+
+#[test]
+fn run_refuses_a_prompt_longer_than_max_positions() {
+    let dir = fixture("mixtral-tiny");
+    let prompt = "x".repeat(200);
+    let out = shardline(&["run", "--model", dir.to_str().unwrap(), "--prompt", &prompt]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("max_position_embeddings (128)"), "{stderr}");
+}
+
+#[test]
+fn run_names_a_broken_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), "not json").unwrap();
+    let out = shardline(&["run", "--model", tmp.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("config.json") && stderr.contains("malformed JSON"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_decode_writes_a_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("decode.jsonl");
+    let dir = fixture("mixtral-tiny");
+    let out = shardline(&[
+        "bench",
+        "decode",
+        "--model",
+        dir.to_str().unwrap(),
+        "--layers",
+        "2",
+        "--kv-len",
+        "16",
+        "--iters",
+        "20",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = std::fs::read_to_string(&json).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    for (key, value) in [
+        ("bench", "decode"),
+        ("device", "cpu"),
+        ("dtype", "f32"),
+        ("exec", "split"),
+    ] {
+        assert_eq!(rec[key], value, "{rec}");
+    }
+    assert_eq!(rec["layers"], 2);
+    assert_eq!(rec["iters"], 20);
+    assert_eq!(rec["tp"], 1);
+    assert!(rec["median_us"].as_f64().unwrap() > 0.0);
+    assert!(rec["p99_us"].as_f64().unwrap() >= rec["median_us"].as_f64().unwrap());
+    assert!(rec["gbps"].as_f64().unwrap() > 0.0);
+    // f32 q [96, 64] + k, v [48, 64] + o [64, 96] + 2 norms [64] + router [4, 64]
+    // + top-2 x 3 x [64, 64].
+    let elems = (96 + 48 + 48 + 96) * 64 + 2 * 64 + 4 * 64 + 2 * 3 * 64 * 64;
+    assert_eq!(rec["weight_bytes_per_layer"], 4 * elems);
+    assert!(
+        rec["layer_copies"].as_u64().unwrap() > 1,
+        "a tiny model must be copied out of cache"
+    );
+}
