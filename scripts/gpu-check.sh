@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
     bin=$SHARDLINE_GPU_BIN
@@ -35,21 +37,38 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 echo "== GPU tests"
 "$test_bin" --test-threads=1 2>&1 | tee "$out/gpu_tests.log"
 
+echo "== verify on the GPU: every repo fixture (and ../shared/fixtures when present)"
+for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
+    [ -f "$d/reference.json" ] || continue
+    "$bin/shardline" verify --model "$d" --device cuda ||
+        "$bin/shardline" verify --model "$d" --device cuda --rope-freqs model-dtype ||
+        echo "verify FAILED on the GPU: $d"
+done 2>&1 | tee "$out/gpu_verify.log"
+
 echo "== Shardline decode bench on the GPU"
 presets=${PRESETS:-mixtral-8x7b,qwen3-30b-a3b,mixtral-mini}
-"$bin/shardline" bench decode-gpu --preset "$presets" --exec split,per-op --dtype bf16 \
-    --json "$out/shardline_decode_gpu.jsonl"
+: > "$out/shardline_decode_gpu.jsonl"
+for p in ${presets//,/ }; do
+    for exec in split per-op; do
+        "$bin/shardline" bench decode --device cuda --preset "$p" --dtype bf16 --exec "$exec" \
+            --json "$work/decode.jsonl"
+        cat "$work/decode.jsonl" >> "$out/shardline_decode_gpu.jsonl"
+    done
+done
 
 if [ -f bench/peers/torch_decode.py ] && python3 -c 'import torch' 2>/dev/null; then
     echo "== PyTorch peer on the GPU"
+    : > "$out/torch_decode_gpu.jsonl"
     for p in ${presets//,/ }; do
         for mode in eager compile; do
-            python3 bench/peers/torch_decode.py --device cuda --preset "$p" --dtype bf16 \
-                --mode "$mode" --json "$out/torch_decode_gpu_${p}_${mode}.jsonl" ||
+            if python3 bench/peers/torch_decode.py --device cuda --preset "$p" --dtype bf16 \
+                --mode "$mode" --json "$work/torch.jsonl"; then
+                cat "$work/torch.jsonl" >> "$out/torch_decode_gpu.jsonl"
+            else
                 echo "torch $p $mode failed"
+            fi
         done
     done
-    cat "$out"/torch_decode_gpu_*.jsonl > "$out/torch_decode_gpu.jsonl" || true
     if [ -f bench/peers/compare.py ]; then
         python3 bench/peers/compare.py "$out/shardline_decode_gpu.jsonl" "$out/torch_decode_gpu.jsonl"
     fi

@@ -249,14 +249,16 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * inv * g[i];
 }
 
-// Optional per-head q/k RMSNorm (Qwen3), rotary embedding (half rotation) at position *pos, and
-// the KV-cache append. qkv is [q (H*D) | k (KVH*D) | v (KVH*D)]; q is rotated in place; caches are
+// Optional per-head q/k RMSNorm (Qwen3), rotary embedding (half rotation, frequencies
+// inv_freq[D/2] as the model computes them: theta, scaling, rounding) at position *pos, and the
+// KV-cache append. qkv is [q (H*D) | k (KVH*D) | v (KVH*D)]; q is rotated in place; caches are
 // [KVH][capacity][D]. One block per head (H + 2*KVH blocks) of D rounded up to 32 threads; D <= 1024.
 extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const int* __restrict__ pos_ptr,
                                           float* __restrict__ k_cache, float* __restrict__ v_cache,
                                           const float* __restrict__ q_norm,
                                           const float* __restrict__ k_norm, float eps, int H,
-                                          int KVH, int D, int capacity, float theta) {
+                                          int KVH, int D, int capacity,
+                                          const float* __restrict__ inv_freq) {
     __shared__ float head[1024];
     const int b = blockIdx.x, i = threadIdx.x;
     const bool active = i < D;
@@ -279,9 +281,8 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const int* __
     if (!active) return;
     const int half = D / 2;
     const int j = i < half ? i : i - half;
-    const float inv_freq = 1.0f / powf(theta, (float)(2 * j) / (float)D);
     float s, c;
-    sincosf((float)pos * inv_freq, &s, &c);
+    sincosf((float)pos * inv_freq[j], &s, &c);
     const float out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
     if (b < H) {
         src[i] = out;
@@ -425,17 +426,21 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
     if (renormalize && lane < k) weights[lane] /= chosen_sum;
 }
 
-// y[n] = residual[n] + sum_s weights[s] * partial[s][n]: the weighted sum of the chosen experts'
-// outputs, in a fixed order (deterministic, unlike atomics).
+// y[n] = residual[n] + sum_s weights[s] * partial[s][n] (+ sigmoid(*shared_logit) * shared[n]):
+// the weighted sum of the chosen experts' outputs in a fixed order (deterministic, unlike
+// atomics), plus a sigmoid-gated shared expert (Qwen2-MoE). residual and shared may be null.
 extern "C" __global__ void combine_slots(const float* __restrict__ partial,
                                          const float* __restrict__ weights, int n_slots,
                                          const float* __restrict__ residual,
+                                         const float* __restrict__ shared,
+                                         const float* __restrict__ shared_logit,
                                          float* __restrict__ y, int N) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     float acc = 0.0f;
     for (int s = 0; s < n_slots; ++s) acc = fmaf(weights[s], partial[(long)s * N + n], acc);
-    y[n] = residual[n] + acc;
+    if (shared) acc += shared[n] / (1.0f + expf(-*shared_logit));
+    y[n] = (residual ? residual[n] : 0.0f) + acc;
 }
 
 // Deterministic pseudo-random fill in [-scale, scale) for benchmark weights (a hash of the index,

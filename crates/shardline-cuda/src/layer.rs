@@ -1,9 +1,15 @@
-//! A batch-1 decode layer of an MoE (or dense, with one always-chosen expert) transformer on the
-//! GPU, and a stack of such layers whose two segments per layer are captured once as CUDA graphs.
+//! Batch-1 decode layers of an MoE or dense transformer on the GPU, run as two segments each.
 //!
-//! Segment "attention": rms_norm -> qkv -> (q/k norm) rope + KV append -> attention -> o_proj + residual.
-//! Segment "ffn": rms_norm -> router -> top-k on the device -> chosen experts' gate/up with SwiGLU
-//! fused -> weighted down projections + residual. The chosen experts never go back to the host.
+//! Segment "attention": rms_norm -> qkv (+bias) -> (q/k norm) rope + KV append -> attention ->
+//! o_proj. Segment "ffn": rms_norm -> router -> top-k on the device -> chosen experts' gate/up
+//! with SwiGLU fused -> their down projections -> weighted sum (+ a sigmoid-gated shared expert).
+//! A dense FFN is the same path with one always-chosen expert. The chosen experts never go back to
+//! the host, so each segment is captured once as a CUDA graph and replayed.
+//!
+//! A [`LayerStack`] runs layers two ways: chained on the device with the residual adds fused
+//! ([`LayerStack::step`], for benchmarks), or one segment at a time returning its partial sum to
+//! the host ([`LayerStack::attention`], [`LayerStack::ffn`]), where a model engine adds residuals
+//! and all-reduces across ranks.
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DevicePtr};
@@ -11,28 +17,65 @@ use shardline_tensor::DType;
 
 use crate::device::dptr;
 use crate::error::DriverContext;
-use crate::ops::{self, AttentionDims, Slots, Weights};
+use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
 use crate::{CudaDevice, CudaError};
 
-/// The geometry of one decoder layer.
+/// The attention geometry, shared by every layer of a stack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerShape {
     pub hidden: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    pub n_experts: usize,
-    pub top_k: usize,
-    /// Intermediate size of one expert.
-    pub intermediate: usize,
     /// Per-head RMSNorm of q and k before rope (Qwen3).
     pub qk_norm: bool,
-    /// Renormalise the top-k router weights to sum to one (Mixtral, Qwen3).
-    pub renormalize: bool,
+    /// Biases on q, k and v (Qwen2).
+    pub qkv_bias: bool,
     pub rope_theta: f32,
     pub eps: f32,
     /// Positions the KV cache holds.
     pub capacity: usize,
+}
+
+/// The FFN of one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FfnShape {
+    Moe {
+        n_experts: usize,
+        top_k: usize,
+        /// Intermediate size of one expert.
+        intermediate: usize,
+        /// Renormalise the top-k router weights to sum to one (Mixtral, Qwen3).
+        renormalize: bool,
+        /// Intermediate size of a sigmoid-gated shared expert (Qwen2-MoE).
+        shared_intermediate: Option<usize>,
+    },
+    Dense {
+        intermediate: usize,
+    },
+}
+
+impl FfnShape {
+    /// Experts chosen per token (1 for a dense FFN).
+    fn slots(&self) -> usize {
+        match self {
+            FfnShape::Moe { top_k, .. } => *top_k,
+            FfnShape::Dense { .. } => 1,
+        }
+    }
+
+    fn intermediate(&self) -> usize {
+        match self {
+            FfnShape::Moe { intermediate, .. } | FfnShape::Dense { intermediate } => *intermediate,
+        }
+    }
+
+    fn experts(&self) -> usize {
+        match self {
+            FfnShape::Moe { n_experts, .. } => *n_experts,
+            FfnShape::Dense { .. } => 1,
+        }
+    }
 }
 
 impl LayerShape {
@@ -58,20 +101,27 @@ impl LayerShape {
         }
     }
 
-    /// Weight bytes one decode step reads: attention, router and the `top_k` chosen experts.
-    pub fn weight_bytes_read(&self, dtype: DType) -> u64 {
+    /// Weight bytes one decode step of a layer with `ffn` reads: attention, router, the chosen
+    /// experts and the shared expert.
+    pub fn weight_bytes_read(&self, ffn: &FfnShape, dtype: DType) -> u64 {
         let h = self.hidden;
-        let elems = self.qkv_rows() * h
-            + h * self.q_dim()
-            + self.n_experts * h
-            + self.top_k * 3 * self.intermediate * h;
+        let mut elems = self.qkv_rows() * h + h * self.q_dim();
+        elems += ffn.slots() * 3 * ffn.intermediate() * h;
+        if let FfnShape::Moe {
+            n_experts,
+            shared_intermediate,
+            ..
+        } = ffn
+        {
+            elems += n_experts * h + shared_intermediate.map_or(0, |i| 3 * i * h + h);
+        }
         (elems * dtype.size_in_bytes()) as u64
     }
 
     /// Checks what the kernels require, naming the offending setting.
-    pub fn validate(&self) -> Result<(), CudaError> {
+    pub fn validate(&self, ffn: &FfnShape) -> Result<(), CudaError> {
         let bad = |m: String| Err(CudaError::Shape(m));
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} heads are not a multiple of {} KV heads",
                 self.n_heads, self.n_kv_heads
@@ -84,74 +134,98 @@ impl LayerShape {
                 ops::MAX_HEAD_DIM
             ));
         }
-        if self.top_k == 0 || self.top_k > self.n_experts || self.n_experts > 1024 {
-            return bad(format!(
-                "top_k {} of {} experts (at most 1024 experts)",
-                self.top_k, self.n_experts
-            ));
+        if let FfnShape::Moe {
+            n_experts, top_k, ..
+        } = ffn
+        {
+            if *top_k == 0 || top_k > n_experts || *n_experts > 1024 {
+                return bad(format!(
+                    "top_k {top_k} of {n_experts} experts (at most 1024 experts)"
+                ));
+            }
         }
-        if self.capacity == 0 || self.hidden == 0 || self.intermediate == 0 {
+        if self.capacity == 0 || self.hidden == 0 || ffn.intermediate() == 0 {
             return bad("hidden, intermediate and KV capacity must be non-zero".into());
         }
         Ok(())
     }
 }
 
-/// One layer's weights in the kernels' layout, on the host (little-endian bytes of `dtype`; norms
-/// in f32). Used to upload real or test weights.
+/// A SwiGLU MLP's weights on the host: `[2 * intermediate, hidden]` gate rows then up rows, and
+/// `[hidden, intermediate]`; for routed experts, `n_experts` of each back to back.
+pub struct HostMlp<'a> {
+    pub gate_up: &'a [u8],
+    pub down: &'a [u8],
+}
+
+/// One layer's FFN weights on the host.
+pub enum HostFfn<'a> {
+    Moe {
+        /// `[n_experts, hidden]`
+        router: &'a [u8],
+        experts: HostMlp<'a>,
+        /// The shared expert and its `[1, hidden]` gate.
+        shared: Option<(HostMlp<'a>, &'a [u8])>,
+    },
+    Dense(HostMlp<'a>),
+}
+
+/// One layer's weights in the kernels' layout, on the host (little-endian bytes of the weight
+/// dtype; norms and biases in f32). Used to upload real or test weights.
 pub struct HostLayerWeights<'a> {
     pub attn_norm: &'a [f32],
     /// `[q_dim + 2 * kv_dim, hidden]`, rows of q, then k, then v.
     pub qkv: &'a [u8],
+    /// `[q_dim + 2 * kv_dim]`, when the shape has `qkv_bias`.
+    pub qkv_bias: Option<&'a [f32]>,
     /// `[hidden, q_dim]`
     pub o: &'a [u8],
     /// `[head_dim]` each, when the shape has `qk_norm`.
     pub q_norm: Option<&'a [f32]>,
     pub k_norm: Option<&'a [f32]>,
     pub ffn_norm: &'a [f32],
-    /// `[n_experts, hidden]`
-    pub router: &'a [u8],
-    /// `[n_experts, 2 * intermediate, hidden]`: each expert's gate rows, then its up rows.
-    pub gate_up: &'a [u8],
-    /// `[n_experts, hidden, intermediate]`
-    pub down: &'a [u8],
+    pub ffn: HostFfn<'a>,
+}
+
+/// A SwiGLU MLP (or a set of routed experts) on the device.
+struct DeviceMlp {
+    gate_up: CudaSlice<u8>,
+    down: CudaSlice<u8>,
+}
+
+enum DeviceFfn {
+    Moe {
+        router: CudaSlice<u8>,
+        experts: DeviceMlp,
+        shared: Option<(DeviceMlp, CudaSlice<u8>)>,
+    },
+    Dense(DeviceMlp),
 }
 
 /// One layer's weights and KV cache on the device.
 pub struct DeviceLayer {
     dtype: DType,
+    ffn_shape: FfnShape,
     attn_norm: CudaSlice<f32>,
     qkv: CudaSlice<u8>,
+    qkv_bias: Option<CudaSlice<f32>>,
     o: CudaSlice<u8>,
     q_norm: Option<CudaSlice<f32>>,
     k_norm: Option<CudaSlice<f32>>,
     ffn_norm: CudaSlice<f32>,
-    router: CudaSlice<u8>,
-    gate_up: CudaSlice<u8>,
-    down: CudaSlice<u8>,
+    ffn: DeviceFfn,
     k_cache: CudaSlice<f32>,
     v_cache: CudaSlice<f32>,
 }
 
-/// Byte sizes of each weight of a layer, in the order of [`HostLayerWeights`].
-struct WeightSizes {
-    qkv: usize,
-    o: usize,
-    router: usize,
-    gate_up: usize,
-    down: usize,
-}
-
-impl WeightSizes {
-    fn of(shape: &LayerShape, dtype: DType) -> WeightSizes {
-        let (h, es) = (shape.hidden, dtype.size_in_bytes());
-        WeightSizes {
-            qkv: shape.qkv_rows() * h * es,
-            o: h * shape.q_dim() * es,
-            router: shape.n_experts * h * es,
-            gate_up: shape.n_experts * 2 * shape.intermediate * h * es,
-            down: shape.n_experts * h * shape.intermediate * es,
-        }
+/// Checks that `got` bytes are what `name` needs.
+fn check_len(name: &str, got: usize, want: usize) -> Result<(), CudaError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CudaError::Shape(format!(
+            "{name}: {got} bytes given, the shape needs {want}"
+        )))
     }
 }
 
@@ -162,19 +236,51 @@ impl DeviceLayer {
     pub fn random(
         dev: &CudaDevice,
         shape: &LayerShape,
+        ffn: &FfnShape,
         dtype: DType,
         seed: u32,
     ) -> Result<DeviceLayer, CudaError> {
-        shape.validate()?;
-        let sz = WeightSizes::of(shape, dtype);
-        let es = dtype.size_in_bytes();
-        let rand_bytes = |bytes: usize, k: usize, salt: u32| -> Result<CudaSlice<u8>, CudaError> {
-            let buf = dev.zeros::<u8>(bytes)?;
-            let scale = 1.0 / (k as f32).sqrt();
-            ops::fill_uniform(dev, dptr(dev, &buf), bytes / es, dtype, seed ^ salt, scale)?;
+        shape.validate(ffn)?;
+        let (h, es) = (shape.hidden, dtype.size_in_bytes());
+        let mut salt = 0u32;
+        let mut rand = |rows: usize, cols: usize| -> Result<CudaSlice<u8>, CudaError> {
+            salt += 1;
+            let buf = dev.zeros::<u8>(rows * cols * es)?;
+            let scale = 1.0 / (cols as f32).sqrt();
+            ops::fill_uniform(
+                dev,
+                dptr(dev, &buf),
+                rows * cols,
+                dtype,
+                seed ^ (salt << 8),
+                scale,
+            )?;
             Ok(buf)
         };
+        let (e, i) = (ffn.experts(), ffn.intermediate());
+        let mut mlp = |count: usize, i: usize| -> Result<DeviceMlp, CudaError> {
+            Ok(DeviceMlp {
+                gate_up: rand(count * 2 * i, h)?,
+                down: rand(count * h, i)?,
+            })
+        };
+        let experts = mlp(e, i)?;
+        let shared = match ffn {
+            FfnShape::Moe {
+                shared_intermediate: Some(si),
+                ..
+            } => Some(mlp(1, *si)?),
+            _ => None,
+        };
         let ones = |n: usize| dev.upload(&vec![1.0f32; n]);
+        let device_ffn = match ffn {
+            FfnShape::Moe { .. } => DeviceFfn::Moe {
+                router: rand(e, h)?,
+                shared: shared.map(|m| rand(1, h).map(|g| (m, g))).transpose()?,
+                experts,
+            },
+            FfnShape::Dense { .. } => DeviceFfn::Dense(experts),
+        };
         let cache_len = shape.kv_dim() * shape.capacity;
         let k_cache = dev.zeros::<f32>(cache_len)?;
         let v_cache = dev.zeros::<f32>(cache_len)?;
@@ -196,15 +302,18 @@ impl DeviceLayer {
         )?;
         let layer = DeviceLayer {
             dtype,
-            attn_norm: ones(shape.hidden)?,
-            qkv: rand_bytes(sz.qkv, shape.hidden, 0x11)?,
-            o: rand_bytes(sz.o, shape.q_dim(), 0x12)?,
+            ffn_shape: ffn.clone(),
+            attn_norm: ones(h)?,
+            qkv: rand(shape.qkv_rows(), h)?,
+            qkv_bias: shape
+                .qkv_bias
+                .then(|| dev.upload(&vec![0.01f32; shape.qkv_rows()]))
+                .transpose()?,
+            o: rand(h, shape.q_dim())?,
             q_norm: shape.qk_norm.then(|| ones(shape.head_dim)).transpose()?,
             k_norm: shape.qk_norm.then(|| ones(shape.head_dim)).transpose()?,
-            ffn_norm: ones(shape.hidden)?,
-            router: rand_bytes(sz.router, shape.hidden, 0x13)?,
-            gate_up: rand_bytes(sz.gate_up, shape.hidden, 0x14)?,
-            down: rand_bytes(sz.down, shape.intermediate, 0x15)?,
+            ffn_norm: ones(h)?,
+            ffn: device_ffn,
             k_cache,
             v_cache,
         };
@@ -216,55 +325,100 @@ impl DeviceLayer {
     pub fn upload(
         dev: &CudaDevice,
         shape: &LayerShape,
+        ffn: &FfnShape,
         dtype: DType,
         w: &HostLayerWeights,
     ) -> Result<DeviceLayer, CudaError> {
-        shape.validate()?;
-        let sz = WeightSizes::of(shape, dtype);
-        let check = |name: &str, got: usize, want: usize| {
-            if got == want {
-                Ok(())
-            } else {
-                Err(CudaError::Shape(format!(
-                    "{name}: {got} bytes given, the shape needs {want}"
-                )))
+        shape.validate(ffn)?;
+        let (h, es) = (shape.hidden, dtype.size_in_bytes());
+        check_len("qkv", w.qkv.len(), shape.qkv_rows() * h * es)?;
+        check_len("o_proj", w.o.len(), h * shape.q_dim() * es)?;
+        check_len("attn_norm", w.attn_norm.len() * 4, h * 4)?;
+        check_len("ffn_norm", w.ffn_norm.len() * 4, h * 4)?;
+        let optional = |v: Option<&[f32]>, wanted: bool, len: usize, name: &str| match (wanted, v) {
+            (true, Some(v)) => {
+                check_len(name, v.len() * 4, len * 4)?;
+                dev.upload(v).map(Some)
+            }
+            (false, None) => Ok(None),
+            _ => Err(CudaError::Shape(format!(
+                "{name} must be given exactly when the shape has it"
+            ))),
+        };
+        let mlp =
+            |m: &HostMlp, count: usize, i: usize, name: &str| -> Result<DeviceMlp, CudaError> {
+                check_len(
+                    &format!("{name} gate_up"),
+                    m.gate_up.len(),
+                    count * 2 * i * h * es,
+                )?;
+                check_len(&format!("{name} down"), m.down.len(), count * h * i * es)?;
+                Ok(DeviceMlp {
+                    gate_up: dev.upload(m.gate_up)?,
+                    down: dev.upload(m.down)?,
+                })
+            };
+        let device_ffn = match (ffn, &w.ffn) {
+            (
+                FfnShape::Moe {
+                    n_experts,
+                    intermediate,
+                    shared_intermediate,
+                    ..
+                },
+                HostFfn::Moe {
+                    router,
+                    experts,
+                    shared,
+                },
+            ) => {
+                check_len("router", router.len(), n_experts * h * es)?;
+                let shared = match (shared_intermediate, shared) {
+                    (Some(si), Some((m, gate))) => {
+                        check_len("shared expert gate", gate.len(), h * es)?;
+                        Some((mlp(m, 1, *si, "shared expert")?, dev.upload(gate)?))
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(CudaError::Shape(
+                            "a shared expert must be given exactly when the shape has one".into(),
+                        ))
+                    }
+                };
+                DeviceFfn::Moe {
+                    router: dev.upload(router)?,
+                    experts: mlp(experts, *n_experts, *intermediate, "experts")?,
+                    shared,
+                }
+            }
+            (FfnShape::Dense { intermediate }, HostFfn::Dense(m)) => {
+                DeviceFfn::Dense(mlp(m, 1, *intermediate, "mlp")?)
+            }
+            _ => {
+                return Err(CudaError::Shape(
+                    "the FFN weights do not match the FFN shape (MoE vs dense)".into(),
+                ))
             }
         };
-        check("qkv", w.qkv.len(), sz.qkv)?;
-        check("o_proj", w.o.len(), sz.o)?;
-        check("router", w.router.len(), sz.router)?;
-        check("gate_up", w.gate_up.len(), sz.gate_up)?;
-        check("down", w.down.len(), sz.down)?;
-        check("attn_norm", w.attn_norm.len() * 4, shape.hidden * 4)?;
-        check("ffn_norm", w.ffn_norm.len() * 4, shape.hidden * 4)?;
-        let head_norm =
-            |n: Option<&[f32]>, name: &str| -> Result<Option<CudaSlice<f32>>, CudaError> {
-                match (shape.qk_norm, n) {
-                    (true, Some(n)) => {
-                        check(name, n.len() * 4, shape.head_dim * 4)?;
-                        dev.upload(n).map(Some)
-                    }
-                    (false, None) => Ok(None),
-                    _ => Err(CudaError::Shape(format!(
-                        "{name} must be given exactly when the shape has qk_norm"
-                    ))),
-                }
-            };
         let cache_len = shape.kv_dim() * shape.capacity;
         Ok(DeviceLayer {
             dtype,
+            ffn_shape: ffn.clone(),
             attn_norm: dev.upload(w.attn_norm)?,
             qkv: dev.upload(w.qkv)?,
+            qkv_bias: optional(w.qkv_bias, shape.qkv_bias, shape.qkv_rows(), "qkv_bias")?,
             o: dev.upload(w.o)?,
-            q_norm: head_norm(w.q_norm, "q_norm")?,
-            k_norm: head_norm(w.k_norm, "k_norm")?,
+            q_norm: optional(w.q_norm, shape.qk_norm, shape.head_dim, "q_norm")?,
+            k_norm: optional(w.k_norm, shape.qk_norm, shape.head_dim, "k_norm")?,
             ffn_norm: dev.upload(w.ffn_norm)?,
-            router: dev.upload(w.router)?,
-            gate_up: dev.upload(w.gate_up)?,
-            down: dev.upload(w.down)?,
+            ffn: device_ffn,
             k_cache: dev.zeros(cache_len)?,
             v_cache: dev.zeros(cache_len)?,
         })
+    }
+
+    pub fn ffn_shape(&self) -> &FfnShape {
+        &self.ffn_shape
     }
 
     fn weights(&self, dev: &CudaDevice, buf: &CudaSlice<u8>, stride: usize) -> Weights {
@@ -273,6 +427,40 @@ impl DeviceLayer {
             dtype: self.dtype,
             matrix_stride_bytes: stride as u64,
         }
+    }
+}
+
+/// The final norm and the lm_head, for logits on the device.
+pub struct DeviceHead {
+    dtype: DType,
+    norm: CudaSlice<f32>,
+    /// `[vocab, hidden]`
+    lm_head: CudaSlice<u8>,
+    vocab: usize,
+}
+
+impl DeviceHead {
+    pub fn upload(
+        dev: &CudaDevice,
+        hidden: usize,
+        norm: &[f32],
+        lm_head: &[u8],
+        dtype: DType,
+    ) -> Result<DeviceHead, CudaError> {
+        check_len("final norm", norm.len() * 4, hidden * 4)?;
+        let row = hidden * dtype.size_in_bytes();
+        if lm_head.is_empty() || !lm_head.len().is_multiple_of(row) {
+            return Err(CudaError::Shape(format!(
+                "lm_head of {} bytes is not whole rows of {hidden} {dtype} values",
+                lm_head.len()
+            )));
+        }
+        Ok(DeviceHead {
+            dtype,
+            norm: dev.upload(norm)?,
+            lm_head: dev.upload(lm_head)?,
+            vocab: lm_head.len() / row,
+        })
     }
 }
 
@@ -288,11 +476,18 @@ struct Scratch {
     logits: CudaSlice<f32>,
     expert_ids: CudaSlice<i32>,
     expert_weights: CudaSlice<f32>,
-    /// `silu(gate) * up` of each chosen expert, `[top_k, intermediate]`.
+    /// `silu(gate) * up` of each chosen expert, `[slots, intermediate]`.
     act: CudaSlice<f32>,
-    /// Each chosen expert's down projection, `[top_k, hidden]`.
+    /// Each chosen expert's down projection, `[slots, hidden]`.
     expert_out: CudaSlice<f32>,
+    shared_act: CudaSlice<f32>,
+    shared_out: CudaSlice<f32>,
+    shared_logit: CudaSlice<f32>,
+    /// The weight of a dense FFN's one "expert": 1.
+    one: CudaSlice<f32>,
+    inv_freq: CudaSlice<f32>,
     pos: CudaSlice<i32>,
+    vocab_logits: CudaSlice<f32>,
 }
 
 /// What happens after each op is queued.
@@ -340,41 +535,83 @@ impl ExecMode {
     }
 }
 
-/// Layers that run one decode token through the residual stream, in order.
+/// Whether a segment adds the residual itself (chained layers) or leaves a partial sum.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Residual {
+    Fused,
+    Partial,
+}
+
+/// Layers that run one decode token at a time.
 pub struct LayerStack {
     shape: LayerShape,
     scratch: Scratch,
     layers: Vec<DeviceLayer>,
-    /// `[attention, ffn]` graphs per layer, captured on first use of [`ExecMode::Split`].
+    head: Option<DeviceHead>,
+    /// `[attention, ffn]` graphs per layer for [`LayerStack::step`], captured on first use.
     graphs: Vec<[CudaGraph; 2]>,
 }
 
 impl LayerStack {
-    /// A stack over `layers`, all of `shape`.
+    /// A stack over `layers`, all with the attention geometry `shape`; rope frequencies from
+    /// `shape.rope_theta` until [`LayerStack::set_inv_freq`].
     pub fn new(
         dev: &CudaDevice,
         shape: LayerShape,
         layers: Vec<DeviceLayer>,
     ) -> Result<LayerStack, CudaError> {
-        shape.validate()?;
-        let k = shape.top_k;
+        for l in &layers {
+            shape.validate(l.ffn_shape())?;
+        }
+        let max = |f: &dyn Fn(&FfnShape) -> usize| {
+            layers
+                .iter()
+                .map(|l| f(l.ffn_shape()))
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        };
+        let slots = max(&|f| f.slots());
+        let act = max(&|f| f.slots() * f.intermediate());
+        let experts = max(&|f| f.experts());
+        let shared = max(&|f| match f {
+            FfnShape::Moe {
+                shared_intermediate: Some(si),
+                ..
+            } => *si,
+            _ => 1,
+        });
+        let half = shape.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                (1.0 / (shape.rope_theta as f64).powf(2.0 * i as f64 / shape.head_dim as f64))
+                    as f32
+            })
+            .collect();
         let scratch = Scratch {
             x: dev.zeros(shape.hidden)?,
             x_mid: dev.zeros(shape.hidden)?,
             normed: dev.zeros(shape.hidden)?,
             qkv: dev.zeros(shape.qkv_rows())?,
             attn: dev.zeros(shape.q_dim())?,
-            logits: dev.zeros(shape.n_experts)?,
-            expert_ids: dev.zeros(k)?,
-            expert_weights: dev.zeros(k)?,
-            act: dev.zeros(k * shape.intermediate)?,
-            expert_out: dev.zeros(k * shape.hidden)?,
+            logits: dev.zeros(experts)?,
+            expert_ids: dev.zeros(slots)?,
+            expert_weights: dev.zeros(slots)?,
+            act: dev.zeros(act)?,
+            expert_out: dev.zeros(slots * shape.hidden)?,
+            shared_act: dev.zeros(shared)?,
+            shared_out: dev.zeros(shape.hidden)?,
+            shared_logit: dev.zeros(1)?,
+            one: dev.upload(&[1.0f32])?,
+            inv_freq: dev.upload(&inv_freq)?,
             pos: dev.zeros(1)?,
+            vocab_logits: dev.zeros(1)?,
         };
         Ok(LayerStack {
             shape,
             scratch,
             layers,
+            head: None,
             graphs: Vec::new(),
         })
     }
@@ -387,18 +624,38 @@ impl LayerStack {
         self.layers.len()
     }
 
+    /// Uses these rope frequencies (`head_dim / 2` of them, as the model computes them).
+    pub fn set_inv_freq(&mut self, dev: &CudaDevice, inv_freq: &[f32]) -> Result<(), CudaError> {
+        check_len("inv_freq", inv_freq.len() * 4, self.shape.head_dim / 2 * 4)?;
+        self.scratch.inv_freq = dev.upload(inv_freq)?;
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// Adds the final norm and lm_head, for [`LayerStack::logits`].
+    pub fn set_head(&mut self, dev: &CudaDevice, head: DeviceHead) -> Result<(), CudaError> {
+        self.scratch.vocab_logits = dev.zeros(head.vocab)?;
+        self.head = Some(head);
+        Ok(())
+    }
+
     /// Sets the residual stream entering the first layer.
     pub fn set_hidden(&mut self, dev: &CudaDevice, hidden: &[f32]) -> Result<(), CudaError> {
-        if hidden.len() != self.shape.hidden {
-            return Err(CudaError::Shape(format!(
-                "hidden state of {} values, the layer has {}",
-                hidden.len(),
-                self.shape.hidden
-            )));
-        }
+        self.check_hidden(hidden.len())?;
         dev.stream()
             .memcpy_htod(hidden, &mut self.scratch.x)
             .during("copying the hidden state")
+    }
+
+    fn check_hidden(&self, len: usize) -> Result<(), CudaError> {
+        if len == self.shape.hidden {
+            Ok(())
+        } else {
+            Err(CudaError::Shape(format!(
+                "hidden state of {len} values, the layer has {}",
+                self.shape.hidden
+            )))
+        }
     }
 
     /// Copies the hidden state from another device buffer (stays on the device).
@@ -430,13 +687,14 @@ impl LayerStack {
             .during("setting the position")
     }
 
-    /// Runs every layer once for the current token (queued; see [`CudaDevice::synchronize`]).
+    /// Runs every layer once for the current token, residual adds fused (queued; see
+    /// [`CudaDevice::synchronize`]).
     pub fn step(&mut self, dev: &CudaDevice, mode: ExecMode) -> Result<(), CudaError> {
         match mode {
             ExecMode::PerOp => {
                 for l in 0..self.layers.len() {
-                    self.enqueue_attention(dev, l, &mut AfterOp::Sync)?;
-                    self.enqueue_ffn(dev, l, &mut AfterOp::Sync)?;
+                    self.enqueue_attention(dev, l, Residual::Fused, &mut AfterOp::Sync)?;
+                    self.enqueue_ffn(dev, l, Residual::Fused, &mut AfterOp::Sync)?;
                 }
             }
             ExecMode::Split => {
@@ -452,14 +710,93 @@ impl LayerStack {
         Ok(())
     }
 
+    /// The attention segment of layer `l` for the token `x` at the position set last: appends to
+    /// the KV cache and writes the partial residual update (o_proj's output) to `out`.
+    pub fn attention(
+        &mut self,
+        dev: &CudaDevice,
+        l: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), CudaError> {
+        self.set_hidden(dev, x)?;
+        self.enqueue_attention(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
+        self.check_hidden(out.len())?;
+        dev.stream()
+            .memcpy_dtoh(&self.scratch.x_mid, out)
+            .during("copying the attention output")
+    }
+
+    /// The FFN segment of layer `l` for the token `x`: writes the partial residual update to `out`.
+    pub fn ffn(
+        &mut self,
+        dev: &CudaDevice,
+        l: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), CudaError> {
+        self.check_hidden(x.len())?;
+        dev.stream()
+            .memcpy_htod(x, &mut self.scratch.x_mid)
+            .during("copying the hidden state")?;
+        self.enqueue_ffn(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
+        self.check_hidden(out.len())?;
+        dev.stream()
+            .memcpy_dtoh(&self.scratch.x, out)
+            .during("copying the ffn output")
+    }
+
+    /// Final norm and lm_head of `x`: the vocabulary's logits.
+    pub fn logits(&mut self, dev: &CudaDevice, x: &[f32]) -> Result<Vec<f32>, CudaError> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| CudaError::Shape("no lm_head was uploaded".into()))?;
+        self.check_hidden(x.len())?;
+        let s = &mut self.scratch;
+        dev.stream()
+            .memcpy_htod(x, &mut s.x)
+            .during("copying the hidden state")?;
+        let h = self.shape.hidden;
+        let p = |b: &CudaSlice<f32>| dptr(dev, b);
+        ops::rms_norm(
+            dev,
+            p(&s.x),
+            p(&head.norm),
+            p(&s.normed),
+            1,
+            h,
+            self.shape.eps,
+        )?;
+        let w = Weights {
+            ptr: dptr(dev, &head.lm_head),
+            dtype: head.dtype,
+            matrix_stride_bytes: 0,
+        };
+        ops::matvec(
+            dev,
+            w,
+            Slots::Single,
+            p(&s.normed),
+            0,
+            p(&s.vocab_logits),
+            head.vocab,
+            h,
+        )?;
+        dev.download(&s.vocab_logits)
+    }
+
     /// Captures both segments of every layer as graphs.
     fn capture(&mut self, dev: &CudaDevice) -> Result<(), CudaError> {
         dev.synchronize()?;
         let mut graphs = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
-            let attn =
-                self.capture_one(dev, |s| s.enqueue_attention(dev, l, &mut AfterOp::Queue))?;
-            let ffn = self.capture_one(dev, |s| s.enqueue_ffn(dev, l, &mut AfterOp::Queue))?;
+            let attn = self.capture_one(dev, |s| {
+                s.enqueue_attention(dev, l, Residual::Fused, &mut AfterOp::Queue)
+            })?;
+            let ffn = self.capture_one(dev, |s| {
+                s.enqueue_ffn(dev, l, Residual::Fused, &mut AfterOp::Queue)
+            })?;
             graphs.push([attn, ffn]);
         }
         self.graphs = graphs;
@@ -485,8 +822,8 @@ impl LayerStack {
         Ok(graph)
     }
 
-    /// Runs one step op by op and returns each op's device time in microseconds, summed over
-    /// the layers, in the order the ops run.
+    /// Runs one fused step op by op and returns each op's device time in microseconds, summed
+    /// over the layers, in the order the ops run.
     pub fn profile_step(
         &mut self,
         dev: &CudaDevice,
@@ -497,8 +834,8 @@ impl LayerStack {
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .during("recording an event")?;
         for l in 0..self.layers.len() {
-            self.enqueue_attention(dev, l, &mut AfterOp::Time(&mut events))?;
-            self.enqueue_ffn(dev, l, &mut AfterOp::Time(&mut events))?;
+            self.enqueue_attention(dev, l, Residual::Fused, &mut AfterOp::Time(&mut events))?;
+            self.enqueue_ffn(dev, l, Residual::Fused, &mut AfterOp::Time(&mut events))?;
         }
         dev.synchronize()?;
         let mut totals: Vec<(&'static str, f64)> = Vec::new();
@@ -514,15 +851,17 @@ impl LayerStack {
         Ok(totals)
     }
 
+    /// x -> x_mid: with `Fused`, x_mid = x + attention(x); with `Partial`, x_mid = attention(x).
     fn enqueue_attention(
         &self,
         dev: &CudaDevice,
         l: usize,
+        residual: Residual,
         after: &mut AfterOp,
     ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
-        let pos = dptr(dev, &s.pos);
+        let opt = |b: &Option<CudaSlice<f32>>| b.as_ref().map_or(0, |b| dptr(dev, b));
         ops::rms_norm(
             dev,
             p(&s.x),
@@ -534,101 +873,120 @@ impl LayerStack {
         )?;
         after.done(dev, "attn.rms_norm")?;
         let qkv = w.weights(dev, &w.qkv, 0);
+        let (rows, h, q) = (sh.qkv_rows(), sh.hidden, sh.q_dim());
+        let bias = opt(&w.qkv_bias);
         ops::matvec(
             dev,
             qkv,
             Slots::Single,
             p(&s.normed),
-            0,
+            bias,
             p(&s.qkv),
-            sh.qkv_rows(),
-            sh.hidden,
+            rows,
+            h,
         )?;
         after.done(dev, "attn.qkv")?;
-        let norm_ptr = |n: &Option<CudaSlice<f32>>| n.as_ref().map_or(0, |b| dptr(dev, b));
         ops::rope_kv_append(
             dev,
             sh.attention_dims(),
             p(&s.qkv),
-            pos,
+            dptr(dev, &s.pos),
             p(&w.k_cache),
             p(&w.v_cache),
-            norm_ptr(&w.q_norm),
-            norm_ptr(&w.k_norm),
+            opt(&w.q_norm),
+            opt(&w.k_norm),
             sh.eps,
-            sh.rope_theta,
+            p(&s.inv_freq),
         )?;
         after.done(dev, "attn.rope_kv_append")?;
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        let (q_ptr, pos) = (p(&s.qkv), dptr(dev, &s.pos));
+        let (kc, vc) = (p(&w.k_cache), p(&w.v_cache));
         ops::attention_decode(
             dev,
             sh.attention_dims(),
-            p(&s.qkv),
-            p(&w.k_cache),
-            p(&w.v_cache),
+            q_ptr,
+            kc,
+            vc,
             pos,
             p(&s.attn),
             scale,
         )?;
         after.done(dev, "attn.attention")?;
         let o = w.weights(dev, &w.o, 0);
-        ops::matvec(
-            dev,
-            o,
-            Slots::Single,
-            p(&s.attn),
-            p(&s.x),
-            p(&s.x_mid),
-            sh.hidden,
-            sh.q_dim(),
-        )?;
+        let res = if residual == Residual::Fused {
+            p(&s.x)
+        } else {
+            0
+        };
+        ops::matvec(dev, o, Slots::Single, p(&s.attn), res, p(&s.x_mid), h, q)?;
         after.done(dev, "attn.o_proj")
     }
 
+    /// x_mid -> x: with `Fused`, x = x_mid + ffn(x_mid); with `Partial`, x = ffn(x_mid).
     fn enqueue_ffn(
         &self,
         dev: &CudaDevice,
         l: usize,
+        residual: Residual,
         after: &mut AfterOp,
     ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
-        let (h, i, k) = (sh.hidden, sh.intermediate, sh.top_k);
-        let es = self.layers[l].dtype.size_in_bytes();
-        let ids = dptr(dev, &s.expert_ids);
+        let h = sh.hidden;
+        let (k, i) = (w.ffn_shape.slots(), w.ffn_shape.intermediate());
+        let es = w.dtype.size_in_bytes();
         ops::rms_norm(dev, p(&s.x_mid), p(&w.ffn_norm), p(&s.normed), 1, h, sh.eps)?;
         after.done(dev, "ffn.rms_norm")?;
-        let router = w.weights(dev, &w.router, 0);
-        ops::matvec(
-            dev,
-            router,
-            Slots::Single,
-            p(&s.normed),
-            0,
-            p(&s.logits),
-            sh.n_experts,
-            h,
-        )?;
-        after.done(dev, "ffn.router")?;
-        ops::router_top_k(
-            dev,
-            p(&s.logits),
-            sh.n_experts,
-            k,
-            sh.renormalize,
-            ids,
-            p(&s.expert_weights),
-        )?;
-        after.done(dev, "ffn.router_top_k")?;
-        let gate_up = w.weights(dev, &w.gate_up, 2 * i * h * es);
-        let each = Slots::SwiGlu {
+        let (experts, ids, weights, shared) = match (&w.ffn, &w.ffn_shape) {
+            (
+                DeviceFfn::Moe {
+                    router,
+                    experts,
+                    shared,
+                },
+                FfnShape::Moe {
+                    n_experts,
+                    renormalize,
+                    shared_intermediate,
+                    ..
+                },
+            ) => {
+                let r = w.weights(dev, router, 0);
+                ops::matvec(
+                    dev,
+                    r,
+                    Slots::Single,
+                    p(&s.normed),
+                    0,
+                    p(&s.logits),
+                    *n_experts,
+                    h,
+                )?;
+                after.done(dev, "ffn.router")?;
+                let (ids, wts) = (dptr(dev, &s.expert_ids), p(&s.expert_weights));
+                ops::router_top_k(dev, p(&s.logits), *n_experts, k, *renormalize, ids, wts)?;
+                after.done(dev, "ffn.router_top_k")?;
+                let shared = match (shared, shared_intermediate) {
+                    (Some((mlp, gate)), Some(si)) => {
+                        Some(self.enqueue_shared(dev, w, mlp, gate, *si, after)?)
+                    }
+                    _ => None,
+                };
+                (experts, ids, wts, shared)
+            }
+            (DeviceFfn::Dense(mlp), _) => (mlp, 0, p(&s.one), None),
+            _ => return Err(CudaError::Shape("FFN weights and shape disagree".into())),
+        };
+        let gate_up = w.weights(dev, &experts.gate_up, 2 * i * h * es);
+        let swiglu = Slots::SwiGlu {
             ids,
             count: k as u32,
             y_stride: i as u64,
         };
-        ops::matvec(dev, gate_up, each, p(&s.normed), 0, p(&s.act), i, h)?;
+        ops::matvec(dev, gate_up, swiglu, p(&s.normed), 0, p(&s.act), i, h)?;
         after.done(dev, "ffn.gate_up_swiglu")?;
-        let down = w.weights(dev, &w.down, h * i * es);
+        let down = w.weights(dev, &experts.down, h * i * es);
         let each = Slots::Each {
             ids,
             count: k as u32,
@@ -637,15 +995,70 @@ impl LayerStack {
         };
         ops::matvec(dev, down, each, p(&s.act), 0, p(&s.expert_out), h, i)?;
         after.done(dev, "ffn.down")?;
-        ops::combine_slots(
+        let res = if residual == Residual::Fused {
+            p(&s.x_mid)
+        } else {
+            0
+        };
+        ops::combine_slots(dev, p(&s.expert_out), weights, k, res, shared, p(&s.x), h)?;
+        after.done(dev, "ffn.combine")
+    }
+
+    /// Queues the shared expert of a Qwen2-MoE layer: its output and its gate's logit.
+    fn enqueue_shared(
+        &self,
+        dev: &CudaDevice,
+        w: &DeviceLayer,
+        mlp: &DeviceMlp,
+        gate: &CudaSlice<u8>,
+        si: usize,
+        after: &mut AfterOp,
+    ) -> Result<SharedExpert, CudaError> {
+        let s = &self.scratch;
+        let p = |b: &CudaSlice<f32>| dptr(dev, b);
+        let h = self.shape.hidden;
+        let single_swiglu = Slots::SwiGlu {
+            ids: 0,
+            count: 1,
+            y_stride: 0,
+        };
+        let gu = w.weights(dev, &mlp.gate_up, 0);
+        ops::matvec(
             dev,
-            p(&s.expert_out),
-            p(&s.expert_weights),
-            k,
-            p(&s.x_mid),
-            p(&s.x),
+            gu,
+            single_swiglu,
+            p(&s.normed),
+            0,
+            p(&s.shared_act),
+            si,
             h,
         )?;
-        after.done(dev, "ffn.combine")
+        let down = w.weights(dev, &mlp.down, 0);
+        ops::matvec(
+            dev,
+            down,
+            Slots::Single,
+            p(&s.shared_act),
+            0,
+            p(&s.shared_out),
+            h,
+            si,
+        )?;
+        let g = w.weights(dev, gate, 0);
+        ops::matvec(
+            dev,
+            g,
+            Slots::Single,
+            p(&s.normed),
+            0,
+            p(&s.shared_logit),
+            1,
+            h,
+        )?;
+        after.done(dev, "ffn.shared_expert")?;
+        Ok(SharedExpert {
+            out: p(&s.shared_out),
+            logit: p(&s.shared_logit),
+        })
     }
 }

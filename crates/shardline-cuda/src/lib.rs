@@ -13,4 +13,7 @@ mod ptx_cache;
 
 pub use device::CudaDevice;
 pub use error::CudaError;
-pub use layer::{DeviceLayer, ExecMode, HostLayerWeights, LayerShape, LayerStack};
+pub use layer::{
+    DeviceHead, DeviceLayer, ExecMode, FfnShape, HostFfn, HostLayerWeights, HostMlp, LayerShape,
+    LayerStack,
+};

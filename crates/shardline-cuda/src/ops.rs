@@ -133,7 +133,8 @@ pub struct AttentionDims {
     pub capacity: usize,
 }
 
-/// Per-head q/k norm (when `q_norm`/`k_norm` are non-zero), rope at `*pos`, and KV append.
+/// Per-head q/k norm (when `q_norm`/`k_norm` are non-zero), rope at `*pos` with the
+/// `head_dim / 2` frequencies at `inv_freq`, and KV append.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_append(
     dev: &CudaDevice,
@@ -145,7 +146,7 @@ pub fn rope_kv_append(
     q_norm: u64,
     k_norm: u64,
     eps: f32,
-    theta: f32,
+    inv_freq: u64,
 ) -> Result<(), CudaError> {
     let blocks = dims.n_heads + 2 * dims.n_kv_heads;
     let cfg = LaunchConfig {
@@ -171,7 +172,7 @@ pub fn rope_kv_append(
         .arg(&kvh)
         .arg(&d)
         .arg(&cap)
-        .arg(&theta);
+        .arg(&inv_freq);
     launch(a, cfg, "rope_kv_append")
 }
 
@@ -239,13 +240,23 @@ pub fn router_top_k(
     launch(a, cfg, "router_top_k")
 }
 
-/// `y = residual + sum_s weights[s] * partial[s]` over `count` rows of `n`.
+/// A sigmoid-gated shared expert's output and its gate logit (both on the device).
+#[derive(Clone, Copy, Debug)]
+pub struct SharedExpert {
+    pub out: u64,
+    pub logit: u64,
+}
+
+/// `y = residual + sum_s weights[s] * partial[s] (+ sigmoid(logit) * shared.out)` over `count`
+/// rows of `n`; `residual` may be 0 (none).
+#[allow(clippy::too_many_arguments)]
 pub fn combine_slots(
     dev: &CudaDevice,
     partial: u64,
     weights: u64,
     count: usize,
     residual: u64,
+    shared: Option<SharedExpert>,
     y: u64,
     n: usize,
 ) -> Result<(), CudaError> {
@@ -255,11 +266,14 @@ pub fn combine_slots(
         shared_mem_bytes: 0,
     };
     let (count, n) = (count as i32, n as i32);
+    let (shared_out, shared_logit) = shared.map_or((0, 0), |s| (s.out, s.logit));
     let mut a = dev.stream().launch_builder(&dev.kernels().combine_slots);
     a.arg(&partial)
         .arg(&weights)
         .arg(&count)
         .arg(&residual)
+        .arg(&shared_out)
+        .arg(&shared_logit)
         .arg(&y)
         .arg(&n);
     launch(a, cfg, "combine_slots")

@@ -1,10 +1,13 @@
-//! The GPU decode layer against the CPU kernels of `shardline-tensor` on the same weights, for
-//! every weight dtype, over several decode steps, in both execution modes.
+//! The GPU decode layers against the CPU kernels of `shardline-tensor` on the same weights: every
+//! weight dtype, MoE (with and without renormalisation, with a shared expert) and dense FFNs, q/k
+//! norm and q/k/v bias, over several decode steps, chained on the device in both execution modes
+//! and one segment at a time.
 //!
 //! Needs a CUDA device: without one each test prints that it did not run and why.
 
 use shardline_cuda::{
-    CudaDevice, CudaError, DeviceLayer, ExecMode, HostLayerWeights, LayerShape, LayerStack,
+    CudaDevice, CudaError, DeviceLayer, ExecMode, FfnShape, HostFfn, HostLayerWeights, HostMlp,
+    LayerShape, LayerStack,
 };
 use shardline_tensor::kernels::{self, KvCache, Rope};
 use shardline_tensor::{DType, Tensor};
@@ -36,21 +39,34 @@ impl Rng {
     }
 }
 
+/// A SwiGLU MLP on the host: `[2I, H]` and `[H, I]`.
+struct Mlp {
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+enum Ffn {
+    Moe {
+        router: Tensor,
+        experts: Vec<Mlp>,
+        shared: Option<(Mlp, Tensor)>,
+    },
+    Dense(Mlp),
+}
+
 /// One layer's weights on the host, as tensors of the weight dtype.
 struct HostLayer {
     attn_norm: Vec<f32>,
     qkv: Tensor,
+    qkv_bias: Option<Vec<f32>>,
     o: Tensor,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    router: Tensor,
-    /// Per expert `[2I, H]` and `[H, I]`.
-    gate_up: Vec<Tensor>,
-    down: Vec<Tensor>,
+    ffn: Ffn,
 }
 
-fn random_layer(sh: &LayerShape, dtype: DType, rng: &mut Rng) -> HostLayer {
+fn random_layer(sh: &LayerShape, ffn: &FfnShape, dtype: DType, rng: &mut Rng) -> HostLayer {
     let h = sh.hidden;
     let mut t = |rows: usize, cols: usize| {
         let v = rng.vec(rows * cols, 1.0 / (cols as f32).sqrt());
@@ -58,43 +74,119 @@ fn random_layer(sh: &LayerShape, dtype: DType, rng: &mut Rng) -> HostLayer {
     };
     let qkv = t(sh.qkv_rows(), h);
     let o = t(h, sh.q_dim());
-    let router = t(sh.n_experts, h);
-    let gate_up = (0..sh.n_experts)
-        .map(|_| t(2 * sh.intermediate, h))
-        .collect();
-    let down = (0..sh.n_experts).map(|_| t(h, sh.intermediate)).collect();
+    fn mlp(t: &mut impl FnMut(usize, usize) -> Tensor, i: usize, h: usize) -> Mlp {
+        Mlp {
+            gate_up: t(2 * i, h),
+            down: t(h, i),
+        }
+    }
+    let ffn = match ffn {
+        FfnShape::Moe {
+            n_experts,
+            intermediate,
+            shared_intermediate,
+            ..
+        } => Ffn::Moe {
+            experts: (0..*n_experts)
+                .map(|_| mlp(&mut t, *intermediate, h))
+                .collect(),
+            shared: shared_intermediate.map(|si| (mlp(&mut t, si, h), t(1, h))),
+            router: t(*n_experts, h),
+        },
+        FfnShape::Dense { intermediate } => Ffn::Dense(mlp(&mut t, *intermediate, h)),
+    };
     let mut norm = |n: usize| -> Vec<f32> { rng.vec(n, 0.5).iter().map(|v| 1.0 + v).collect() };
     HostLayer {
         attn_norm: norm(h),
         q_norm: sh.qk_norm.then(|| norm(sh.head_dim)),
         k_norm: sh.qk_norm.then(|| norm(sh.head_dim)),
         ffn_norm: norm(h),
+        qkv_bias: sh.qkv_bias.then(|| norm(sh.qkv_rows())),
         qkv,
         o,
-        router,
-        gate_up,
-        down,
+        ffn,
     }
 }
 
-fn concat(ts: &[Tensor]) -> Vec<u8> {
+fn concat(ts: &[&Tensor]) -> Vec<u8> {
     ts.iter().flat_map(|t| t.bytes().iter().copied()).collect()
 }
 
-/// The CPU reference of one decode step of one layer, updating `x` in place.
-fn cpu_step(
+fn upload(
+    dev: &CudaDevice,
+    sh: &LayerShape,
+    shape: &FfnShape,
+    dtype: DType,
+    w: &HostLayer,
+) -> DeviceLayer {
+    let (gate_up, down): (Vec<u8>, Vec<u8>) = match &w.ffn {
+        Ffn::Moe { experts, .. } => (
+            concat(&experts.iter().map(|m| &m.gate_up).collect::<Vec<_>>()),
+            concat(&experts.iter().map(|m| &m.down).collect::<Vec<_>>()),
+        ),
+        Ffn::Dense(m) => (m.gate_up.bytes().to_vec(), m.down.bytes().to_vec()),
+    };
+    let experts = HostMlp {
+        gate_up: &gate_up,
+        down: &down,
+    };
+    let ffn = match &w.ffn {
+        Ffn::Moe { router, shared, .. } => HostFfn::Moe {
+            router: router.bytes(),
+            experts,
+            shared: shared.as_ref().map(|(m, g)| {
+                (
+                    HostMlp {
+                        gate_up: m.gate_up.bytes(),
+                        down: m.down.bytes(),
+                    },
+                    g.bytes(),
+                )
+            }),
+        },
+        Ffn::Dense(_) => HostFfn::Dense(experts),
+    };
+    let host = HostLayerWeights {
+        attn_norm: &w.attn_norm,
+        qkv: w.qkv.bytes(),
+        qkv_bias: w.qkv_bias.as_deref(),
+        o: w.o.bytes(),
+        q_norm: w.q_norm.as_deref(),
+        k_norm: w.k_norm.as_deref(),
+        ffn_norm: &w.ffn_norm,
+        ffn,
+    };
+    DeviceLayer::upload(dev, sh, shape, dtype, &host).unwrap()
+}
+
+/// `down(silu(gate x) * (up x))` on the CPU.
+fn cpu_mlp(m: &Mlp, x: &[f32], h: usize) -> Vec<f32> {
+    let i = m.down.shape().dims()[1];
+    let mut gu = vec![0.0; 2 * i];
+    kernels::matvec(&m.gate_up.view(), x, &mut gu);
+    let mut act = vec![0.0; i];
+    kernels::silu_mul(&gu[..i], &gu[i..], &mut act);
+    let mut out = vec![0.0; h];
+    kernels::matvec(&m.down.view(), &act, &mut out);
+    out
+}
+
+/// The CPU reference of the attention segment: the partial update (o_proj's output).
+fn cpu_attention(
     sh: &LayerShape,
     w: &HostLayer,
     cache: &mut KvCache,
     rope: &Rope,
     pos: usize,
-    x: &mut [f32],
-) {
-    let h = sh.hidden;
-    let mut normed = vec![0.0; h];
+    x: &[f32],
+) -> Vec<f32> {
+    let mut normed = vec![0.0; sh.hidden];
     kernels::rms_norm(x, &w.attn_norm, sh.eps, &mut normed);
     let mut qkv = vec![0.0; sh.qkv_rows()];
     kernels::matvec(&w.qkv.view(), &normed, &mut qkv);
+    if let Some(b) = &w.qkv_bias {
+        kernels::add_assign(&mut qkv, b);
+    }
     let (q, kv) = qkv.split_at_mut(sh.q_dim());
     let (k, v) = kv.split_at_mut(sh.kv_dim());
     if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
@@ -114,68 +206,118 @@ fn cpu_step(
         1.0 / (sh.head_dim as f32).sqrt(),
         &mut attn,
     );
-    let mut o = vec![0.0; h];
+    let mut o = vec![0.0; sh.hidden];
     kernels::matvec(&w.o.view(), &attn, &mut o);
-    kernels::add_assign(x, &o);
-
-    kernels::rms_norm(x, &w.ffn_norm, sh.eps, &mut normed);
-    let mut logits = vec![0.0; sh.n_experts];
-    kernels::matvec(&w.router.view(), &normed, &mut logits);
-    kernels::softmax(&mut logits);
-    let mut ids = vec![0usize; sh.top_k];
-    let mut weights = vec![0.0f32; sh.top_k];
-    kernels::top_k(&logits, &mut ids, &mut weights);
-    if sh.renormalize {
-        let s: f32 = weights.iter().sum();
-        weights.iter_mut().for_each(|v| *v /= s);
-    }
-    let i = sh.intermediate;
-    let mut out = vec![0.0; h];
-    for (e, wt) in ids.iter().zip(&weights) {
-        let mut gu = vec![0.0; 2 * i];
-        kernels::matvec(&w.gate_up[*e].view(), &normed, &mut gu);
-        let mut act = vec![0.0; i];
-        kernels::silu_mul(&gu[..i], &gu[i..], &mut act);
-        let mut d = vec![0.0; h];
-        kernels::matvec(&w.down[*e].view(), &act, &mut d);
-        kernels::axpy(*wt, &d, &mut out);
-    }
-    kernels::add_assign(x, &out);
+    o
 }
 
-fn shapes() -> Vec<LayerShape> {
+/// The CPU reference of the FFN segment: the partial update.
+fn cpu_ffn(sh: &LayerShape, shape: &FfnShape, w: &HostLayer, x: &[f32]) -> Vec<f32> {
+    let h = sh.hidden;
+    let mut normed = vec![0.0; h];
+    kernels::rms_norm(x, &w.ffn_norm, sh.eps, &mut normed);
+    match (&w.ffn, shape) {
+        (Ffn::Dense(m), _) => cpu_mlp(m, &normed, h),
+        (
+            Ffn::Moe {
+                router,
+                experts,
+                shared,
+            },
+            FfnShape::Moe {
+                n_experts,
+                top_k,
+                renormalize,
+                ..
+            },
+        ) => {
+            let mut logits = vec![0.0; *n_experts];
+            kernels::matvec(&router.view(), &normed, &mut logits);
+            kernels::softmax(&mut logits);
+            let mut ids = vec![0usize; *top_k];
+            let mut weights = vec![0.0f32; *top_k];
+            kernels::top_k(&logits, &mut ids, &mut weights);
+            if *renormalize {
+                let s: f32 = weights.iter().sum();
+                weights.iter_mut().for_each(|v| *v /= s);
+            }
+            let mut out = vec![0.0; h];
+            for (e, wt) in ids.iter().zip(&weights) {
+                kernels::axpy(*wt, &cpu_mlp(&experts[*e], &normed, h), &mut out);
+            }
+            if let Some((m, gate)) = shared {
+                let mut g = [0.0f32];
+                kernels::matvec(&gate.view(), &normed, &mut g);
+                let sig = 1.0 / (1.0 + (-g[0]).exp());
+                kernels::axpy(sig, &cpu_mlp(m, &normed, h), &mut out);
+            }
+            out
+        }
+        _ => unreachable!("shape and weights built together"),
+    }
+}
+
+fn attention_shape(
+    hidden: usize,
+    heads: (usize, usize, usize),
+    qk_norm: bool,
+    qkv_bias: bool,
+) -> LayerShape {
+    LayerShape {
+        hidden,
+        n_heads: heads.0,
+        n_kv_heads: heads.1,
+        head_dim: heads.2,
+        qk_norm,
+        qkv_bias,
+        rope_theta: 10_000.0,
+        eps: 1e-5,
+        capacity: 16,
+    }
+}
+
+/// (name, attention geometry, FFN) of each case.
+fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
     vec![
-        // Mixtral-like: GQA, renormalised top-2, head_dim 64.
-        LayerShape {
-            hidden: 256,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 64,
-            n_experts: 4,
-            top_k: 2,
-            intermediate: 96,
-            qk_norm: false,
-            renormalize: true,
-            rope_theta: 10_000.0,
-            eps: 1e-5,
-            capacity: 16,
-        },
-        // Qwen-like with odd sizes: hidden not a multiple of 8 (the kernels' tail path), q/k
-        // norm, small heads, top-4 of 8 without renormalising.
-        LayerShape {
-            hidden: 200,
-            n_heads: 8,
-            n_kv_heads: 2,
-            head_dim: 16,
-            n_experts: 8,
-            top_k: 4,
-            intermediate: 44,
-            qk_norm: true,
-            renormalize: false,
-            rope_theta: 1_000_000.0,
-            eps: 1e-6,
-            capacity: 16,
-        },
+        (
+            "mixtral-like",
+            attention_shape(256, (4, 2, 64), false, false),
+            FfnShape::Moe {
+                n_experts: 4,
+                top_k: 2,
+                intermediate: 96,
+                renormalize: true,
+                shared_intermediate: None,
+            },
+        ),
+        (
+            // hidden not a multiple of 8 (the kernels' tail path), small heads, q/k norm
+            "qwen3-like-odd",
+            attention_shape(200, (8, 2, 16), true, false),
+            FfnShape::Moe {
+                n_experts: 8,
+                top_k: 4,
+                intermediate: 44,
+                renormalize: false,
+                shared_intermediate: None,
+            },
+        ),
+        (
+            "qwen2-like",
+            attention_shape(128, (4, 4, 32), false, true),
+            FfnShape::Moe {
+                n_experts: 4,
+                top_k: 2,
+                intermediate: 32,
+                renormalize: false,
+                shared_intermediate: Some(48),
+            },
+        ),
+        (
+            "llama-like",
+            attention_shape(128, (8, 2, 16), false, false),
+            FfnShape::Dense { intermediate: 160 },
+        ),
     ]
 }
 
@@ -187,67 +329,88 @@ fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
+const STEPS: usize = 5;
+const TOLERANCE: f32 = 2e-5;
+
 #[test]
 fn gpu_layers_match_cpu_kernels_for_every_dtype_and_mode() {
     let Some(dev) = device("gpu_layers_match_cpu_kernels") else {
         return;
     };
-    for sh in shapes() {
+    for (name, sh, ffn) in cases() {
         for dtype in DType::ALL {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-            let layers: Vec<HostLayer> =
-                (0..2).map(|_| random_layer(&sh, dtype, &mut rng)).collect();
-            let upload = |w: &HostLayer| {
-                let gate_up = concat(&w.gate_up);
-                let down = concat(&w.down);
-                let host = HostLayerWeights {
-                    attn_norm: &w.attn_norm,
-                    qkv: w.qkv.bytes(),
-                    o: w.o.bytes(),
-                    q_norm: w.q_norm.as_deref(),
-                    k_norm: w.k_norm.as_deref(),
-                    ffn_norm: &w.ffn_norm,
-                    router: w.router.bytes(),
-                    gate_up: &gate_up,
-                    down: &down,
-                };
-                DeviceLayer::upload(&dev, &sh, dtype, &host).unwrap()
-            };
+            let layers: Vec<HostLayer> = (0..2)
+                .map(|_| random_layer(&sh, &ffn, dtype, &mut rng))
+                .collect();
+            let rope = Rope::new(sh.head_dim, sh.capacity, sh.rope_theta as f64);
+            // The CPU reference of every step of the chained layers.
+            let mut caches: Vec<KvCache> = (0..layers.len())
+                .map(|_| KvCache::new(sh.n_kv_heads, sh.head_dim, sh.capacity))
+                .collect();
+            let mut input_rng = Rng(7);
+            let mut inputs = Vec::new();
+            let mut expected = Vec::new();
+            for pos in 0..STEPS {
+                let mut x = input_rng.vec(sh.hidden, 1.0);
+                inputs.push(x.clone());
+                for (w, cache) in layers.iter().zip(caches.iter_mut()) {
+                    let a = cpu_attention(&sh, w, cache, &rope, pos, &x);
+                    kernels::add_assign(&mut x, &a);
+                    let f = cpu_ffn(&sh, &ffn, w, &x);
+                    kernels::add_assign(&mut x, &f);
+                }
+                expected.push(x);
+            }
             let mut outputs = Vec::new();
             for mode in [ExecMode::PerOp, ExecMode::Split] {
-                let dev_layers = layers.iter().map(upload).collect();
-                let mut stack = LayerStack::new(&dev, sh.clone(), dev_layers).unwrap();
-                let rope = Rope::new(sh.head_dim, sh.capacity, sh.rope_theta as f64);
-                let mut caches: Vec<KvCache> = (0..layers.len())
-                    .map(|_| KvCache::new(sh.n_kv_heads, sh.head_dim, sh.capacity))
+                let dev_layers = layers
+                    .iter()
+                    .map(|w| upload(&dev, &sh, &ffn, dtype, w))
                     .collect();
-                let mut input_rng = Rng(7);
+                let mut stack = LayerStack::new(&dev, sh.clone(), dev_layers).unwrap();
                 let mut steps = Vec::new();
-                for pos in 0..5 {
-                    let x0 = input_rng.vec(sh.hidden, 1.0);
-                    stack.set_hidden(&dev, &x0).unwrap();
+                for pos in 0..STEPS {
+                    stack.set_hidden(&dev, &inputs[pos]).unwrap();
                     stack.set_position(&dev, pos).unwrap();
                     stack.step(&dev, mode).unwrap();
                     let gpu = stack.hidden(&dev).unwrap();
-                    let mut cpu = x0.clone();
-                    for (w, cache) in layers.iter().zip(caches.iter_mut()) {
-                        cpu_step(&sh, w, cache, &rope, pos, &mut cpu);
-                    }
-                    let err = max_rel_err(&gpu, &cpu);
+                    let err = max_rel_err(&gpu, &expected[pos]);
                     assert!(
-                        err < 2e-5,
-                        "{dtype} {:?} pos {pos}: GPU vs CPU relative error {err}",
-                        mode
+                        err < TOLERANCE,
+                        "{name} {dtype} {mode:?} pos {pos}: relative error {err}"
                     );
-                    assert!(gpu.iter().all(|v| v.is_finite()));
                     steps.push(gpu);
                 }
                 outputs.push(steps);
             }
             assert_eq!(
                 outputs[0], outputs[1],
-                "{dtype}: split and per-op results differ"
+                "{name} {dtype}: split and per-op results differ"
             );
+
+            // One segment at a time, the residual adds on the host (as a model engine runs it).
+            let dev_layers = layers
+                .iter()
+                .map(|w| upload(&dev, &sh, &ffn, dtype, w))
+                .collect();
+            let mut stack = LayerStack::new(&dev, sh.clone(), dev_layers).unwrap();
+            let mut part = vec![0.0f32; sh.hidden];
+            for pos in 0..STEPS {
+                let mut x = inputs[pos].clone();
+                stack.set_position(&dev, pos).unwrap();
+                for l in 0..layers.len() {
+                    stack.attention(&dev, l, &x, &mut part).unwrap();
+                    kernels::add_assign(&mut x, &part);
+                    stack.ffn(&dev, l, &x, &mut part).unwrap();
+                    kernels::add_assign(&mut x, &part);
+                }
+                let err = max_rel_err(&x, &expected[pos]);
+                assert!(
+                    err < TOLERANCE,
+                    "{name} {dtype} segments pos {pos}: relative error {err}"
+                );
+            }
         }
     }
 }
@@ -257,14 +420,14 @@ fn bad_shapes_and_positions_are_errors() {
     let Some(dev) = device("bad_shapes_and_positions_are_errors") else {
         return;
     };
-    let mut sh = shapes().remove(0);
+    let (_, mut sh, ffn) = cases().remove(0);
     sh.n_kv_heads = 3;
-    let err = DeviceLayer::random(&dev, &sh, DType::BF16, 1)
+    let err = DeviceLayer::random(&dev, &sh, &ffn, DType::BF16, 1)
         .err()
         .expect("refused");
     assert!(err.to_string().contains("KV heads"), "{err}");
-    let sh = shapes().remove(0);
-    let layer = DeviceLayer::random(&dev, &sh, DType::BF16, 1).unwrap();
+    let (_, sh, ffn) = cases().remove(0);
+    let layer = DeviceLayer::random(&dev, &sh, &ffn, DType::BF16, 1).unwrap();
     let mut stack = LayerStack::new(&dev, sh.clone(), vec![layer]).unwrap();
     let err = stack
         .set_position(&dev, sh.capacity)
@@ -273,6 +436,11 @@ fn bad_shapes_and_positions_are_errors() {
     assert!(err.to_string().contains("beyond the KV cache"), "{err}");
     let err = stack.set_hidden(&dev, &[0.0; 3]).err().expect("refused");
     assert!(err.to_string().contains("hidden state"), "{err}");
+    let err = stack
+        .logits(&dev, &vec![0.0; sh.hidden])
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("lm_head"), "{err}");
 }
 
 #[test]

@@ -25,17 +25,17 @@ pub trait Backend {
     fn reset(&mut self, capacity: usize) -> Result<()>;
 
     /// `[tokens.len(), hidden]` embeddings of `tokens` (already checked against the vocabulary).
-    fn embed(&self, tokens: &[u32], out: &mut [f32]);
+    fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()>;
 
     /// Attention segment of `layer` for `[rows, hidden]` `x` at the next positions: appends to
     /// the KV cache and writes this rank's partial residual update to `out`.
-    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]);
+    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
 
     /// FFN segment of `layer`: writes this rank's partial residual update to `out`.
-    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]);
+    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
 
     /// Final norm and lm_head: `[rows, vocab]` logits for `[rows, hidden]` `x`.
-    fn logits(&self, x: &[f32], out: &mut [f32]);
+    fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()>;
 }
 
 /// Combines every rank's partial sums after a segment (an all-reduce).

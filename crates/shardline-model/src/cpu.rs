@@ -86,25 +86,29 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embed(&self, tokens: &[u32], out: &mut [f32]) {
+    fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         let h = self.spec.hidden;
         for (t, row) in tokens.iter().zip(out.chunks_exact_mut(h)) {
             embedding(&self.weights.embed.view(), *t as usize, row);
         }
+        Ok(())
     }
 
-    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) {
+    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         self.weights.layers[layer].attention_forward(x, &mut self.caches[layer], &self.rope, out);
+        Ok(())
     }
 
-    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) {
+    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         self.weights.layers[layer].ffn_forward(x, out);
+        Ok(())
     }
 
-    fn logits(&self, x: &[f32], out: &mut [f32]) {
+    fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let mut xn = vec![0.0f32; x.len()];
         rms_norm(x, &self.weights.final_norm, self.spec.rms_eps, &mut xn);
         let rows = x.len() / self.spec.hidden;
         linear(&self.weights.lm_head().view(), &xn, rows, out);
+        Ok(())
     }
 }

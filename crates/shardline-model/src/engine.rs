@@ -84,7 +84,7 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             Logits::Last => &x[x.len() - h..],
         };
         let mut logits = vec![0.0f32; rows.len() / h * vocab];
-        self.backend.logits(rows, &mut logits);
+        self.backend.logits(rows, &mut logits)?;
         Ok(logits)
     }
 
@@ -93,12 +93,12 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         let (h, n_layers) = (self.backend.spec().hidden, self.backend.spec().n_layers);
         let mut x = vec![0.0f32; tokens.len() * h];
         let mut part = vec![0.0f32; x.len()];
-        self.backend.embed(tokens, &mut x);
+        self.backend.embed(tokens, &mut x)?;
         for layer in 0..n_layers {
-            self.backend.attention(layer, &x, &mut part);
+            self.backend.attention(layer, &x, &mut part)?;
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
-            self.backend.ffn(layer, &x, &mut part);
+            self.backend.ffn(layer, &x, &mut part)?;
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
         }

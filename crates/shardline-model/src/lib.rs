@@ -7,6 +7,8 @@ pub mod attention;
 pub mod backend;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod ffn;
@@ -30,6 +32,7 @@ pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};
 pub use error::{ModelError, Result};
 pub use model::{
-    builtin, builtin_spec, load_dir, load_dir_with, load_tokenizer, verify_dir, CpuEngine,
+    builtin, builtin_spec, load_dir, load_dir_with, load_parts, load_tokenizer, verify_dir,
+    CpuEngine, Device,
 };
 pub use reference::{verify, Reference, VerifyReport};

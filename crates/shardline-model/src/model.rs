@@ -5,13 +5,13 @@ use std::path::Path;
 
 use shardline_tensor::DType;
 
-use crate::backend::{Backend, SingleRank};
+use crate::backend::SingleRank;
 use crate::config::{eos_ids, Arch, ModelSpec, MoeSpec};
 use crate::cpu::CpuBackend;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::files::read_json;
-use crate::load::load_model;
+use crate::load::{load_model, ModelWeights};
 use crate::random::RandomWeights;
 use crate::rope::RopeScaling;
 use crate::safetensors_dir::SafetensorsDir;
@@ -27,6 +27,16 @@ pub fn load_dir(dir: &Path) -> Result<CpuEngine> {
 
 /// [`load_dir`], with `adjust` applied to the spec read from `config.json` before loading.
 pub fn load_dir_with(dir: &Path, adjust: impl FnOnce(&mut ModelSpec)) -> Result<CpuEngine> {
+    let (spec, weights) = load_parts(dir, adjust)?;
+    Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
+}
+
+/// The spec (from `config.json` and `generation_config.json`, then `adjust`ed) and the weights of
+/// the model in `dir`.
+pub fn load_parts(
+    dir: &Path,
+    adjust: impl FnOnce(&mut ModelSpec),
+) -> Result<(ModelSpec, ModelWeights)> {
     let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
     // Chat models often list more end tokens in generation_config.json than in config.json.
     let generation = dir.join("generation_config.json");
@@ -41,7 +51,15 @@ pub fn load_dir_with(dir: &Path, adjust: impl FnOnce(&mut ModelSpec)) -> Result<
     adjust(&mut spec);
     let files = SafetensorsDir::open(dir)?;
     let weights = load_model(&spec, &files)?;
-    Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
+    Ok((spec, weights))
+}
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The first CUDA GPU (a build with the `cuda` feature).
+    Cuda,
 }
 
 /// Loads `dir/tokenizer.json`.
@@ -102,8 +120,9 @@ pub fn verify_dir(
     dir: &Path,
     reference: Option<&Path>,
     rope_in_model_dtype: bool,
+    device: Device,
 ) -> Result<crate::VerifyReport> {
-    let mut engine = load_dir_with(dir, |spec| {
+    let (spec, weights) = load_parts(dir, |spec| {
         if rope_in_model_dtype {
             spec.rope_freq_dtype = spec.dtype.unwrap_or(DType::F32);
         }
@@ -111,6 +130,34 @@ pub fn verify_dir(
     let path = reference
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("reference.json"));
-    let reference = crate::Reference::from_file(&path, engine.backend.spec().vocab)?;
-    crate::verify(&mut engine, &reference)
+    let reference = crate::Reference::from_file(&path, spec.vocab)?;
+    match device {
+        Device::Cpu => {
+            let mut engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
+            crate::verify(&mut engine, &reference)
+        }
+        Device::Cuda => verify_on_gpu(spec, weights, &reference),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn verify_on_gpu(
+    spec: ModelSpec,
+    weights: ModelWeights,
+    reference: &crate::Reference,
+) -> Result<crate::VerifyReport> {
+    let positions = reference.prompt_ids.len() + reference.decode_logits.len();
+    let backend = crate::cuda::CudaBackend::new(spec, weights, 0, positions)?;
+    crate::verify(&mut Engine::new(backend, SingleRank), reference)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn verify_on_gpu(
+    _spec: ModelSpec,
+    _weights: ModelWeights,
+    _reference: &crate::Reference,
+) -> Result<crate::VerifyReport> {
+    Err(crate::ModelError::Invalid(
+        "--device cuda needs a shardline built with `--features cuda`".into(),
+    ))
 }

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use shardline_model::verify_dir;
+use shardline_model::{verify_dir, Device};
 
 #[test]
 fn verify_shared_fixtures_when_present() {
@@ -31,12 +31,12 @@ fn verify_shared_fixtures_when_present() {
     assert!(!fixtures.is_empty(), "no fixtures under {}", dir.display());
     let mut failures = Vec::new();
     for fixture in &fixtures {
-        let f32_rope = verify_dir(fixture, None, false).unwrap();
+        let f32_rope = verify_dir(fixture, None, false, Device::Cpu).unwrap();
         eprintln!("{} (f32 rope freqs): {f32_rope:?}", fixture.display());
         if f32_rope.passed() {
             continue;
         }
-        let model_rope = verify_dir(fixture, None, true).unwrap();
+        let model_rope = verify_dir(fixture, None, true, Device::Cpu).unwrap();
         eprintln!(
             "{} (rope freqs in model dtype): {model_rope:?}",
             fixture.display()

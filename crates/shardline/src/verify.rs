@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use shardline_model::verify_dir;
+use shardline_model::{verify_dir, Device};
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -20,6 +20,16 @@ pub struct VerifyArgs {
     /// from a model cast to bf16/f16 with its buffers (`model.to(dtype)`) and then upcast.
     #[arg(long, value_enum, default_value_t = RopeFreqs::F32)]
     rope_freqs: RopeFreqs,
+    /// Where the model runs: cpu, or cuda (a build with `--features cuda`; activations stay f32,
+    /// so the tolerances are the CPU's).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu, env = "SHARDLINE_DEVICE")]
+    device: DeviceArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,8 +40,17 @@ pub enum RopeFreqs {
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let rope_in_model_dtype = args.rope_freqs == RopeFreqs::ModelDtype;
-    let r = verify_dir(&args.model, args.reference.as_deref(), rope_in_model_dtype)
-        .with_context(|| format!("cannot verify the model in {}", args.model.display()))?;
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda,
+    };
+    let r = verify_dir(
+        &args.model,
+        args.reference.as_deref(),
+        rope_in_model_dtype,
+        device,
+    )
+    .with_context(|| format!("cannot verify the model in {}", args.model.display()))?;
     println!(
         "{}: prefill max |diff| {:.3e} (position {}), decode max |diff| {:.3e} (step {}) (tolerance {:.0e} for {} weights); greedy {}/{} agree",
         args.model.display(),

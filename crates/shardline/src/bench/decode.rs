@@ -126,7 +126,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             (dir.display().to_string(), spec, Box::new(files))
         }
         None => {
-            let name = args.preset.clone().unwrap_or_else(|| "mixtral-mini".into());
+            let name = args.preset_name();
             let dtype = args.dtype.unwrap_or(DType::BF16);
             let spec = preset(&name, args.layers, dtype).with_context(|| {
                 format!("unknown preset `{name}` (known: {})", PRESETS.join(", "))

@@ -4,35 +4,39 @@
 use anyhow::Context;
 use cudarc::driver::sys::CUevent_flags;
 use serde_json::{json, Map, Value};
-use shardline_cuda::{ops, CudaDevice, DeviceLayer, ExecMode, LayerShape, LayerStack};
+use shardline_cuda::{ops, CudaDevice, DeviceLayer, ExecMode, FfnShape, LayerShape, LayerStack};
 use shardline_model::ModelSpec;
 use shardline_tensor::DType;
 
 use super::record::{Sink, Stats};
 
-/// The GPU layer shape of a (MoE) model spec, with room for `kv_len + 1` positions.
-pub fn layer_shape(spec: &ModelSpec, kv_len: usize) -> anyhow::Result<LayerShape> {
-    let moe = spec
-        .moe
-        .as_ref()
-        .context("the GPU decode bench runs MoE presets")?;
-    anyhow::ensure!(
-        moe.shared_intermediate.is_none() && !spec.qkv_bias,
-        "the GPU decode layer has no shared expert or q/k/v bias yet"
-    );
-    Ok(LayerShape {
+/// The GPU attention geometry of a model spec, with room for `kv_len + 1` positions.
+pub fn layer_shape(spec: &ModelSpec, kv_len: usize) -> LayerShape {
+    LayerShape {
         hidden: spec.hidden,
         n_heads: spec.n_heads,
         n_kv_heads: spec.n_kv_heads,
         head_dim: spec.head_dim,
-        n_experts: moe.n_experts,
-        top_k: moe.top_k,
-        intermediate: moe.intermediate,
         qk_norm: spec.qk_norm,
-        renormalize: moe.renormalize,
+        qkv_bias: spec.qkv_bias,
         rope_theta: spec.rope_theta as f32,
         eps: spec.rms_eps,
         capacity: kv_len + 1,
+    }
+}
+
+/// The GPU FFN shape of a preset's (MoE) layers.
+fn ffn_shape(spec: &ModelSpec) -> anyhow::Result<FfnShape> {
+    let moe = spec
+        .moe
+        .as_ref()
+        .context("the GPU decode bench runs MoE presets")?;
+    Ok(FfnShape::Moe {
+        n_experts: moe.n_experts,
+        top_k: moe.top_k,
+        intermediate: moe.intermediate,
+        renormalize: moe.renormalize,
+        shared_intermediate: moe.shared_intermediate,
     })
 }
 
@@ -51,14 +55,15 @@ pub struct CudaDecodeCase<'a> {
 
 /// Runs one case and writes its record.
 pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> anyhow::Result<()> {
-    let shape = layer_shape(case.spec, case.kv_len)?;
+    let shape = layer_shape(case.spec, case.kv_len);
+    let ffn = ffn_shape(case.spec)?;
     let dtype = case.spec.dtype.unwrap_or(DType::BF16);
-    let per_layer = shape.weight_bytes_read(dtype);
+    let per_layer = shape.weight_bytes_read(&ffn, dtype);
     let layers = case
         .layers
         .max(MIN_BYTES_PER_STEP.div_ceil(per_layer) as usize);
     let dev_layers = (0..layers)
-        .map(|l| DeviceLayer::random(dev, &shape, dtype, 0x5EED + l as u32))
+        .map(|l| DeviceLayer::random(dev, &shape, &ffn, dtype, 0x5EED + l as u32))
         .collect::<Result<Vec<_>, _>>()
         .context("building the random layers on the GPU")?;
     let mut stack = LayerStack::new(dev, shape.clone(), dev_layers)?;

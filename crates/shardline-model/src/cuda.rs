@@ -1,0 +1,314 @@
+//! [`CudaBackend`]: the segments run on an NVIDIA GPU through `shardline-cuda`, one token at a
+//! time (a prompt runs as consecutive decode steps, which causal attention makes equivalent to one
+//! pass); the embedding lookup stays on the host, the logits are computed on the device.
+
+use shardline_cuda::{
+    CudaDevice, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights, HostMlp, LayerShape,
+    LayerStack,
+};
+use shardline_tensor::kernels::embedding;
+use shardline_tensor::{DType, Tensor};
+
+use crate::backend::Backend;
+use crate::config::ModelSpec;
+use crate::error::{ModelError, Result};
+use crate::layer::{FfnWeights, Layer, Mlp};
+use crate::load::ModelWeights;
+use crate::weights::Weight;
+
+/// One rank's weights and KV caches on a GPU.
+pub struct CudaBackend {
+    spec: ModelSpec,
+    dev: CudaDevice,
+    stack: LayerStack,
+    /// The embedding table stays on the host (one row is read per token).
+    embed: Weight,
+    weight_dtype: DType,
+    position: usize,
+    /// Positions the device KV caches hold (fixed when the backend is made).
+    capacity: usize,
+}
+
+fn device_error(e: shardline_cuda::CudaError) -> ModelError {
+    ModelError::Invalid(format!("GPU: {e}"))
+}
+
+/// The bytes of `w` as `dtype` (converted when the model mixes dtypes within a layer).
+fn bytes_as(w: &Weight, dtype: DType) -> Result<Vec<u8>> {
+    let v = w.view();
+    if v.dtype() == dtype {
+        return Ok(v.bytes().to_vec());
+    }
+    Tensor::from_f32(dtype, v.shape().clone(), &v.to_f32_vec())
+        .map(|t| t.bytes().to_vec())
+        .map_err(|e| ModelError::Invalid(e.to_string()))
+}
+
+/// The dtype a layer is uploaded in: its weights' dtype, or f32 where they differ.
+fn layer_dtype(layer: &Layer) -> DType {
+    let a = &layer.attn;
+    let mut dtypes = vec![a.q.dtype(), a.k.dtype(), a.v.dtype(), a.o.dtype()];
+    let mlps: Vec<&Mlp> = match &layer.ffn {
+        FfnWeights::Dense(m) => vec![m],
+        FfnWeights::Moe(moe) => {
+            dtypes.push(moe.router.dtype());
+            if let Some((_, g)) = &moe.shared {
+                dtypes.push(g.dtype());
+            }
+            moe.experts
+                .iter()
+                .chain(moe.shared.as_ref().map(|(m, _)| m))
+                .collect()
+        }
+    };
+    dtypes.extend(
+        mlps.iter()
+            .flat_map(|m| [m.gate_up.dtype(), m.down.dtype()]),
+    );
+    if dtypes.iter().all(|d| *d == dtypes[0]) {
+        dtypes[0]
+    } else {
+        DType::F32
+    }
+}
+
+/// Copies one layer to the device in the kernels' layout.
+fn upload_layer(
+    dev: &CudaDevice,
+    shape: &LayerShape,
+    layer: &Layer,
+    index: usize,
+) -> Result<DeviceLayer> {
+    let dtype = layer_dtype(layer);
+    let a = &layer.attn;
+    if a.o_bias.is_some() {
+        return Err(ModelError::Invalid(format!(
+            "layer {index}: an o_proj bias is not supported on the GPU yet"
+        )));
+    }
+    let mut qkv = bytes_as(&a.q, dtype)?;
+    qkv.extend(bytes_as(&a.k, dtype)?);
+    qkv.extend(bytes_as(&a.v, dtype)?);
+    let qkv_bias: Option<Vec<f32>> = a.qkv_bias.as_ref().map(|b| b.concat());
+    let o = bytes_as(&a.o, dtype)?;
+    let mlp_bytes = |mlps: &[&Mlp]| -> Result<(Vec<u8>, Vec<u8>)> {
+        let (mut gu, mut d) = (Vec::new(), Vec::new());
+        for m in mlps {
+            gu.extend(bytes_as(&m.gate_up, dtype)?);
+            d.extend(bytes_as(&m.down, dtype)?);
+        }
+        Ok((gu, d))
+    };
+    let (ffn_shape, experts, router, shared) = match &layer.ffn {
+        FfnWeights::Dense(m) => (
+            FfnShape::Dense {
+                intermediate: m.intermediate,
+            },
+            mlp_bytes(&[m])?,
+            None,
+            None,
+        ),
+        FfnWeights::Moe(moe) => {
+            let intermediate = moe.experts.first().map_or(0, |m| m.intermediate);
+            if moe.experts.iter().any(|m| m.intermediate != intermediate) {
+                return Err(ModelError::Invalid(format!(
+                    "layer {index}: experts of different sizes are not supported on the GPU"
+                )));
+            }
+            let shared = moe
+                .shared
+                .as_ref()
+                .map(|(m, g)| {
+                    Ok::<_, ModelError>((mlp_bytes(&[m])?, bytes_as(g, dtype)?, m.intermediate))
+                })
+                .transpose()?;
+            (
+                FfnShape::Moe {
+                    n_experts: moe.experts.len(),
+                    top_k: moe.top_k,
+                    intermediate,
+                    renormalize: moe.renormalize,
+                    shared_intermediate: shared.as_ref().map(|s| s.2),
+                },
+                mlp_bytes(&moe.experts.iter().collect::<Vec<_>>())?,
+                Some(bytes_as(&moe.router, dtype)?),
+                shared,
+            )
+        }
+    };
+    let experts_host = HostMlp {
+        gate_up: &experts.0,
+        down: &experts.1,
+    };
+    let ffn = match &router {
+        Some(router) => HostFfn::Moe {
+            router,
+            experts: experts_host,
+            shared: shared.as_ref().map(|((gu, d), g, _)| {
+                (
+                    HostMlp {
+                        gate_up: gu,
+                        down: d,
+                    },
+                    g.as_slice(),
+                )
+            }),
+        },
+        None => HostFfn::Dense(experts_host),
+    };
+    let (q_norm, k_norm) = match &a.qk_norm {
+        Some([q, k]) => (Some(q.as_slice()), Some(k.as_slice())),
+        None => (None, None),
+    };
+    let host = HostLayerWeights {
+        attn_norm: &a.input_norm,
+        qkv: &qkv,
+        qkv_bias: qkv_bias.as_deref(),
+        o: &o,
+        q_norm,
+        k_norm,
+        ffn_norm: &layer.post_norm,
+        ffn,
+    };
+    DeviceLayer::upload(dev, shape, &ffn_shape, dtype, &host)
+        .map_err(|e| ModelError::Invalid(format!("layer {index}: GPU: {e}")))
+}
+
+impl CudaBackend {
+    /// Uploads `weights` to GPU `ordinal`, with KV caches for `capacity` positions.
+    pub fn new(
+        spec: ModelSpec,
+        weights: ModelWeights,
+        ordinal: usize,
+        capacity: usize,
+    ) -> Result<CudaBackend> {
+        let dev = CudaDevice::open(ordinal).map_err(device_error)?;
+        let capacity = capacity.clamp(1, spec.max_positions.max(1));
+        let shape = LayerShape {
+            hidden: spec.hidden,
+            n_heads: spec.n_heads,
+            n_kv_heads: spec.n_kv_heads,
+            head_dim: spec.head_dim,
+            qk_norm: spec.qk_norm,
+            qkv_bias: spec.qkv_bias,
+            rope_theta: spec.rope_theta as f32,
+            eps: spec.rms_eps,
+            capacity,
+        };
+        let layers = weights
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| upload_layer(&dev, &shape, l, i))
+            .collect::<Result<Vec<_>>>()?;
+        let mut stack = LayerStack::new(&dev, shape, layers).map_err(device_error)?;
+        stack
+            .set_inv_freq(&dev, &crate::rope::inv_freq(&spec))
+            .map_err(device_error)?;
+        let lm_head = weights.lm_head();
+        let head_dtype = lm_head.dtype();
+        let head = DeviceHead::upload(
+            &dev,
+            spec.hidden,
+            &weights.final_norm,
+            &bytes_as(lm_head, head_dtype)?,
+            head_dtype,
+        )
+        .map_err(device_error)?;
+        stack.set_head(&dev, head).map_err(device_error)?;
+        let weight_dtype = weights.layers.first().map_or(DType::F32, layer_dtype);
+        Ok(CudaBackend {
+            spec,
+            dev,
+            stack,
+            embed: weights.embed,
+            weight_dtype,
+            position: 0,
+            capacity,
+        })
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> &str {
+        self.dev.name()
+    }
+
+    fn rows<'a>(&self, x: &'a [f32]) -> std::slice::ChunksExact<'a, f32> {
+        x.chunks_exact(self.spec.hidden)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn weight_dtype(&self) -> DType {
+        self.weight_dtype
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn reset(&mut self, capacity: usize) -> Result<()> {
+        if capacity > self.capacity {
+            return Err(ModelError::Invalid(format!(
+                "the GPU KV cache holds {} positions and {capacity} are needed",
+                self.capacity
+            )));
+        }
+        self.position = 0;
+        Ok(())
+    }
+
+    fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.spec.hidden)) {
+            embedding(&self.embed.view(), *t as usize, row);
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let h = self.spec.hidden;
+        for (t, (xr, or)) in self.rows(x).zip(out.chunks_exact_mut(h)).enumerate() {
+            self.stack
+                .set_position(&self.dev, self.position + t)
+                .map_err(device_error)?;
+            self.stack
+                .attention(&self.dev, layer, xr, or)
+                .map_err(device_error)?;
+        }
+        // The last layer's attention has appended every row: the positions are taken.
+        if layer + 1 == self.spec.n_layers {
+            self.position += x.len() / h;
+        }
+        Ok(())
+    }
+
+    fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let h = self.spec.hidden;
+        for (xr, or) in self.rows(x).zip(out.chunks_exact_mut(h)) {
+            self.stack
+                .ffn(&self.dev, layer, xr, or)
+                .map_err(device_error)?;
+        }
+        Ok(())
+    }
+
+    fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let vocab = self.spec.vocab;
+        for (xr, or) in x
+            .chunks_exact(self.spec.hidden)
+            .zip(out.chunks_exact_mut(vocab))
+        {
+            let logits = self.stack.logits(&self.dev, xr).map_err(device_error)?;
+            or.copy_from_slice(&logits);
+        }
+        Ok(())
+    }
+}
