@@ -108,9 +108,15 @@ pub fn builtin_spec() -> ModelSpec {
 
 /// The built-in model with its deterministic random weights.
 pub fn builtin() -> Result<CpuEngine> {
+    let (spec, weights) = builtin_parts()?;
+    Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
+}
+
+/// The built-in model's spec and deterministic random weights.
+pub fn builtin_parts() -> Result<(ModelSpec, ModelWeights)> {
     let spec = builtin_spec();
     let weights = load_model(&spec, &RandomWeights::new(BUILTIN_SEED, DType::F32))?;
-    Ok(Engine::new(CpuBackend::new(spec, weights, 0), SingleRank))
+    Ok((spec, weights))
 }
 
 /// Verifies the model in `dir` against `reference` (default `dir/reference.json`). With

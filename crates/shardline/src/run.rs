@@ -7,7 +7,11 @@ use anyhow::Context;
 use shardline_model::generate::generate;
 use shardline_model::sampler::Sampler;
 use shardline_model::tokenizer::TextCodec;
-use shardline_model::{builtin, load_dir, load_tokenizer, Backend};
+use shardline_model::{
+    builtin_parts, load_parts, load_tokenizer, Backend, CpuBackend, Engine, SingleRank,
+};
+
+use crate::verify::DeviceArg;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -33,21 +37,67 @@ pub struct RunArgs {
     /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the model runs: cpu, or cuda (a build with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu, env = "SHARDLINE_DEVICE")]
+    device: DeviceArg,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (mut engine, codec) = match &args.model {
+    let (spec, weights, codec) = match &args.model {
         Some(dir) => {
-            let engine = load_dir(dir)
+            let (spec, weights) = load_parts(dir, |_| {})
                 .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-            (engine, load_tokenizer(dir)?)
+            (spec, weights, load_tokenizer(dir)?)
         }
-        None => (builtin()?, TextCodec::Bytes),
+        None => {
+            let (spec, weights) = builtin_parts()?;
+            (spec, weights, TextCodec::Bytes)
+        }
     };
     let prompt = codec.encode(&args.prompt)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
+    match args.device {
+        DeviceArg::Cpu => {
+            let engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
+            stream(engine, &codec, &prompt, &args)
+        }
+        DeviceArg::Cuda => run_cuda(spec, weights, &codec, &prompt, &args),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    spec: shardline_model::ModelSpec,
+    weights: shardline_model::load::ModelWeights,
+    codec: &TextCodec,
+    prompt: &[u32],
+    args: &RunArgs,
+) -> anyhow::Result<()> {
+    let positions = prompt.len() + args.max_tokens;
+    let backend = shardline_model::cuda::CudaBackend::new(spec, weights, 0, positions)?;
+    stream(Engine::new(backend, SingleRank), codec, prompt, args)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    _spec: shardline_model::ModelSpec,
+    _weights: shardline_model::load::ModelWeights,
+    _codec: &TextCodec,
+    _prompt: &[u32],
+    _args: &RunArgs,
+) -> anyhow::Result<()> {
+    anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
+}
+
+/// Generates from `prompt`, streaming the text to stdout, then prints the timings.
+fn stream<B: Backend>(
+    mut engine: Engine<B, SingleRank>,
+    codec: &TextCodec,
+    prompt: &[u32],
+    args: &RunArgs,
+) -> anyhow::Result<()> {
     let eos = engine.backend.spec().eos_ids.clone();
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut out = std::io::stdout().lock();
@@ -55,8 +105,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     out.flush()?;
     let (_, t) = generate(
         &mut engine,
-        &codec,
-        &prompt,
+        codec,
+        prompt,
         args.max_tokens,
         &mut sampler,
         &eos,
