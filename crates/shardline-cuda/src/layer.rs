@@ -773,16 +773,7 @@ impl LayerStack {
             dtype: head.dtype,
             matrix_stride_bytes: 0,
         };
-        ops::matvec(
-            dev,
-            w,
-            Slots::Single,
-            p(&s.normed),
-            0,
-            p(&s.vocab_logits),
-            head.vocab,
-            h,
-        )?;
+        ops::linear(dev, w, p(&s.normed), p(&s.vocab_logits), head.vocab, h)?;
         dev.download(&s.vocab_logits)
     }
 
@@ -953,16 +944,7 @@ impl LayerStack {
                 },
             ) => {
                 let r = w.weights(dev, router, 0);
-                ops::matvec(
-                    dev,
-                    r,
-                    Slots::Single,
-                    p(&s.normed),
-                    0,
-                    p(&s.logits),
-                    *n_experts,
-                    h,
-                )?;
+                ops::linear(dev, r, p(&s.normed), p(&s.logits), *n_experts, h)?;
                 after.done(dev, "ffn.router")?;
                 let (ids, wts) = (dptr(dev, &s.expert_ids), p(&s.expert_weights));
                 ops::router_top_k(dev, p(&s.logits), *n_experts, k, *renormalize, ids, wts)?;
@@ -1034,27 +1016,9 @@ impl LayerStack {
             h,
         )?;
         let down = w.weights(dev, &mlp.down, 0);
-        ops::matvec(
-            dev,
-            down,
-            Slots::Single,
-            p(&s.shared_act),
-            0,
-            p(&s.shared_out),
-            h,
-            si,
-        )?;
+        ops::linear(dev, down, p(&s.shared_act), p(&s.shared_out), h, si)?;
         let g = w.weights(dev, gate, 0);
-        ops::matvec(
-            dev,
-            g,
-            Slots::Single,
-            p(&s.normed),
-            0,
-            p(&s.shared_logit),
-            1,
-            h,
-        )?;
+        ops::linear(dev, g, p(&s.normed), p(&s.shared_logit), 1, h)?;
         after.done(dev, "ffn.shared_expert")?;
         Ok(SharedExpert {
             out: p(&s.shared_out),

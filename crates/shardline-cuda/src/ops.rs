@@ -102,6 +102,18 @@ pub fn matvec(
     launch(a, cfg, "matvec")
 }
 
+/// `y = W x` for one `[n, k]` matrix: [`matvec`] with one slot and no residual.
+pub fn linear(
+    dev: &CudaDevice,
+    w: Weights,
+    x: u64,
+    y: u64,
+    n: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    matvec(dev, w, Slots::Single, x, 0, y, n, k)
+}
+
 /// `y = rms_norm(x) * g` for `rows` rows of `d`.
 pub fn rms_norm(
     dev: &CudaDevice,
@@ -133,6 +145,18 @@ pub struct AttentionDims {
     pub capacity: usize,
 }
 
+impl AttentionDims {
+    /// (heads, KV heads, head_dim, capacity) as the kernels take them.
+    fn as_i32(&self) -> (i32, i32, i32, i32) {
+        (
+            self.n_heads as i32,
+            self.n_kv_heads as i32,
+            self.head_dim as i32,
+            self.capacity as i32,
+        )
+    }
+}
+
 /// Per-head q/k norm (when `q_norm`/`k_norm` are non-zero), rope at `*pos` with the
 /// `head_dim / 2` frequencies at `inv_freq`, and KV append.
 #[allow(clippy::too_many_arguments)]
@@ -154,12 +178,7 @@ pub fn rope_kv_append(
         block_dim: (dims.head_dim.next_multiple_of(32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (h, kvh, d, cap) = (
-        dims.n_heads as i32,
-        dims.n_kv_heads as i32,
-        dims.head_dim as i32,
-        dims.capacity as i32,
-    );
+    let (h, kvh, d, cap) = dims.as_i32();
     let mut a = dev.stream().launch_builder(&dev.kernels().rope_kv_append);
     a.arg(&qkv)
         .arg(&pos)
@@ -193,12 +212,7 @@ pub fn attention_decode(
         block_dim: (ATTN_WARPS * 32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (h, kvh, d, cap) = (
-        dims.n_heads as i32,
-        dims.n_kv_heads as i32,
-        dims.head_dim as i32,
-        dims.capacity as i32,
-    );
+    let (h, kvh, d, cap) = dims.as_i32();
     let mut a = dev.stream().launch_builder(&dev.kernels().attention_decode);
     a.arg(&q)
         .arg(&k_cache)

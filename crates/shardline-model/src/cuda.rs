@@ -174,6 +174,21 @@ fn upload_layer(
         .map_err(|e| ModelError::Invalid(format!("layer {index}: GPU: {e}")))
 }
 
+/// The GPU attention geometry of `spec`, with KV caches of `capacity` positions.
+pub fn layer_shape(spec: &ModelSpec, capacity: usize) -> LayerShape {
+    LayerShape {
+        hidden: spec.hidden,
+        n_heads: spec.n_heads,
+        n_kv_heads: spec.n_kv_heads,
+        head_dim: spec.head_dim,
+        qk_norm: spec.qk_norm,
+        qkv_bias: spec.qkv_bias,
+        rope_theta: spec.rope_theta as f32,
+        eps: spec.rms_eps,
+        capacity,
+    }
+}
+
 impl CudaBackend {
     /// Uploads `weights` to GPU `ordinal`, with KV caches for `capacity` positions.
     pub fn new(
@@ -184,17 +199,7 @@ impl CudaBackend {
     ) -> Result<CudaBackend> {
         let dev = CudaDevice::open(ordinal).map_err(device_error)?;
         let capacity = capacity.clamp(1, spec.max_positions.max(1));
-        let shape = LayerShape {
-            hidden: spec.hidden,
-            n_heads: spec.n_heads,
-            n_kv_heads: spec.n_kv_heads,
-            head_dim: spec.head_dim,
-            qk_norm: spec.qk_norm,
-            qkv_bias: spec.qkv_bias,
-            rope_theta: spec.rope_theta as f32,
-            eps: spec.rms_eps,
-            capacity,
-        };
+        let shape = layer_shape(&spec, capacity);
         let layers = weights
             .layers
             .iter()

@@ -4,26 +4,12 @@
 use anyhow::Context;
 use cudarc::driver::sys::CUevent_flags;
 use serde_json::{json, Map, Value};
-use shardline_cuda::{ops, CudaDevice, DeviceLayer, ExecMode, FfnShape, LayerShape, LayerStack};
+use shardline_cuda::{ops, CudaDevice, DeviceLayer, ExecMode, FfnShape, LayerStack};
+use shardline_model::cuda::layer_shape;
 use shardline_model::ModelSpec;
 use shardline_tensor::DType;
 
 use super::record::{Sink, Stats};
-
-/// The GPU attention geometry of a model spec, with room for `kv_len + 1` positions.
-pub fn layer_shape(spec: &ModelSpec, kv_len: usize) -> LayerShape {
-    LayerShape {
-        hidden: spec.hidden,
-        n_heads: spec.n_heads,
-        n_kv_heads: spec.n_kv_heads,
-        head_dim: spec.head_dim,
-        qk_norm: spec.qk_norm,
-        qkv_bias: spec.qkv_bias,
-        rope_theta: spec.rope_theta as f32,
-        eps: spec.rms_eps,
-        capacity: kv_len + 1,
-    }
-}
 
 /// The GPU FFN shape of a preset's (MoE) layers.
 fn ffn_shape(spec: &ModelSpec) -> anyhow::Result<FfnShape> {
@@ -55,7 +41,7 @@ pub struct CudaDecodeCase<'a> {
 
 /// Runs one case and writes its record.
 pub fn run_case(dev: &CudaDevice, case: &CudaDecodeCase, sink: &mut Sink) -> anyhow::Result<()> {
-    let shape = layer_shape(case.spec, case.kv_len);
+    let shape = layer_shape(case.spec, case.kv_len + 1);
     let ffn = ffn_shape(case.spec)?;
     let dtype = case.spec.dtype.unwrap_or(DType::BF16);
     let per_layer = shape.weight_bytes_read(&ffn, dtype);
