@@ -105,7 +105,9 @@ struct F32 {
 
 // Packs (of 8 weights) loaded per lane before the first is used: enough bytes in flight per warp
 // to cover DRAM latency with few warps per SM.
-#define UNROLL 8
+#ifndef UNROLL
+#define UNROLL 4
+#endif
 
 // Weights are read exactly once per step: stream them past L1 (which keeps x) and ask L2 to
 // fetch 256-byte sectors, which keeps more DRAM requests in flight.

@@ -38,11 +38,21 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
+/// Extra NVRTC options from `SHARDLINE_NVRTC_OPTIONS` (space-separated, e.g. `-DUNROLL=16`), for
+/// tuning experiments; they are part of the cache key.
+fn extra_options() -> Vec<String> {
+    std::env::var("SHARDLINE_NVRTC_OPTIONS")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// PTX for `source` compiled for `arch`.
 pub fn compile(source: &str, arch: &'static str) -> Result<Ptx, CudaError> {
+    let mut options = vec!["--std=c++17".to_string()];
+    options.extend(extra_options());
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["--std=c++17".into()],
+        options,
         ..Default::default()
     };
     compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile(e.to_string()))
@@ -54,6 +64,7 @@ pub fn compile_cached(source: &str, major: i32, minor: i32) -> Result<Ptx, CudaE
     let mut hasher = DefaultHasher::new();
     source.hash(&mut hasher);
     arch.hash(&mut hasher);
+    extra_options().hash(&mut hasher);
     let path = cache_dir().join(format!("kernels-{arch}-{:016x}.ptx", hasher.finish()));
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(Ptx::from_src(text));
