@@ -17,6 +17,7 @@ pub mod generate;
 pub mod layer;
 pub mod load;
 pub mod model;
+pub mod plan;
 pub mod presets;
 pub mod random;
 pub mod reference;
@@ -35,4 +36,5 @@ pub use model::{
     builtin, builtin_parts, builtin_spec, load_dir, load_dir_with, load_parts, load_tokenizer,
     verify_dir, CpuEngine, Device,
 };
+pub use plan::Plan;
 pub use reference::{verify, Reference, VerifyReport};

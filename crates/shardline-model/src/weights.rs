@@ -44,6 +44,48 @@ impl Weight {
         self.view().bytes().len()
     }
 
+    /// Rows `rows` of a 2-D weight (or elements of a 1-D one). A mapped weight stays mapped: the
+    /// rows are a narrower byte range of the same file, so only their pages are ever read.
+    pub fn rows(&self, rows: Range<usize>) -> Weight {
+        let v = self.view();
+        let dims = v.shape().dims();
+        let row_elems: usize = dims[1..].iter().product();
+        let row_bytes = row_elems * v.dtype().size_in_bytes();
+        let mut shape = dims.to_vec();
+        shape[0] = rows.len();
+        let (a, b) = (rows.start * row_bytes, rows.end * row_bytes);
+        match self {
+            Weight::Mapped {
+                dtype, map, range, ..
+            } => Weight::Mapped {
+                dtype: *dtype,
+                shape: Shape::new(shape),
+                map: map.clone(),
+                range: range.start + a..range.start + b,
+            },
+            Weight::Owned(t) => Weight::Owned(
+                Tensor::from_bytes(t.dtype(), Shape::new(shape), &t.bytes()[a..b])
+                    .expect("a row range of a checked tensor"),
+            ),
+        }
+    }
+
+    /// Columns `cols` of a 2-D weight, copied (a column slice is not contiguous).
+    pub fn cols(&self, cols: Range<usize>) -> Weight {
+        let v = self.view();
+        let dims = v.shape().dims();
+        let es = v.dtype().size_in_bytes();
+        let row_bytes = dims[1] * es;
+        let mut bytes = Vec::with_capacity(dims[0] * cols.len() * es);
+        for row in v.bytes().chunks_exact(row_bytes) {
+            bytes.extend_from_slice(&row[cols.start * es..cols.end * es]);
+        }
+        Weight::Owned(
+            Tensor::from_bytes(v.dtype(), [dims[0], cols.len()], &bytes)
+                .expect("a column range of a checked tensor"),
+        )
+    }
+
     /// The elements widened to f32 (norm weights and biases are kept this way).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         self.view().to_f32_vec()
