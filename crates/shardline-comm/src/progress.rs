@@ -376,3 +376,122 @@ impl Backoff {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tcp::TcpPair;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A pair whose far end is a raw socket the test writes into, as peer rank 5.
+    fn raw_pair() -> (Vec<Option<Box<dyn Pair>>>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        (
+            vec![None, Some(Box::new(TcpPair::new(ours, 5).unwrap()))],
+            raw,
+        )
+    }
+
+    fn expect(len: u64) -> Header {
+        Header {
+            op: crate::wire::OpCode::AllReduce,
+            dtype: DType::F32,
+            tag: 1,
+            total: len,
+            len,
+        }
+    }
+
+    fn receive(bytes: &[u8], close: bool, timeout_ms: u64) -> Result<()> {
+        let (mut pairs, mut raw) = raw_pair();
+        raw.write_all(bytes).unwrap();
+        if close {
+            drop(raw);
+        } else {
+            std::mem::forget(raw); // keep the far end silent but open
+        }
+        let mut buf = [0u8; 16];
+        let mut recvs = [Incoming::new(
+            Source::Peer(1),
+            expect(16),
+            Sink::Copy(Region::one(&mut buf)),
+        )];
+        exchange(
+            &mut pairs,
+            &[0, 5],
+            &mut [],
+            &mut recvs,
+            false,
+            Duration::from_millis(timeout_ms),
+            "test",
+        )
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error_naming_the_peer() {
+        let e = receive(&[0xab; 64], false, 2000).unwrap_err();
+        assert!(matches!(e, CommError::Protocol { rank: 5, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_huge_claimed_length_is_refused_before_any_allocation() {
+        let mut h = expect(16);
+        h.len = 1 << 50;
+        h.total = 1 << 50;
+        let e = receive(&h.encode(), false, 2000).unwrap_err();
+        assert!(e.to_string().contains("impossible lengths"), "{e}");
+        h.len = 8;
+        h.total = 8;
+        let e = receive(&h.encode(), false, 2000).unwrap_err();
+        assert!(matches!(e, CommError::Mismatch { rank: 5, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_short_frame_then_eof_is_peer_lost_and_silence_times_out() {
+        let e = receive(&expect(16).encode()[..10], true, 2000).unwrap_err();
+        assert!(matches!(e, CommError::PeerLost { rank: 5, .. }), "{e}");
+        let t = Instant::now();
+        let e = receive(&[], false, 200).unwrap_err();
+        assert!(
+            matches!(e, CommError::Timeout { .. }) && e.to_string().contains("[5]"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_good_frame_arriving_byte_by_byte_is_received() {
+        let (mut pairs, mut raw) = raw_pair();
+        let payload: Vec<u8> = (1..=16).collect();
+        let mut frame = expect(16).encode().to_vec();
+        frame.extend_from_slice(&payload);
+        let writer = std::thread::spawn(move || {
+            for b in frame {
+                raw.write_all(&[b]).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            raw
+        });
+        let mut buf = [0u8; 16];
+        let mut recvs = [Incoming::new(
+            Source::Peer(1),
+            expect(16),
+            Sink::Copy(Region::one(&mut buf)),
+        )];
+        exchange(
+            &mut pairs,
+            &[0, 5],
+            &mut [],
+            &mut recvs,
+            false,
+            Duration::from_secs(5),
+            "test",
+        )
+        .unwrap();
+        assert_eq!(buf.to_vec(), payload);
+        drop(writer.join().unwrap());
+    }
+}

@@ -219,6 +219,8 @@ fn kill(g: &Group) -> Check {
     match g.all_reduce(&mut buf, ReduceOp::Sum) {
         Err(e) if e.to_string().contains(&named) && t.elapsed() < Duration::from_secs(2) => {
             println!("rank {me}: detected: {err}");
+            // Stay alive a moment so the other survivors see only the victim die.
+            std::thread::sleep(Duration::from_millis(500));
             Ok(())
         }
         other => Err(format!("next collective after the death: {other:?}")),

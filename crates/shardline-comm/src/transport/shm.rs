@@ -352,7 +352,10 @@ mod tests {
         // Not reaped yet: a zombie must already count as dead.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while watch.alive() {
-            assert!(std::time::Instant::now() < deadline, "exited child still looks alive");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "exited child still looks alive"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         child.wait().unwrap();

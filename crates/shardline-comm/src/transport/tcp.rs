@@ -188,7 +188,7 @@ pub struct TcpPair {
 }
 
 impl TcpPair {
-    fn new(stream: TcpStream, peer_world_rank: usize) -> Result<TcpPair> {
+    pub(crate) fn new(stream: TcpStream, peer_world_rank: usize) -> Result<TcpPair> {
         let ctx = |e| {
             CommError::io(
                 format!("setting up the socket to rank {peer_world_rank}"),
