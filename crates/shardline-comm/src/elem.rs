@@ -63,18 +63,39 @@ mod sealed {
 }
 
 /// A type the collectives accept: `f32`, `half::f16` or `half::bf16`.
-pub trait Elem: bytemuck::Pod + Send + Sync + sealed::Sealed {
+pub trait Elem: bytemuck::Pod + Send + Sync + PartialEq + std::fmt::Debug + sealed::Sealed {
     const DTYPE: DType;
+    /// Nearest value of this type.
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
 }
 
 impl Elem for f32 {
     const DTYPE: DType = DType::F32;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
 }
 impl Elem for f16 {
     const DTYPE: DType = DType::F16;
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
 }
 impl Elem for bf16 {
     const DTYPE: DType = DType::Bf16;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
 }
 
 fn combine(op: ReduceOp, a: f32, b: f32) -> f32 {

@@ -8,26 +8,6 @@ use std::time::{Duration, Instant};
 use half::{bf16, f16};
 use shardline_comm::{Algo, CommError, Elem, Group, ReduceOp};
 
-/// Conversions the checks need (not part of the library's `Elem`).
-trait Num: Elem + PartialEq + std::fmt::Debug {
-    fn of(v: f32) -> Self;
-}
-impl Num for f32 {
-    fn of(v: f32) -> Self {
-        v
-    }
-}
-impl Num for f16 {
-    fn of(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-impl Num for bf16 {
-    fn of(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
 type Check = Result<(), String>;
 
 /// Rank `r`'s value at element `i`.
@@ -35,8 +15,8 @@ fn val(r: usize, i: usize) -> f32 {
     ((r * 3 + i) % 5) as f32
 }
 
-fn expect_eq<T: Num>(what: &str, got: &[T], want: impl Fn(usize) -> f32) -> Check {
-    if let Some(i) = (0..got.len()).find(|&i| got[i] != T::of(want(i))) {
+fn expect_eq<T: Elem>(what: &str, got: &[T], want: impl Fn(usize) -> f32) -> Check {
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != T::from_f32(want(i))) {
         return Err(format!(
             "{what}: element {i} of {} is {:?}, expected {}",
             got.len(),
@@ -51,13 +31,13 @@ fn ctx<T>(what: &str, r: Result<T, CommError>) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-fn collectives<T: Num>(g: &Group, sizes: &[usize]) -> Check {
+fn collectives<T: Elem>(g: &Group, sizes: &[usize]) -> Check {
     let (me, n) = (g.rank(), g.size());
     let name = T::DTYPE.name();
     for &len in sizes {
         for algo in [Algo::Direct, Algo::Ring] {
             for op in [ReduceOp::Sum, ReduceOp::Max] {
-                let mut buf: Vec<T> = (0..len).map(|i| T::of(val(me, i))).collect();
+                let mut buf: Vec<T> = (0..len).map(|i| T::from_f32(val(me, i))).collect();
                 ctx("all_reduce", g.all_reduce_with(&mut buf, op, algo))?;
                 let want = |i| match op {
                     ReduceOp::Sum => (0..n).map(|r| val(r, i)).sum(),
@@ -70,21 +50,21 @@ fn collectives<T: Num>(g: &Group, sizes: &[usize]) -> Check {
                 )?;
             }
         }
-        let mut buf: Vec<T> = (0..len).map(|i| T::of(val(me, i))).collect();
+        let mut buf: Vec<T> = (0..len).map(|i| T::from_f32(val(me, i))).collect();
         ctx("all_reduce", g.all_reduce(&mut buf, ReduceOp::Sum))?;
         expect_eq(&format!("all_reduce auto {name} x{len}"), &buf, |i| {
             (0..n).map(|r| val(r, i)).sum()
         })?;
 
-        let input: Vec<T> = (0..len).map(|i| T::of(val(me, i))).collect();
-        let mut out = vec![T::of(9.0); len * n];
+        let input: Vec<T> = (0..len).map(|i| T::from_f32(val(me, i))).collect();
+        let mut out = vec![T::from_f32(9.0); len * n];
         ctx("all_gather", g.all_gather(&input, &mut out))?;
         expect_eq(&format!("all_gather {name} x{len}"), &out, |i| {
             val(i / len.max(1), i % len.max(1))
         })?;
 
-        let input: Vec<T> = (0..len * n).map(|i| T::of(val(me, i))).collect();
-        let mut out = vec![T::of(9.0); len];
+        let input: Vec<T> = (0..len * n).map(|i| T::from_f32(val(me, i))).collect();
+        let mut out = vec![T::from_f32(9.0); len];
         ctx(
             "reduce_scatter",
             g.reduce_scatter(&input, &mut out, ReduceOp::Sum),
@@ -95,14 +75,14 @@ fn collectives<T: Num>(g: &Group, sizes: &[usize]) -> Check {
 
         let root = n - 1;
         let mut buf: Vec<T> = (0..len)
-            .map(|i| T::of(if me == root { val(root, i) } else { 9.0 }))
+            .map(|i| T::from_f32(if me == root { val(root, i) } else { 9.0 }))
             .collect();
         ctx("broadcast", g.broadcast(&mut buf, root))?;
         expect_eq(&format!("broadcast {name} x{len}"), &buf, |i| val(root, i))?;
 
         // all_to_all: element j of block p sent by rank r is val(r, p * len + j).
-        let input: Vec<T> = (0..len * n).map(|i| T::of(val(me, i))).collect();
-        let mut out = vec![T::of(9.0); len * n];
+        let input: Vec<T> = (0..len * n).map(|i| T::from_f32(val(me, i))).collect();
+        let mut out = vec![T::from_f32(9.0); len * n];
         ctx("all_to_all", g.all_to_all(&input, &mut out))?;
         expect_eq(&format!("all_to_all {name} x{len}"), &out, |i| {
             val(i / len.max(1), me * len + i % len.max(1))
@@ -111,10 +91,10 @@ fn collectives<T: Num>(g: &Group, sizes: &[usize]) -> Check {
     // all_to_all_v: rank r sends (r + p) % 3 elements to p, all equal to r + p.
     let send_counts: Vec<usize> = (0..n).map(|p| (me + p) % 3).collect();
     let input: Vec<T> = (0..n)
-        .flat_map(|p| std::iter::repeat_n(T::of((me + p) as f32), send_counts[p]))
+        .flat_map(|p| std::iter::repeat_n(T::from_f32((me + p) as f32), send_counts[p]))
         .collect();
     let recv_counts = send_counts.clone();
-    let mut out = vec![T::of(99.0); recv_counts.iter().sum()];
+    let mut out = vec![T::from_f32(99.0); recv_counts.iter().sum()];
     ctx(
         "all_to_all_v",
         g.all_to_all_v(&input, &send_counts, &mut out, &recv_counts),
@@ -127,8 +107,8 @@ fn collectives<T: Num>(g: &Group, sizes: &[usize]) -> Check {
     ctx("barrier", g.barrier())?;
     if n > 1 {
         // send_recv around the ring, then plain send/recv from rank 0 to rank 1.
-        let data: Vec<T> = (0..5).map(|i| T::of(val(me, i))).collect();
-        let mut got = vec![T::of(9.0); 5];
+        let data: Vec<T> = (0..5).map(|i| T::from_f32(val(me, i))).collect();
+        let mut got = vec![T::from_f32(9.0); 5];
         ctx(
             "send_recv",
             g.send_recv((me + 1) % n, &data, (me + n - 1) % n, &mut got, 7),
