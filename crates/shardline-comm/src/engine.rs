@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::elem::DType;
 use crate::error::{CommError, Result};
-use crate::progress::{exchange, Incoming, Outgoing};
+use crate::progress::{exchange, Incoming, Outgoing, DEFAULT_SPIN};
 use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Endpoint, Pair, TransportChoice};
@@ -46,6 +46,8 @@ pub(crate) struct Links {
     /// Group rank -> world rank (for error messages).
     pub ranks: Vec<usize>,
     pub timeout: Duration,
+    /// How long a wait spins before it yields the CPU.
+    pub spin: Duration,
 }
 
 impl Links {
@@ -63,6 +65,7 @@ impl Links {
             recvs,
             ordered,
             self.timeout,
+            self.spin,
             what.name(),
         )
     }
@@ -163,6 +166,30 @@ impl Local {
     }
 }
 
+/// SHARDLINE_SPIN_US: microseconds a waiting rank spins before yielding; by default
+/// [`DEFAULT_SPIN`], or none when `local_ranks` outnumber the CPUs this process may use.
+fn spin_from_env(local_ranks: usize) -> Result<Duration> {
+    match std::env::var("SHARDLINE_SPIN_US") {
+        Err(_) => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Ok(if local_ranks > cpus {
+                Duration::ZERO
+            } else {
+                DEFAULT_SPIN
+            })
+        }
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&us| us <= 10_000_000)
+            .map(Duration::from_micros)
+            .ok_or_else(|| {
+                CommError::Config(format!("SHARDLINE_SPIN_US='{v}' (expected 0 ..= 10000000)"))
+            }),
+    }
+}
+
 impl Engine {
     /// Connects to every endpoint of `id` and checks the connections with a barrier.
     pub fn connect(
@@ -220,6 +247,7 @@ impl Engine {
                 pairs,
                 ranks,
                 timeout,
+                spin: spin_from_env(shm_peers.len() + 1)?,
             },
             scratch,
             algo,

@@ -251,7 +251,7 @@ impl<'a> Incoming<'a> {
     }
 }
 
-/// Drives `sends` and `recvs` to completion. With `ordered`, incoming frames are consumed strictly
+/// Drives `sends` and `recvs` to completion, spinning up to `spin` before yielding the CPU. With `ordered`, incoming frames are consumed strictly
 /// in the order given (so that an f32 accumulation has the same order on every rank); sends always
 /// progress together. `ranks` maps group ranks to world ranks for error messages.
 pub(crate) fn exchange(
@@ -261,9 +261,10 @@ pub(crate) fn exchange(
     recvs: &mut [Incoming],
     ordered: bool,
     timeout: Duration,
+    spin: Duration,
     what: &str,
 ) -> Result<()> {
-    let mut wait = Backoff::new();
+    let mut wait = Backoff::new(spin);
     let mut next_recv = 0;
     loop {
         let mut progressed = false;
@@ -324,6 +325,7 @@ pub(crate) fn exchange(
 /// more ranks than cores share the machine. `idle` returns true every few milliseconds of
 /// waiting, when the caller should check deadlines and peers.
 struct Backoff {
+    spin: Duration,
     start: Instant,
     idle_since: Option<Instant>,
     polls: u32,
@@ -331,14 +333,17 @@ struct Backoff {
 }
 
 const SPIN_POLLS: u32 = 256;
-const SPIN_TIME: Duration = Duration::from_micros(50);
+/// Default time a waiting rank spins before it yields (override: SHARDLINE_SPIN_US). Ranks that
+/// outnumber this host's CPUs do not spin at all: the peer they wait for may need their core.
+pub(crate) const DEFAULT_SPIN: Duration = Duration::from_micros(20);
 const YIELD_TIME: Duration = Duration::from_millis(2);
 const CHECK_EVERY: Duration = Duration::from_millis(10);
 
 impl Backoff {
-    fn new() -> Backoff {
+    fn new(spin: Duration) -> Backoff {
         let now = Instant::now();
         Backoff {
+            spin,
             start: now,
             idle_since: None,
             polls: 0,
@@ -360,9 +365,9 @@ impl Backoff {
         let now = Instant::now();
         let since = *self.idle_since.get_or_insert(now);
         let idle = now - since;
-        if idle < SPIN_TIME {
+        if idle < self.spin {
             std::hint::spin_loop();
-        } else if idle < YIELD_TIME {
+        } else if idle < self.spin + YIELD_TIME {
             std::thread::yield_now();
         } else {
             // Grows with the wait, capped so a late peer costs at most ~0.5 ms extra.
@@ -426,6 +431,7 @@ mod tests {
             &mut recvs,
             false,
             Duration::from_millis(timeout_ms),
+            DEFAULT_SPIN,
             "test",
         )
     }
@@ -488,6 +494,7 @@ mod tests {
             &mut recvs,
             false,
             Duration::from_secs(5),
+            DEFAULT_SPIN,
             "test",
         )
         .unwrap();

@@ -62,6 +62,10 @@ pub struct CommArgs {
     /// Also write one JSON object per case to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Pin rank r to the r-th CPU this process may use ("core", as mpirun does by default for
+    /// small jobs) or leave placement to the scheduler ("none").
+    #[arg(long, default_value = "core")]
+    bind: String,
     /// Give up (and kill the ranks) after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
@@ -72,6 +76,7 @@ struct Plan {
     sizes: Vec<usize>,
     algo: Option<Algo>,
     transport: TransportChoice,
+    bind: bool,
 }
 
 fn plan(a: &CommArgs) -> anyhow::Result<Plan> {
@@ -105,11 +110,17 @@ fn plan(a: &CommArgs) -> anyhow::Result<Plan> {
     if transport == TransportChoice::Auto {
         bail!("--transport must be shm or tcp");
     }
+    let bind = match a.bind.as_str() {
+        "core" => true,
+        "none" => false,
+        other => bail!("--bind '{other}' (expected core or none)"),
+    };
     Ok(Plan {
         ops,
         sizes,
         algo: Algo::parse(&a.algo)?,
         transport,
+        bind,
     })
 }
 
@@ -179,8 +190,37 @@ fn launch(a: &CommArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pins this process to the `rank`-th CPU of its allowed set (wrapping around).
+fn bind_to_core(rank: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; the calls only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        let allowed: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
+        let Some(&cpu) = allowed.get(rank % allowed.len().max(1)) else {
+            bail!("no CPU to bind rank {rank} to")
+        };
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+            bail!(
+                "sched_setaffinity to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn rank_main<T: Elem>(a: &CommArgs, plan: &Plan) -> anyhow::Result<()> {
     let mut cfg = Config::from_env()?;
+    if plan.bind {
+        bind_to_core(cfg.rank)?;
+    }
     cfg.transport = plan.transport;
     let g = Group::init(&cfg)?;
     let mut sink = if g.rank() == 0 {
