@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::elem::DType;
 use crate::error::{CommError, Result};
-use crate::progress::{exchange, Incoming, Outgoing, DEFAULT_SPIN};
+use crate::progress::{exchange, Incoming, Outgoing, Patience, DEFAULT_SPIN};
 use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Endpoint, Pair, TransportChoice};
@@ -64,8 +64,10 @@ impl Links {
             sends,
             recvs,
             ordered,
-            self.timeout,
-            self.spin,
+            Patience {
+                timeout: self.timeout,
+                spin: self.spin,
+            },
             what.name(),
         )
     }

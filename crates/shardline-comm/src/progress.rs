@@ -251,7 +251,14 @@ impl<'a> Incoming<'a> {
     }
 }
 
-/// Drives `sends` and `recvs` to completion, spinning up to `spin` before yielding the CPU. With `ordered`, incoming frames are consumed strictly
+/// How long an exchange may take, and how long it spins before yielding the CPU.
+#[derive(Clone, Copy)]
+pub(crate) struct Patience {
+    pub timeout: Duration,
+    pub spin: Duration,
+}
+
+/// Drives `sends` and `recvs` to completion. With `ordered`, incoming frames are consumed strictly
 /// in the order given (so that an f32 accumulation has the same order on every rank); sends always
 /// progress together. `ranks` maps group ranks to world ranks for error messages.
 pub(crate) fn exchange(
@@ -260,11 +267,11 @@ pub(crate) fn exchange(
     sends: &mut [Outgoing],
     recvs: &mut [Incoming],
     ordered: bool,
-    timeout: Duration,
-    spin: Duration,
+    patience: Patience,
     what: &str,
 ) -> Result<()> {
-    let mut wait = Backoff::new(spin);
+    let timeout = patience.timeout;
+    let mut wait = Backoff::new(patience.spin);
     let mut next_recv = 0;
     loop {
         let mut progressed = false;
@@ -430,8 +437,10 @@ mod tests {
             &mut [],
             &mut recvs,
             false,
-            Duration::from_millis(timeout_ms),
-            DEFAULT_SPIN,
+            Patience {
+                timeout: Duration::from_millis(timeout_ms),
+                spin: DEFAULT_SPIN,
+            },
             "test",
         )
     }
@@ -493,8 +502,10 @@ mod tests {
             &mut [],
             &mut recvs,
             false,
-            Duration::from_secs(5),
-            DEFAULT_SPIN,
+            Patience {
+                timeout: Duration::from_secs(5),
+                spin: DEFAULT_SPIN,
+            },
             "test",
         )
         .unwrap();
