@@ -6,7 +6,9 @@
  * Run:   mpirun -n 2 ./mpi_comm --op all_reduce,send_recv --sizes 8,8192,16777216 \
  *            --peer openmpi --transport shm [--iters N] [--json FILE]
  *        (OpenMPI's default shared memory: --mca pml ob1 --mca btl self,vader;
- *         over TCP: --mca pml ob1 --mca btl self,tcp; UCX: --mca pml ucx, peer "openmpi-ucx").
+ *         over TCP: --mca pml ob1 --mca btl self,tcp; UCX without an RDMA device:
+ *         --mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any, peer "openmpi-ucx").
+ * mpirun binds each rank to a core by default, as `shardline bench comm` does (--bind core).
  * Only f32 is measured: MPI has no standard f16/bf16 type. `bytes` is the whole buffer of the
  * operation (all_gather output, reduce_scatter input), as in shardline's bench. */
 #include <mpi.h>

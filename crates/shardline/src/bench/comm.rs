@@ -26,12 +26,7 @@ const ALL_OPS: &[&str] = &[
     "send_recv",
 ];
 
-/// Arguments of `shardline bench comm`.
-///
-/// `bytes` is the size of the whole buffer of the operation (as in nccl-tests): the all_reduce and
-/// broadcast buffer, the all_gather output, the reduce_scatter input, the all_to_all send buffer,
-/// or one send_recv message (whose time is half the round trip). Element counts are rounded down
-/// to a multiple of the rank count where the op splits the buffer. `gbps` is bytes / median time.
+/// Arguments of `shardline bench comm` (the meaning of `bytes` is in its `--help`).
 #[derive(Args, Debug)]
 pub struct CommArgs {
     /// Operations, comma separated: all_reduce, all_gather, reduce_scatter, broadcast,
