@@ -5,7 +5,6 @@
 //! watched through a pidfd (it becomes readable when the process exits, even before it is reaped).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +12,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::liveness::PidWatch;
 use super::{Endpoint, Pair};
 use crate::error::{CommError, Result};
 
@@ -265,38 +265,6 @@ impl Ring {
     }
 }
 
-/// Watches whether a process is alive: a pidfd where the kernel has them, else `kill(pid, 0)`.
-struct PidWatch {
-    pid: u32,
-    fd: Option<OwnedFd>,
-}
-
-impl PidWatch {
-    fn new(pid: u32) -> PidWatch {
-        // SAFETY: plain syscall; a non-negative result is a new fd we own.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        let fd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        PidWatch { pid, fd }
-    }
-
-    fn alive(&self) -> bool {
-        match &self.fd {
-            Some(fd) => {
-                let mut pfd = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, zero timeout.
-                let r = unsafe { libc::poll(&mut pfd, 1, 0) };
-                !(r > 0 && pfd.revents != 0)
-            }
-            // SAFETY: signal 0 only checks existence.
-            None => unsafe { libc::kill(self.pid as libc::pid_t, 0) == 0 },
-        }
-    }
-}
-
 /// One peer over shared memory.
 pub struct ShmPair {
     peer: usize,
@@ -325,7 +293,7 @@ impl Pair for ShmPair {
         } else {
             Err(CommError::PeerLost {
                 rank: self.peer,
-                detail: format!("process {} exited (shm)", self.pid.pid),
+                detail: format!("process {} exited (shm)", self.pid.pid()),
             })
         }
     }
@@ -355,22 +323,5 @@ mod tests {
             assert!(rounds < 100, "ring made no progress");
         }
         assert_eq!(got, data);
-    }
-
-    #[test]
-    fn own_process_is_alive_and_an_exited_unreaped_child_is_not() {
-        assert!(PidWatch::new(std::process::id()).alive());
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let watch = PidWatch::new(child.id());
-        // Not reaped yet: a zombie must already count as dead.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while watch.alive() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "exited child still looks alive"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        child.wait().unwrap();
     }
 }

@@ -222,6 +222,9 @@ impl TcpPair {
             self.rbuf.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, self.end - self.start);
         }
+        if self.end == self.rbuf.len() {
+            return Ok(()); // full: the caller consumes first (an empty read would look like EOF)
+        }
         match self.stream.read(&mut self.rbuf[self.end..]) {
             Ok(0) => Err(CommError::PeerLost {
                 rank: self.peer,
