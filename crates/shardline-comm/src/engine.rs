@@ -119,12 +119,17 @@ pub(crate) struct Engine {
 pub(crate) struct Local {
     pub tcp: TcpTransport,
     pub shm: ShmTransport,
+    #[cfg(feature = "ucx")]
+    pub ucx: Option<crate::transport::ucx::UcxTransport>,
 }
 
 static SEGMENTS: AtomicU64 = AtomicU64::new(0);
 
 impl Local {
-    pub fn bind(slots: usize) -> Result<Local> {
+    /// Binds this rank's transports (a UCP worker only when `choice` is UCX).
+    pub fn bind(slots: usize, choice: TransportChoice) -> Result<Local> {
+        #[cfg(not(feature = "ucx"))]
+        let _ = choice; // only UCX is created on demand
         let ring = match std::env::var("SHARDLINE_SHM_RING_BYTES") {
             Ok(v) => v
                 .trim()
@@ -146,6 +151,11 @@ impl Local {
         Ok(Local {
             tcp: TcpTransport::bind(IpAddr::from([0, 0, 0, 0]))?,
             shm: ShmTransport::create(slots, ring, hint)?,
+            #[cfg(feature = "ucx")]
+            ucx: match choice {
+                TransportChoice::Ucx => Some(crate::transport::ucx::UcxTransport::new()?),
+                _ => None,
+            },
         })
     }
 
@@ -164,6 +174,10 @@ impl Local {
             pid: std::process::id(),
             tcp: port,
             shm: self.shm.address(),
+            #[cfg(feature = "ucx")]
+            ucx: self.ucx.as_ref().map(|u| u.address()).unwrap_or_default(),
+            #[cfg(not(feature = "ucx"))]
+            ucx: String::new(),
         }
     }
 }
@@ -203,11 +217,12 @@ impl Engine {
         let size = id.endpoints.len();
         let deadline = Instant::now() + timeout;
         let me = &id.endpoints[rank];
-        let (mut shm_peers, mut tcp_peers) = (Vec::new(), Vec::new());
+        let (mut shm_peers, mut tcp_peers, mut ucx_peers) = (Vec::new(), Vec::new(), Vec::new());
         for (p, ep) in id.endpoints.iter().enumerate().filter(|(p, _)| *p != rank) {
             let same_host = ep.host == me.host;
             match id.choice {
                 TransportChoice::Tcp => tcp_peers.push(p),
+                TransportChoice::Ucx => ucx_peers.push(p),
                 TransportChoice::Auto if !same_host => tcp_peers.push(p),
                 TransportChoice::Shm if !same_host => {
                     return Err(CommError::Config(format!(
@@ -232,6 +247,14 @@ impl Engine {
         for (p, pair) in local.shm.connect(rank, &id.endpoints, &shm_peers)? {
             pairs[p] = Some(pair);
         }
+        #[cfg(feature = "ucx")]
+        if let Some(ucx) = &local.ucx {
+            for (p, pair) in ucx.connect(me, &id.endpoints, &ucx_peers)? {
+                pairs[p] = Some(pair);
+            }
+        }
+        #[cfg(not(feature = "ucx"))]
+        let _ = ucx_peers; // TransportChoice::Ucx cannot be parsed without the feature
         let ranks = id.endpoints.iter().map(|e| e.world_rank).collect();
         let mut scratch = Scratch::default();
         // Preallocate for the direct all-reduce of half types (the largest accumulator).

@@ -71,7 +71,7 @@ impl Group {
     /// Joins the job described by `cfg` (rendezvous, then a connection to every peer).
     pub fn init(cfg: &Config) -> Result<Group> {
         cfg.validate()?;
-        let local = Local::bind(cfg.world_size)?;
+        let local = Local::bind(cfg.world_size, cfg.transport)?;
         let table = rendezvous(cfg, local.endpoint(cfg.rank))?;
         let id = Identity {
             endpoints: table.endpoints,
@@ -378,7 +378,7 @@ fn split(e: &mut Engine, color: Option<u32>, key: i64) -> Result<Option<Engine>>
     members.sort_by_key(|&r| (entry(r).1, r));
     // Members bind fresh transports and publish their endpoints through the parent.
     let local = match color {
-        Some(_) => Some(Local::bind(members.len())?),
+        Some(_) => Some(Local::bind(members.len(), e.id.choice)?),
         None => None,
     };
     let mut record = Vec::new();

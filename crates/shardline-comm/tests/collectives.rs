@@ -54,3 +54,15 @@ fn world_4_shm() {
 fn world_4_tcp() {
     job(4, "tcp");
 }
+
+#[cfg(feature = "ucx")]
+#[test]
+fn world_2_ucx() {
+    job(2, "ucx");
+}
+
+#[cfg(feature = "ucx")]
+#[test]
+fn world_3_ucx() {
+    job(3, "ucx");
+}

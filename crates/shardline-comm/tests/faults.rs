@@ -44,3 +44,9 @@ fn different_lengths_are_reported_on_every_rank() {
         }
     }
 }
+
+#[cfg(feature = "ucx")]
+#[test]
+fn killed_rank_is_reported_over_ucx() {
+    killed("ucx");
+}

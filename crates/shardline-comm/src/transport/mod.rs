@@ -5,6 +5,8 @@
 pub(crate) mod liveness;
 pub mod shm;
 pub mod tcp;
+#[cfg(feature = "ucx")]
+pub mod ucx;
 
 use std::time::Instant;
 
@@ -36,6 +38,8 @@ pub enum TransportChoice {
     Shm,
     /// TCP for every peer.
     Tcp,
+    /// UCX for every peer (cargo feature `ucx`).
+    Ucx,
 }
 
 impl TransportChoice {
@@ -44,9 +48,10 @@ impl TransportChoice {
             "auto" => Ok(TransportChoice::Auto),
             "shm" => Ok(TransportChoice::Shm),
             "tcp" => Ok(TransportChoice::Tcp),
+            "ucx" if cfg!(feature = "ucx") => Ok(TransportChoice::Ucx),
             "ucx" => Err(CommError::Config(
-                "transport 'ucx' is not built into this binary (cargo feature 'ucx' is not \
-                 implemented yet); use shm or tcp"
+                "transport 'ucx' is not built into this binary (build with the cargo feature \
+                 'ucx'); use shm or tcp"
                     .into(),
             )),
             other => Err(CommError::Config(format!(
@@ -68,6 +73,8 @@ pub struct Endpoint {
     pub tcp: String,
     /// Path of this rank's shared-memory segment.
     pub shm: String,
+    /// This rank's UCP worker address (hex; empty without the `ucx` feature).
+    pub ucx: String,
 }
 
 impl Endpoint {
@@ -75,7 +82,7 @@ impl Endpoint {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&(self.world_rank as u32).to_le_bytes());
         out.extend_from_slice(&self.pid.to_le_bytes());
-        for s in [&self.host, &self.tcp, &self.shm] {
+        for s in [&self.host, &self.tcp, &self.shm, &self.ucx] {
             out.extend_from_slice(&(s.len() as u16).to_le_bytes());
             out.extend_from_slice(s.as_bytes());
         }
@@ -85,20 +92,21 @@ impl Endpoint {
     pub fn decode(buf: &mut &[u8]) -> std::result::Result<Endpoint, String> {
         let world_rank = take_u32(buf)? as usize;
         let pid = take_u32(buf)?;
-        let mut strings = [String::new(), String::new(), String::new()];
+        let mut strings = [String::new(), String::new(), String::new(), String::new()];
         for s in &mut strings {
             let len = take(buf, 2)?;
             let len = u16::from_le_bytes([len[0], len[1]]) as usize;
             *s = String::from_utf8(take(buf, len)?.to_vec())
                 .map_err(|_| "endpoint field is not UTF-8".to_string())?;
         }
-        let [host, tcp, shm] = strings;
+        let [host, tcp, shm, ucx] = strings;
         Ok(Endpoint {
             world_rank,
             host,
             pid,
             tcp,
             shm,
+            ucx,
         })
     }
 }

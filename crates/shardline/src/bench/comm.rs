@@ -33,7 +33,7 @@ pub struct CommArgs {
     /// all_to_all, send_recv, or all.
     #[arg(long, default_value = "all_reduce,send_recv")]
     op: String,
-    /// Transport: shm or tcp (ucx is not built).
+    /// Transport: shm, tcp or ucx (ucx needs a build with the cargo feature `ucx`).
     #[arg(long, default_value = "shm")]
     transport: String,
     /// Number of ranks to spawn on this machine.
@@ -103,7 +103,7 @@ fn plan(a: &CommArgs) -> anyhow::Result<Plan> {
     }
     let transport = TransportChoice::parse(&a.transport)?;
     if transport == TransportChoice::Auto {
-        bail!("--transport must be shm or tcp");
+        bail!("--transport must be shm, tcp or ucx");
     }
     let bind = match a.bind.as_str() {
         "core" => true,
