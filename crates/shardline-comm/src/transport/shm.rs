@@ -131,9 +131,16 @@ impl ShmTransport {
             let rx = Ring::new(self.map.clone(), p, cap);
             // Fault the rings' pages in now rather than on the first messages (a first pass
             // through a ring otherwise costs a page fault per 4 KiB). Neither call changes
-            // contents, so a peer already writing is not disturbed; failure only costs speed.
-            tx.populate(libc::MADV_POPULATE_WRITE);
-            rx.populate(libc::MADV_POPULATE_READ);
+            // contents, so a peer already writing is not disturbed. Populating the ring this
+            // rank writes also allocates it: a full /dev/shm is an error here, not a SIGBUS on
+            // the first send. Kernels without these calls (EINVAL) just fault lazily.
+            tx.populate(libc::MADV_POPULATE_WRITE).map_err(|e| {
+                bad(format!(
+                    "cannot allocate the {cap}-byte ring ({e}); is /dev/shm full? \
+                     Lower SHARDLINE_SHM_RING_BYTES or use the tcp transport"
+                ))
+            })?;
+            let _ = rx.populate(libc::MADV_POPULATE_READ);
             out.push((
                 p,
                 Box::new(ShmPair {
@@ -196,11 +203,14 @@ impl Ring {
         }
     }
 
-    fn populate(&self, advice: libc::c_int) {
+    fn populate(&self, advice: libc::c_int) -> std::io::Result<()> {
         // SAFETY: the ring's control page and data lie inside the live mapping.
-        unsafe {
-            let base = self.head as *mut libc::c_void;
-            libc::madvise(base, PAGE + self.cap, advice);
+        let r = unsafe { libc::madvise(self.head as *mut libc::c_void, PAGE + self.cap, advice) };
+        let err = std::io::Error::last_os_error();
+        match r {
+            0 => Ok(()),
+            _ if err.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            _ => Err(err),
         }
     }
 

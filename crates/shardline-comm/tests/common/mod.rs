@@ -37,6 +37,8 @@ pub fn run_job(
                 .env("SHARDLINE_JOB_TOKEN", "test-token")
                 .env("SHARDLINE_TRANSPORT", transport)
                 .env("SHARDLINE_TIMEOUT", "20")
+                // Small rings: less /dev/shm (64 MiB in a default container) and more wrap-arounds.
+                .env("SHARDLINE_SHM_RING_BYTES", "262144")
                 .env_remove("SHARDLINE_ALLREDUCE_ALGO")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
