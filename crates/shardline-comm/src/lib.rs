@@ -10,6 +10,16 @@
 //! group.all_reduce(&mut hidden, ReduceOp::Sum)?;
 //! # Ok::<(), shardline_comm::CommError>(())
 //! ```
+//!
+//! Environment (all optional for a single rank):
+//! - `SHARDLINE_RANK`, `SHARDLINE_WORLD_SIZE` (or `OMPI_COMM_WORLD_RANK/SIZE`, `PMI_RANK/SIZE`,
+//!   `SLURM_PROCID/NTASKS`), `SHARDLINE_COORDINATOR` (host:port of rank 0),
+//!   `SHARDLINE_JOB_TOKEN`, `SHARDLINE_TIMEOUT` (seconds, default 60): see [`Config`].
+//! - `SHARDLINE_TRANSPORT`: `auto` (shm on one host, tcp across hosts), `shm`, `tcp` or `ucx`.
+//! - `SHARDLINE_ALLREDUCE_ALGO`: `auto` (direct up to [`DIRECT_MAX_BYTES`], ring above),
+//!   `direct` or `ring`.
+//! - `SHARDLINE_SHM_RING_BYTES` (default 2 MiB per peer), `SHARDLINE_SPIN_US` (default 20; no
+//!   spinning when the ranks on this host outnumber its CPUs).
 
 mod bootstrap;
 mod collectives;
