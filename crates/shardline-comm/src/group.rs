@@ -456,3 +456,26 @@ impl Drop for Group {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_can_be_shared_across_threads_and_a_single_rank_works_alone() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Group>();
+        let g = Group::init(&Config::new(0, 1, "", "")).unwrap();
+        let mut v = [1.0f32, 2.0];
+        g.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        let mut out = [0.0f32; 2];
+        g.all_gather(&v, &mut out).unwrap();
+        assert_eq!(out, [1.0, 2.0]);
+        let e = g.send(0, &v, 0).unwrap_err();
+        assert!(matches!(e, CommError::InvalidArgument(_)), "{e}");
+        let e = g.all_gather(&v, &mut [0.0f32; 3]).unwrap_err();
+        assert!(e.to_string().contains("expected 2"), "{e}");
+        // Argument errors leave the group usable.
+        g.barrier().unwrap();
+    }
+}
