@@ -12,7 +12,7 @@ use crate::error::{CommError, Result};
 use crate::progress::{exchange, Incoming, Outgoing, Patience, DEFAULT_SPIN};
 use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
 use crate::transport::tcp::TcpTransport;
-use crate::transport::{Endpoint, Pair, TransportChoice};
+use crate::transport::{Endpoint, Pair, Setup, Transport, TransportChoice};
 use crate::wire::{Header, OpCode};
 
 /// All-reduce algorithm.
@@ -159,6 +159,23 @@ impl Local {
         })
     }
 
+    /// The transports `choice` allows, in order of preference.
+    fn transports(&mut self, choice: TransportChoice) -> Vec<&mut dyn Transport> {
+        match choice {
+            TransportChoice::Auto => vec![&mut self.shm, &mut self.tcp],
+            TransportChoice::Shm => vec![&mut self.shm],
+            TransportChoice::Tcp => vec![&mut self.tcp],
+            #[cfg(feature = "ucx")]
+            TransportChoice::Ucx => self
+                .ucx
+                .iter_mut()
+                .map(|u| u as &mut dyn Transport)
+                .collect(),
+            #[cfg(not(feature = "ucx"))]
+            TransportChoice::Ucx => Vec::new(), // not parsed without the feature
+        }
+    }
+
     /// This rank's endpoint; `tcp` holds only the port (the bootstrap fills in the address).
     pub fn endpoint(&self, world_rank: usize) -> Endpoint {
         let port = self
@@ -217,44 +234,37 @@ impl Engine {
         let size = id.endpoints.len();
         let deadline = Instant::now() + timeout;
         let me = &id.endpoints[rank];
-        let (mut shm_peers, mut tcp_peers, mut ucx_peers) = (Vec::new(), Vec::new(), Vec::new());
+        // Each peer goes to the first transport, in order of preference, that reaches it.
+        let mut transports = local.transports(id.choice);
+        let mut peers: Vec<Vec<usize>> = vec![Vec::new(); transports.len()];
         for (p, ep) in id.endpoints.iter().enumerate().filter(|(p, _)| *p != rank) {
-            let same_host = ep.host == me.host;
-            match id.choice {
-                TransportChoice::Tcp => tcp_peers.push(p),
-                TransportChoice::Ucx => ucx_peers.push(p),
-                TransportChoice::Auto if !same_host => tcp_peers.push(p),
-                TransportChoice::Shm if !same_host => {
-                    return Err(CommError::Config(format!(
-                        "transport shm was asked for, but rank {} is on another host ({})",
-                        ep.world_rank, ep.host
-                    )))
-                }
-                _ => shm_peers.push(p),
-            }
+            let t = transports
+                .iter()
+                .position(|t| t.reaches(me, ep))
+                .ok_or_else(|| {
+                    let names: Vec<_> = transports.iter().map(|t| t.name()).collect();
+                    CommError::Config(format!(
+                        "no transport of {names:?} reaches rank {} (host {}, this rank is on {}); \
+                     shm needs the same host",
+                        ep.world_rank, ep.host, me.host
+                    ))
+                })?;
+            peers[t].push(p);
         }
-        let mut pairs: Vec<Option<Box<dyn Pair>>> = (0..size).map(|_| None).collect();
-        for (p, pair) in local.tcp.connect(
-            rank,
-            &id.endpoints,
-            &tcp_peers,
-            &id.token,
-            id.nonce,
+        let setup = Setup {
+            me: rank,
+            table: &id.endpoints,
+            token: &id.token,
+            nonce: id.nonce,
             deadline,
-        )? {
-            pairs[p] = Some(pair);
-        }
-        for (p, pair) in local.shm.connect(rank, &id.endpoints, &shm_peers)? {
-            pairs[p] = Some(pair);
-        }
-        #[cfg(feature = "ucx")]
-        if let Some(ucx) = &local.ucx {
-            for (p, pair) in ucx.connect(me, &id.endpoints, &ucx_peers)? {
+        };
+        let mut pairs: Vec<Option<Box<dyn Pair>>> = (0..size).map(|_| None).collect();
+        for (t, peers) in transports.iter_mut().zip(&peers) {
+            for (p, pair) in t.connect(&setup, peers)? {
                 pairs[p] = Some(pair);
             }
         }
-        #[cfg(not(feature = "ucx"))]
-        let _ = ucx_peers; // TransportChoice::Ucx cannot be parsed without the feature
+        let local_ranks = id.endpoints.iter().filter(|e| e.host == me.host).count();
         let ranks = id.endpoints.iter().map(|e| e.world_rank).collect();
         let mut scratch = Scratch::default();
         // Preallocate for the direct all-reduce of half types (the largest accumulator).
@@ -272,7 +282,7 @@ impl Engine {
                 pairs,
                 ranks,
                 timeout,
-                spin: spin_from_env(shm_peers.len() + 1)?,
+                spin: spin_from_env(local_ranks)?,
             },
             scratch,
             algo,
@@ -281,8 +291,9 @@ impl Engine {
             poisoned: None,
         };
         engine.guarded(|e| e.barrier())?;
-        // Every peer has mapped this rank's segment now: its name can go.
-        local.shm.unlink();
+        for t in transports {
+            t.connected();
+        }
         Ok(engine)
     }
 

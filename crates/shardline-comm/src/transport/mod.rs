@@ -29,6 +29,29 @@ pub trait Pair: Send {
     fn check_alive(&mut self) -> Result<()>;
 }
 
+/// What a transport needs to connect a group: this rank, everyone's endpoints, the job's token
+/// and the group's nonce, and the deadline.
+pub struct Setup<'a> {
+    pub me: usize,
+    pub table: &'a [Endpoint],
+    pub token: &'a str,
+    pub nonce: u64,
+    pub deadline: Instant,
+}
+
+/// A way to connect pairs (NCCL style: it says whether it can reach a peer, then connects; the
+/// group above sees only the [`Pair`]s).
+pub trait Transport {
+    fn name(&self) -> &'static str;
+    /// Whether this transport can connect `me` and `peer`.
+    fn reaches(&self, me: &Endpoint, peer: &Endpoint) -> bool;
+    /// Connects to `peers` (group ranks into `setup.table`); every peer of the group connects
+    /// back at the same time.
+    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>>;
+    /// Called once every pair of the group works (after the group's first barrier).
+    fn connected(&mut self) {}
+}
+
 /// Which transport a group uses for its peers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportChoice {

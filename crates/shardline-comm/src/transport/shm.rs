@@ -13,7 +13,7 @@ use std::sync::Arc;
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::liveness::PidWatch;
-use super::{Endpoint, Pair};
+use super::{Endpoint, Pair, Setup, Transport};
 use crate::error::{CommError, Result};
 
 const SEG_MAGIC: u64 = 0x3147_4553_4c53_4853; // "SHSLSEG1"
@@ -79,13 +79,27 @@ impl ShmTransport {
         self.path.display().to_string()
     }
 
+    /// Removes the segment's name once every peer has mapped it (the mappings stay valid).
+    pub fn unlink(&mut self) {
+        if !self.unlinked {
+            let _ = std::fs::remove_file(&self.path);
+            self.unlinked = true;
+        }
+    }
+}
+
+impl Transport for ShmTransport {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn reaches(&self, me: &Endpoint, peer: &Endpoint) -> bool {
+        me.host == peer.host
+    }
+
     /// Maps every peer's segment and pairs this rank's ring `p` with slot `me` of peer `p`.
-    pub fn connect(
-        &self,
-        me: usize,
-        table: &[Endpoint],
-        peers: &[usize],
-    ) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+        let (me, table) = (setup.me, setup.table);
         let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
         for &p in peers {
             let ep = &table[p];
@@ -154,12 +168,9 @@ impl ShmTransport {
         Ok(out)
     }
 
-    /// Removes the segment's name once every peer has mapped it (the mappings stay valid).
-    pub fn unlink(&mut self) {
-        if !self.unlinked {
-            let _ = std::fs::remove_file(&self.path);
-            self.unlinked = true;
-        }
+    /// Every peer has mapped this rank's segment now: its name can go.
+    fn connected(&mut self) {
+        self.unlink();
     }
 }
 

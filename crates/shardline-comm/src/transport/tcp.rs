@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use super::{remaining, take, take_u32, take_u64, Endpoint, Pair};
+use super::{remaining, take, take_u32, take_u64, Endpoint, Pair, Setup, Transport};
 use crate::error::{CommError, Result};
 
 const HELLO_MAGIC: u32 = 0x4854_4c53; // "SLTH"
@@ -42,19 +42,28 @@ impl TcpTransport {
     pub fn address(&self) -> String {
         self.addr.to_string()
     }
+}
 
-    /// Connects to `peers` (group ranks into `table`): this rank dials the lower ranks and
-    /// accepts the higher ones, each connection opened by a hello carrying the job token, the
-    /// group nonce and the dialer's rank. Connections with anything else are dropped and logged.
-    pub fn connect(
-        &self,
-        me: usize,
-        table: &[Endpoint],
-        peers: &[usize],
-        token: &str,
-        nonce: u64,
-        deadline: Instant,
-    ) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn reaches(&self, _me: &Endpoint, _peer: &Endpoint) -> bool {
+        true
+    }
+
+    /// This rank dials the lower ranks and accepts the higher ones, each connection opened by a
+    /// hello carrying the job token, the group nonce and the dialer's rank. Connections with
+    /// anything else are dropped and logged.
+    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+        let Setup {
+            me,
+            table,
+            token,
+            nonce,
+            deadline,
+        } = *setup;
         let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
         for &p in peers.iter().filter(|&&p| p < me) {
             let mut stream = dial(&table[p].tcp, deadline, table[p].world_rank)?;

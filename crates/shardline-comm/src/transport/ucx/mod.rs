@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::liveness::PidWatch;
-use super::{Endpoint, Pair};
+use super::{Endpoint, Pair, Setup, Transport};
 use crate::error::{CommError, Result};
 
 /// Bytes a pair may have in flight in staged sends.
@@ -104,14 +104,20 @@ impl UcxTransport {
     pub fn address(&self) -> String {
         self.address.clone()
     }
+}
+
+impl Transport for UcxTransport {
+    fn name(&self) -> &'static str {
+        "ucx"
+    }
+
+    fn reaches(&self, _me: &Endpoint, peer: &Endpoint) -> bool {
+        !peer.ucx.is_empty()
+    }
 
     /// Creates an endpoint to every peer in `peers`.
-    pub fn connect(
-        &self,
-        me: &Endpoint,
-        table: &[Endpoint],
-        peers: &[usize],
-    ) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+        let (me, table) = (&setup.table[setup.me], setup.table);
         let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
         for &p in peers {
             let ep = &table[p];
