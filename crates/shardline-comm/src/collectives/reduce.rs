@@ -30,8 +30,15 @@ impl Engine {
         match algo.or(self.algo).unwrap_or(auto) {
             Algo::Direct => {
                 let h = Engine::header(OpCode::AllReduce, dtype, tag, buf.len(), buf.len());
-                // Send a snapshot: `buf` changes while sends may still be in flight. The scratch
-                // is taken out of `self` for the call and put back, so nothing is allocated.
+                if self.size > 2 && op == ReduceOp::Sum {
+                    // `buf` stays unchanged until the ordered sum is stored: send it as it is.
+                    self.accumulate_in_rank_order(|_| &*buf, &*buf, h, op)?;
+                    elem::store(dtype, &self.scratch.acc[..buf.len() / dtype.size()], buf);
+                    return Ok(());
+                }
+                // Reduced in place: send a snapshot, since `buf` changes while sends may still be
+                // in flight. The scratch is taken out of `self` for the call and put back, so
+                // nothing is allocated.
                 let mut snap = std::mem::take(&mut self.scratch.bytes);
                 if snap.len() < buf.len() {
                     snap.resize(buf.len(), 0);
@@ -39,11 +46,7 @@ impl Engine {
                 let own = &mut snap[..buf.len()];
                 own.copy_from_slice(buf);
                 let own: &[u8] = own;
-                let r = if self.size == 2 || op == ReduceOp::Max {
-                    self.reduce_blocks(|_| own, h, buf, op, None)
-                } else {
-                    self.reduce_blocks(|_| own, h, &mut [], op, Some((own, buf)))
-                };
+                let r = self.reduce_as_they_come(|_| own, h, buf, op);
                 self.scratch.bytes = snap;
                 r
             }
@@ -51,70 +54,68 @@ impl Engine {
         }
     }
 
-    /// Sends `block(p)` to every peer p and combines what the peers send back under header `h`:
-    /// reduced into `dst` as it comes (`dst` holds this rank's contribution already), or, with
-    /// `ordered`, `(own, out)` is this
-    /// rank's contribution and where the rank-ordered f32 accumulation is stored.
-    fn reduce_blocks<'s>(
+    /// Sends `block(p)` to every peer p and reduces what each peer sends back under header `h`
+    /// into `dst` as it comes (`dst` holds this rank's contribution already): for reductions
+    /// whose result does not depend on the order.
+    fn reduce_as_they_come<'s>(
         &mut self,
         block: impl Fn(usize) -> &'s [u8],
         h: Header,
         dst: &mut [u8],
         op: ReduceOp,
-        ordered: Option<(&'s [u8], &mut [u8])>,
     ) -> Result<()> {
         let (me, size) = (self.rank, self.size);
         let mut sends: Sends = (0..size)
             .filter(|&p| p != me)
             .map(|p| Outgoing::new(p, h, block(p)))
             .collect();
-        match ordered {
-            None => {
-                let mut regions = Region::alias(dst, size);
-                let mut recvs: Recvs = (0..size)
-                    .filter(|&p| p != me)
-                    .map(|p| {
-                        Incoming::new(
-                            Source::Peer(p),
-                            h,
-                            Sink::Reduce {
-                                dst: regions.next().unwrap(),
-                                op,
-                            },
-                        )
-                    })
-                    .collect();
-                self.links.run(&mut sends, &mut recvs, false, h.op)
-            }
-            Some((own, out)) => {
-                let n = out.len() / h.dtype.size();
-                {
-                    let acc = self.scratch.acc(n);
-                    let mut regions = Region::alias_f32(acc, size);
-                    let mut recvs: Recvs = (0..size)
-                        .map(|k| {
-                            let source = if k == me {
-                                Source::Local(own)
-                            } else {
-                                Source::Peer(k)
-                            };
-                            Incoming::new(
-                                source,
-                                h,
-                                Sink::Accumulate {
-                                    acc: regions.next().unwrap(),
-                                    op,
-                                    first: k == 0,
-                                },
-                            )
-                        })
-                        .collect();
-                    self.links.run(&mut sends, &mut recvs, true, h.op)?;
-                }
-                elem::store(h.dtype, &self.scratch.acc[..n], out);
-                Ok(())
-            }
-        }
+        let mut regions = Region::alias(dst, size);
+        let mut recvs: Recvs = (0..size)
+            .filter(|&p| p != me)
+            .map(|p| {
+                let dst = regions.next().unwrap();
+                Incoming::new(Source::Peer(p), h, Sink::Reduce { dst, op })
+            })
+            .collect();
+        self.links.run(&mut sends, &mut recvs, false, h.op)
+    }
+
+    /// Sends `block(p)` to every peer p and accumulates everyone's contribution (this rank's is
+    /// `own`) in f32, in rank order, into `self.scratch.acc`, where the caller picks it up.
+    fn accumulate_in_rank_order<'s>(
+        &mut self,
+        block: impl Fn(usize) -> &'s [u8],
+        own: &'s [u8],
+        h: Header,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (me, size) = (self.rank, self.size);
+        let mut sends: Sends = (0..size)
+            .filter(|&p| p != me)
+            .map(|p| Outgoing::new(p, h, block(p)))
+            .collect();
+        let acc = self.scratch.acc(own.len() / h.dtype.size());
+        let mut regions = Region::alias_f32(acc, size);
+        let mut recvs: Recvs = (0..size)
+            .map(|k| {
+                let source = if k == me {
+                    Source::Local(own)
+                } else {
+                    Source::Peer(k)
+                };
+                let acc = regions.next().unwrap();
+                Incoming::new(
+                    source,
+                    h,
+                    Sink::Accumulate {
+                        acc,
+                        op,
+                        first: k == 0,
+                    },
+                )
+            })
+            .collect();
+        self.links.run(&mut sends, &mut recvs, true, h.op)
     }
 
     fn all_reduce_ring(
@@ -184,9 +185,11 @@ impl Engine {
         debug_assert_eq!(block % esize, 0);
         if size == 2 || op == ReduceOp::Max {
             output.copy_from_slice(blocks(me));
-            self.reduce_blocks(blocks, h, output, op, None)
+            self.reduce_as_they_come(blocks, h, output, op)
         } else {
-            self.reduce_blocks(blocks, h, &mut [], op, Some((blocks(me), output)))
+            self.accumulate_in_rank_order(blocks, blocks(me), h, op)?;
+            elem::store(dtype, &self.scratch.acc[..block / esize], output);
+            Ok(())
         }
     }
 }
