@@ -126,6 +126,33 @@ fn collectives<T: Elem>(g: &Group, sizes: &[usize]) -> Check {
     Ok(())
 }
 
+/// Sums of inexact values must still be bitwise equal on every rank (tensor parallelism relies
+/// on every rank holding the same hidden state).
+fn identical_everywhere(g: &Group) -> Check {
+    let (me, n) = (g.rank(), g.size());
+    for (algo, len) in [(Algo::Direct, 1000), (Algo::Ring, 30_001)] {
+        let mut buf: Vec<f32> = (0..len)
+            .map(|i| ((me * 7919 + i * 104_729) % 1000) as f32 * 0.001_3 + 1e-7 * i as f32)
+            .collect();
+        ctx(
+            "all_reduce",
+            g.all_reduce_with(&mut buf, ReduceOp::Sum, algo),
+        )?;
+        let mut all = vec![0f32; len * n];
+        ctx("all_gather", g.all_gather(&buf, &mut all))?;
+        for r in 0..n {
+            let theirs = &all[r * len..(r + 1) * len];
+            if let Some(i) = (0..len).find(|&i| theirs[i].to_bits() != buf[i].to_bits()) {
+                return Err(format!(
+                    "{algo:?} all_reduce differs between rank {me} and rank {r} at {i}: {} vs {}",
+                    buf[i], theirs[i]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn split_and_async(g: &Group) -> Check {
     let (me, n) = (g.rank(), g.size());
     // Even and odd ranks, each subgroup in reverse order of rank.
@@ -236,6 +263,7 @@ fn main() {
                         (0..g.size()).map(|r| val(r, i)).sum()
                     })?;
                 }
+                identical_everywhere(&g)?;
                 split_and_async(&g)
             }
             "kill" => kill(&g),
