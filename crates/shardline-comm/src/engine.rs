@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::elem::DType;
 use crate::error::{CommError, Result};
-use crate::progress::{exchange, Incoming, Outgoing, Patience, DEFAULT_SPIN};
+use crate::progress::{exchange, push_once, Incoming, Outgoing, Patience, DEFAULT_SPIN};
 use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Endpoint, Pair, Setup, Transport, TransportChoice};
@@ -51,6 +51,11 @@ pub(crate) struct Links {
 }
 
 impl Links {
+    /// One non-blocking pass over `sends`; true when every frame went out whole.
+    pub fn push_once(&mut self, sends: &mut [Outgoing]) -> Result<bool> {
+        push_once(&mut self.pairs, sends)
+    }
+
     pub fn run(
         &mut self,
         sends: &mut [Outgoing],

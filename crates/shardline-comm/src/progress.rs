@@ -39,11 +39,22 @@ impl<'a> Outgoing<'a> {
         }
     }
 
+    /// The same frame with its data now read from `data` (an identical copy of the old data).
+    pub fn moved_to<'b>(&self, data: &'b [u8]) -> Outgoing<'b> {
+        debug_assert_eq!(data, self.data);
+        Outgoing {
+            peer: self.peer,
+            hdr: self.hdr,
+            data,
+            pos: self.pos,
+        }
+    }
+
     fn total(&self) -> usize {
         HEADER_LEN + padded(self.data.len())
     }
 
-    fn done(&self) -> bool {
+    pub fn done(&self) -> bool {
         self.pos == self.total()
     }
 
@@ -256,6 +267,17 @@ impl<'a> Incoming<'a> {
 pub(crate) struct Patience {
     pub timeout: Duration,
     pub spin: Duration,
+}
+
+/// Offers every frame of `sends` to its pair once, without waiting; true when all went out.
+pub(crate) fn push_once(
+    pairs: &mut [Option<Box<dyn Pair>>],
+    sends: &mut [Outgoing],
+) -> Result<bool> {
+    for s in sends.iter_mut() {
+        s.poll(pairs[s.peer].as_deref_mut().expect("no pair to a peer"))?;
+    }
+    Ok(sends.iter().all(Outgoing::done))
 }
 
 /// Drives `sends` and `recvs` to completion. With `ordered`, incoming frames are consumed strictly

@@ -262,6 +262,22 @@ fn main() {
                     expect_eq("16 MB all_reduce", &buf, |i| {
                         (0..g.size()).map(|r| val(r, i)).sum()
                     })?;
+                    // Direct with 4 MB: more than a ring or socket buffer takes at once, so the
+                    // sends continue from a snapshot while the buffer is reduced in place.
+                    for op in [ReduceOp::Sum, ReduceOp::Max] {
+                        let mut buf: Vec<f32> = (0..1 << 20).map(|i| val(g.rank(), i)).collect();
+                        ctx(
+                            "4 MB direct all_reduce",
+                            g.all_reduce_with(&mut buf, op, Algo::Direct),
+                        )?;
+                        expect_eq("4 MB direct all_reduce", &buf, |i| {
+                            let vals = (0..g.size()).map(|r| val(r, i));
+                            match op {
+                                ReduceOp::Sum => vals.sum(),
+                                ReduceOp::Max => vals.fold(0.0, f32::max),
+                            }
+                        })?;
+                    }
                 }
                 identical_everywhere(&g)?;
                 split_and_async(&g)

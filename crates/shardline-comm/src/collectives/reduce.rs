@@ -36,9 +36,18 @@ impl Engine {
                     elem::store(dtype, &self.scratch.acc[..buf.len() / dtype.size()], buf);
                     return Ok(());
                 }
-                // Reduced in place: send a snapshot, since `buf` changes while sends may still be
-                // in flight. The scratch is taken out of `self` for the call and put back, so
-                // nothing is allocated.
+                // Reduced in place, so `buf` must not change while a send still reads it. Small
+                // messages usually go out whole at the first try; otherwise the rest is sent from
+                // a snapshot (scratch taken out of `self` and put back: nothing is allocated).
+                let me = self.rank;
+                let mut sends: Sends = (0..self.size)
+                    .filter(|&p| p != me)
+                    .map(|p| Outgoing::new(p, h, &*buf))
+                    .collect();
+                if self.links.push_once(&mut sends)? {
+                    drop(sends);
+                    return self.reduce_as_they_come(Sends::new(), h, buf, op);
+                }
                 let mut snap = std::mem::take(&mut self.scratch.bytes);
                 if snap.len() < buf.len() {
                     snap.resize(buf.len(), 0);
@@ -46,7 +55,9 @@ impl Engine {
                 let own = &mut snap[..buf.len()];
                 own.copy_from_slice(buf);
                 let own: &[u8] = own;
-                let r = self.reduce_as_they_come(|_| own, h, buf, op);
+                let moved: Sends = sends.iter().map(|s| s.moved_to(own)).collect();
+                drop(sends);
+                let r = self.reduce_as_they_come(moved, h, buf, op);
                 self.scratch.bytes = snap;
                 r
             }
@@ -54,21 +65,17 @@ impl Engine {
         }
     }
 
-    /// Sends `block(p)` to every peer p and reduces what each peer sends back under header `h`
-    /// into `dst` as it comes (`dst` holds this rank's contribution already): for reductions
-    /// whose result does not depend on the order.
-    fn reduce_as_they_come<'s>(
+    /// Drives `sends` and reduces what each peer sends under header `h` into `dst` as it comes
+    /// (`dst` holds this rank's contribution already): for reductions whose result does not
+    /// depend on the order.
+    fn reduce_as_they_come(
         &mut self,
-        block: impl Fn(usize) -> &'s [u8],
+        mut sends: Sends,
         h: Header,
         dst: &mut [u8],
         op: ReduceOp,
     ) -> Result<()> {
         let (me, size) = (self.rank, self.size);
-        let mut sends: Sends = (0..size)
-            .filter(|&p| p != me)
-            .map(|p| Outgoing::new(p, h, block(p)))
-            .collect();
         let mut regions = Region::alias(dst, size);
         let mut recvs: Recvs = (0..size)
             .filter(|&p| p != me)
@@ -185,7 +192,11 @@ impl Engine {
         debug_assert_eq!(block % esize, 0);
         if size == 2 || op == ReduceOp::Max {
             output.copy_from_slice(blocks(me));
-            self.reduce_as_they_come(blocks, h, output, op)
+            let sends: Sends = (0..size)
+                .filter(|&p| p != me)
+                .map(|p| Outgoing::new(p, h, blocks(p)))
+                .collect();
+            self.reduce_as_they_come(sends, h, output, op)
         } else {
             self.accumulate_in_rank_order(blocks, blocks(me), h, op)?;
             elem::store(dtype, &self.scratch.acc[..block / esize], output);
