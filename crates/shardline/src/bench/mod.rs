@@ -4,6 +4,7 @@
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod decode_cuda;
+pub mod comm;
 pub mod record;
 
 use clap::Subcommand;
@@ -12,10 +13,20 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Per-layer decode time and weight bandwidth of one MoE layer (presets or a model directory).
     Decode(decode::DecodeArgs),
+    /// Latency and bandwidth of shardline-comm collectives and send/recv (spawns its own ranks).
+    ///
+    /// `bytes` is the size of the whole buffer of the operation (as in nccl-tests): the
+    /// all_reduce and broadcast buffer, the all_gather output, the reduce_scatter input, the
+    /// all_to_all send buffer, or one send_recv message, whose time is half the round trip. Each
+    /// iteration starts after a barrier and its time is the slowest rank's; `gbps` is bytes over
+    /// the median time. Example: shardline bench comm --op all_reduce --transport shm --ranks 2
+    /// --sizes 8192,16777216 --json comm.jsonl
+    Comm(comm::CommArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::Comm(args) => comm::run(args),
     }
 }

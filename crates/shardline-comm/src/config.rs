@@ -1,0 +1,199 @@
+//! Settings of a job: rank, world size, coordinator, token, timeout and transport. Built by hand
+//! (from command-line flags) or from the environment: SHARDLINE_* variables first, then what
+//! mpirun (OMPI_COMM_WORLD_*), PMI launchers (PMI_*) and srun (SLURM_*) set.
+
+use std::time::Duration;
+
+use crate::error::{CommError, Result};
+use crate::transport::TransportChoice;
+
+/// Default deadline of every blocking call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything `Group::init` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub rank: usize,
+    pub world_size: usize,
+    /// host:port where rank 0 listens for the rendezvous.
+    pub coordinator: String,
+    /// Shared secret every rank must present.
+    pub token: String,
+    /// Deadline of every blocking call (bootstrap and each collective).
+    pub timeout: Duration,
+    pub transport: TransportChoice,
+}
+
+impl Config {
+    /// A config with the default timeout and transport.
+    pub fn new(
+        rank: usize,
+        world_size: usize,
+        coordinator: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Config {
+        Config {
+            rank,
+            world_size,
+            coordinator: coordinator.into(),
+            token: token.into(),
+            timeout: DEFAULT_TIMEOUT,
+            transport: TransportChoice::Auto,
+        }
+    }
+
+    /// Reads the environment (see the module documentation).
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Like [`Config::from_env`] with any lookup (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let first = |names: &[&str]| -> Result<Option<(String, usize)>> {
+            for n in names {
+                if let Some(v) = get(n) {
+                    let parsed = v.trim().parse::<usize>().map_err(|_| {
+                        CommError::Config(format!("{n}='{v}' is not a non-negative integer"))
+                    })?;
+                    return Ok(Some((n.to_string(), parsed)));
+                }
+            }
+            Ok(None)
+        };
+        let rank = first(&[
+            "SHARDLINE_RANK",
+            "OMPI_COMM_WORLD_RANK",
+            "PMI_RANK",
+            "SLURM_PROCID",
+        ])?;
+        let size = first(&[
+            "SHARDLINE_WORLD_SIZE",
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_SIZE",
+            "SLURM_NTASKS",
+        ])?;
+        let (rank, world_size) = match (rank, size) {
+            (None, None) => (0, 1),
+            (Some((_, r)), Some((_, s))) => (r, s),
+            (Some((n, _)), None) => {
+                return Err(CommError::Config(format!(
+                    "{n} is set but no world size (SHARDLINE_WORLD_SIZE)"
+                )))
+            }
+            (None, Some((n, _))) => {
+                return Err(CommError::Config(format!(
+                    "{n} is set but no rank (SHARDLINE_RANK)"
+                )))
+            }
+        };
+        let coordinator = get("SHARDLINE_COORDINATOR").unwrap_or_default();
+        if world_size > 1 && coordinator.is_empty() {
+            return Err(CommError::Config(
+                "SHARDLINE_COORDINATOR (host:port of rank 0) is required when the world size is above 1".into(),
+            ));
+        }
+        let timeout = match get("SHARDLINE_TIMEOUT") {
+            None => DEFAULT_TIMEOUT,
+            Some(v) => {
+                let secs: f64 = v.trim().trim_end_matches('s').parse().map_err(|_| {
+                    CommError::Config(format!(
+                        "SHARDLINE_TIMEOUT='{v}' is not a number of seconds"
+                    ))
+                })?;
+                if !(secs > 0.0 && secs < 1e7) {
+                    return Err(CommError::Config(format!(
+                        "SHARDLINE_TIMEOUT='{v}' must be positive"
+                    )));
+                }
+                Duration::from_secs_f64(secs)
+            }
+        };
+        let transport = match get("SHARDLINE_TRANSPORT") {
+            None => TransportChoice::Auto,
+            Some(v) => TransportChoice::parse(v.trim())?,
+        };
+        let cfg = Config {
+            rank,
+            world_size,
+            coordinator,
+            token: get("SHARDLINE_JOB_TOKEN").unwrap_or_default(),
+            timeout,
+            transport,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks rank against world size.
+    pub fn validate(&self) -> Result<()> {
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return Err(CommError::Config(format!(
+                "rank {} is not within a world of {} ranks",
+                self.rank, self.world_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn launchers_are_recognised_in_order() {
+        let c = cfg(&[
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("SHARDLINE_COORDINATOR", "h:1"),
+        ])
+        .unwrap();
+        assert_eq!((c.rank, c.world_size), (2, 4));
+        let c = cfg(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "3"),
+            ("SHARDLINE_RANK", "0"),
+            ("SHARDLINE_WORLD_SIZE", "3"),
+            ("SHARDLINE_COORDINATOR", "h:1"),
+            ("SHARDLINE_TIMEOUT", "2.5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.rank, c.world_size, c.timeout),
+            (0, 3, Duration::from_millis(2500))
+        );
+        let c = cfg(&[]).unwrap();
+        assert_eq!((c.rank, c.world_size, c.timeout), (0, 1, DEFAULT_TIMEOUT));
+    }
+
+    #[test]
+    fn bad_settings_name_the_variable() {
+        let e = cfg(&[("SHARDLINE_RANK", "x"), ("SHARDLINE_WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SHARDLINE_RANK"), "{e}");
+        let e = cfg(&[
+            ("SHARDLINE_RANK", "2"),
+            ("SHARDLINE_WORLD_SIZE", "2"),
+            ("SHARDLINE_COORDINATOR", "h:1"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rank 2"), "{e}");
+        let e = cfg(&[("PMI_RANK", "0"), ("PMI_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SHARDLINE_COORDINATOR"), "{e}");
+        let e = cfg(&[("SHARDLINE_TIMEOUT", "-1")]).unwrap_err().to_string();
+        assert!(e.contains("SHARDLINE_TIMEOUT"), "{e}");
+    }
+}

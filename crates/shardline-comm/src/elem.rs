@@ -1,0 +1,229 @@
+//! Element types the collectives move and reduce (f32, f16, bf16) and the reduction kernels.
+//! Half types are reduced in f32 and stored back in their own type; what goes over the wire is
+//! always the caller's type. Kernels read the source as bytes because a source slice straight out
+//! of a ring or socket buffer need not be aligned for its type.
+
+use half::{bf16, f16};
+
+/// Element type of a buffer, as written in frame headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DType {
+    /// Raw bytes (internal: bootstrap records, barrier).
+    U8 = 0,
+    F32 = 1,
+    F16 = 2,
+    Bf16 = 3,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    /// Decodes a header byte.
+    pub fn from_code(code: u8) -> Option<DType> {
+        match code {
+            0 => Some(DType::U8),
+            1 => Some(DType::F32),
+            2 => Some(DType::F16),
+            3 => Some(DType::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name as used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::U8 => "u8",
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Reduction of an all_reduce or reduce_scatter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A type the collectives accept: `f32`, `half::f16` or `half::bf16`.
+pub trait Elem: bytemuck::Pod + Send + Sync + PartialEq + std::fmt::Debug + sealed::Sealed {
+    const DTYPE: DType;
+    /// Nearest value of this type.
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Elem for f16 {
+    const DTYPE: DType = DType::F16;
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+impl Elem for bf16 {
+    const DTYPE: DType = DType::Bf16;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+fn combine(op: ReduceOp, a: f32, b: f32) -> f32 {
+    match op {
+        ReduceOp::Sum => a + b,
+        ReduceOp::Max => a.max(b),
+    }
+}
+
+/// Reads element `i` of a byte slice of `dtype` as f32.
+#[inline(always)]
+fn load(dtype: DType, src: &[u8], i: usize) -> f32 {
+    match dtype {
+        DType::F32 => {
+            f32::from_ne_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]])
+        }
+        DType::F16 => f16::from_bits(u16::from_ne_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        DType::Bf16 => bf16::from_bits(u16::from_ne_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        DType::U8 => src[i] as f32,
+    }
+}
+
+/// `dst = op(dst, src)` element-wise; `dst` is the caller's (aligned) buffer viewed as bytes.
+pub(crate) fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
+    debug_assert_eq!(dst.len(), src.len());
+    match dtype {
+        DType::F32 => {
+            let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
+            // Written per operation so that the loop body is branch-free and vectorises.
+            match op {
+                ReduceOp::Sum => {
+                    for (x, s) in d.iter_mut().zip(src.chunks_exact(4)) {
+                        *x += f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+                    }
+                }
+                ReduceOp::Max => {
+                    for (x, s) in d.iter_mut().zip(src.chunks_exact(4)) {
+                        *x = x.max(f32::from_ne_bytes([s[0], s[1], s[2], s[3]]));
+                    }
+                }
+            }
+        }
+        DType::F16 => {
+            let d: &mut [f16] = bytemuck::cast_slice_mut(dst);
+            for (i, x) in d.iter_mut().enumerate() {
+                *x = f16::from_f32(combine(op, x.to_f32(), load(dtype, src, i)));
+            }
+        }
+        DType::Bf16 => {
+            let d: &mut [bf16] = bytemuck::cast_slice_mut(dst);
+            for (i, x) in d.iter_mut().enumerate() {
+                *x = bf16::from_f32(combine(op, x.to_f32(), load(dtype, src, i)));
+            }
+        }
+        DType::U8 => unreachable!("byte buffers are never reduced"),
+    }
+}
+
+/// `acc = src` (when `first`) or `acc = op(acc, src)`, accumulating in f32.
+pub(crate) fn accumulate(dtype: DType, op: ReduceOp, acc: &mut [f32], src: &[u8], first: bool) {
+    debug_assert_eq!(acc.len() * dtype.size(), src.len());
+    if first {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = load(dtype, src, i);
+        }
+    } else {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = combine(op, *a, load(dtype, src, i));
+        }
+    }
+}
+
+/// Stores an f32 accumulator into a buffer of `dtype` (rounding once for half types).
+pub(crate) fn store(dtype: DType, acc: &[f32], dst: &mut [u8]) {
+    match dtype {
+        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(acc)),
+        DType::F16 => {
+            let d: &mut [f16] = bytemuck::cast_slice_mut(dst);
+            for (x, a) in d.iter_mut().zip(acc) {
+                *x = f16::from_f32(*a);
+            }
+        }
+        DType::Bf16 => {
+            let d: &mut [bf16] = bytemuck::cast_slice_mut(dst);
+            for (x, a) in d.iter_mut().zip(acc) {
+                *x = bf16::from_f32(*a);
+            }
+        }
+        DType::U8 => unreachable!("byte buffers are never reduced"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_sums_round_once_and_unaligned_sources_work() {
+        let mut dst = [f16::from_f32(1.0), f16::from_f32(2.0), f16::from_f32(-3.0)];
+        let src = [f16::from_f32(0.5), f16::from_f32(2.0), f16::from_f32(4.0)];
+        // Shift the source by one byte to prove unaligned reads are fine.
+        let mut shifted = [0u8; 7];
+        shifted[1..].copy_from_slice(bytemuck::cast_slice(&src));
+        reduce_into(
+            DType::F16,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut dst),
+            &shifted[1..],
+        );
+        assert_eq!(dst.map(|x| x.to_f32()), [1.5, 4.0, 1.0]);
+        let mut acc = [0f32; 3];
+        accumulate(
+            DType::F16,
+            ReduceOp::Max,
+            &mut acc,
+            bytemuck::cast_slice(&src),
+            true,
+        );
+        accumulate(
+            DType::F16,
+            ReduceOp::Max,
+            &mut acc,
+            bytemuck::cast_slice(&dst),
+            false,
+        );
+        assert_eq!(acc, [1.5, 4.0, 4.0]);
+        let mut out = [bf16::ZERO; 3];
+        store(DType::Bf16, &acc, bytemuck::cast_slice_mut(&mut out));
+        assert_eq!(out.map(|x| x.to_f32()), [1.5, 4.0, 4.0]);
+    }
+}

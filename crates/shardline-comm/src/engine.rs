@@ -1,0 +1,342 @@
+//! The engine behind a [`crate::Group`]: its pairs, its rank numbering, its scratch buffers and
+//! its collective sequence number. It connects the pairs from a table of endpoints (after the
+//! bootstrap, or inside `split`), checks the connections with a barrier, and poisons itself after
+//! an error that may have left the streams out of step.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::elem::DType;
+use crate::error::{CommError, Result};
+use crate::progress::{exchange, push_once, Incoming, Outgoing, Patience, DEFAULT_SPIN};
+use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
+use crate::transport::tcp::TcpTransport;
+use crate::transport::{Endpoint, Pair, Setup, Transport, TransportChoice};
+use crate::wire::{Header, OpCode};
+
+/// All-reduce algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// Every rank sends its whole buffer to every other rank: fewest steps, for small messages.
+    Direct,
+    /// Reduce-scatter then all-gather around a ring: least traffic per rank, for large messages.
+    Ring,
+}
+
+impl Algo {
+    pub fn parse(s: &str) -> Result<Option<Algo>> {
+        match s {
+            "auto" | "" => Ok(None),
+            "direct" => Ok(Some(Algo::Direct)),
+            "ring" => Ok(Some(Algo::Ring)),
+            other => Err(CommError::Config(format!(
+                "SHARDLINE_ALLREDUCE_ALGO='{other}' (expected auto, direct or ring)"
+            ))),
+        }
+    }
+}
+
+/// Buffers above this many bytes use the ring all-reduce unless overridden.
+pub const DIRECT_MAX_BYTES: usize = 64 * 1024;
+
+/// The pairs of a group and how to reach them.
+pub(crate) struct Links {
+    pub pairs: Vec<Option<Box<dyn Pair>>>,
+    /// Group rank -> world rank (for error messages).
+    pub ranks: Vec<usize>,
+    pub timeout: Duration,
+    /// How long a wait spins before it yields the CPU.
+    pub spin: Duration,
+}
+
+impl Links {
+    /// One non-blocking pass over `sends`; true when every frame went out whole.
+    pub fn push_once(&mut self, sends: &mut [Outgoing]) -> Result<bool> {
+        push_once(&mut self.pairs, sends)
+    }
+
+    pub fn run(
+        &mut self,
+        sends: &mut [Outgoing],
+        recvs: &mut [Incoming],
+        ordered: bool,
+        what: OpCode,
+    ) -> Result<()> {
+        exchange(
+            &mut self.pairs,
+            &self.ranks,
+            sends,
+            recvs,
+            ordered,
+            Patience {
+                timeout: self.timeout,
+                spin: self.spin,
+            },
+            what.name(),
+        )
+    }
+}
+
+/// Reusable buffers, so that the hot path does not allocate.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub acc: Vec<f32>,
+    pub bytes: Vec<u8>,
+}
+
+impl Scratch {
+    pub fn acc(&mut self, n: usize) -> &mut [f32] {
+        if self.acc.len() < n {
+            self.acc.resize(n, 0.0);
+        }
+        &mut self.acc[..n]
+    }
+
+    pub fn bytes(&mut self, n: usize) -> &mut [u8] {
+        if self.bytes.len() < n {
+            self.bytes.resize(n, 0);
+        }
+        &mut self.bytes[..n]
+    }
+}
+
+/// What a group needs to know to split itself.
+pub(crate) struct Identity {
+    pub endpoints: Vec<Endpoint>,
+    pub token: String,
+    pub nonce: u64,
+    pub choice: TransportChoice,
+}
+
+pub(crate) struct Engine {
+    pub rank: usize,
+    pub size: usize,
+    pub links: Links,
+    pub scratch: Scratch,
+    pub algo: Option<Algo>,
+    pub id: Identity,
+    seq: u32,
+    poisoned: Option<String>,
+}
+
+/// Freshly bound transports of one rank, before the table is known.
+pub(crate) struct Local {
+    pub tcp: TcpTransport,
+    pub shm: ShmTransport,
+    #[cfg(feature = "ucx")]
+    pub ucx: Option<crate::transport::ucx::UcxTransport>,
+}
+
+static SEGMENTS: AtomicU64 = AtomicU64::new(0);
+
+impl Local {
+    /// Binds this rank's transports (a UCP worker only when `choice` is UCX).
+    pub fn bind(slots: usize, choice: TransportChoice) -> Result<Local> {
+        #[cfg(not(feature = "ucx"))]
+        let _ = choice; // only UCX is created on demand
+        let ring = match std::env::var("SHARDLINE_SHM_RING_BYTES") {
+            Ok(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|b| (4096..=1 << 30).contains(b))
+                .ok_or_else(|| {
+                    CommError::Config(format!(
+                        "SHARDLINE_SHM_RING_BYTES='{v}' (expected 4096 ..= 1 GiB)"
+                    ))
+                })?,
+            Err(_) => DEFAULT_RING_BYTES,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let hint = SEGMENTS.fetch_add(1, Ordering::Relaxed) ^ (now << 8);
+        Ok(Local {
+            tcp: TcpTransport::bind(IpAddr::from([0, 0, 0, 0]))?,
+            shm: ShmTransport::create(slots, ring, hint)?,
+            #[cfg(feature = "ucx")]
+            ucx: match choice {
+                TransportChoice::Ucx => Some(crate::transport::ucx::UcxTransport::new()?),
+                _ => None,
+            },
+        })
+    }
+
+    /// The transports `choice` allows, in order of preference.
+    fn transports(&mut self, choice: TransportChoice) -> Vec<&mut dyn Transport> {
+        match choice {
+            TransportChoice::Auto => vec![&mut self.shm, &mut self.tcp],
+            TransportChoice::Shm => vec![&mut self.shm],
+            TransportChoice::Tcp => vec![&mut self.tcp],
+            #[cfg(feature = "ucx")]
+            TransportChoice::Ucx => self
+                .ucx
+                .iter_mut()
+                .map(|u| u as &mut dyn Transport)
+                .collect(),
+            #[cfg(not(feature = "ucx"))]
+            TransportChoice::Ucx => Vec::new(), // not parsed without the feature
+        }
+    }
+
+    /// This rank's endpoint; `tcp` holds only the port (the bootstrap fills in the address).
+    pub fn endpoint(&self, world_rank: usize) -> Endpoint {
+        let port = self
+            .tcp
+            .address()
+            .rsplit(':')
+            .next()
+            .unwrap_or("0")
+            .to_string();
+        Endpoint {
+            world_rank,
+            host: crate::transport::host_identity(),
+            pid: std::process::id(),
+            tcp: port,
+            shm: self.shm.address(),
+            #[cfg(feature = "ucx")]
+            ucx: self.ucx.as_ref().map(|u| u.address()).unwrap_or_default(),
+            #[cfg(not(feature = "ucx"))]
+            ucx: String::new(),
+        }
+    }
+}
+
+/// SHARDLINE_SPIN_US: microseconds a waiting rank spins before yielding; by default
+/// [`DEFAULT_SPIN`], or none when `local_ranks` outnumber the CPUs this process may use.
+fn spin_from_env(local_ranks: usize) -> Result<Duration> {
+    match std::env::var("SHARDLINE_SPIN_US") {
+        Err(_) => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Ok(if local_ranks > cpus {
+                Duration::ZERO
+            } else {
+                DEFAULT_SPIN
+            })
+        }
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&us| us <= 10_000_000)
+            .map(Duration::from_micros)
+            .ok_or_else(|| {
+                CommError::Config(format!("SHARDLINE_SPIN_US='{v}' (expected 0 ..= 10000000)"))
+            }),
+    }
+}
+
+impl Engine {
+    /// Connects to every endpoint of `id` and checks the connections with a barrier.
+    pub fn connect(
+        rank: usize,
+        mut local: Local,
+        id: Identity,
+        timeout: Duration,
+    ) -> Result<Engine> {
+        let size = id.endpoints.len();
+        let deadline = Instant::now() + timeout;
+        let me = &id.endpoints[rank];
+        // Each peer goes to the first transport, in order of preference, that reaches it.
+        let mut transports = local.transports(id.choice);
+        let mut peers: Vec<Vec<usize>> = vec![Vec::new(); transports.len()];
+        for (p, ep) in id.endpoints.iter().enumerate().filter(|(p, _)| *p != rank) {
+            let t = transports
+                .iter()
+                .position(|t| t.reaches(me, ep))
+                .ok_or_else(|| {
+                    let names: Vec<_> = transports.iter().map(|t| t.name()).collect();
+                    CommError::Config(format!(
+                        "no transport of {names:?} reaches rank {} (host {}, this rank is on {}); \
+                     shm needs the same host",
+                        ep.world_rank, ep.host, me.host
+                    ))
+                })?;
+            peers[t].push(p);
+        }
+        let setup = Setup {
+            me: rank,
+            table: &id.endpoints,
+            token: &id.token,
+            nonce: id.nonce,
+            deadline,
+        };
+        let mut pairs: Vec<Option<Box<dyn Pair>>> = (0..size).map(|_| None).collect();
+        for (t, peers) in transports.iter_mut().zip(&peers) {
+            for (p, pair) in t.connect(&setup, peers)? {
+                pairs[p] = Some(pair);
+            }
+        }
+        let local_ranks = id.endpoints.iter().filter(|e| e.host == me.host).count();
+        let ranks = id.endpoints.iter().map(|e| e.world_rank).collect();
+        let mut scratch = Scratch::default();
+        // Preallocate for the direct all-reduce of half types (the largest accumulator).
+        scratch.acc(DIRECT_MAX_BYTES / 2);
+        scratch.bytes(DIRECT_MAX_BYTES);
+        let algo = Algo::parse(
+            std::env::var("SHARDLINE_ALLREDUCE_ALGO")
+                .unwrap_or_default()
+                .trim(),
+        )?;
+        let mut engine = Engine {
+            rank,
+            size,
+            links: Links {
+                pairs,
+                ranks,
+                timeout,
+                spin: spin_from_env(local_ranks)?,
+            },
+            scratch,
+            algo,
+            id,
+            seq: 0,
+            poisoned: None,
+        };
+        engine.guarded(|e| e.barrier())?;
+        for t in transports {
+            t.connected();
+        }
+        Ok(engine)
+    }
+
+    /// The next collective's tag (the same on every rank when they call the same collectives).
+    pub fn next_tag(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    pub fn header(op: OpCode, dtype: DType, tag: u32, total: usize, len: usize) -> Header {
+        Header {
+            op,
+            dtype,
+            tag,
+            total: total as u64,
+            len: len as u64,
+        }
+    }
+
+    /// Runs `f` unless an earlier error poisoned the engine; poisons it if `f` fails mid-way.
+    pub fn guarded<R>(&mut self, f: impl FnOnce(&mut Engine) -> Result<R>) -> Result<R> {
+        if let Some(why) = &self.poisoned {
+            return Err(CommError::Poisoned(why.clone()));
+        }
+        let r = f(self);
+        if let Err(e) = &r {
+            if !e.leaves_group_usable() {
+                self.poisoned = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    pub fn world_rank(&self) -> usize {
+        self.links.ranks[self.rank]
+    }
+}

@@ -1,0 +1,57 @@
+//! Errors of the communication layer: each says what failed and which peer (by world rank) was
+//! involved, so that a failed collective can be traced to the rank that caused it.
+
+use std::io;
+
+/// Everything that can go wrong in `shardline-comm`.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// A setting (flag or environment variable) is missing or malformed.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The caller passed arguments that cannot work (checked before anything is sent).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A peer died or closed its connection.
+    #[error("peer rank {rank} is gone: {detail}")]
+    PeerLost { rank: usize, detail: String },
+    /// A deadline passed.
+    #[error("timed out after {secs:.1} s {what}")]
+    Timeout { what: String, secs: f64 },
+    /// A peer sent bytes that are not a valid frame.
+    #[error("malformed frame from rank {rank}: {detail}")]
+    Protocol { rank: usize, detail: String },
+    /// A peer called a different collective, dtype or length than this rank.
+    #[error("mismatch with rank {rank}: {detail}")]
+    Mismatch { rank: usize, detail: String },
+    /// The rendezvous failed.
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An earlier failure left the group's streams out of step; the group cannot be used again.
+    #[error("the group is unusable after an earlier error: {0}")]
+    Poisoned(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, CommError>;
+
+impl CommError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> CommError {
+        CommError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether the error happened before anything was exchanged, so the group is still usable.
+    pub(crate) fn leaves_group_usable(&self) -> bool {
+        matches!(self, CommError::InvalidArgument(_))
+    }
+}

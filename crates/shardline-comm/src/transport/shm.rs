@@ -1,0 +1,348 @@
+//! Shared-memory transport for ranks on one host. Each rank creates one segment (a file under
+//! /dev/shm, mapped shared) holding one single-producer/single-consumer byte ring per sender; a
+//! sender writes straight into its slot of the receiver's segment and the receiver reduces or
+//! copies straight out of it, so a payload is copied once on its way. A peer's liveness is
+//! watched through a pidfd (it becomes readable when the process exits, even before it is reaped).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::liveness::PidWatch;
+use super::{Endpoint, Pair, Setup, Transport};
+use crate::error::{CommError, Result};
+
+const SEG_MAGIC: u64 = 0x3147_4553_4c53_4853; // "SHSLSEG1"
+const PAGE: usize = 4096;
+/// Default bytes of each ring (override with SHARDLINE_SHM_RING_BYTES).
+pub const DEFAULT_RING_BYTES: usize = 2 << 20;
+
+/// This rank's segment: rings in which the peers write to this rank.
+pub struct ShmTransport {
+    map: Arc<MmapRaw>,
+    path: PathBuf,
+    cap: usize,
+    unlinked: bool,
+}
+
+fn segment_len(slots: usize, cap: usize) -> usize {
+    PAGE + slots * (PAGE + cap)
+}
+
+impl ShmTransport {
+    /// Creates a segment with `slots` rings of `cap` bytes (rounded to pages).
+    pub fn create(slots: usize, cap: usize, name_hint: u64) -> Result<ShmTransport> {
+        let cap = cap.max(PAGE).div_ceil(PAGE) * PAGE;
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("shardline-{}-{name_hint:016x}", std::process::id()));
+        let ctx = |e| {
+            CommError::io(
+                format!("creating shared-memory segment {}", path.display()),
+                e,
+            )
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(ctx)?;
+        file.set_len(segment_len(slots, cap) as u64).map_err(ctx)?;
+        let map = MmapOptions::new().map_raw(&file).map_err(ctx)?;
+        // SAFETY: the header page is ours; nobody else knows the path yet.
+        unsafe {
+            let h = map.as_mut_ptr() as *mut u64;
+            h.add(1).write(std::process::id() as u64);
+            h.add(2).write(slots as u64);
+            h.add(3).write(cap as u64);
+            (*(h as *const AtomicU64)).store(SEG_MAGIC, Ordering::Release);
+        }
+        Ok(ShmTransport {
+            map: Arc::new(map),
+            path,
+            cap,
+            unlinked: false,
+        })
+    }
+
+    /// The path published in the table.
+    pub fn address(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Removes the segment's name once every peer has mapped it (the mappings stay valid).
+    pub fn unlink(&mut self) {
+        if !self.unlinked {
+            let _ = std::fs::remove_file(&self.path);
+            self.unlinked = true;
+        }
+    }
+}
+
+impl Transport for ShmTransport {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn reaches(&self, me: &Endpoint, peer: &Endpoint) -> bool {
+        me.host == peer.host
+    }
+
+    /// Maps every peer's segment and pairs this rank's ring `p` with slot `me` of peer `p`.
+    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+        let (me, table) = (setup.me, setup.table);
+        let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
+        for &p in peers {
+            let ep = &table[p];
+            let bad = |why: String| {
+                CommError::Bootstrap(format!(
+                    "shared-memory segment {} of rank {}: {why}",
+                    ep.shm, ep.world_rank
+                ))
+            };
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(&ep.shm)
+                .map_err(|e| bad(e.to_string()))?;
+            let len = file.metadata().map_err(|e| bad(e.to_string()))?.len() as usize;
+            if len < PAGE {
+                return Err(bad(format!("only {len} bytes")));
+            }
+            let map = MmapOptions::new()
+                .map_raw(&file)
+                .map_err(|e| bad(e.to_string()))?;
+            // SAFETY: at least one page is mapped; the header words are read atomically.
+            let (magic, pid, slots, cap) = unsafe {
+                let h = map.as_ptr() as *const AtomicU64;
+                (
+                    (*h).load(Ordering::Acquire),
+                    (*h.add(1)).load(Ordering::Relaxed),
+                    (*h.add(2)).load(Ordering::Relaxed) as usize,
+                    (*h.add(3)).load(Ordering::Relaxed) as usize,
+                )
+            };
+            if magic != SEG_MAGIC || pid != ep.pid as u64 {
+                return Err(bad("not a segment of that rank (bad magic or pid)".into()));
+            }
+            if slots <= me || cap != self.cap || len != segment_len(slots, cap) {
+                return Err(bad(format!(
+                    "{slots} slots of {cap} bytes in {len} bytes does not fit rank {me}"
+                )));
+            }
+            let pidfd = PidWatch::new(ep.pid);
+            let peer_map = Arc::new(map);
+            let tx = Ring::new(peer_map.clone(), me, cap);
+            let rx = Ring::new(self.map.clone(), p, cap);
+            // Fault the rings' pages in now rather than on the first messages (a first pass
+            // through a ring otherwise costs a page fault per 4 KiB). Neither call changes
+            // contents, so a peer already writing is not disturbed. Populating the ring this
+            // rank writes also allocates it: a full /dev/shm is an error here, not a SIGBUS on
+            // the first send. Kernels without these calls (EINVAL) just fault lazily.
+            tx.populate(libc::MADV_POPULATE_WRITE).map_err(|e| {
+                bad(format!(
+                    "cannot allocate the {cap}-byte ring ({e}); is /dev/shm full? \
+                     Lower SHARDLINE_SHM_RING_BYTES or use the tcp transport"
+                ))
+            })?;
+            let _ = rx.populate(libc::MADV_POPULATE_READ);
+            out.push((
+                p,
+                Box::new(ShmPair {
+                    peer: ep.world_rank,
+                    tx,
+                    rx,
+                    pid: pidfd,
+                }),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every peer has mapped this rank's segment now: its name can go.
+    fn connected(&mut self) {
+        self.unlink();
+    }
+}
+
+impl Drop for ShmTransport {
+    fn drop(&mut self) {
+        self.unlink();
+    }
+}
+
+/// One direction of a pair: a byte ring inside a mapped segment.
+struct Ring {
+    _map: Arc<MmapRaw>,
+    head: *const AtomicU64,
+    tail: *const AtomicU64,
+    data: *mut u8,
+    cap: usize,
+    /// This side's own counter (head for the writer, tail for the reader).
+    mine: u64,
+    /// Last seen value of the other side's counter.
+    theirs: u64,
+}
+
+// SAFETY: the raw pointers point into `_map`, which the ring keeps alive; the ring is used by one
+// thread at a time (it is moved, never shared).
+unsafe impl Send for Ring {}
+
+impl Ring {
+    fn new(map: Arc<MmapRaw>, slot: usize, cap: usize) -> Ring {
+        // SAFETY: the segment length was checked to hold `slot`.
+        unsafe {
+            let base = map.as_mut_ptr().add(PAGE + slot * (PAGE + cap));
+            Ring {
+                head: base as *const AtomicU64,
+                tail: base.add(64) as *const AtomicU64,
+                data: base.add(PAGE),
+                cap,
+                mine: 0,
+                theirs: 0,
+                _map: map,
+            }
+        }
+    }
+
+    fn populate(&self, advice: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: the ring's control page and data lie inside the live mapping.
+        let r = unsafe { libc::madvise(self.head as *mut libc::c_void, PAGE + self.cap, advice) };
+        let err = std::io::Error::last_os_error();
+        match r {
+            0 => Ok(()),
+            _ if err.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            _ => Err(err),
+        }
+    }
+
+    fn write(&mut self, parts: &[&[u8]]) -> usize {
+        let want: usize = parts.iter().map(|p| p.len()).sum();
+        let cap = self.cap as u64;
+        if self.mine - self.theirs + (want as u64) > cap {
+            // SAFETY: `tail` points into the live mapping.
+            self.theirs = unsafe { (*self.tail).load(Ordering::Acquire) };
+        }
+        let mut free = (cap - (self.mine - self.theirs)) as usize;
+        let mut written = 0;
+        for part in parts {
+            let n = part.len().min(free);
+            let mut done = 0;
+            while done < n {
+                let at = ((self.mine + (written + done) as u64) % cap) as usize;
+                let m = (n - done).min(self.cap - at);
+                // SAFETY: `at + m <= cap`, inside this ring's data area.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(part.as_ptr().add(done), self.data.add(at), m)
+                };
+                done += m;
+            }
+            written += n;
+            free -= n;
+            if n < part.len() {
+                break;
+            }
+        }
+        if written > 0 {
+            self.mine += written as u64;
+            // SAFETY: as above; Release publishes the copied bytes.
+            unsafe { (*self.head).store(self.mine, Ordering::Release) };
+        }
+        written
+    }
+
+    fn read(&mut self, max: usize, align: usize, consume: &mut dyn FnMut(&[u8])) -> usize {
+        if self.theirs - self.mine < max.min(align) as u64 || self.theirs == self.mine {
+            // SAFETY: `head` points into the live mapping; Acquire pairs with the writer.
+            self.theirs = unsafe { (*self.head).load(Ordering::Acquire) };
+        }
+        let at = (self.mine % self.cap as u64) as usize;
+        let avail = ((self.theirs - self.mine) as usize)
+            .min(self.cap - at)
+            .min(max);
+        let n = if avail == max {
+            avail
+        } else {
+            avail - avail % align
+        };
+        if n == 0 {
+            return 0;
+        }
+        // SAFETY: the writer published these bytes and will not touch them until `tail` moves.
+        consume(unsafe { std::slice::from_raw_parts(self.data.add(at), n) });
+        self.mine += n as u64;
+        // SAFETY: as above; Release hands the space back after the bytes were read.
+        unsafe { (*self.tail).store(self.mine, Ordering::Release) };
+        n
+    }
+}
+
+/// One peer over shared memory.
+pub struct ShmPair {
+    peer: usize,
+    tx: Ring,
+    rx: Ring,
+    pid: PidWatch,
+}
+
+impl Pair for ShmPair {
+    fn try_write(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        Ok(self.tx.write(parts))
+    }
+
+    fn try_read_with(
+        &mut self,
+        max: usize,
+        align: usize,
+        consume: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize> {
+        Ok(self.rx.read(max, align, consume))
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if self.pid.alive() {
+            Ok(())
+        } else {
+            Err(CommError::PeerLost {
+                rank: self.peer,
+                detail: format!("process {} exited (shm)", self.pid.pid()),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_wraps_and_respects_alignment_and_capacity() {
+        let seg = ShmTransport::create(1, PAGE, 0xdead_0001).unwrap();
+        let mut w = Ring::new(seg.map.clone(), 0, seg.cap);
+        let mut r = Ring::new(seg.map.clone(), 0, seg.cap);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut sent, mut got) = (0, Vec::new());
+        let mut rounds = 0;
+        while got.len() < data.len() {
+            let n = w.write(&[&data[sent..(sent + 3000).min(data.len())]]);
+            assert!(w.mine - r.mine <= PAGE as u64, "writer overran the reader");
+            sent += n;
+            r.read(usize::MAX, 4, &mut |b| {
+                assert!(b.len() % 4 == 0 || got.len() + b.len() == data.len());
+                got.extend_from_slice(b)
+            });
+            rounds += 1;
+            assert!(rounds < 100, "ring made no progress");
+        }
+        assert_eq!(got, data);
+    }
+}

@@ -1,0 +1,97 @@
+//! The rendezvous under abuse, in one process (ranks on threads): garbage bytes, a short message,
+//! a silent client and a rank with the wrong job token neither crash nor stall it, and the real
+//! ranks still form a working group.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use shardline_comm::{CommError, Config, Group, ReduceOp, TransportChoice};
+
+fn cfg(rank: usize, addr: &str, token: &str, secs: u64) -> Config {
+    let mut c = Config::new(rank, 2, addr, token);
+    c.timeout = Duration::from_secs(secs);
+    c.transport = TransportChoice::Tcp;
+    c
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("rank 0 never listened at {addr}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn abusive_clients_are_refused_and_the_job_still_forms() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let rank0 = {
+        let c = cfg(0, &addr, "good", 20);
+        std::thread::spawn(move || Group::init(&c))
+    };
+    let start = Instant::now();
+    // A silent client that stays connected, garbage, and a message shorter than it claims.
+    let _silent = connect(&addr);
+    connect(&addr).write_all(&[0xff; 64]).unwrap();
+    let mut short = connect(&addr);
+    short.write_all(&100u32.to_le_bytes()).unwrap();
+    short.write_all(&[1; 10]).unwrap();
+    drop(short);
+    // A rank with the wrong token is refused (it sees the connection closed without a table).
+    let bad = Group::init(&cfg(1, &addr, "wrong", 3));
+    match bad {
+        Err(CommError::Bootstrap(why)) => assert!(why.contains("no table"), "{why}"),
+        Err(e) => panic!("the wrong token failed oddly: {e}"),
+        Ok(_) => panic!("a rank with the wrong token joined"),
+    }
+    // The real rank 1 still gets in, well before the silent client's deadline runs out.
+    let c1 = cfg(1, &addr, "good", 20);
+    let rank1 = std::thread::spawn(move || Group::init(&c1));
+    let g0 = rank0.join().unwrap().expect("rank 0 formed the group");
+    let g1 = rank1.join().unwrap().expect("rank 1 formed the group");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the rendezvous stalled: {:?}",
+        start.elapsed()
+    );
+    let t = std::thread::spawn(move || {
+        let mut v = vec![2.0f32; 5];
+        let r = g1.all_reduce(&mut v, ReduceOp::Sum).map(|_| v);
+        (r, g1)
+    });
+    let mut v = vec![1.0f32; 5];
+    g0.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+    assert_eq!(v, vec![3.0; 5]);
+    let (r, g1) = t.join().unwrap();
+    assert_eq!(r.unwrap(), vec![3.0; 5]);
+    // Dropping a group is collective (a closing barrier): drop both at once.
+    let closing = std::thread::spawn(move || drop(g1));
+    drop(g0);
+    closing.join().unwrap();
+}
+
+#[test]
+fn a_missing_rank_times_out_naming_what_was_awaited() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let t = Instant::now();
+    let e = Group::init(&cfg(0, &addr, "good", 1))
+        .err()
+        .expect("no rank 1, no group");
+    assert!(
+        matches!(e, CommError::Timeout { .. }) && e.to_string().contains("1 rank"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
