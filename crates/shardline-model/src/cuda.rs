@@ -57,6 +57,7 @@ fn layer_dtype(layer: &Layer) -> DType {
             }
             moe.experts
                 .iter()
+                .flatten()
                 .chain(moe.shared.as_ref().map(|(m, _)| m))
                 .collect()
         }
@@ -109,8 +110,14 @@ fn upload_layer(
             None,
         ),
         FfnWeights::Moe(moe) => {
-            let intermediate = moe.experts.first().map_or(0, |m| m.intermediate);
-            if moe.experts.iter().any(|m| m.intermediate != intermediate) {
+            let experts: Vec<&Mlp> = moe.experts.iter().flatten().collect();
+            if experts.len() != moe.experts.len() {
+                return Err(ModelError::Invalid(format!(
+                    "layer {index}: expert parallelism is not supported on the GPU yet"
+                )));
+            }
+            let intermediate = experts.first().map_or(0, |m| m.intermediate);
+            if experts.iter().any(|m| m.intermediate != intermediate) {
                 return Err(ModelError::Invalid(format!(
                     "layer {index}: experts of different sizes are not supported on the GPU"
                 )));
@@ -130,7 +137,7 @@ fn upload_layer(
                     renormalize: moe.renormalize,
                     shared_intermediate: shared.as_ref().map(|s| s.2),
                 },
-                mlp_bytes(&moe.experts.iter().collect::<Vec<_>>())?,
+                mlp_bytes(&experts)?,
                 Some(bytes_as(&moe.router, dtype)?),
                 shared,
             )

@@ -56,7 +56,9 @@ impl MoeWeights {
                 by_expert[e].push((r, w));
             }
         }
+        // Experts of other expert groups add nothing here: their ranks add them in the reduce.
         for (expert, assigned) in self.experts.iter().zip(&by_expert) {
+            let Some(expert) = expert else { continue };
             if assigned.is_empty() {
                 continue;
             }

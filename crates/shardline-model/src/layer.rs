@@ -41,7 +41,8 @@ pub struct AttentionWeights {
 pub struct MoeWeights {
     /// `[n_experts, hidden]`, replicated on every rank.
     pub router: Weight,
-    pub experts: Vec<Mlp>,
+    /// Every expert of the model; `None` where another expert group holds it.
+    pub experts: Vec<Option<Mlp>>,
     pub top_k: usize,
     pub renormalize: bool,
     /// The shared expert and its `[1, hidden]` gate.
@@ -89,7 +90,7 @@ impl Layer {
         let ffn = match &self.ffn {
             FfnWeights::Dense(m) => m.bytes(),
             FfnWeights::Moe(moe) => {
-                let mut sizes: Vec<usize> = moe.experts.iter().map(Mlp::bytes).collect();
+                let mut sizes: Vec<usize> = moe.experts.iter().flatten().map(Mlp::bytes).collect();
                 sizes.sort_unstable_by(|x, y| y.cmp(x));
                 let shared = moe
                     .shared
@@ -109,7 +110,7 @@ impl Layer {
                 FfnWeights::Dense(m) => m.bytes(),
                 FfnWeights::Moe(moe) => {
                     moe.router.byte_len()
-                        + moe.experts.iter().map(Mlp::bytes).sum::<usize>()
+                        + moe.experts.iter().flatten().map(Mlp::bytes).sum::<usize>()
                         + moe
                             .shared
                             .as_ref()

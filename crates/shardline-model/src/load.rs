@@ -1,10 +1,12 @@
 //! The one place that maps a [`ModelSpec`] to tensor names and shapes and builds the layers from a
-//! [`TensorSource`]. A tensor-parallel plan will slice here, as a pure function of (name, shape,
-//! plan, rank), and nowhere else.
+//! [`TensorSource`], keeping only this rank's slices under a [`Plan`] (a pure function of name,
+//! shape, plan and rank): heads of q/k/v (rows) and o_proj (columns), rows of gate/up and columns
+//! of down for the FFNs, and only the experts of this rank's expert group.
 
 use crate::config::{Arch, FfnKind, ModelSpec};
 use crate::error::Result;
 use crate::layer::{AttentionWeights, FfnWeights, Layer, Mlp, MoeWeights};
+use crate::plan::Plan;
 use crate::weights::{stack_rows, TensorSource, Weight};
 
 /// Every weight of a model.
@@ -25,12 +27,22 @@ impl ModelWeights {
     }
 }
 
-/// Loads the whole model.
+/// Loads the whole model on one rank.
 pub fn load_model(spec: &ModelSpec, src: &dyn TensorSource) -> Result<ModelWeights> {
+    load_model_for(spec, src, &Plan::single())
+}
+
+/// Loads this rank's part of the model under `plan` (checked against `spec` first).
+pub fn load_model_for(
+    spec: &ModelSpec,
+    src: &dyn TensorSource,
+    plan: &Plan,
+) -> Result<ModelWeights> {
+    plan.check(spec)?;
     let (v, h) = (spec.vocab, spec.hidden);
     let embed = src.get("model.embed_tokens.weight", &[v, h])?;
     let layers = (0..spec.n_layers)
-        .map(|i| load_layer(spec, src, i))
+        .map(|i| load_layer_for(spec, src, i, plan))
         .collect::<Result<Vec<_>>>()?;
     let final_norm = src.get("model.norm.weight", &[h])?.to_f32_vec();
     // A tied model may still ship an lm_head copy; it is identical, so the embedding serves.
@@ -47,30 +59,48 @@ pub fn load_model(spec: &ModelSpec, src: &dyn TensorSource) -> Result<ModelWeigh
     })
 }
 
-/// Loads layer `i`.
+/// Loads layer `i` on one rank.
 pub fn load_layer(spec: &ModelSpec, src: &dyn TensorSource, i: usize) -> Result<Layer> {
+    load_layer_for(spec, src, i, &Plan::single())
+}
+
+/// Loads this rank's part of layer `i` under `plan`.
+pub fn load_layer_for(
+    spec: &ModelSpec,
+    src: &dyn TensorSource,
+    i: usize,
+    plan: &Plan,
+) -> Result<Layer> {
     let p = format!("model.layers.{i}");
     let h = spec.hidden;
+    let hd = spec.head_dim;
     let (qw, kw) = (spec.q_width(), spec.kv_width());
+    let (heads, kv_heads) = (plan.heads(spec.n_heads), plan.kv_heads(spec.n_kv_heads));
+    let (q_rows, kv_rows) = (
+        heads.start * hd..heads.end * hd,
+        kv_heads.start * hd..kv_heads.end * hd,
+    );
     let vec = |name: &str, len: usize| -> Result<Vec<f32>> {
         Ok(src.get(&format!("{p}.{name}"), &[len])?.to_f32_vec())
     };
+    let get = |name: &str, shape: &[usize]| src.get(&format!("{p}.{name}"), shape);
     let attn = AttentionWeights {
         input_norm: vec("input_layernorm.weight", h)?,
-        q: src.get(&format!("{p}.self_attn.q_proj.weight"), &[qw, h])?,
-        k: src.get(&format!("{p}.self_attn.k_proj.weight"), &[kw, h])?,
-        v: src.get(&format!("{p}.self_attn.v_proj.weight"), &[kw, h])?,
-        o: src.get(&format!("{p}.self_attn.o_proj.weight"), &[h, qw])?,
+        q: get("self_attn.q_proj.weight", &[qw, h])?.rows(q_rows.clone()),
+        k: get("self_attn.k_proj.weight", &[kw, h])?.rows(kv_rows.clone()),
+        v: get("self_attn.v_proj.weight", &[kw, h])?.rows(kv_rows.clone()),
+        o: get("self_attn.o_proj.weight", &[h, qw])?.cols(q_rows.clone()),
         qkv_bias: if spec.qkv_bias {
             Some([
-                vec("self_attn.q_proj.bias", qw)?,
-                vec("self_attn.k_proj.bias", kw)?,
-                vec("self_attn.v_proj.bias", kw)?,
+                vec("self_attn.q_proj.bias", qw)?[q_rows.clone()].to_vec(),
+                vec("self_attn.k_proj.bias", kw)?[kv_rows.clone()].to_vec(),
+                vec("self_attn.v_proj.bias", kw)?[kv_rows].to_vec(),
             ])
         } else {
             None
         },
-        o_bias: if spec.o_bias {
+        // The partial sums of all ranks add up: the bias is added by rank 0 alone.
+        o_bias: if spec.o_bias && plan.rank() == 0 {
             Some(vec("self_attn.o_proj.bias", h)?)
         } else {
             None
@@ -83,8 +113,8 @@ pub fn load_layer(spec: &ModelSpec, src: &dyn TensorSource, i: usize) -> Result<
         } else {
             None
         },
-        n_heads: spec.n_heads,
-        n_kv_heads: spec.n_kv_heads,
+        n_heads: heads.len(),
+        n_kv_heads: kv_heads.len(),
         head_dim: spec.head_dim,
     };
     let ffn = match spec.ffn(i) {
@@ -92,23 +122,34 @@ pub fn load_layer(spec: &ModelSpec, src: &dyn TensorSource, i: usize) -> Result<
             src,
             &format!("{p}.mlp"),
             MLP_NAMES,
-            h,
-            intermediate,
+            [h, intermediate],
+            plan.dense_rows(intermediate),
         )?),
         FfnKind::Moe(m) => {
             let (moe_prefix, names) = match spec.arch {
                 Arch::Mixtral => (format!("{p}.block_sparse_moe"), MIXTRAL_NAMES),
                 _ => (format!("{p}.mlp"), MLP_NAMES),
             };
+            // Experts of other expert groups are never read.
             let experts = (0..m.n_experts)
                 .map(|e| {
+                    if !plan.holds_expert(e, m.n_experts) {
+                        return Ok(None);
+                    }
                     let prefix = format!("{moe_prefix}.experts.{e}");
-                    load_mlp(src, &prefix, names, h, m.intermediate)
+                    let rows = plan.expert_rows(m.intermediate);
+                    load_mlp(src, &prefix, names, [h, m.intermediate], rows).map(Some)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let shared = match m.shared_intermediate {
                 Some(si) => Some((
-                    load_mlp(src, &format!("{p}.mlp.shared_expert"), MLP_NAMES, h, si)?,
+                    load_mlp(
+                        src,
+                        &format!("{p}.mlp.shared_expert"),
+                        MLP_NAMES,
+                        [h, si],
+                        plan.dense_rows(si),
+                    )?,
                     src.get(&format!("{p}.mlp.shared_expert_gate.weight"), &[1, h])?,
                 )),
                 None => None,
@@ -135,24 +176,26 @@ type MlpNames = [&'static str; 3];
 const MLP_NAMES: MlpNames = ["gate_proj", "up_proj", "down_proj"];
 const MIXTRAL_NAMES: MlpNames = ["w1", "w3", "w2"];
 
+/// An MLP's `rows` of its intermediate dimension: those rows of gate and up (stacked), those
+/// columns of down.
 fn load_mlp(
     src: &dyn TensorSource,
     prefix: &str,
     [gate_name, up_name, down]: MlpNames,
-    hidden: usize,
-    intermediate: usize,
+    [hidden, intermediate]: [usize; 2],
+    rows: std::ops::Range<usize>,
 ) -> Result<Mlp> {
-    let gate = src.get(
-        &format!("{prefix}.{gate_name}.weight"),
-        &[intermediate, hidden],
-    )?;
-    let up = src.get(
-        &format!("{prefix}.{up_name}.weight"),
-        &[intermediate, hidden],
-    )?;
+    let get = |name: &str, shape: &[usize]| src.get(&format!("{prefix}.{name}.weight"), shape);
+    let gate = get(gate_name, &[intermediate, hidden])?.rows(rows.clone());
+    let up = get(up_name, &[intermediate, hidden])?.rows(rows.clone());
+    let down = get(down, &[hidden, intermediate])?;
     Ok(Mlp {
         gate_up: stack_rows(&format!("{prefix}.{{{gate_name}, {up_name}}}"), &gate, &up)?,
-        down: src.get(&format!("{prefix}.{down}.weight"), &[hidden, intermediate])?,
-        intermediate,
+        down: if rows.len() == intermediate {
+            down
+        } else {
+            down.cols(rows.clone())
+        },
+        intermediate: rows.len(),
     })
 }

@@ -87,9 +87,7 @@ impl Plan {
         }
         let kv = spec.n_kv_heads;
         if kv >= w && !kv.is_multiple_of(w) {
-            return Err(refuse(format!(
-                "{kv} KV heads do not split over {w} ranks"
-            )));
+            return Err(refuse(format!("{kv} KV heads do not split over {w} ranks")));
         }
         if kv < w && !w.is_multiple_of(kv) {
             return Err(refuse(format!(
@@ -167,7 +165,11 @@ impl Plan {
 
     /// This rank's rows of an expert's intermediate dimension.
     pub fn expert_rows(&self, intermediate: usize) -> Range<usize> {
-        piece(intermediate, self.group_size(), self.rank % self.group_size())
+        piece(
+            intermediate,
+            self.group_size(),
+            self.rank % self.group_size(),
+        )
     }
 }
 
@@ -196,8 +198,17 @@ mod tests {
     #[test]
     fn impossible_plans_are_refused_with_the_reason() {
         let spec = preset("mixtral-mini", 1, DType::BF16).unwrap(); // 8 heads, 2 KV, 8 experts
-        let err = |w, ep| Plan::new(w, ep, 0).and_then(|p| p.check(&spec)).unwrap_err().to_string();
-        assert!(err(3, 1).contains("8 attention heads do not split over 3 ranks"), "{}", err(3, 1));
+        let err = |w, ep| {
+            Plan::new(w, ep, 0)
+                .and_then(|p| p.check(&spec))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(3, 1).contains("8 attention heads do not split over 3 ranks"),
+            "{}",
+            err(3, 1)
+        );
         assert!(err(4, 3).contains("--ep 3 does not divide the 4 ranks"));
         assert!(err(16, 16).contains("attention heads"));
         let e = err(16, 1);

@@ -1,10 +1,10 @@
 //! `shardline bench ...`: measurements written as JSON lines (DESIGN.md, "Benchmarks"). A bench
 //! measures and reports; it never asserts.
 
+pub mod comm;
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod decode_cuda;
-pub mod comm;
 pub mod record;
 
 use clap::Subcommand;
