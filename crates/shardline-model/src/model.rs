@@ -11,7 +11,8 @@ use crate::cpu::CpuBackend;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::files::read_json;
-use crate::load::{load_model, ModelWeights};
+use crate::load::{load_model, load_model_for, ModelWeights};
+use crate::plan::Plan;
 use crate::random::RandomWeights;
 use crate::rope::RopeScaling;
 use crate::safetensors_dir::SafetensorsDir;
@@ -37,6 +38,15 @@ pub fn load_parts(
     dir: &Path,
     adjust: impl FnOnce(&mut ModelSpec),
 ) -> Result<(ModelSpec, ModelWeights)> {
+    load_parts_for(dir, adjust, &Plan::single())
+}
+
+/// [`load_parts`] for one rank of `plan`: only its slices of the weights are read.
+pub fn load_parts_for(
+    dir: &Path,
+    adjust: impl FnOnce(&mut ModelSpec),
+    plan: &Plan,
+) -> Result<(ModelSpec, ModelWeights)> {
     let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
     // Chat models often list more end tokens in generation_config.json than in config.json.
     let generation = dir.join("generation_config.json");
@@ -50,7 +60,7 @@ pub fn load_parts(
     }
     adjust(&mut spec);
     let files = SafetensorsDir::open(dir)?;
-    let weights = load_model(&spec, &files)?;
+    let weights = load_model_for(&spec, &files, plan)?;
     Ok((spec, weights))
 }
 

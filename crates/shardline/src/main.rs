@@ -22,6 +22,7 @@ enum Command {
 }
 
 mod bench;
+mod dist;
 mod run;
 mod verify;
 

@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use shardline_model::{verify_dir, Device};
+use shardline_model::{
+    load_parts_for, verify, verify_dir, CpuBackend, Device, Engine, Reference, VerifyReport,
+};
+
+use crate::dist::{self, GroupReduce, ParallelArgs, Role};
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -24,6 +28,8 @@ pub struct VerifyArgs {
     /// so the tolerances are the CPU's).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu, env = "SHARDLINE_DEVICE")]
     device: DeviceArg,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -44,13 +50,50 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda,
     };
-    let r = verify_dir(
-        &args.model,
-        args.reference.as_deref(),
-        rope_in_model_dtype,
-        device,
-    )
-    .with_context(|| format!("cannot verify the model in {}", args.model.display()))?;
+    let context = || format!("cannot verify the model in {}", args.model.display());
+    let r = match dist::role(&args.parallel)? {
+        Role::Single => verify_dir(
+            &args.model,
+            args.reference.as_deref(),
+            rope_in_model_dtype,
+            device,
+        )
+        .with_context(context)?,
+        Role::Launcher => {
+            // Refuse a plan that cannot work once, here, before any rank starts.
+            let spec = shardline_model::ModelSpec::from_file(&args.model.join("config.json"))?;
+            let p = &args.parallel;
+            shardline_model::Plan::new(p.world(), p.ep(), 0)?.check(&spec)?;
+            return dist::launch_local(p.world(), &p.transport);
+        }
+        Role::Rank { group, plan } => {
+            anyhow::ensure!(
+                device == Device::Cpu,
+                "--device cuda runs on one rank for now (no --tp/--ep)"
+            );
+            let adjust = |spec: &mut shardline_model::ModelSpec| {
+                if rope_in_model_dtype {
+                    spec.rope_freq_dtype = spec.dtype.unwrap_or(shardline_tensor::DType::F32);
+                }
+            };
+            let (spec, weights) =
+                load_parts_for(&args.model, adjust, &plan).with_context(context)?;
+            let path = args
+                .reference
+                .clone()
+                .unwrap_or_else(|| args.model.join("reference.json"));
+            let reference = Reference::from_file(&path, spec.vocab)?;
+            let rank = group.rank();
+            let mut engine = Engine::new(CpuBackend::new(spec, weights, 0), GroupReduce(group));
+            let r: VerifyReport = verify(&mut engine, &reference).with_context(context)?;
+            if rank != 0 {
+                // Rank 0 reports; every rank fails on its own if its logits disagree.
+                anyhow::ensure!(r.passed(), "verify FAILED on rank {rank}");
+                return Ok(());
+            }
+            r
+        }
+    };
     println!(
         "{}: prefill max |diff| {:.3e} (position {}), decode max |diff| {:.3e} (step {}) (tolerance {:.0e} for {} weights); greedy {}/{} agree",
         args.model.display(),

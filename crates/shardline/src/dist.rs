@@ -1,0 +1,170 @@
+//! Running a command over several ranks: the parallel flags, the local launcher (the same binary
+//! once per rank on this host, with the `SHARDLINE_*` environment), and the model's all-reduce
+//! through a `shardline-comm` group.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use shardline_comm::{Group, ReduceOp};
+use shardline_model::{ModelError, Plan, Reduce};
+
+/// How a command is split over ranks.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ParallelArgs {
+    /// Ranks: attention heads and dense FFNs are split over them (tensor parallelism). With
+    /// `--ep E` alone the rank count is E.
+    #[arg(long, env = "SHARDLINE_TP")]
+    pub tp: Option<usize>,
+    /// Expert groups: the experts are split into E groups, each sharded over tp/E ranks.
+    #[arg(long, env = "SHARDLINE_EP")]
+    pub ep: Option<usize>,
+    /// How ranks on this host talk: shm, tcp or ucx (a build with `--features ucx`).
+    #[arg(long, default_value = "shm", env = "SHARDLINE_TRANSPORT")]
+    pub transport: String,
+}
+
+impl ParallelArgs {
+    pub fn world(&self) -> usize {
+        self.tp.or(self.ep).unwrap_or(1)
+    }
+
+    pub fn ep(&self) -> usize {
+        self.ep.unwrap_or(1)
+    }
+}
+
+/// What this process is in a (possibly) multi-rank job.
+pub enum Role {
+    /// The whole job in this process.
+    Single,
+    /// This process starts the ranks and waits for them.
+    Launcher,
+    /// One rank of a job, joined to the others.
+    Rank { group: Group, plan: Plan },
+}
+
+/// Whether this process was started as a rank (by the launcher, mpirun or srun).
+fn started_as_rank() -> bool {
+    [
+        "SHARDLINE_RANK",
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}
+
+/// This process's role; a rank joins its group here (the plan is checked by the loader before
+/// any weight is read).
+pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
+    let ep = p.ep();
+    if started_as_rank() {
+        let group = Group::from_env().context("cannot join the job's ranks")?;
+        let plan = Plan::new(group.size(), ep, group.rank())?;
+        return Ok(Role::Rank { group, plan });
+    }
+    let world = p.world();
+    Plan::new(world, ep, 0)?;
+    Ok(if world == 1 {
+        Role::Single
+    } else {
+        Role::Launcher
+    })
+}
+
+/// The model's reduce: a sum all-reduce over the group.
+pub struct GroupReduce(pub Group);
+
+impl Reduce for GroupReduce {
+    fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
+        self.0
+            .all_reduce(x, ReduceOp::Sum)
+            .map_err(|e| ModelError::Invalid(format!("all-reduce failed: {e}")))
+    }
+}
+
+/// How long the launcher lets the other ranks notice a dead one before it kills them.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Starts `world` ranks of this binary with the same arguments on this host and waits for them.
+/// Rank 0's output is shown; the others' standard output is dropped (their errors are shown).
+/// Fails, naming the rank, when any rank fails; no rank is left running.
+pub fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program to start the ranks")?;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("cannot find a free port for the coordinator")?
+        .port();
+    let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut children: Vec<Child> = Vec::with_capacity(world);
+    for rank in 0..world {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("SHARDLINE_RANK", rank.to_string())
+            .env("SHARDLINE_WORLD_SIZE", world.to_string())
+            .env("SHARDLINE_COORDINATOR", format!("127.0.0.1:{port}"))
+            .env("SHARDLINE_JOB_TOKEN", &token)
+            .env("SHARDLINE_TRANSPORT", transport)
+            .stdin(Stdio::null())
+            .stdout(if rank == 0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn();
+        match child {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(e).context(format!("cannot start rank {rank}"));
+            }
+        }
+    }
+    wait_all(children)
+}
+
+fn kill_all(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Waits for every rank; after the first failure the others get [`GRACE`] to exit on their own.
+fn wait_all(mut children: Vec<Child>) -> anyhow::Result<()> {
+    let mut status: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
+    let mut first_failure: Option<(usize, Instant)> = None;
+    loop {
+        for (rank, c) in children.iter_mut().enumerate() {
+            if status[rank].is_none() {
+                if let Some(s) = c.try_wait().context("cannot wait for a rank")? {
+                    if !s.success() && first_failure.is_none() {
+                        first_failure = Some((rank, Instant::now()));
+                    }
+                    status[rank] = Some(s);
+                }
+            }
+        }
+        if status.iter().all(Option::is_some) {
+            break;
+        }
+        if let Some((_, since)) = first_failure {
+            if since.elapsed() > GRACE {
+                kill_all(&mut children);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match first_failure {
+        None => Ok(()),
+        Some((rank, _)) => {
+            let s = status[rank].map_or("killed".to_string(), |s| s.to_string());
+            anyhow::bail!("rank {rank} failed ({s})")
+        }
+    }
+}
