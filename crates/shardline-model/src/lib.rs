@@ -33,8 +33,8 @@ pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};
 pub use error::{ModelError, Result};
 pub use model::{
-    builtin, builtin_parts, builtin_spec, load_dir, load_dir_with, load_parts, load_parts_for,
-    load_tokenizer, verify_dir, CpuEngine, Device,
+    builtin, builtin_parts, builtin_parts_for, builtin_spec, load_dir, load_dir_with, load_parts,
+    load_parts_for, load_tokenizer, verify_dir, CpuEngine, Device,
 };
 pub use plan::Plan;
 pub use reference::{verify, Reference, VerifyReport};

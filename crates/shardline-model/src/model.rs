@@ -11,7 +11,7 @@ use crate::cpu::CpuBackend;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::files::read_json;
-use crate::load::{load_model, load_model_for, ModelWeights};
+use crate::load::{load_model_for, ModelWeights};
 use crate::plan::Plan;
 use crate::random::RandomWeights;
 use crate::rope::RopeScaling;
@@ -124,8 +124,13 @@ pub fn builtin() -> Result<CpuEngine> {
 
 /// The built-in model's spec and deterministic random weights.
 pub fn builtin_parts() -> Result<(ModelSpec, ModelWeights)> {
+    builtin_parts_for(&Plan::single())
+}
+
+/// [`builtin_parts`] for one rank of `plan`.
+pub fn builtin_parts_for(plan: &Plan) -> Result<(ModelSpec, ModelWeights)> {
     let spec = builtin_spec();
-    let weights = load_model(&spec, &RandomWeights::new(BUILTIN_SEED, DType::F32))?;
+    let weights = load_model_for(&spec, &RandomWeights::new(BUILTIN_SEED, DType::F32), plan)?;
     Ok((spec, weights))
 }
 

@@ -8,9 +8,11 @@ use shardline_model::generate::generate;
 use shardline_model::sampler::Sampler;
 use shardline_model::tokenizer::TextCodec;
 use shardline_model::{
-    builtin_parts, load_parts, load_tokenizer, Backend, CpuBackend, Engine, SingleRank,
+    builtin_parts_for, builtin_spec, load_parts_for, load_tokenizer, Backend, CpuBackend, Engine,
+    ModelSpec, Plan, Reduce, SingleRank,
 };
 
+use crate::dist::{self, GroupReduce, ParallelArgs, Role};
 use crate::verify::DeviceArg;
 
 #[derive(clap::Args)]
@@ -40,17 +42,33 @@ pub struct RunArgs {
     /// Where the model runs: cpu, or cuda (a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu, env = "SHARDLINE_DEVICE")]
     device: DeviceArg,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (plan, group) = match dist::role(&args.parallel)? {
+        Role::Single => (Plan::single(), None),
+        Role::Launcher => {
+            // Refuse a plan that cannot work once, here, before any rank starts.
+            let spec = match &args.model {
+                Some(dir) => ModelSpec::from_file(&dir.join("config.json"))?,
+                None => builtin_spec(),
+            };
+            let p = &args.parallel;
+            Plan::new(p.world(), p.ep(), 0)?.check(&spec)?;
+            return dist::launch_local(p.world(), &p.transport);
+        }
+        Role::Rank { group, plan } => (plan, Some(group)),
+    };
     let (spec, weights, codec) = match &args.model {
         Some(dir) => {
-            let (spec, weights) = load_parts(dir, |_| {})
+            let (spec, weights) = load_parts_for(dir, |_| {}, &plan)
                 .with_context(|| format!("cannot load the model in {}", dir.display()))?;
             (spec, weights, load_tokenizer(dir)?)
         }
         None => {
-            let (spec, weights) = builtin_parts()?;
+            let (spec, weights) = builtin_parts_for(&plan)?;
             (spec, weights, TextCodec::Bytes)
         }
     };
@@ -58,12 +76,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
-    match args.device {
-        DeviceArg::Cpu => {
+    match (args.device, group) {
+        (DeviceArg::Cpu, None) => {
             let engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
-            stream(engine, &codec, &prompt, &args)
+            stream(engine, &codec, &prompt, &args, true)
         }
-        DeviceArg::Cuda => run_cuda(spec, weights, &codec, &prompt, &args),
+        (DeviceArg::Cpu, Some(group)) => {
+            // Every rank samples the same tokens from the same logits; rank 0 prints them.
+            let print = group.rank() == 0;
+            let engine = Engine::new(CpuBackend::new(spec, weights, 0), GroupReduce(group));
+            stream(engine, &codec, &prompt, &args, print)
+        }
+        (DeviceArg::Cuda, None) => run_cuda(spec, weights, &codec, &prompt, &args),
+        (DeviceArg::Cuda, Some(_)) => {
+            anyhow::bail!("--device cuda runs on one rank for now (no --tp/--ep)")
+        }
     }
 }
 
@@ -77,7 +104,7 @@ fn run_cuda(
 ) -> anyhow::Result<()> {
     let positions = prompt.len() + args.max_tokens;
     let backend = shardline_model::cuda::CudaBackend::new(spec, weights, 0, positions)?;
-    stream(Engine::new(backend, SingleRank), codec, prompt, args)
+    stream(Engine::new(backend, SingleRank), codec, prompt, args, true)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -91,16 +118,21 @@ fn run_cuda(
     anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
 }
 
-/// Generates from `prompt`, streaming the text to stdout, then prints the timings.
-fn stream<B: Backend>(
-    mut engine: Engine<B, SingleRank>,
+/// Generates from `prompt`, streaming the text to stdout (when `print`), then the timings.
+fn stream<B: Backend, R: Reduce>(
+    mut engine: Engine<B, R>,
     codec: &TextCodec,
     prompt: &[u32],
     args: &RunArgs,
+    print: bool,
 ) -> anyhow::Result<()> {
     let eos = engine.backend.spec().eos_ids.clone();
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
-    let mut out = std::io::stdout().lock();
+    let mut out: Box<dyn Write> = if print {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::sink())
+    };
     write!(out, "{}", args.prompt)?;
     out.flush()?;
     let (_, t) = generate(

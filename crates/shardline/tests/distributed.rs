@@ -82,3 +82,78 @@ fn impossible_plans_are_refused_before_any_rank_starts() {
         );
     }
 }
+
+/// The children (ranks) of process `pid`, with their SHARDLINE_RANK.
+fn ranks_of(pid: u32) -> Vec<(u32, usize)> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter_map(|c| {
+            let env = std::fs::read(format!("/proc/{c}/environ")).ok()?;
+            let rank = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"SHARDLINE_RANK="))?;
+            Some((c, std::str::from_utf8(rank).ok()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_rank_fails_the_job_promptly_naming_it() {
+    use std::time::{Duration, Instant};
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_shardline"))
+        .args(["run", "--prompt", "x", "--max-tokens", "4000", "--tp", "2"])
+        .env_remove("SHARDLINE_RANK")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both ranks run and generation is under way.
+    let start = Instant::now();
+    let ranks = loop {
+        let r = ranks_of(launcher.id());
+        if r.len() == 2 {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the ranks did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let (victim, _) = ranks.iter().find(|(_, r)| *r == 1).copied().unwrap();
+    let (survivor, _) = ranks.iter().find(|(_, r)| *r == 0).copied().unwrap();
+    let killed = Instant::now();
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        if killed.elapsed() > Duration::from_secs(15) {
+            let _ = launcher.kill();
+            panic!("the job did not end after a rank was killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = killed.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the launcher returned success: {stderr}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the job took {took:?} to end: {stderr}"
+    );
+    // Rank 0 names the dead rank (its error), and so does the launcher.
+    assert!(stderr.contains("rank 1"), "{stderr}");
+    assert!(
+        stderr.matches("rank 1").count() >= 2,
+        "rank 0 did not name the dead rank: {stderr}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{survivor}")).exists(),
+        "rank 0 is still running"
+    );
+}
