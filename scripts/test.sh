@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --exclude shardline-cuda
+# The UCX transport (cargo feature `ucx`) needs libucx-dev, which .ci/run installs.
+if pkg-config --exists ucx; then
+    cargo test -p shardline-comm --features ucx
+else
+    echo "SKIPPED the ucx transport tests: libucx-dev is not installed (pkg-config ucx)"
+fi
 # The GPU tests print why they did not run when there is no GPU or NVRTC.
 cargo test -p shardline-cuda -- --nocapture
 # The peer benchmarks' own tests (statistics, table matching; the fixture check needs torch and
