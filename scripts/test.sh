@@ -2,7 +2,9 @@
 # The project's test command (README): every crate's tests, on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace --exclude shardline-cuda
+cargo test --workspace --exclude shardline-cuda -- --skip network_namespaces
+# Ranks in two network namespaces (needs root); says why when it cannot run, or runs without delay.
+cargo test -p shardline --test netns -- --nocapture
 # The UCX transport (cargo feature `ucx`) needs libucx-dev, which .ci/run installs.
 if pkg-config --exists ucx; then
     cargo test -p shardline-comm --features ucx
