@@ -1,7 +1,11 @@
 //! Scaled dot-product attention with grouped-query heads over a KV cache, for one decode token
 //! or a causal prefill block.
 
-use crate::kernels::softmax;
+use rayon::prelude::*;
+
+use crate::kernels::{axpy, softmax};
+use crate::pool;
+use crate::simd::{reduce, Isa};
 
 /// Keys and values of one layer, laid out `[kv_head][position][head_dim]` so that one head's
 /// history is contiguous.
@@ -61,7 +65,7 @@ impl KvCache {
     pub fn append(&mut self, k: &[f32], v: &[f32]) {
         let row = self.n_kv_heads * self.head_dim;
         assert!(
-            row > 0 && k.len() % row == 0 && k.len() == v.len(),
+            row > 0 && k.len().is_multiple_of(row) && k.len() == v.len(),
             "kv append: lengths"
         );
         let t = k.len() / row;
@@ -92,21 +96,29 @@ impl KvCache {
     }
 }
 
-/// Causal attention of `T` query rows against the cache.
+/// Below this many multiply-adds (scores plus weighted values) a call runs on the calling thread.
+const SERIAL_WORK: usize = 1 << 16;
+
+/// Causal attention of `T` query rows against the cache, parallel over (row, head) pairs when
+/// there is enough work.
 ///
 /// `q` is `[T, n_heads * head_dim]` and its row `t` sits at position `cache.len() - T + t` (the
 /// block's keys and values must already be appended); `out` has the shape of `q`. Query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`. Scores are scaled by `scale` (usually
 /// `1/sqrt(head_dim)`).
+///
+/// # Panics
+/// When the lengths disagree, `n_heads` is not a multiple of the cache's KV heads, or there are
+/// more query rows than cached positions.
 pub fn attention(q: &[f32], cache: &KvCache, n_heads: usize, scale: f32, out: &mut [f32]) {
     let d = cache.head_dim();
     let row = n_heads * d;
     assert!(
-        row > 0 && q.len() % row == 0 && q.len() == out.len(),
+        row > 0 && q.len().is_multiple_of(row) && q.len() == out.len(),
         "attention: lengths"
     );
     assert!(
-        n_heads % cache.n_kv_heads() == 0,
+        cache.n_kv_heads() > 0 && n_heads.is_multiple_of(cache.n_kv_heads()),
         "attention: heads vs kv heads"
     );
     let t_count = q.len() / row;
@@ -116,27 +128,38 @@ pub fn attention(q: &[f32], cache: &KvCache, n_heads: usize, scale: f32, out: &m
     );
     let group = n_heads / cache.n_kv_heads();
     let first_pos = cache.len() - t_count;
-    let mut scores = vec![0.0f32; cache.len()];
-    for t in 0..t_count {
+    let isa = Isa::active();
+    // One (row, head) pair: `i = t * n_heads + h`, writing `oh`, the head's slice of out.
+    let one = |scores: &mut Vec<f32>, i: usize, oh: &mut [f32]| {
+        let (t, h) = (i / n_heads, i % n_heads);
         let visible = first_pos + t + 1;
-        for h in 0..n_heads {
-            let qh = &q[t * row + h * d..t * row + (h + 1) * d];
-            let keys = cache.keys(h / group);
-            let values = cache.values(h / group);
-            let s = &mut scores[..visible];
-            for (p, sp) in s.iter_mut().enumerate() {
-                let kp = &keys[p * d..(p + 1) * d];
-                *sp = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
-            }
-            softmax(s);
-            let oh = &mut out[t * row + h * d..t * row + (h + 1) * d];
-            oh.fill(0.0);
-            for (p, w) in s.iter().enumerate() {
-                let vp = &values[p * d..(p + 1) * d];
-                for (o, v) in oh.iter_mut().zip(vp) {
-                    *o += w * v;
-                }
-            }
+        let qh = &q[i * d..(i + 1) * d];
+        let keys = cache.keys(h / group);
+        let values = cache.values(h / group);
+        scores.clear();
+        scores.extend(
+            keys.chunks_exact(d)
+                .take(visible)
+                .map(|kp| reduce::dot(isa, qh, kp) * scale),
+        );
+        softmax(scores);
+        oh.fill(0.0);
+        for (w, vp) in scores.iter().zip(values.chunks_exact(d)) {
+            axpy(*w, vp, oh);
         }
+    };
+    let work = 2 * t_count * n_heads * cache.len() * d;
+    if work < SERIAL_WORK {
+        let mut scores = Vec::with_capacity(cache.len());
+        for (i, oh) in out.chunks_exact_mut(d).enumerate() {
+            one(&mut scores, i, oh);
+        }
+    } else {
+        pool::install(|| {
+            out.par_chunks_exact_mut(d).enumerate().for_each_init(
+                || Vec::with_capacity(cache.len()),
+                |scores, (i, oh)| one(scores, i, oh),
+            )
+        });
     }
 }

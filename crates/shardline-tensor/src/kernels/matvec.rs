@@ -1,34 +1,110 @@
 //! Decode matrix-vector product `y = W x`, W row-major `[N, K]`.
+//!
+//! Decode reads every weight once per token, so this kernel is bound by memory bandwidth: it
+//! streams several rows at once (independent accumulators, several hardware-prefetch streams),
+//! widens f16/bf16 in registers, and splits the rows into a few chunks per worker so that work
+//! stealing evens out the threads.
 
 use rayon::prelude::*;
 
 use crate::pool;
-use crate::tensor::read_f32;
-use crate::TensorView;
+use crate::simd::lanes::Simd;
+use crate::simd::tile::dot_tile;
+use crate::simd::weight::{with_weight, Weight};
+use crate::simd::{run, Isa, WithSimd};
+use crate::{DType, TensorView};
 
-/// `y[n] = sum_k W[n, k] * x[k]` for a 2-D weight `W` of shape `[y.len(), x.len()]`.
+/// Rows computed together by one inner loop.
+const ROWS: usize = 4;
+/// Below this many weight bytes the product runs on the calling thread: waking workers would
+/// cost more than it saves.
+const SERIAL_BYTES: usize = 256 * 1024;
+/// Chunks per worker, so that a worker slowed by something else is helped by the others.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// `y[n] = sum_k W[n, k] * x[k]` for a 2-D weight `W` of shape `[y.len(), x.len()]`, on the
+/// instruction set [`Isa::active`] picks.
 ///
 /// # Panics
 /// When the shapes disagree (a programming error: the model checks shapes at load time).
 pub fn matvec(w: &TensorView, x: &[f32], y: &mut [f32]) {
-    let dims = w.shape().dims();
+    matvec_on(Isa::active(), w, x, y)
+}
+
+/// [`matvec`] on a given instruction set (tests and benchmarks compare the paths with it).
+///
+/// # Panics
+/// When the shapes disagree or the CPU does not support `isa`.
+pub fn matvec_on(isa: Isa, w: &TensorView, x: &[f32], y: &mut [f32]) {
     assert_eq!(
-        dims,
+        w.shape().dims(),
         [y.len(), x.len()],
         "matvec: weight shape vs x/y lengths"
     );
-    let k = x.len();
-    let row_bytes = k * w.dtype().size_in_bytes();
-    let dtype = w.dtype();
+    let row_bytes = x.len() * w.dtype().size_in_bytes();
     let bytes = w.bytes();
+    if bytes.len() < SERIAL_BYTES || pool::num_threads() == 1 {
+        return rows(isa, w, bytes, x, y);
+    }
+    let chunk = chunk_rows(y.len(), pool::num_threads() * CHUNKS_PER_THREAD);
     pool::install(|| {
-        y.par_iter_mut().enumerate().for_each(|(n, out)| {
-            let row = &bytes[n * row_bytes..(n + 1) * row_bytes];
-            let mut acc = 0.0f32;
-            for (i, xi) in x.iter().enumerate() {
-                acc += read_f32(dtype, row, i) * xi;
-            }
-            *out = acc;
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+            let start = c * chunk * row_bytes;
+            rows(isa, w, &bytes[start..start + yc.len() * row_bytes], x, yc)
         })
     });
+}
+
+/// Rows per chunk to cut `n` rows into about `chunks` chunks, a multiple of [`ROWS`].
+fn chunk_rows(n: usize, chunks: usize) -> usize {
+    n.div_ceil(chunks.max(1)).next_multiple_of(ROWS).max(ROWS)
+}
+
+/// `y = W' x` for the rows of W in `bytes` (`y.len()` rows of `x.len()` elements).
+fn rows(isa: Isa, w: &TensorView, bytes: &[u8], x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), y.len() * x.len() * w.dtype().size_in_bytes());
+    run(
+        isa,
+        Rows {
+            dtype: w.dtype(),
+            bytes,
+            x,
+            y,
+        },
+    )
+}
+
+struct Rows<'a> {
+    dtype: DType,
+    bytes: &'a [u8],
+    x: &'a [f32],
+    y: &'a mut [f32],
+}
+
+impl WithSimd for Rows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        with_weight!(self.dtype, W => rows_body::<S, W>(self.bytes, self.x, self.y))
+    }
+}
+
+#[inline(always)]
+fn rows_body<S: Simd, W: Weight>(bytes: &[u8], x: &[f32], y: &mut [f32]) {
+    let k = x.len();
+    let stride = k * W::BYTES;
+    let (w, x) = (bytes.as_ptr(), x.as_ptr());
+    let done = y.len() - y.len() % ROWS;
+    let mut blocks = y.chunks_exact_mut(ROWS);
+    // SAFETY (both loops): block b covers rows b*ROWS.. of `bytes`, which holds y.len() rows of
+    // `stride` bytes; x holds k values. The caller enabled S's features (simd::run).
+    for (b, yb) in blocks.by_ref().enumerate() {
+        let out = unsafe { dot_tile::<S, W, ROWS, 1>(w.add(b * ROWS * stride), stride, x, 0, k) };
+        for (o, v) in yb.iter_mut().zip(out) {
+            *o = v[0];
+        }
+    }
+    for (j, o) in blocks.into_remainder().iter_mut().enumerate() {
+        *o = unsafe { dot_tile::<S, W, 1, 1>(w.add((done + j) * stride), stride, x, 0, k) }[0][0];
+    }
 }

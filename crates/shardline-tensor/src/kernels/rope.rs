@@ -15,7 +15,7 @@ impl Rope {
     /// Tables for `head_dim` (even) with base `theta`, as transformers computes them in f32:
     /// `inv_freq[i] = 1 / theta^(2i/head_dim)`, angle = `pos * inv_freq[i]`.
     pub fn new(head_dim: usize, max_positions: usize, theta: f64) -> Rope {
-        assert!(head_dim % 2 == 0, "rope: head_dim must be even");
+        assert!(head_dim.is_multiple_of(2), "rope: head_dim must be even");
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
@@ -51,7 +51,10 @@ impl Rope {
         let d = self.head_dim;
         let half = d / 2;
         let row = n_heads * d;
-        assert!(row > 0 && x.len() % row == 0, "rope: x is not whole rows");
+        assert!(
+            row > 0 && x.len().is_multiple_of(row),
+            "rope: x is not whole rows"
+        );
         for (t, xr) in x.chunks_exact_mut(row).enumerate() {
             let pos = start_pos + t;
             assert!(pos < self.max_positions, "rope: position beyond the table");

@@ -1,0 +1,78 @@
+//! Register-tiled dot products: `RN` weight rows against `RM` activation rows at once, so each
+//! weight vector loaded from memory is used `RM` times and `RN * RM` independent accumulators
+//! keep the FMA units and the memory system busy. Matvec is the `RM = 1` case; matmul uses
+//! wider tiles.
+
+use super::lanes::Simd;
+use super::weight::Weight;
+
+/// Largest vector in bytes (16 f32 lanes): the size of the zero-padded tail buffers.
+const MAX_VEC_BYTES: usize = 64;
+
+/// `out[r][m] = sum_i W[r][i] * x[m][i]` for `i < k`.
+///
+/// # Safety
+/// Row `r` of W is `k` elements of `W` at `w + r * w_stride` bytes and row `m` of x is `k` f32 at
+/// `x + m * x_stride` elements; all must be readable. Must run where `S`'s features are enabled.
+#[inline(always)]
+pub(crate) unsafe fn dot_tile<S: Simd, W: Weight, const RN: usize, const RM: usize>(
+    w: *const u8,
+    w_stride: usize,
+    x: *const f32,
+    x_stride: usize,
+    k: usize,
+) -> [[f32; RM]; RN] {
+    let mut acc = [[S::zero(); RM]; RN];
+    let full = k - k % S::LANES;
+    let mut i = 0;
+    while i < full {
+        step::<S, W, RN, RM>(
+            &mut acc,
+            |r| w.add(r * w_stride + i * W::BYTES),
+            |m| x.add(m * x_stride + i),
+        );
+        i += S::LANES;
+    }
+    if i < k {
+        // The last partial vector: copy it into zero-padded buffers (zeros add nothing).
+        let n = k - i;
+        let mut wt = [[0u8; MAX_VEC_BYTES]; RN];
+        let mut xt = [[0f32; MAX_VEC_BYTES / 4]; RM];
+        for (r, t) in wt.iter_mut().enumerate() {
+            std::ptr::copy_nonoverlapping(
+                w.add(r * w_stride + i * W::BYTES),
+                t.as_mut_ptr(),
+                n * W::BYTES,
+            );
+        }
+        for (m, t) in xt.iter_mut().enumerate() {
+            std::ptr::copy_nonoverlapping(x.add(m * x_stride + i), t.as_mut_ptr(), n);
+        }
+        step::<S, W, RN, RM>(&mut acc, |r| wt[r].as_ptr(), |m| xt[m].as_ptr());
+    }
+    let mut out = [[0f32; RM]; RN];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = S::reduce_sum(*a);
+        }
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn step<S: Simd, W: Weight, const RN: usize, const RM: usize>(
+    acc: &mut [[S::V; RM]; RN],
+    w_at: impl Fn(usize) -> *const u8,
+    x_at: impl Fn(usize) -> *const f32,
+) {
+    let mut xv = [S::zero(); RM];
+    for (m, v) in xv.iter_mut().enumerate() {
+        *v = S::load(x_at(m));
+    }
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        let wv = W::load::<S>(w_at(r));
+        for (a, xm) in acc_r.iter_mut().zip(&xv) {
+            *a = S::fma(wv, *xm, *a);
+        }
+    }
+}
