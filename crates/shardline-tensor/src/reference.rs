@@ -38,16 +38,18 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Half-rotation rotary embedding of rows of `n_heads * head_dim`, row `t` at `start_pos + t`,
-/// angles `pos / theta^(2i / head_dim)` in f64.
+/// Half-rotation rotary embedding of rows of `n_heads * head_dim`, row `t` at `start_pos + t`.
+/// The angle is defined as transformers computes it, `pos * inv_freq[i]` in f32 with
+/// `inv_freq[i] = 1 / theta^(2i / head_dim)`; the rotation is computed in f64.
 pub fn rope(x: &[f32], head_dim: usize, n_heads: usize, start_pos: usize, theta: f64) -> Vec<f32> {
     let half = head_dim / 2;
     let mut out = x.to_vec();
     for (t, row) in out.chunks_exact_mut(n_heads * head_dim).enumerate() {
-        let pos = (start_pos + t) as f64;
+        let pos = (start_pos + t) as f32;
         for head in row.chunks_exact_mut(head_dim) {
             for i in 0..half {
-                let angle = pos / theta.powf(2.0 * i as f64 / head_dim as f64);
+                let inv_freq = (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32;
+                let angle = (pos * inv_freq) as f64;
                 let (x1, x2) = (head[i] as f64, head[i + half] as f64);
                 head[i] = (x1 * angle.cos() - x2 * angle.sin()) as f32;
                 head[i + half] = (x2 * angle.cos() + x1 * angle.sin()) as f32;

@@ -80,3 +80,43 @@ impl WithSimd for Sum<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both reductions on every supported path, at lengths around the vector and unroll widths.
+    #[test]
+    fn dot_and_sum_on_every_path() {
+        let a: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let b: Vec<f32> = (0..300)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 5.0)
+            .collect();
+        for isa in Isa::ALL {
+            if !isa.is_supported() {
+                eprintln!("not testing the {isa} path: this CPU does not support it");
+                continue;
+            }
+            for n in [0, 1, 7, 8, 15, 16, 17, 63, 64, 65, 300] {
+                let (a, b) = (&a[..n], &b[..n]);
+                let want_dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let want_sum: f64 = a.iter().map(|x| *x as f64).sum();
+                let scale_dot: f64 = a.iter().zip(b).map(|(x, y)| (x * y).abs() as f64).sum();
+                let scale_sum: f64 = a.iter().map(|x| x.abs() as f64).sum();
+                let tol = |scale: f64| (n as f64 + 2.0) * f32::EPSILON as f64 * scale + 1e-30;
+                let got = dot(isa, a, b) as f64;
+                assert!(
+                    (got - want_dot).abs() <= tol(scale_dot),
+                    "{isa} dot n={n}: {got} vs {want_dot}"
+                );
+                let got = sum(isa, a) as f64;
+                assert!(
+                    (got - want_sum).abs() <= tol(scale_sum),
+                    "{isa} sum n={n}: {got} vs {want_sum}"
+                );
+            }
+        }
+    }
+}
