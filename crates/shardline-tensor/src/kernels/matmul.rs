@@ -170,7 +170,7 @@ fn tile_rows<S: Simd, const RM: usize>(b: &Block, rows: usize, w: *const u8, mi:
     // values; y[(mi + j) * n + n0 + r] is in y (mi + j < m, n0 + r < n) and this block's own.
     unsafe {
         while r + RN <= rows {
-            let out = dot_tile::<S, F32, RN, RM>(w.add(r * stride), stride, x, k, k);
+            let out = dot_tile::<S, F32, RN, RM, false>(w.add(r * stride), stride, x, k, k);
             for (i, o) in out.iter().enumerate() {
                 for (j, v) in o.iter().enumerate() {
                     *b.y.0.add((mi + j) * b.n + b.n0 + r + i) = *v;
@@ -179,7 +179,7 @@ fn tile_rows<S: Simd, const RM: usize>(b: &Block, rows: usize, w: *const u8, mi:
             r += RN;
         }
         while r < rows {
-            let out = dot_tile::<S, F32, 1, RM>(w.add(r * stride), stride, x, k, k);
+            let out = dot_tile::<S, F32, 1, RM, false>(w.add(r * stride), stride, x, k, k);
             for (j, v) in out[0].iter().enumerate() {
                 *b.y.0.add((mi + j) * b.n + b.n0 + r) = *v;
             }

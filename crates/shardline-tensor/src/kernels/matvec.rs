@@ -99,12 +99,14 @@ fn rows_body<S: Simd, W: Weight>(bytes: &[u8], x: &[f32], y: &mut [f32]) {
     // SAFETY (both loops): block b covers rows b*ROWS.. of `bytes`, which holds y.len() rows of
     // `stride` bytes; x holds k values. The caller enabled S's features (simd::run).
     for (b, yb) in blocks.by_ref().enumerate() {
-        let out = unsafe { dot_tile::<S, W, ROWS, 1>(w.add(b * ROWS * stride), stride, x, 0, k) };
+        let out =
+            unsafe { dot_tile::<S, W, ROWS, 1, true>(w.add(b * ROWS * stride), stride, x, 0, k) };
         for (o, v) in yb.iter_mut().zip(out) {
             *o = v[0];
         }
     }
     for (j, o) in blocks.into_remainder().iter_mut().enumerate() {
-        *o = unsafe { dot_tile::<S, W, 1, 1>(w.add((done + j) * stride), stride, x, 0, k) }[0][0];
+        *o = unsafe { dot_tile::<S, W, 1, 1, true>(w.add((done + j) * stride), stride, x, 0, k) }
+            [0][0];
     }
 }

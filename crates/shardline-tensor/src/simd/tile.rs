@@ -11,11 +11,22 @@ const MAX_VEC_BYTES: usize = 64;
 
 /// `out[r][m] = sum_i W[r][i] * x[m][i]` for `i < k`.
 ///
+/// With `PREFETCH`, each step also asks for the same columns of the next `RN` rows (into L2):
+/// when rows are short the hardware prefetchers, which stop at 4 KiB page boundaries, never get
+/// going, and measured on Zen 4 this lifted 1024x3584 and 3584x1024 bf16 matvecs from about 10
+/// to about 19 GB/s while not hurting the long rows.
+///
 /// # Safety
 /// Row `r` of W is `k` elements of `W` at `w + r * w_stride` bytes and row `m` of x is `k` f32 at
 /// `x + m * x_stride` elements; all must be readable. Must run where `S`'s features are enabled.
 #[inline(always)]
-pub(crate) unsafe fn dot_tile<S: Simd, W: Weight, const RN: usize, const RM: usize>(
+pub(crate) unsafe fn dot_tile<
+    S: Simd,
+    W: Weight,
+    const RN: usize,
+    const RM: usize,
+    const PREFETCH: bool,
+>(
     w: *const u8,
     w_stride: usize,
     x: *const f32,
@@ -26,6 +37,11 @@ pub(crate) unsafe fn dot_tile<S: Simd, W: Weight, const RN: usize, const RM: usi
     let full = k - k % S::LANES;
     let mut i = 0;
     while i < full {
+        if PREFETCH {
+            for r in 0..RN {
+                S::prefetch(w.wrapping_add((r + RN) * w_stride + i * W::BYTES));
+            }
+        }
         step::<S, W, RN, RM>(
             &mut acc,
             |r| w.add(r * w_stride + i * W::BYTES),
