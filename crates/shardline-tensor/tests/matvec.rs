@@ -88,6 +88,8 @@ fn matmul_shapes() {
             check_matmul(isa, dtype, 37, 70, 300, 11);
             check_matmul(isa, dtype, 5, 9, 17, 12);
             check_matmul(isa, dtype, 1, 9, 17, 13);
+            // Columns over several panels of the K blocking, the last one partial.
+            check_matmul(isa, dtype, 7, 9, 2100, 14);
         }
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! Each weight row is read from memory once for all M rows: a block of W rows (widened to f32
 //! once, when stored as f16/bf16) stays in the L2 cache while register tiles of 4 weight rows by
-//! 4 (AVX-512) or 2 (AVX2, scalar) activation rows run over it.
+//! 4 (AVX-512) or 2 (AVX2, scalar) activation rows run over it, one panel of columns at a time
+//! so that the activation rows of a tile stay in L1. At M = 128 this runs near the FMA units'
+//! peak; it is a dot-product formulation, not a packed GEMM, which would need a transposed copy
+//! of the weights.
 
 use std::cell::RefCell;
 
@@ -20,6 +23,8 @@ use crate::{DType, TensorView};
 const RN: usize = 4;
 /// Bytes of widened weight rows one block keeps in the L2 cache.
 const BLOCK_BYTES: usize = 256 * 1024;
+/// Columns per panel: a 4-row activation tile of this many f32 (16 KiB) stays in L1.
+const KC: usize = 1024;
 /// Most weight rows per block (more gives the workers too few blocks to share).
 const MAX_BLOCK_ROWS: usize = 32;
 
@@ -140,48 +145,67 @@ fn widen<S: Simd, W: Weight>(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// All register tiles of a block whose `rows` f32 weight rows start at `w`.
+/// All register tiles of a block whose `rows` f32 weight rows start at `w`, one panel of
+/// [`KC`] columns at a time so that a tile's activation rows stay in L1 while every weight row
+/// group of the block (in L2) passes over them.
 #[inline(always)]
 fn tiles<S: Simd>(b: &Block, rows: usize, w: *const u8) {
-    let mut mi = 0;
-    if S::MANY_REGS {
-        while mi + 4 <= b.m {
-            tile_rows::<S, 4>(b, rows, w, mi);
-            mi += 4;
+    for k0 in (0..b.k.max(1)).step_by(KC) {
+        let kc = KC.min(b.k - k0);
+        let mut mi = 0;
+        if S::MANY_REGS {
+            while mi + 4 <= b.m {
+                tile_rows::<S, 4>(b, rows, w, mi, k0, kc);
+                mi += 4;
+            }
         }
-    }
-    while mi + 2 <= b.m {
-        tile_rows::<S, 2>(b, rows, w, mi);
-        mi += 2;
-    }
-    if mi < b.m {
-        tile_rows::<S, 1>(b, rows, w, mi);
+        while mi + 2 <= b.m {
+            tile_rows::<S, 2>(b, rows, w, mi, k0, kc);
+            mi += 2;
+        }
+        if mi < b.m {
+            tile_rows::<S, 1>(b, rows, w, mi, k0, kc);
+        }
     }
 }
 
-/// Activation rows `mi..mi + RM` against every weight row of the block.
+/// Activation rows `mi..mi + RM`, columns `k0..k0 + kc`, against every weight row of the block:
+/// stores into y for the first panel, adds to it for the others.
 #[inline(always)]
-fn tile_rows<S: Simd, const RM: usize>(b: &Block, rows: usize, w: *const u8, mi: usize) {
+fn tile_rows<S: Simd, const RM: usize>(
+    b: &Block,
+    rows: usize,
+    w: *const u8,
+    mi: usize,
+    k0: usize,
+    kc: usize,
+) {
     let k = b.k;
     let stride = k * 4;
-    let x = b.x[mi * k..].as_ptr();
+    let w = w.wrapping_add(k0 * 4);
+    let x = b.x[mi * k + k0..].as_ptr();
+    // SAFETY: y[(mi + j) * n + n0 + r] is in y (mi + j < m, n0 + r < n) and this block's own.
+    let put = |r: usize, j: usize, v: f32| unsafe {
+        let p = b.y.0.add((mi + j) * b.n + b.n0 + r);
+        *p = if k0 == 0 { v } else { *p + v };
+    };
     let mut r = 0;
-    // SAFETY: the block's weights hold `rows` rows of k f32 at w; x holds rows mi..mi+RM of k
-    // values; y[(mi + j) * n + n0 + r] is in y (mi + j < m, n0 + r < n) and this block's own.
+    // SAFETY: the block's weights hold `rows` rows of k f32 at w, of which columns k0..k0+kc are
+    // read; x holds rows mi..mi+RM of k values, of which the same columns are read.
     unsafe {
         while r + RN <= rows {
-            let out = dot_tile::<S, F32, RN, RM, false>(w.add(r * stride), stride, x, k, k);
+            let out = dot_tile::<S, F32, RN, RM, false>(w.add(r * stride), stride, x, k, kc);
             for (i, o) in out.iter().enumerate() {
                 for (j, v) in o.iter().enumerate() {
-                    *b.y.0.add((mi + j) * b.n + b.n0 + r + i) = *v;
+                    put(r + i, j, *v);
                 }
             }
             r += RN;
         }
         while r < rows {
-            let out = dot_tile::<S, F32, 1, RM, false>(w.add(r * stride), stride, x, k, k);
+            let out = dot_tile::<S, F32, 1, RM, false>(w.add(r * stride), stride, x, k, kc);
             for (j, v) in out[0].iter().enumerate() {
-                *b.y.0.add((mi + j) * b.n + b.n0 + r) = *v;
+                put(r, j, *v);
             }
             r += 1;
         }
