@@ -3,9 +3,13 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::{axpy, softmax};
+use crate::kernels::matvec::rows_body;
+use crate::kernels::{scale, softmax};
 use crate::pool;
-use crate::simd::{reduce, Isa};
+use crate::simd::lanes::Simd;
+use crate::simd::reduce::axpy_lanes;
+use crate::simd::weight::F32;
+use crate::simd::{run, Isa, WithSimd};
 
 /// Keys and values of one layer, laid out `[kv_head][position][head_dim]` so that one head's
 /// history is contiguous.
@@ -96,11 +100,14 @@ impl KvCache {
     }
 }
 
+/// Cached positions per block: 64 rows of a 128-wide head are 32 KiB of keys or values.
+const POS_BLOCK: usize = 64;
 /// Below this many multiply-adds (scores plus weighted values) a call runs on the calling thread.
 const SERIAL_WORK: usize = 1 << 16;
 
-/// Causal attention of `T` query rows against the cache, parallel over (row, head) pairs when
-/// there is enough work.
+/// Causal attention of `T` query rows against the cache, parallel over (row, KV head) pairs
+/// when there is enough work. The query heads that share a KV head are computed together, so
+/// each key and value row is read once for all of them.
 ///
 /// `q` is `[T, n_heads * head_dim]` and its row `t` sits at position `cache.len() - T + t` (the
 /// block's keys and values must already be appended); `out` has the shape of `q`. Query head `h`
@@ -126,40 +133,121 @@ pub fn attention(q: &[f32], cache: &KvCache, n_heads: usize, scale: f32, out: &m
         t_count <= cache.len(),
         "attention: queries beyond the cache"
     );
-    let group = n_heads / cache.n_kv_heads();
+    let n_kv = cache.n_kv_heads();
+    let group = n_heads / n_kv;
     let first_pos = cache.len() - t_count;
     let isa = Isa::active();
-    // One (row, head) pair: `i = t * n_heads + h`, writing `oh`, the head's slice of out.
-    let one = |scores: &mut Vec<f32>, i: usize, oh: &mut [f32]| {
-        let (t, h) = (i / n_heads, i % n_heads);
+    // Unit `u = t * n_kv + kv`: query row t, the `group` heads of KV head kv, whose outputs are
+    // contiguous in `out` (as their queries are in `q`).
+    let one = |scores: &mut Vec<f32>, u: usize, o: &mut [f32]| {
+        let (t, kv) = (u / n_kv, u % n_kv);
         let visible = first_pos + t + 1;
-        let qh = &q[i * d..(i + 1) * d];
-        let keys = cache.keys(h / group);
-        let values = cache.values(h / group);
         scores.clear();
-        scores.extend(
-            keys.chunks_exact(d)
-                .take(visible)
-                .map(|kp| reduce::dot(isa, qh, kp) * scale),
+        scores.resize(group * visible, 0.0);
+        run(
+            isa,
+            Group {
+                q: &q[u * group * d..(u + 1) * group * d],
+                keys: &cache.keys(kv)[..visible * d],
+                values: &cache.values(kv)[..visible * d],
+                d,
+                scale,
+                scores,
+                out: o,
+            },
         );
-        softmax(scores);
-        oh.fill(0.0);
-        for (w, vp) in scores.iter().zip(values.chunks_exact(d)) {
-            axpy(*w, vp, oh);
-        }
     };
     let work = 2 * t_count * n_heads * cache.len() * d;
+    let unit = group * d;
     if work < SERIAL_WORK {
-        let mut scores = Vec::with_capacity(cache.len());
-        for (i, oh) in out.chunks_exact_mut(d).enumerate() {
-            one(&mut scores, i, oh);
+        let mut scores = Vec::new();
+        for (u, o) in out.chunks_exact_mut(unit).enumerate() {
+            one(&mut scores, u, o);
         }
     } else {
         pool::install(|| {
-            out.par_chunks_exact_mut(d).enumerate().for_each_init(
-                || Vec::with_capacity(cache.len()),
-                |scores, (i, oh)| one(scores, i, oh),
-            )
+            out.par_chunks_exact_mut(unit)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (u, o)| one(scores, u, o))
         });
+    }
+}
+
+/// The query heads of one KV head, for one query row.
+struct Group<'a> {
+    /// `[group, d]`
+    q: &'a [f32],
+    /// `[visible, d]`
+    keys: &'a [f32],
+    values: &'a [f32],
+    d: usize,
+    scale: f32,
+    /// `[group, visible]`
+    scores: &'a mut [f32],
+    /// `[group, d]`
+    out: &'a mut [f32],
+}
+
+impl WithSimd for Group<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let d = self.d;
+        let visible = self.keys.len() / d;
+        // Positions in blocks, so that the block's keys and values stay in L1/L2 while every
+        // head of the group reads them.
+        for p0 in (0..visible).step_by(POS_BLOCK) {
+            let pb = POS_BLOCK.min(visible - p0);
+            let keys = &self.keys[p0 * d..(p0 + pb) * d];
+            for (h, qh) in self.q.chunks_exact(d).enumerate() {
+                let s = &mut self.scores[h * visible + p0..][..pb];
+                // SAFETY: keys holds pb = s.len() rows of d = qh.len() f32.
+                unsafe { rows_body::<S, F32>(keys.as_ptr().cast(), qh, s) };
+            }
+        }
+        for s in self.scores.chunks_exact_mut(visible) {
+            scale(s, self.scale);
+            softmax(s);
+        }
+        self.out.fill(0.0);
+        for p0 in (0..visible).step_by(POS_BLOCK) {
+            let pb = POS_BLOCK.min(visible - p0);
+            let values = &self.values[p0 * d..(p0 + pb) * d];
+            for (h, oh) in self.out.chunks_exact_mut(d).enumerate() {
+                weighted_sum_lanes::<S>(&self.scores[h * visible + p0..][..pb], values, oh);
+            }
+        }
+    }
+}
+
+/// `out += sum_p w[p] * values[p]` for the rows of `values` (`[w.len(), out.len()]`), keeping a
+/// few vectors of `out` in registers across all the rows.
+#[inline(always)]
+fn weighted_sum_lanes<S: Simd>(w: &[f32], values: &[f32], out: &mut [f32]) {
+    const V: usize = 4;
+    let d = out.len();
+    let (v, o) = (values.as_ptr(), out.as_mut_ptr());
+    let mut c = 0;
+    // SAFETY: columns c..c + V * LANES (or c + LANES) are below d; values has w.len() rows of d.
+    unsafe {
+        while c + V * S::LANES <= d {
+            let mut acc = [S::zero(); V];
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = S::load(o.add(c + j * S::LANES));
+            }
+            for (p, wp) in w.iter().enumerate() {
+                let wv = S::splat(*wp);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(wv, S::load(v.add(p * d + c + j * S::LANES)), *a);
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                S::store(o.add(c + j * S::LANES), *a);
+            }
+            c += V * S::LANES;
+        }
+    }
+    for (p, wp) in w.iter().enumerate() {
+        axpy_lanes::<S>(*wp, &values[p * d + c..(p + 1) * d], &mut out[c..]);
     }
 }

@@ -62,7 +62,7 @@ fn chunk_rows(n: usize, chunks: usize) -> usize {
 
 /// `y = W' x` for the rows of W in `bytes` (`y.len()` rows of `x.len()` elements).
 fn rows(isa: Isa, w: &TensorView, bytes: &[u8], x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(bytes.len(), y.len() * x.len() * w.dtype().size_in_bytes());
+    assert_eq!(bytes.len(), y.len() * x.len() * w.dtype().size_in_bytes());
     run(
         isa,
         Rows {
@@ -85,28 +85,33 @@ impl WithSimd for Rows<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        with_weight!(self.dtype, W => rows_body::<S, W>(self.bytes, self.x, self.y))
+        // SAFETY: `rows` checked that bytes holds y.len() rows of x.len() elements.
+        with_weight!(self.dtype, W => unsafe {
+            rows_body::<S, W>(self.bytes.as_ptr(), self.x, self.y)
+        })
     }
 }
 
+/// `y = W x` for `y.len()` rows of `x.len()` elements of W at `w`, inside a body running on `S`.
+///
+/// # Safety
+/// `w` must point to `y.len() * x.len()` readable elements of type `W`.
 #[inline(always)]
-fn rows_body<S: Simd, W: Weight>(bytes: &[u8], x: &[f32], y: &mut [f32]) {
+pub(crate) unsafe fn rows_body<S: Simd, W: Weight>(w: *const u8, x: &[f32], y: &mut [f32]) {
     let k = x.len();
     let stride = k * W::BYTES;
-    let (w, x) = (bytes.as_ptr(), x.as_ptr());
+    let x = x.as_ptr();
     let done = y.len() - y.len() % ROWS;
     let mut blocks = y.chunks_exact_mut(ROWS);
-    // SAFETY (both loops): block b covers rows b*ROWS.. of `bytes`, which holds y.len() rows of
-    // `stride` bytes; x holds k values. The caller enabled S's features (simd::run).
+    // SAFETY (both loops): block b covers rows b*ROWS.. of the y.len() rows of `stride` bytes at
+    // w; x holds k values. The caller enabled S's features (simd::run).
     for (b, yb) in blocks.by_ref().enumerate() {
-        let out =
-            unsafe { dot_tile::<S, W, ROWS, 1, true>(w.add(b * ROWS * stride), stride, x, 0, k) };
+        let out = dot_tile::<S, W, ROWS, 1, true>(w.add(b * ROWS * stride), stride, x, 0, k);
         for (o, v) in yb.iter_mut().zip(out) {
             *o = v[0];
         }
     }
     for (j, o) in blocks.into_remainder().iter_mut().enumerate() {
-        *o = unsafe { dot_tile::<S, W, 1, 1, true>(w.add((done + j) * stride), stride, x, 0, k) }
-            [0][0];
+        *o = dot_tile::<S, W, 1, 1, true>(w.add((done + j) * stride), stride, x, 0, k)[0][0];
     }
 }

@@ -14,6 +14,7 @@ pub(crate) trait Simd: Copy {
     const MANY_REGS: bool;
     type V: Copy;
     unsafe fn zero() -> Self::V;
+    unsafe fn splat(v: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
     /// `LANES` little-endian f16 values at `p`, widened.
@@ -45,6 +46,10 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn zero() -> f32 {
         0.0
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> f32 {
+        v
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> f32 {
@@ -98,6 +103,10 @@ mod x86 {
             _mm256_setzero_ps()
         }
         #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            _mm256_set1_ps(v)
+        }
+        #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
         }
@@ -140,6 +149,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn zero() -> __m512 {
             _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m512 {
+            _mm512_set1_ps(v)
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m512 {

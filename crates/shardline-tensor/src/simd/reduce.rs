@@ -24,30 +24,55 @@ impl WithSimd for Dot<'_> {
     type Output = f32;
     #[inline(always)]
     fn run<S: Simd>(self) -> f32 {
-        let n = self.0.len().min(self.1.len());
-        let (a, b) = (self.0.as_ptr(), self.1.as_ptr());
-        // SAFETY: every index read is below n, the length of both slices.
-        unsafe {
-            let mut acc = [S::zero(); ACC];
-            let step = S::LANES * ACC;
-            let mut i = 0;
-            while i + step <= n {
-                for (j, c) in acc.iter_mut().enumerate() {
-                    let o = i + j * S::LANES;
-                    *c = S::fma(S::load(a.add(o)), S::load(b.add(o)), *c);
-                }
-                i += step;
+        dot_lanes::<S>(self.0, self.1)
+    }
+}
+
+/// [`dot`] inside a body already running on `S` (no dispatch per call).
+#[inline(always)]
+pub(crate) fn dot_lanes<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: every index read is below n, the length of both slices.
+    unsafe {
+        let mut acc = [S::zero(); ACC];
+        let step = S::LANES * ACC;
+        let mut i = 0;
+        while i + step <= n {
+            for (j, c) in acc.iter_mut().enumerate() {
+                let o = i + j * S::LANES;
+                *c = S::fma(S::load(a.add(o)), S::load(b.add(o)), *c);
             }
-            while i + S::LANES <= n {
-                acc[0] = S::fma(S::load(a.add(i)), S::load(b.add(i)), acc[0]);
-                i += S::LANES;
-            }
-            let v = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
-            let mut s = S::reduce_sum(v);
-            for j in i..n {
-                s += *a.add(j) * *b.add(j);
-            }
-            s
+            i += step;
+        }
+        while i + S::LANES <= n {
+            acc[0] = S::fma(S::load(a.add(i)), S::load(b.add(i)), acc[0]);
+            i += S::LANES;
+        }
+        let v = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
+        let mut s = S::reduce_sum(v);
+        for j in i..n {
+            s += *a.add(j) * *b.add(j);
+        }
+        s
+    }
+}
+
+/// `y += alpha * x` over the shorter of the two slices, inside a body running on `S`.
+#[inline(always)]
+pub(crate) fn axpy_lanes<S: Simd>(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let (x, y) = (x.as_ptr(), y.as_mut_ptr());
+    // SAFETY: every index read or written is below n, the length of both slices.
+    unsafe {
+        let a = S::splat(alpha);
+        let mut i = 0;
+        while i + S::LANES <= n {
+            S::store(y.add(i), S::fma(a, S::load(x.add(i)), S::load(y.add(i))));
+            i += S::LANES;
+        }
+        for j in i..n {
+            *y.add(j) += alpha * *x.add(j);
         }
     }
 }
