@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{assert_close, values};
+use common::{assert_close, isas, values};
 use proptest::prelude::*;
-use shardline_tensor::kernels::{attention, KvCache};
+use shardline_tensor::kernels::{attention, attention_on, KvCache};
 use shardline_tensor::reference;
 
 /// Appends `len` positions in `chunks` appends, then attends `t` query rows (the last `t`
@@ -30,17 +30,21 @@ fn check(n_kv: usize, group: usize, d: usize, len: usize, t: usize, chunks: usiz
     }
     assert_eq!(cache.len(), len);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![f32::NAN; q.len()];
-    attention(&q, &cache, n_heads, scale, &mut out);
     let want = reference::attention(&q, &k, &v, n_heads, n_kv, d, scale);
-    // Outputs are convex combinations of values in [-1, 1].
-    let what = format!("attention kv={n_kv} group={group} d={d} len={len} t={t}");
-    assert_close(&what, &out, &want, &vec![2e-5; want.len()]);
+    for isa in isas() {
+        let mut out = vec![f32::NAN; q.len()];
+        attention_on(isa, &q, &cache, n_heads, scale, &mut out);
+        // Outputs are convex combinations of values in [-1, 1].
+        let what = format!("attention {isa} kv={n_kv} group={group} d={d} len={len} t={t}");
+        assert_close(&what, &out, &want, &vec![2e-5; want.len()]);
+    }
 }
 
 #[test]
 fn decode_parallel_over_heads() {
     check(2, 4, 64, 300, 1, 3, 1);
+    // Mixtral's head size, over several position blocks.
+    check(1, 2, 128, 150, 1, 1, 3);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use crate::kernels::matvec::rows_body;
-use crate::kernels::{scale, softmax};
+use crate::kernels::scale;
+use crate::kernels::softmax::softmax_lanes;
 use crate::pool;
 use crate::simd::lanes::Simd;
 use crate::simd::reduce::axpy_lanes;
@@ -118,6 +119,21 @@ const SERIAL_WORK: usize = 1 << 16;
 /// When the lengths disagree, `n_heads` is not a multiple of the cache's KV heads, or there are
 /// more query rows than cached positions.
 pub fn attention(q: &[f32], cache: &KvCache, n_heads: usize, scale: f32, out: &mut [f32]) {
+    attention_on(Isa::active(), q, cache, n_heads, scale, out)
+}
+
+/// [`attention`] on a given instruction set.
+///
+/// # Panics
+/// As [`attention`], and when the CPU does not support `isa`.
+pub fn attention_on(
+    isa: Isa,
+    q: &[f32],
+    cache: &KvCache,
+    n_heads: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let d = cache.head_dim();
     let row = n_heads * d;
     assert!(
@@ -136,7 +152,6 @@ pub fn attention(q: &[f32], cache: &KvCache, n_heads: usize, scale: f32, out: &m
     let n_kv = cache.n_kv_heads();
     let group = n_heads / n_kv;
     let first_pos = cache.len() - t_count;
-    let isa = Isa::active();
     // Unit `u = t * n_kv + kv`: query row t, the `group` heads of KV head kv, whose outputs are
     // contiguous in `out` (as their queries are in `q`).
     let one = |scores: &mut Vec<f32>, u: usize, o: &mut [f32]| {
@@ -207,7 +222,7 @@ impl WithSimd for Group<'_> {
         }
         for s in self.scores.chunks_exact_mut(visible) {
             scale(s, self.scale);
-            softmax(s);
+            softmax_lanes::<S>(s);
         }
         self.out.fill(0.0);
         for p0 in (0..visible).step_by(POS_BLOCK) {

@@ -16,7 +16,7 @@ pub mod sum;
 pub mod topk;
 
 pub use activation::silu_mul;
-pub use attention::{attention, KvCache};
+pub use attention::{attention, attention_on, KvCache};
 pub use elementwise::{add_assign, axpy, scale};
 pub use embedding::embedding;
 pub use matmul::{matmul, matmul_on};

@@ -5,6 +5,7 @@
 //! implements [`WithSimd`]; [`run`] monomorphises it for AVX-512, AVX2+FMA+F16C or plain scalar
 //! code inside a `#[target_feature]` function, so the vector operations inline into it.
 
+pub(crate) mod exp;
 pub(crate) mod lanes;
 pub(crate) mod reduce;
 pub(crate) mod tile;

@@ -83,26 +83,32 @@ impl WithSimd for Sum<'_> {
     type Output = f32;
     #[inline(always)]
     fn run<S: Simd>(self) -> f32 {
-        let n = self.0.len();
-        let a = self.0.as_ptr();
-        // SAFETY: every index read is below n.
-        unsafe {
-            let mut acc = [S::zero(); ACC];
-            let step = S::LANES * ACC;
-            let mut i = 0;
-            while i + step <= n {
-                for (j, c) in acc.iter_mut().enumerate() {
-                    *c = S::add(S::load(a.add(i + j * S::LANES)), *c);
-                }
-                i += step;
+        sum_lanes::<S>(self.0)
+    }
+}
+
+/// [`sum`] inside a body already running on `S`.
+#[inline(always)]
+pub(crate) fn sum_lanes<S: Simd>(x: &[f32]) -> f32 {
+    let n = x.len();
+    let a = x.as_ptr();
+    // SAFETY: every index read is below n.
+    unsafe {
+        let mut acc = [S::zero(); ACC];
+        let step = S::LANES * ACC;
+        let mut i = 0;
+        while i + step <= n {
+            for (j, c) in acc.iter_mut().enumerate() {
+                *c = S::add(S::load(a.add(i + j * S::LANES)), *c);
             }
-            let v = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
-            let mut s = S::reduce_sum(v);
-            for j in i..n {
-                s += *a.add(j);
-            }
-            s
+            i += step;
         }
+        let v = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
+        let mut s = S::reduce_sum(v);
+        for j in i..n {
+            s += *a.add(j);
+        }
+        s
     }
 }
 
