@@ -13,9 +13,9 @@ use rayon::prelude::*;
 
 use crate::kernels::matvec_on;
 use crate::pool;
-use crate::simd::lanes::{Scalar, Simd};
+use crate::simd::lanes::Simd;
 use crate::simd::tile::dot_tile;
-use crate::simd::weight::{with_weight, Weight, F32};
+use crate::simd::weight::{widen_lanes, with_weight, Weight, F32};
 use crate::simd::{run, Isa, WithSimd};
 use crate::{DType, TensorView};
 
@@ -121,28 +121,9 @@ fn block_body<S: Simd, W: Weight>(b: &Block) {
     // inherit the target features, and the vector code inside it would not be inlined.
     let mut scratch = SCRATCH.take();
     scratch.resize(rows * b.k, 0.0);
-    widen::<S, W>(b.w, &mut scratch);
+    widen_lanes::<S, W>(b.w, &mut scratch);
     tiles::<S>(b, rows, scratch.as_ptr().cast());
     SCRATCH.set(scratch);
-}
-
-/// Writes the `bytes` of W-typed values into `out` as f32.
-#[inline(always)]
-fn widen<S: Simd, W: Weight>(bytes: &[u8], out: &mut [f32]) {
-    debug_assert_eq!(bytes.len(), out.len() * W::BYTES);
-    let full = out.len() - out.len() % S::LANES;
-    // SAFETY: every index is below out.len(), and bytes holds out.len() elements.
-    unsafe {
-        for i in (0..full).step_by(S::LANES) {
-            S::store(
-                out.as_mut_ptr().add(i),
-                W::load::<S>(bytes.as_ptr().add(i * W::BYTES)),
-            );
-        }
-        for (i, o) in out.iter_mut().enumerate().skip(full) {
-            *o = W::load::<Scalar>(bytes.as_ptr().add(i * W::BYTES));
-        }
-    }
 }
 
 /// All register tiles of a block whose `rows` f32 weight rows start at `w`, one panel of

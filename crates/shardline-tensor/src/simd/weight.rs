@@ -1,7 +1,9 @@
 //! Stored weight element types as type parameters, so a kernel body is monomorphised per dtype
 //! (no per-element branch on the dtype).
 
-use super::lanes::Simd;
+use super::lanes::{Scalar, Simd};
+use super::{run, Isa, WithSimd};
+use crate::DType;
 
 /// An element type weights are stored in, read `S::LANES` elements at a time and widened to f32.
 pub(crate) trait Weight {
@@ -59,3 +61,50 @@ macro_rules! with_weight {
     };
 }
 pub(crate) use with_weight;
+
+/// Writes the `bytes` of W-typed values into `out` as f32, inside a body running on `S`.
+#[inline(always)]
+pub(crate) fn widen_lanes<S: Simd, W: Weight>(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len(), out.len() * W::BYTES, "widen: lengths");
+    let full = out.len() - out.len() % S::LANES;
+    // SAFETY: every index is below out.len(), and bytes holds out.len() elements.
+    unsafe {
+        for i in (0..full).step_by(S::LANES) {
+            S::store(
+                out.as_mut_ptr().add(i),
+                W::load::<S>(bytes.as_ptr().add(i * W::BYTES)),
+            );
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(full) {
+            *o = W::load::<Scalar>(bytes.as_ptr().add(i * W::BYTES));
+        }
+    }
+}
+
+/// Widens little-endian `dtype` values in `bytes` into `out` (`bytes.len()` must be
+/// `out.len() * dtype.size_in_bytes()`).
+///
+/// # Panics
+/// When the lengths disagree.
+pub(crate) fn widen(isa: Isa, dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(
+        bytes.len(),
+        out.len() * dtype.size_in_bytes(),
+        "widen: lengths"
+    );
+    run(isa, Widen { dtype, bytes, out })
+}
+
+struct Widen<'a> {
+    dtype: DType,
+    bytes: &'a [u8],
+    out: &'a mut [f32],
+}
+
+impl WithSimd for Widen<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        with_weight!(self.dtype, W => widen_lanes::<S, W>(self.bytes, self.out))
+    }
+}
