@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::pool;
 use crate::simd::lanes::Simd;
-use crate::simd::tile::dot_tile;
+use crate::simd::tile::{dot_rows_bf16_pairs, dot_tile, pair_order};
 use crate::simd::weight::{with_weight, Weight};
 use crate::simd::{run, Isa, WithSimd};
 use crate::{DType, TensorView};
@@ -98,6 +98,9 @@ impl WithSimd for Rows<'_> {
 /// `w` must point to `y.len() * x.len()` readable elements of type `W`.
 #[inline(always)]
 pub(crate) unsafe fn rows_body<S: Simd, W: Weight>(w: *const u8, x: &[f32], y: &mut [f32]) {
+    if W::PAIRED {
+        return rows_body_bf16_pairs::<S>(w, x, y);
+    }
     let k = x.len();
     let stride = k * W::BYTES;
     let x = x.as_ptr();
@@ -113,5 +116,26 @@ pub(crate) unsafe fn rows_body<S: Simd, W: Weight>(w: *const u8, x: &[f32], y: &
     }
     for (j, o) in blocks.into_remainder().iter_mut().enumerate() {
         *o = dot_tile::<S, W, 1, 1, true>(w.add((done + j) * stride), stride, x, 0, k)[0][0];
+    }
+}
+
+/// [`rows_body`] for bf16 weights, through [`dot_rows_bf16_pairs`].
+///
+/// # Safety
+/// As [`rows_body`] with bf16 elements.
+#[inline(always)]
+unsafe fn rows_body_bf16_pairs<S: Simd>(w: *const u8, x: &[f32], y: &mut [f32]) {
+    let k = x.len();
+    let stride = k * 2;
+    let xp = pair_order::<S>(x);
+    let (xp, x) = (xp.as_ptr(), x.as_ptr());
+    let done = y.len() - y.len() % ROWS;
+    let mut blocks = y.chunks_exact_mut(ROWS);
+    for (b, yb) in blocks.by_ref().enumerate() {
+        let out = dot_rows_bf16_pairs::<S, ROWS>(w.add(b * ROWS * stride), stride, xp, x, k);
+        yb.copy_from_slice(&out);
+    }
+    for (j, o) in blocks.into_remainder().iter_mut().enumerate() {
+        *o = dot_rows_bf16_pairs::<S, 1>(w.add((done + j) * stride), stride, xp, x, k)[0];
     }
 }

@@ -21,6 +21,9 @@ pub(crate) trait Simd: Copy {
     unsafe fn load_f16(p: *const u8) -> Self::V;
     /// `LANES` little-endian bf16 values at `p`, widened (exact: bf16 is f32's upper half).
     unsafe fn load_bf16(p: *const u8) -> Self::V;
+    /// `2 * LANES` bf16 values at `p` (one vector's worth of bytes), widened without moving
+    /// them across lanes: `(elements 0, 2, 4, .., elements 1, 3, 5, ..)`.
+    unsafe fn load_bf16_pairs(p: *const u8) -> (Self::V, Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     /// `a * b + c`, fused.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
@@ -66,6 +69,10 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn load_bf16(p: *const u8) -> f32 {
         bf16::from_bits(p.cast::<u16>().read_unaligned()).to_f32()
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_pairs(p: *const u8) -> (f32, f32) {
+        (Self::load_bf16(p), Self::load_bf16(p.add(2)))
     }
     #[inline(always)]
     unsafe fn add(a: f32, b: f32) -> f32 {
@@ -124,6 +131,13 @@ mod x86 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
         }
         #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u8) -> (__m256, __m256) {
+            let v = _mm256_loadu_si256(p.cast());
+            let even = _mm256_slli_epi32::<16>(v);
+            let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+            (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+        }
+        #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             _mm256_add_ps(a, b)
         }
@@ -170,6 +184,13 @@ mod x86 {
         unsafe fn load_bf16(p: *const u8) -> __m512 {
             let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u8) -> (__m512, __m512) {
+            let v = _mm512_loadu_si512(p.cast());
+            let even = _mm512_slli_epi32::<16>(v);
+            let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+            (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
         }
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {

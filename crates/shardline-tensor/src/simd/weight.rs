@@ -9,6 +9,8 @@ use crate::DType;
 pub(crate) trait Weight {
     /// Bytes per element.
     const BYTES: usize;
+    /// True for bf16, which matvec reads in pairs ([`super::tile::dot_rows_bf16_pairs`]).
+    const PAIRED: bool = false;
     /// `S::LANES` elements starting at `p` (no alignment needed).
     unsafe fn load<S: Simd>(p: *const u8) -> S::V;
 }
@@ -35,6 +37,7 @@ impl Weight for F16 {
 
 impl Weight for BF16 {
     const BYTES: usize = 2;
+    const PAIRED: bool = true;
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const u8) -> S::V {
         S::load_bf16(p)

@@ -17,7 +17,8 @@ const CASES: &str = "\
 Cases (JSON keys: bench=kernels, kernel, dtype, rows, cols, gbps, median_us, p99_us, iters,
 plus isa and threads; extra keys per case are named below):
   mem_read    f32  rows=1 cols=268435456 (1 GiB, summed by all threads)
-  matvec      f32|f16|bf16  rows x cols = 14336x4096, 4096x14336, 4096x4096, 1024x3584, 3584x1024
+  matvec      f32|f16|bf16  W [rows, cols] = 14336x4096, 4096x14336, 4096x4096, 1024x3584,
+              3584x1024; x and y in f32
   matmul      f32|f16|bf16  rows=4096 cols=4096, m=16 and m=128 (x is [m, cols])
   rms_norm    f32  rows=1 cols=4096
   rope        f32  rows=1 cols=4096 (32 heads x 128, theta 1e6, position 1000)
@@ -28,9 +29,10 @@ plus isa and threads; extra keys per case are named below):
   top_k       f32  rows=1 cols=8 k=2, and cols=128 k=8
   add_assign | axpy | scale  f32  rows=1 cols=4096
   embedding   bf16 rows=32000 cols=4096 (one token)
-gbps counts the bytes a case must read and write (for matvec and matmul: the weights).
-Matrices that would fit in the last-level cache are cycled over enough copies to make up
-256 MiB, so every matvec reads its weights from memory.";
+gbps counts the bytes a case must read and write (for matvec and matmul: the weights only).
+Every weight matrix is cycled over enough copies to span at least 256 MiB (8x a 32 MiB
+last-level cache), so each matvec reads its weights from memory, not from the cache.
+SHARDLINE_ISA=avx2 (or scalar) measures a narrower SIMD path.";
 
 /// Measure the CPU kernels at model shapes.
 #[derive(clap::Args)]
