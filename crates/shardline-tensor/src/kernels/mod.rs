@@ -2,6 +2,10 @@
 //! or `bf16`, row-major `[N, K]` (one row per output feature, as Hugging Face stores them).
 //!
 //! Every kernel here has a plain counterpart in [`crate::reference`] that the tests compare with.
+//! Kernels run on the SIMD path [`crate::Isa::active`] picks; the `*_on` variants take the path
+//! explicitly, so that tests and benchmarks can run the AVX2 and scalar code on an AVX-512 CPU.
+//! Large kernels spread over the shared worker pool ([`crate::pool`]); small ones stay on the
+//! calling thread.
 
 pub mod activation;
 pub mod attention;
