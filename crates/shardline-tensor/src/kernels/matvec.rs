@@ -1,9 +1,9 @@
 //! Decode matrix-vector product `y = W x`, W row-major `[N, K]`.
 //!
 //! Decode reads every weight once per token, so this kernel is bound by memory bandwidth: it
-//! streams several rows at once (independent accumulators, several hardware-prefetch streams),
-//! widens f16/bf16 in registers, and splits the rows into a few chunks per worker so that work
-//! stealing evens out the threads.
+//! streams four rows at once (independent accumulators), prefetches the next four rows into L2,
+//! widens f16/bf16 in registers (bf16 a whole vector at a time, even and odd elements apart),
+//! and splits the rows into a few chunks per worker so that work stealing evens out the threads.
 
 use rayon::prelude::*;
 
