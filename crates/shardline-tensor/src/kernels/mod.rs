@@ -1,4 +1,4 @@
-//! CPU kernels. Activations are `f32` slices; weight matrices are [`TensorView`]s of `f32`, `f16`
+//! CPU kernels. Activations are `f32` slices; weight matrices are [`TensorView`](crate::TensorView)s of `f32`, `f16`
 //! or `bf16`, row-major `[N, K]` (one row per output feature, as Hugging Face stores them).
 //!
 //! Every kernel here has a plain counterpart in [`crate::reference`] that the tests compare with.

@@ -1,8 +1,8 @@
 //! Runtime choice of the SIMD instruction set and the entry points that run a kernel body with
 //! that instruction set's target features enabled.
 //!
-//! A kernel body is written once, generic over [`lanes::Simd`] (a vector of f32 lanes), and
-//! implements [`WithSimd`]; [`run`] monomorphises it for AVX-512, AVX2+FMA+F16C or plain scalar
+//! A kernel body is written once, generic over `lanes::Simd` (a vector of f32 lanes), and
+//! implements `WithSimd`; `run` monomorphises it for AVX-512, AVX2+FMA+F16C or plain scalar
 //! code inside a `#[target_feature]` function, so the vector operations inline into it.
 
 pub(crate) mod exp;
