@@ -5,7 +5,7 @@ mod common;
 
 use common::{abs_dot, assert_close, isas, sum_tol, values, Weight};
 use proptest::prelude::*;
-use shardline_tensor::kernels::{matmul_on, matvec_on};
+use shardline_tensor::kernels::{matmul_on, matvec_many_on, matvec_on, MatvecJob};
 use shardline_tensor::{reference, DType, Isa};
 
 fn check_matvec(isa: Isa, dtype: DType, n: usize, k: usize, seed: u64, offset: usize) {
@@ -74,10 +74,61 @@ fn matvec_empty() {
 }
 
 #[test]
-#[should_panic(expected = "matvec: weight shape")]
+#[should_panic(expected = "matvec job 0: weight shape")]
 fn matvec_rejects_wrong_shape() {
     let w = Weight::new(DType::F32, 4, 8, 1, 0);
     matvec_on(Isa::Scalar, &w.view(), &[0.0; 7], &mut [0.0; 4]);
+}
+
+/// Jobs of different dtypes and shapes in one call, small (on the calling thread) and large
+/// (shared over the pool), each equal to its own matvec.
+#[test]
+fn matvec_many_matches_single_products() {
+    for isa in isas() {
+        for scale in [1, 200] {
+            let shapes = [(3 * scale, 50), (17 * scale, 33), (scale, 1000), (0, 10)];
+            let weights: Vec<Weight> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, k))| Weight::new(DType::ALL[i % 3], n, k, i as u64, i % 2))
+                .collect();
+            let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, k)| values(k, k as u64)).collect();
+            let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![f32::NAN; n]).collect();
+            let views: Vec<_> = weights.iter().map(|w| w.view()).collect();
+            let mut jobs: Vec<MatvecJob> = views
+                .iter()
+                .zip(&xs)
+                .zip(ys.iter_mut())
+                .map(|((w, x), y)| MatvecJob { w: *w, x, y })
+                .collect();
+            matvec_many_on(isa, &mut jobs);
+            for (i, (w, (x, y))) in views.iter().zip(xs.iter().zip(&ys)).enumerate() {
+                let mut want = vec![0.0; y.len()];
+                matvec_on(isa, w, x, &mut want);
+                assert_eq!(y, &want, "{isa} job {i} of scale {scale}");
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "matvec job 1: weight shape")]
+fn matvec_many_names_the_bad_job() {
+    let w = Weight::new(DType::F32, 4, 8, 1, 0);
+    let (x, mut y0, mut y1) = ([0.0; 8], [0.0; 4], [0.0; 3]);
+    let mut jobs = [
+        MatvecJob {
+            w: w.view(),
+            x: &x,
+            y: &mut y0,
+        },
+        MatvecJob {
+            w: w.view(),
+            x: &x,
+            y: &mut y1,
+        },
+    ];
+    matvec_many_on(Isa::Scalar, &mut jobs);
 }
 
 #[test]

@@ -36,42 +36,70 @@ pub fn matvec(w: &TensorView, x: &[f32], y: &mut [f32]) {
 /// # Panics
 /// When the shapes disagree or the CPU does not support `isa`.
 pub fn matvec_on(isa: Isa, w: &TensorView, x: &[f32], y: &mut [f32]) {
-    assert_eq!(
-        w.shape().dims(),
-        [y.len(), x.len()],
-        "matvec: weight shape vs x/y lengths"
-    );
-    let row_bytes = x.len() * w.dtype().size_in_bytes();
-    let bytes = w.bytes();
-    if bytes.len() < SERIAL_BYTES || pool::num_threads() == 1 {
-        return rows(isa, w, bytes, x, y);
+    matvec_many_on(isa, &mut [MatvecJob { w: *w, x, y }])
+}
+
+/// One product of [`matvec_many`]: `y = w x`, `w` of shape `[y.len(), x.len()]`.
+pub struct MatvecJob<'a> {
+    pub w: TensorView<'a>,
+    pub x: &'a [f32],
+    pub y: &'a mut [f32],
+}
+
+/// Several independent matvecs (for example the selected experts of a MoE layer) in one
+/// parallel region: the workers are woken once and share out the rows of all the weights.
+///
+/// # Panics
+/// When a job's shapes disagree (the message names the job).
+pub fn matvec_many(jobs: &mut [MatvecJob]) {
+    matvec_many_on(Isa::active(), jobs)
+}
+
+/// [`matvec_many`] on a given instruction set.
+///
+/// # Panics
+/// When a job's shapes disagree or the CPU does not support `isa`.
+pub fn matvec_many_on(isa: Isa, jobs: &mut [MatvecJob]) {
+    for (j, job) in jobs.iter().enumerate() {
+        assert_eq!(
+            job.w.shape().dims(),
+            [job.y.len(), job.x.len()],
+            "matvec job {j}: weight shape vs x/y lengths"
+        );
     }
-    let chunk = chunk_rows(y.len(), pool::num_threads() * CHUNKS_PER_THREAD);
-    pool::install(|| {
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+    let total: usize = jobs.iter().map(|j| j.w.bytes().len()).sum();
+    let threads = pool::num_threads();
+    if total < SERIAL_BYTES || threads == 1 {
+        for job in jobs.iter_mut() {
+            rows(isa, job.w.dtype(), job.w.bytes(), job.x, job.y);
+        }
+        return;
+    }
+    // Cut every weight into chunks of about the same number of bytes.
+    let chunk_bytes = total.div_ceil(threads * CHUNKS_PER_THREAD);
+    let mut tasks = Vec::new();
+    for job in jobs.iter_mut() {
+        let row_bytes = job.w.bytes().len() / job.y.len().max(1);
+        let chunk = (chunk_bytes / row_bytes.max(1))
+            .next_multiple_of(ROWS)
+            .max(ROWS);
+        let (dtype, bytes, x) = (job.w.dtype(), job.w.bytes(), job.x);
+        for (c, yc) in job.y.chunks_mut(chunk).enumerate() {
             let start = c * chunk * row_bytes;
-            rows(isa, w, &bytes[start..start + yc.len() * row_bytes], x, yc)
-        })
+            tasks.push((dtype, &bytes[start..start + yc.len() * row_bytes], x, yc));
+        }
+    }
+    pool::install(|| {
+        tasks
+            .into_par_iter()
+            .for_each(|(dtype, bytes, x, y)| rows(isa, dtype, bytes, x, y))
     });
 }
 
-/// Rows per chunk to cut `n` rows into about `chunks` chunks, a multiple of [`ROWS`].
-fn chunk_rows(n: usize, chunks: usize) -> usize {
-    n.div_ceil(chunks.max(1)).next_multiple_of(ROWS).max(ROWS)
-}
-
 /// `y = W' x` for the rows of W in `bytes` (`y.len()` rows of `x.len()` elements).
-fn rows(isa: Isa, w: &TensorView, bytes: &[u8], x: &[f32], y: &mut [f32]) {
-    assert_eq!(bytes.len(), y.len() * x.len() * w.dtype().size_in_bytes());
-    run(
-        isa,
-        Rows {
-            dtype: w.dtype(),
-            bytes,
-            x,
-            y,
-        },
-    )
+fn rows(isa: Isa, dtype: DType, bytes: &[u8], x: &[f32], y: &mut [f32]) {
+    assert_eq!(bytes.len(), y.len() * x.len() * dtype.size_in_bytes());
+    run(isa, Rows { dtype, bytes, x, y })
 }
 
 struct Rows<'a> {
