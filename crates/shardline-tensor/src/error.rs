@@ -13,6 +13,11 @@ pub enum TensorError {
         expected: usize,
         actual: usize,
     },
+    #[error("cannot size the worker pool to {requested} threads{}", running.map(|n| format!(": it is already running with {n}")).unwrap_or_default())]
+    PoolSize {
+        requested: usize,
+        running: Option<usize>,
+    },
     #[error("shape {shape} has too many elements to address")]
     Overflow { shape: Shape },
 }

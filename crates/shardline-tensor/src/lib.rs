@@ -8,11 +8,13 @@ pub mod kernels;
 pub mod pool;
 pub mod reference;
 pub mod shape;
+pub mod simd;
 pub mod storage;
 pub mod tensor;
 
 pub use dtype::DType;
 pub use error::TensorError;
 pub use shape::Shape;
+pub use simd::Isa;
 pub use storage::AlignedBuf;
 pub use tensor::{Tensor, TensorView};

@@ -2,9 +2,12 @@
 //!
 //! A decode op lasts microseconds, so threads are never spawned per op: all kernels share one
 //! pool of long-lived workers (rayon's, whose idle workers spin briefly and then sleep). The pool's
-//! size defaults to the number of cores and can be set once with `SHARDLINE_THREADS`.
+//! size defaults to the number of cores and can be set once, with `SHARDLINE_THREADS` or [`init`]
+//! before the first kernel runs.
 
 use std::sync::OnceLock;
+
+use crate::TensorError;
 
 static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
 
@@ -20,12 +23,35 @@ pub fn pool() -> &'static rayon::ThreadPool {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("shardline-worker-{i}"))
-            .build()
-            .expect("failed to start the worker pool")
+        build(threads)
     })
+}
+
+/// Starts the shared pool with `threads` workers. Fails when `threads` is 0 or the pool is
+/// already running with another size (it starts on the first kernel call).
+pub fn init(threads: usize) -> Result<(), TensorError> {
+    if threads == 0 {
+        return Err(TensorError::PoolSize {
+            requested: 0,
+            running: None,
+        });
+    }
+    let running = POOL.get_or_init(|| build(threads)).current_num_threads();
+    if running != threads {
+        return Err(TensorError::PoolSize {
+            requested: threads,
+            running: Some(running),
+        });
+    }
+    Ok(())
+}
+
+fn build(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("shardline-worker-{i}"))
+        .build()
+        .expect("failed to start the worker pool")
 }
 
 /// Number of workers in the shared pool.

@@ -1,6 +1,7 @@
 //! Token embedding lookup.
 
-use crate::tensor::read_f32;
+use crate::simd::weight::widen;
+use crate::simd::Isa;
 use crate::TensorView;
 
 /// Copies row `token` of the `[vocab, hidden]` table into `out`, widened to f32.
@@ -14,7 +15,5 @@ pub fn embedding(table: &TensorView, token: usize, out: &mut [f32]) {
     assert_eq!(out.len(), dims[1], "embedding: out length");
     let es = table.dtype().size_in_bytes();
     let row = &table.bytes()[token * dims[1] * es..(token + 1) * dims[1] * es];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = read_f32(table.dtype(), row, i);
-    }
+    widen(Isa::active(), table.dtype(), row, out);
 }

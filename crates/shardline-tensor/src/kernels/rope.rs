@@ -61,7 +61,10 @@ impl Rope {
         let d = self.head_dim;
         let half = d / 2;
         let row = n_heads * d;
-        assert!(row > 0 && x.len() % row == 0, "rope: x is not whole rows");
+        assert!(
+            row > 0 && x.len().is_multiple_of(row),
+            "rope: x is not whole rows"
+        );
         for (t, xr) in x.chunks_exact_mut(row).enumerate() {
             let pos = start_pos + t;
             assert!(pos < self.max_positions, "rope: position beyond the table");

@@ -5,6 +5,7 @@ pub mod comm;
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod decode_cuda;
+pub mod kernels;
 pub mod record;
 
 use clap::Subcommand;
@@ -22,11 +23,14 @@ pub enum BenchCommand {
     /// the median time. Example: shardline bench comm --op all_reduce --transport shm --ranks 2
     /// --sizes 8192,16777216 --json comm.jsonl
     Comm(comm::CommArgs),
+    /// CPU kernels at model shapes, and the machine's memory read bandwidth.
+    Kernels(kernels::KernelsArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Comm(args) => comm::run(args),
+        BenchCommand::Kernels(args) => kernels::run(args),
     }
 }
