@@ -1,11 +1,12 @@
-//! `verify` on the independent fixtures in `/work/shared/fixtures` (or `$SHARDLINE_SHARED_FIXTURES`)
+//! `verify` on the independent fixtures in `../shared/fixtures` beside the checkout (or
+//! `$SHARDLINE_SHARED_FIXTURES`)
 //! when that directory exists on this machine; says clearly that it skipped otherwise.
 //!
 //! Their `mixtral-tiny-bf16` reference was computed with rope inverse frequencies rounded to bf16
 //! (a model cast with its buffers), unlike the repo's fixtures; so each fixture must pass under
 //! one of the two rope conventions, and the test prints which.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use shardline_model::{verify_dir, Device};
 
@@ -13,7 +14,10 @@ use shardline_model::{verify_dir, Device};
 fn verify_shared_fixtures_when_present() {
     let dir = std::env::var_os("SHARDLINE_SHARED_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/fixtures"));
+        .unwrap_or_else(|| {
+            // `shared/` sits beside the repository's checkout.
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        });
     if !dir.is_dir() {
         eprintln!(
             "SKIPPED: no shared fixtures at {} (set SHARDLINE_SHARED_FIXTURES)",
