@@ -127,7 +127,10 @@ impl LayerShape {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > ops::MAX_HEAD_DIM {
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(2)
+            || self.head_dim > ops::MAX_HEAD_DIM
+        {
             return bad(format!(
                 "head_dim {} must be even and at most {}",
                 self.head_dim,
@@ -197,7 +200,7 @@ enum DeviceFfn {
     Moe {
         router: CudaSlice<u8>,
         experts: DeviceMlp,
-        shared: Option<(DeviceMlp, CudaSlice<u8>)>,
+        shared: Option<Box<(DeviceMlp, CudaSlice<u8>)>>,
     },
     Dense(DeviceMlp),
 }
@@ -276,7 +279,9 @@ impl DeviceLayer {
         let device_ffn = match ffn {
             FfnShape::Moe { .. } => DeviceFfn::Moe {
                 router: rand(e, h)?,
-                shared: shared.map(|m| rand(1, h).map(|g| (m, g))).transpose()?,
+                shared: shared
+                    .map(|m| rand(1, h).map(|g| Box::new((m, g))))
+                    .transpose()?,
                 experts,
             },
             FfnShape::Dense { .. } => DeviceFfn::Dense(experts),
@@ -376,7 +381,10 @@ impl DeviceLayer {
                 let shared = match (shared_intermediate, shared) {
                     (Some(si), Some((m, gate))) => {
                         check_len("shared expert gate", gate.len(), h * es)?;
-                        Some((mlp(m, 1, *si, "shared expert")?, dev.upload(gate)?))
+                        Some(Box::new((
+                            mlp(m, 1, *si, "shared expert")?,
+                            dev.upload(gate)?,
+                        )))
                     }
                     (None, None) => None,
                     _ => {
@@ -950,7 +958,8 @@ impl LayerStack {
                 ops::router_top_k(dev, p(&s.logits), *n_experts, k, *renormalize, ids, wts)?;
                 after.done(dev, "ffn.router_top_k")?;
                 let shared = match (shared, shared_intermediate) {
-                    (Some((mlp, gate)), Some(si)) => {
+                    (Some(shared), Some(si)) => {
+                        let (mlp, gate) = &**shared;
                         Some(self.enqueue_shared(dev, w, mlp, gate, *si, after)?)
                     }
                     _ => None,

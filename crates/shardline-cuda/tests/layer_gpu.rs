@@ -429,17 +429,13 @@ fn bad_shapes_and_positions_are_errors() {
     let (_, sh, ffn) = cases().remove(0);
     let layer = DeviceLayer::random(&dev, &sh, &ffn, DType::BF16, 1).unwrap();
     let mut stack = LayerStack::new(&dev, sh.clone(), vec![layer]).unwrap();
-    let err = stack
-        .set_position(&dev, sh.capacity)
-        .err()
-        .expect("refused");
+    let err = stack.set_position(&dev, sh.capacity).expect_err("refused");
     assert!(err.to_string().contains("beyond the KV cache"), "{err}");
-    let err = stack.set_hidden(&dev, &[0.0; 3]).err().expect("refused");
+    let err = stack.set_hidden(&dev, &[0.0; 3]).expect_err("refused");
     assert!(err.to_string().contains("hidden state"), "{err}");
     let err = stack
         .logits(&dev, &vec![0.0; sh.hidden])
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("lm_head"), "{err}");
 }
 
