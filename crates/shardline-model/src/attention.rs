@@ -2,7 +2,7 @@
 //! attention over the cache -> o_proj. Its output is this rank's partial sum of the residual
 //! update (the whole update on one rank).
 
-use shardline_tensor::kernels::{attention, rms_norm, KvCache, Rope};
+use shardline_tensor::kernels::{attention, matvec_many, rms_norm, KvCache, MatvecJob, Rope};
 
 use crate::layer::{add_bias, linear, AttentionWeights};
 
@@ -24,9 +24,31 @@ impl AttentionWeights {
         let mut q = vec![0.0f32; rows * qw];
         let mut k = vec![0.0f32; rows * kw];
         let mut v = vec![0.0f32; rows * kw];
-        linear(&self.q.view(), &xn, rows, &mut q);
-        linear(&self.k.view(), &xn, rows, &mut k);
-        linear(&self.v.view(), &xn, rows, &mut v);
+        if rows == 1 {
+            // Decode: q, k and v in one parallel region (one wake-up of the workers).
+            let (qv, kv, vv) = (self.q.view(), self.k.view(), self.v.view());
+            matvec_many(&mut [
+                MatvecJob {
+                    w: qv,
+                    x: &xn,
+                    y: &mut q,
+                },
+                MatvecJob {
+                    w: kv,
+                    x: &xn,
+                    y: &mut k,
+                },
+                MatvecJob {
+                    w: vv,
+                    x: &xn,
+                    y: &mut v,
+                },
+            ]);
+        } else {
+            linear(&self.q.view(), &xn, rows, &mut q);
+            linear(&self.k.view(), &xn, rows, &mut k);
+            linear(&self.v.view(), &xn, rows, &mut v);
+        }
         if let Some([bq, bk, bv]) = &self.qkv_bias {
             add_bias(&mut q, bq);
             add_bias(&mut k, bk);

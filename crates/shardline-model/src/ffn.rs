@@ -1,7 +1,7 @@
 //! The FFN segment on the CPU: rms_norm -> dense SwiGLU, or router -> selected experts ->
 //! weighted sum (+ sigmoid-gated shared expert). Its output is this rank's partial sum.
 
-use shardline_tensor::kernels::{axpy, rms_norm, silu_mul, softmax, top_k};
+use shardline_tensor::kernels::{axpy, matvec_many, rms_norm, silu_mul, softmax, top_k, MatvecJob};
 
 use crate::layer::{linear, FfnWeights, Layer, Mlp, MoeWeights};
 
@@ -45,7 +45,67 @@ impl MoeWeights {
         Routing { experts, weights }
     }
 
+    /// One token (decode): the chosen experts this rank holds (and the shared expert) run
+    /// together, gate/up of all of them in one parallel region and down in another.
+    fn forward_one(&self, xn: &[f32], out: &mut [f32]) {
+        let routing = self.route(xn);
+        let mut mlps: Vec<(&Mlp, f32)> = routing
+            .experts
+            .iter()
+            .zip(&routing.weights)
+            .filter_map(|(&e, &w)| self.experts[e].as_ref().map(|m| (m, w)))
+            .collect();
+        if let Some((shared, gate)) = &self.shared {
+            let mut g = [0.0f32];
+            linear(&gate.view(), xn, 1, &mut g);
+            mlps.push((shared, 1.0 / (1.0 + (-g[0]).exp())));
+        }
+        let mut gu: Vec<Vec<f32>> = mlps
+            .iter()
+            .map(|(m, _)| vec![0.0; 2 * m.intermediate])
+            .collect();
+        let mut jobs: Vec<MatvecJob> = mlps
+            .iter()
+            .zip(gu.iter_mut())
+            .map(|((m, _), y)| MatvecJob {
+                w: m.gate_up.view(),
+                x: xn,
+                y,
+            })
+            .collect();
+        matvec_many(&mut jobs);
+        let act: Vec<Vec<f32>> = mlps
+            .iter()
+            .zip(&gu)
+            .map(|((m, _), g)| {
+                let i = m.intermediate;
+                let mut h = vec![0.0f32; i];
+                silu_mul(&g[..i], &g[i..], &mut h);
+                h
+            })
+            .collect();
+        let mut ys: Vec<Vec<f32>> = mlps.iter().map(|_| vec![0.0; out.len()]).collect();
+        let mut jobs: Vec<MatvecJob> = mlps
+            .iter()
+            .zip(&act)
+            .zip(ys.iter_mut())
+            .map(|(((m, _), x), y)| MatvecJob {
+                w: m.down.view(),
+                x,
+                y,
+            })
+            .collect();
+        matvec_many(&mut jobs);
+        out.fill(0.0);
+        for ((_, w), y) in mlps.iter().zip(&ys) {
+            axpy(*w, y, out);
+        }
+    }
+
     fn forward(&self, xn: &[f32], rows: usize, out: &mut [f32]) {
+        if rows == 1 {
+            return self.forward_one(xn, out);
+        }
         let hidden = xn.len() / rows;
         out.fill(0.0);
         // Token rows grouped by expert, so each expert runs once over all of its rows.
