@@ -45,6 +45,13 @@ for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
         echo "verify FAILED on the GPU: $d"
 done 2>&1 | tee "$out/gpu_verify.log"
 
+echo "== verify --tp 2 and --tp 4 on the GPU (ranks share it, all-reduce through the host)"
+for d in fixtures/*/; do
+    for tp in 2 4; do
+        "$bin/shardline" verify --model "$d" --device cuda --tp "$tp" || echo "verify --tp $tp FAILED on the GPU: $d"
+    done
+done 2>&1 | tee "$out/gpu_verify_tp.log"
+
 echo "== Shardline decode bench on the GPU"
 presets=${PRESETS:-mixtral-8x7b,qwen3-30b-a3b,mixtral-mini}
 : > "$out/shardline_decode_gpu.jsonl"

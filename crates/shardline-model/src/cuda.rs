@@ -197,7 +197,8 @@ pub fn layer_shape(spec: &ModelSpec, capacity: usize) -> LayerShape {
 }
 
 impl CudaBackend {
-    /// Uploads `weights` to GPU `ordinal`, with KV caches for `capacity` positions.
+    /// Uploads `weights` (the whole model, or one rank's slices of it) to GPU `ordinal`, with KV
+    /// caches for `capacity` positions.
     pub fn new(
         spec: ModelSpec,
         weights: ModelWeights,
@@ -206,7 +207,12 @@ impl CudaBackend {
     ) -> Result<CudaBackend> {
         let dev = CudaDevice::open(ordinal).map_err(device_error)?;
         let capacity = capacity.clamp(1, spec.max_positions.max(1));
-        let shape = layer_shape(&spec, capacity);
+        // The weights may be one rank's slices (tensor parallelism): its head counts are theirs.
+        let mut shape = layer_shape(&spec, capacity);
+        if let Some(first) = weights.layers.first() {
+            shape.n_heads = first.attn.n_heads;
+            shape.n_kv_heads = first.attn.n_kv_heads;
+        }
         let layers = weights
             .layers
             .iter()

@@ -87,33 +87,49 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             let engine = Engine::new(CpuBackend::new(spec, weights, 0), GroupReduce(group));
             stream(engine, &codec, &prompt, &args, print)
         }
-        (DeviceArg::Cuda, None) => run_cuda(spec, weights, &codec, &prompt, &args),
-        (DeviceArg::Cuda, Some(_)) => {
-            anyhow::bail!("--device cuda runs on one rank for now (no --tp/--ep)")
+        (DeviceArg::Cuda, None) => {
+            run_cuda(spec, weights, &codec, &prompt, &args, SingleRank, true)
+        }
+        (DeviceArg::Cuda, Some(group)) => {
+            // Ranks on one host share GPU 0 and all-reduce through the host.
+            let print = group.rank() == 0;
+            run_cuda(
+                spec,
+                weights,
+                &codec,
+                &prompt,
+                &args,
+                GroupReduce(group),
+                print,
+            )
         }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(
+fn run_cuda<R: Reduce>(
     spec: shardline_model::ModelSpec,
     weights: shardline_model::load::ModelWeights,
     codec: &TextCodec,
     prompt: &[u32],
     args: &RunArgs,
+    reduce: R,
+    print: bool,
 ) -> anyhow::Result<()> {
     let positions = prompt.len() + args.max_tokens;
     let backend = shardline_model::cuda::CudaBackend::new(spec, weights, 0, positions)?;
-    stream(Engine::new(backend, SingleRank), codec, prompt, args, true)
+    stream(Engine::new(backend, reduce), codec, prompt, args, print)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(
+fn run_cuda<R: Reduce>(
     _spec: shardline_model::ModelSpec,
     _weights: shardline_model::load::ModelWeights,
     _codec: &TextCodec,
     _prompt: &[u32],
     _args: &RunArgs,
+    _reduce: R,
+    _print: bool,
 ) -> anyhow::Result<()> {
     anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
 }

@@ -67,10 +67,6 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             return dist::launch_local(p.world(), &p.transport);
         }
         Role::Rank { group, plan } => {
-            anyhow::ensure!(
-                device == Device::Cpu,
-                "--device cuda runs on one rank for now (no --tp/--ep)"
-            );
             let adjust = |spec: &mut shardline_model::ModelSpec| {
                 if rope_in_model_dtype {
                     spec.rope_freq_dtype = spec.dtype.unwrap_or(shardline_tensor::DType::F32);
@@ -84,8 +80,14 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| args.model.join("reference.json"));
             let reference = Reference::from_file(&path, spec.vocab)?;
             let rank = group.rank();
-            let mut engine = Engine::new(CpuBackend::new(spec, weights, 0), GroupReduce(group));
-            let r: VerifyReport = verify(&mut engine, &reference).with_context(context)?;
+            let r: VerifyReport = match device {
+                Device::Cpu => {
+                    let backend = CpuBackend::new(spec, weights, 0);
+                    verify(&mut Engine::new(backend, GroupReduce(group)), &reference)
+                }
+                Device::Cuda => verify_rank_on_gpu(spec, weights, group, &reference),
+            }
+            .with_context(context)?;
             if rank != 0 {
                 // Rank 0 reports; every rank fails on its own if its logits disagree.
                 anyhow::ensure!(r.passed(), "verify FAILED on rank {rank}");
@@ -111,4 +113,29 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     }
     println!("verify passed");
     Ok(())
+}
+
+/// One rank's verify on the GPU: ranks on one host share GPU 0 and all-reduce through the host.
+#[cfg(feature = "cuda")]
+fn verify_rank_on_gpu(
+    spec: shardline_model::ModelSpec,
+    weights: shardline_model::load::ModelWeights,
+    group: shardline_comm::Group,
+    reference: &Reference,
+) -> shardline_model::Result<VerifyReport> {
+    let positions = reference.prompt_ids.len() + reference.decode_logits.len();
+    let backend = shardline_model::cuda::CudaBackend::new(spec, weights, 0, positions)?;
+    verify(&mut Engine::new(backend, GroupReduce(group)), reference)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn verify_rank_on_gpu(
+    _spec: shardline_model::ModelSpec,
+    _weights: shardline_model::load::ModelWeights,
+    _group: shardline_comm::Group,
+    _reference: &Reference,
+) -> shardline_model::Result<VerifyReport> {
+    Err(shardline_model::ModelError::Invalid(
+        "--device cuda needs a shardline built with `--features cuda`".into(),
+    ))
 }
