@@ -91,6 +91,7 @@ const GRACE: Duration = Duration::from_secs(5);
 
 /// Starts `world` ranks of this binary with the same arguments on this host and waits for them.
 /// Rank 0's output is shown; the others' standard output is dropped (their errors are shown).
+/// Each rank gets an equal share of the cores (`SHARDLINE_THREADS`, unless already set).
 /// Fails, naming the rank, when any rank fails; no rank is left running.
 pub fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find this program to start the ranks")?;
@@ -100,9 +101,14 @@ pub fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
         .port();
     let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The ranks share this host's cores unless told otherwise.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads =
+        std::env::var("SHARDLINE_THREADS").unwrap_or_else(|_| (cores / world).max(1).to_string());
     let mut children: Vec<Child> = Vec::with_capacity(world);
     for rank in 0..world {
         let child = Command::new(&exe)
+            .env("SHARDLINE_THREADS", &threads)
             .args(&args)
             .env("SHARDLINE_RANK", rank.to_string())
             .env("SHARDLINE_WORLD_SIZE", world.to_string())

@@ -157,3 +157,36 @@ fn a_killed_rank_fails_the_job_promptly_naming_it() {
         "rank 0 is still running"
     );
 }
+
+#[test]
+fn bench_decode_over_two_ranks_reports_the_communication() {
+    let json = std::env::temp_dir().join(format!("sl-bench-tp-{}.jsonl", std::process::id()));
+    let out = shardline(&[
+        "bench",
+        "decode",
+        "--preset",
+        "mixtral-mini",
+        "--dtype",
+        "bf16",
+        "--iters",
+        "5",
+        "--tp",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one record, from rank 0: {text}");
+    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(r["tp"], 2);
+    assert_eq!(r["transport"], "shm");
+    assert!(r["comm_us_per_layer"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["median_us"].as_f64().unwrap() > r["comm_us_per_layer"].as_f64().unwrap());
+}

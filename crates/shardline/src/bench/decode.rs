@@ -6,17 +6,20 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::{json, Map};
-use shardline_model::load::load_layer;
+use shardline_comm::ReduceOp;
+use shardline_model::load::load_layer_for;
 use shardline_model::presets::{preset, PRESETS};
 use shardline_model::random::RandomWeights;
 use shardline_model::rope::inv_freq;
 use shardline_model::safetensors_dir::SafetensorsDir;
 use shardline_model::weights::{TensorSource, Weight};
+use shardline_model::Plan;
 use shardline_model::{layer::Layer, ModelSpec};
 use shardline_tensor::kernels::{add_assign, KvCache, Rope};
 use shardline_tensor::{pool, DType, Tensor};
 
 use super::record::{Sink, Stats};
+use crate::dist::{self, ParallelArgs, Role};
 
 /// Below this many bytes of layer weights, layer copies are added so that an iteration's
 /// weights are no longer in the CPU caches when they are read again.
@@ -38,7 +41,9 @@ rms_norm, router softmax + top-k, the selected experts, weighted sum, residual. 
 layers together hold under 256 MB of weights, iterations cycle over enough layer copies that\n\
 weights are not in cache. Reported per layer: `median_us`, `p99_us` (iteration time /\n\
 layers); `weight_bytes_per_layer` = attention + norms + router + top_k experts' weights (the bytes one\n\
-step reads); `gbps` = weight_bytes_per_layer / median. Threads: SHARDLINE_THREADS (default all\n\
+step reads, on one rank: its slices under --tp/--ep); `gbps` = weight_bytes_per_layer / median.\n\
+With --tp/--ep the ranks start themselves, each iteration starts after a barrier, its time is the\n\
+slowest rank's, and `comm_us_per_layer` is the all-reduces' share of it. Threads: SHARDLINE_THREADS (default all\n\
 cores).";
 
 #[derive(clap::Args)]
@@ -72,6 +77,8 @@ pub struct DecodeArgs {
     /// per-op (each op launched and waited for; GPU only for now).
     #[arg(long, default_value = "split", value_parser = ["split", "per-op"])]
     exec: String,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 impl DecodeArgs {
@@ -111,6 +118,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         args.exec == "split",
         "--exec per-op is measured on the GPU only (--device cuda) for now"
     );
+    let role = dist::role(&args.parallel)?;
     let (name, spec, source): (String, ModelSpec, Box<dyn TensorSource>) = match &args.model {
         Some(dir) => {
             let spec = ModelSpec::from_file(&dir.join("config.json"))?;
@@ -134,10 +142,21 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             (name, spec, Box::new(RandomWeights::new(0x5eed, dtype)))
         }
     };
+    let (plan, group) = match role {
+        Role::Single => (Plan::single(), None),
+        Role::Launcher => {
+            // Refuse a plan that cannot work once, here, before any rank starts.
+            let p = &args.parallel;
+            Plan::new(p.world(), p.ep(), 0)?.check(&spec)?;
+            return dist::launch_local(p.world(), &p.transport);
+        }
+        Role::Rank { group, plan } => (plan, Some(group)),
+    };
+    let load = |src: &dyn TensorSource, i: usize| load_layer_for(&spec, src, i, &plan);
     // Load the first set of layers, then add copies until the weights no longer fit in cache.
     let mut layers: Vec<Layer> = Vec::new();
     for i in 0..args.layers {
-        layers.push(load_layer(&spec, source.as_ref(), i)?);
+        layers.push(load(source.as_ref(), i)?);
     }
     let set_bytes: usize = layers.iter().map(Layer::total_bytes).sum();
     let copies = MIN_RESIDENT_BYTES.div_ceil(set_bytes.max(1)).max(1);
@@ -145,10 +164,10 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     for c in 1..copies {
         for i in 0..args.layers {
             let layer = if args.model.is_some() {
-                load_layer(&spec, &copied, i)?
+                load(&copied, i)?
             } else {
                 // Random weights depend on the tensor name: another layer index is another copy.
-                load_layer(&spec, source.as_ref(), c * args.layers + i)?
+                load(source.as_ref(), c * args.layers + i)?
             };
             layers.push(layer);
         }
@@ -157,7 +176,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let bytes_per_layer = layers.iter().map(Layer::decode_bytes).sum::<usize>() / layers.len();
 
     let mut rng = fastrand::Rng::with_seed(42);
-    let kv_row = spec.kv_width();
+    let kv_row = layers[0].attn.n_kv_heads * spec.head_dim; // this rank's KV heads
     let prefill_k = random_f32(&mut rng, args.kv_len * kv_row);
     let prefill_v = random_f32(&mut rng, args.kv_len * kv_row);
     let mut caches: Vec<KvCache> = layers
@@ -173,6 +192,16 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
 
     let warmup = (args.iters / 10).max(5);
     let mut samples = Vec::with_capacity(args.iters);
+    let mut comm_samples = Vec::with_capacity(args.iters);
+    // The all-reduce after each segment; its time is kept apart.
+    let reduce = |part: &mut [f32], comm: &mut f64| -> anyhow::Result<()> {
+        if let Some(g) = &group {
+            let t = Instant::now();
+            g.all_reduce(part, ReduceOp::Sum)?;
+            *comm += t.elapsed().as_secs_f64() * 1e6;
+        }
+        Ok(())
+    };
     for it in 0..warmup + args.iters {
         let set = it % copies;
         let range = set * args.layers..(set + 1) * args.layers;
@@ -183,34 +212,53 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             }
         }
         x.copy_from_slice(&inputs[it % INPUT_POOL]);
+        if let Some(g) = &group {
+            g.barrier()?;
+        }
+        let mut comm = 0.0f64;
         let t = Instant::now();
         for (layer, cache) in layers[range.clone()].iter().zip(&mut caches[range]) {
             layer.attention_forward(&x, cache, &rope, &mut part);
+            reduce(&mut part, &mut comm)?;
             add_assign(&mut x, &part);
             layer.ffn_forward(&x, &mut part);
+            reduce(&mut part, &mut comm)?;
             add_assign(&mut x, &part);
         }
         let us = t.elapsed().as_secs_f64() * 1e6 / args.layers as f64;
         if it >= warmup {
-            samples.push(us);
+            samples.push(us as f32);
+            comm_samples.push((comm / args.layers as f64) as f32);
         }
     }
+    // An iteration takes as long as its slowest rank; rank 0 reports.
+    if let Some(g) = &group {
+        g.all_reduce(&mut samples, ReduceOp::Max)?;
+        g.all_reduce(&mut comm_samples, ReduceOp::Max)?;
+        if g.rank() != 0 {
+            return Ok(());
+        }
+    }
+    let mut samples: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
+    let mut comm_samples: Vec<f64> = comm_samples.iter().map(|&v| v as f64).collect();
     let stats = Stats::from_samples(&mut samples);
+    let comm_us = Stats::from_samples(&mut comm_samples).median_us;
     let gbps = bytes_per_layer as f64 / (stats.median_us * 1e3);
     let fields: Map<String, serde_json::Value> = json!({
         "model": name,
         "device": "cpu",
         "dtype": dtype.name(),
-        "tp": 1,
-        "ep": 1,
+        "tp": plan.world(),
+        "ep": plan.ep(),
         "exec": "split",
+        "transport": if plan.world() > 1 { args.parallel.transport.as_str() } else { "none" },
         "layers": args.layers,
         "kv_len": args.kv_len,
         "layer_copies": copies,
         "threads": pool::num_threads(),
         "weight_bytes_per_layer": bytes_per_layer,
         "gbps": (gbps * 1000.0).round() / 1000.0,
-        "comm_us_per_layer": 0,
+        "comm_us_per_layer": (comm_us * 1000.0).round() / 1000.0,
     })
     .as_object()
     .cloned()
