@@ -90,31 +90,66 @@ impl Reduce for GroupReduce {
 const GRACE: Duration = Duration::from_secs(5);
 
 /// Starts `world` ranks of this binary with the same arguments on this host and waits for them.
-/// Rank 0's output is shown; the others' standard output is dropped (their errors are shown).
 /// Each rank gets an equal share of the cores (`SHARDLINE_THREADS`, unless already set).
-/// Fails, naming the rank, when any rank fails; no rank is left running.
 pub fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find this program to start the ranks")?;
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("cannot find a free port for the coordinator")?
         .port();
-    let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let job = JobEnv::new(world, format!("127.0.0.1:{port}"), transport);
     let args: Vec<String> = std::env::args().skip(1).collect();
     // The ranks share this host's cores unless told otherwise.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads =
         std::env::var("SHARDLINE_THREADS").unwrap_or_else(|_| (cores / world).max(1).to_string());
+    start_ranks(world, |rank| {
+        let mut c = Command::new(&exe);
+        c.args(&args).env("SHARDLINE_THREADS", &threads);
+        for (k, v) in job.vars(rank) {
+            c.env(k, v);
+        }
+        c
+    })
+}
+
+/// The `SHARDLINE_*` settings that make a process rank `rank` of a job.
+pub struct JobEnv {
+    world: usize,
+    coordinator: String,
+    token: String,
+    transport: String,
+}
+
+impl JobEnv {
+    /// A job of `world` ranks meeting at `coordinator`, with a fresh token.
+    pub fn new(world: usize, coordinator: String, transport: &str) -> JobEnv {
+        JobEnv {
+            world,
+            coordinator,
+            token: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            transport: transport.to_string(),
+        }
+    }
+
+    pub fn vars(&self, rank: usize) -> [(&'static str, String); 5] {
+        [
+            ("SHARDLINE_RANK", rank.to_string()),
+            ("SHARDLINE_WORLD_SIZE", self.world.to_string()),
+            ("SHARDLINE_COORDINATOR", self.coordinator.clone()),
+            ("SHARDLINE_JOB_TOKEN", self.token.clone()),
+            ("SHARDLINE_TRANSPORT", self.transport.clone()),
+        ]
+    }
+}
+
+/// Starts `world` processes (`command(rank)`) and waits for them: rank 0's output is shown, the
+/// others' standard output is dropped (their errors are shown). Fails, naming the rank, when any
+/// rank fails; no rank is left running.
+pub fn start_ranks(world: usize, command: impl Fn(usize) -> Command) -> anyhow::Result<()> {
     let mut children: Vec<Child> = Vec::with_capacity(world);
     for rank in 0..world {
-        let child = Command::new(&exe)
-            .env("SHARDLINE_THREADS", &threads)
-            .args(&args)
-            .env("SHARDLINE_RANK", rank.to_string())
-            .env("SHARDLINE_WORLD_SIZE", world.to_string())
-            .env("SHARDLINE_COORDINATOR", format!("127.0.0.1:{port}"))
-            .env("SHARDLINE_JOB_TOKEN", &token)
-            .env("SHARDLINE_TRANSPORT", transport)
+        let child = command(rank)
             .stdin(Stdio::null())
             .stdout(if rank == 0 {
                 Stdio::inherit()

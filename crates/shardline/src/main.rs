@@ -19,10 +19,13 @@ enum Command {
     Run(run::RunArgs),
     /// Check a model against reference logits computed by transformers.
     Verify(verify::VerifyArgs),
+    /// Start a command's ranks on several hosts over ssh.
+    Launch(launch::LaunchArgs),
 }
 
 mod bench;
 mod dist;
+mod launch;
 mod run;
 mod verify;
 
@@ -32,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Run(args) => run::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Launch(args) => launch::run(args),
     }
 }
