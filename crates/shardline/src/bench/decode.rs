@@ -43,7 +43,8 @@ weights are not in cache. Reported per layer: `median_us`, `p99_us` (iteration t
 layers); `weight_bytes_per_layer` = attention + norms + router + top_k experts' weights (the bytes one\n\
 step reads, on one rank: its slices under --tp/--ep); `gbps` = weight_bytes_per_layer / median.\n\
 With --tp/--ep the ranks start themselves, each iteration starts after a barrier, its time is the\n\
-slowest rank's, and `comm_us_per_layer` is the all-reduces' share of it. Threads: SHARDLINE_THREADS (default all\n\
+slowest rank's, `comm_us_per_layer` is the all-reduces' share of it, and `rss_mb_per_rank` the\n\
+largest rank's resident memory. Threads: SHARDLINE_THREADS (default all\n\
 cores).";
 
 #[derive(clap::Args)]
@@ -102,6 +103,18 @@ impl TensorSource for Copied<'_> {
     fn contains(&self, name: &str) -> bool {
         self.0.contains(name)
     }
+}
+
+/// This process's resident memory in MB (VmRSS), or 0 where /proc does not say.
+fn resident_mb() -> f32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f32>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn random_f32(rng: &mut fastrand::Rng, n: usize) -> Vec<f32> {
@@ -231,10 +244,13 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             comm_samples.push((comm / args.layers as f64) as f32);
         }
     }
+    // Resident memory of this process (weights, caches, buffers), MB.
+    let mut rss_mb = [resident_mb()];
     // An iteration takes as long as its slowest rank; rank 0 reports.
     if let Some(g) = &group {
         g.all_reduce(&mut samples, ReduceOp::Max)?;
         g.all_reduce(&mut comm_samples, ReduceOp::Max)?;
+        g.all_reduce(&mut rss_mb, ReduceOp::Max)?;
         if g.rank() != 0 {
             return Ok(());
         }
@@ -259,6 +275,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         "weight_bytes_per_layer": bytes_per_layer,
         "gbps": (gbps * 1000.0).round() / 1000.0,
         "comm_us_per_layer": (comm_us * 1000.0).round() / 1000.0,
+        "rss_mb_per_rank": rss_mb[0].round(),
     })
     .as_object()
     .cloned()
