@@ -3,6 +3,8 @@
 //! segments' partial sums across ranks. The CPU backend implements it now, a CUDA backend
 //! later, and the decoder loop ([`crate::engine::Engine`]) is written once over both.
 
+use std::ops::Range;
+
 use shardline_tensor::DType;
 
 use crate::config::ModelSpec;
@@ -34,20 +36,40 @@ pub trait Backend {
     /// FFN segment of `layer`: writes this rank's partial residual update to `out`.
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
 
-    /// Final norm and lm_head: `[rows, vocab]` logits for `[rows, hidden]` `x`.
+    /// The vocabulary rows this rank's lm_head holds.
+    fn vocab_rows(&self) -> Range<usize>;
+
+    /// Final norm and this rank's lm_head rows: `[rows, vocab_rows.len()]` logits for
+    /// `[rows, hidden]` `x`.
     fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()>;
 }
 
-/// Combines every rank's partial sums after a segment (an all-reduce).
+/// What the engine needs from the other ranks: the sum of the segments' partial sums (an
+/// all-reduce) and the logits' slices (an all-gather).
 pub trait Reduce {
+    /// Ranks in the job.
+    fn world(&self) -> usize;
+
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()>;
+
+    /// Every rank's `local` (all the same length), in rank order, into `out`.
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()>;
 }
 
 /// The reduce of a single rank: its partial sum is already the whole sum.
 pub struct SingleRank;
 
 impl Reduce for SingleRank {
+    fn world(&self) -> usize {
+        1
+    }
+
     fn all_reduce_sum(&mut self, _x: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(local);
         Ok(())
     }
 }

@@ -104,6 +104,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn vocab_rows(&self) -> std::ops::Range<usize> {
+        self.weights.vocab_rows.clone()
+    }
+
     fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let mut xn = vec![0.0f32; x.len()];
         rms_norm(x, &self.weights.final_norm, self.spec.rms_eps, &mut xn);

@@ -24,6 +24,7 @@ pub struct CudaBackend {
     /// The embedding table stays on the host (one row is read per token).
     embed: Weight,
     weight_dtype: DType,
+    vocab_rows: std::ops::Range<usize>,
     position: usize,
     /// Positions the device KV caches hold (fixed when the backend is made).
     capacity: usize,
@@ -241,6 +242,7 @@ impl CudaBackend {
             stack,
             embed: weights.embed,
             weight_dtype,
+            vocab_rows: weights.vocab_rows.clone(),
             position: 0,
             capacity,
         })
@@ -318,8 +320,12 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn vocab_rows(&self) -> std::ops::Range<usize> {
+        self.vocab_rows.clone()
+    }
+
     fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()> {
-        let vocab = self.spec.vocab;
+        let vocab = self.vocab_rows.len();
         for (xr, or) in x
             .chunks_exact(self.spec.hidden)
             .zip(out.chunks_exact_mut(vocab))

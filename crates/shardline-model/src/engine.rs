@@ -50,6 +50,45 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
 
     /// Runs `tokens` at the next positions and returns their logits (`[rows, vocab]`).
     pub fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let local = self.forward_local(tokens, which)?;
+        self.gather_logits(&local)
+    }
+
+    /// Runs `tokens` at the next positions and returns the greedy choice after the last one. Over
+    /// several ranks this is a distributed argmax: each rank sends only its best (logit, id).
+    pub fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
+        let local = self.forward_local(tokens, Logits::Last)?;
+        let start = self.backend.vocab_rows().start;
+        let (best, value) =
+            local
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv {
+                        (i, v)
+                    } else {
+                        (bi, bv)
+                    }
+                });
+        // Ids are exact in f32 up to 2^24, far above any vocabulary.
+        let mine = [value, (start + best) as f32];
+        let mut all = vec![0.0f32; 2 * self.reduce.world()];
+        self.reduce.all_gather(&mine, &mut all)?;
+        let (id, _) = all
+            .chunks_exact(2)
+            .fold((u32::MAX, f32::NEG_INFINITY), |(bi, bv), p| {
+                let (v, i) = (p[0], p[1] as u32);
+                if v > bv || (v == bv && i < bi) {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
+        Ok(id)
+    }
+
+    /// This rank's logits (`[rows, vocab_rows.len()]`) for `tokens`.
+    fn forward_local(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let spec = self.backend.spec();
         let (h, vocab) = (spec.hidden, spec.vocab);
         if tokens.is_empty() {
@@ -76,15 +115,46 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             for chunk in head.chunks(PREFILL_CHUNK) {
                 self.run_layers(chunk)?;
             }
-            return self.forward(tail, which);
+            return self.forward_local(tail, which);
         }
         let x = self.run_layers(tokens)?;
         let rows = match which {
             Logits::All => &x[..],
             Logits::Last => &x[x.len() - h..],
         };
-        let mut logits = vec![0.0f32; rows.len() / h * vocab];
+        let mut logits = vec![0.0f32; rows.len() / h * self.backend.vocab_rows().len()];
         self.backend.logits(rows, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Every rank's slice of the logits put together: `[rows, vocab]`.
+    fn gather_logits(&mut self, local: &[f32]) -> Result<Vec<f32>> {
+        let world = self.reduce.world();
+        if world == 1 {
+            return Ok(local.to_vec());
+        }
+        let vocab = self.backend.spec().vocab;
+        let chunk = vocab.div_ceil(world);
+        let mine = self.backend.vocab_rows().len();
+        let rows = local.len() / mine.max(1);
+        // Equal-sized pieces for the all-gather: pad this rank's rows to `chunk`.
+        let mut padded = vec![f32::NEG_INFINITY; rows * chunk];
+        for (p, l) in padded
+            .chunks_exact_mut(chunk)
+            .zip(local.chunks_exact(mine.max(1)))
+        {
+            p[..mine].copy_from_slice(&l[..mine]);
+        }
+        let mut all = vec![0.0f32; world * rows * chunk];
+        self.reduce.all_gather(&padded, &mut all)?;
+        let mut logits = vec![0.0f32; rows * vocab];
+        for (rank, piece) in all.chunks_exact(rows * chunk).enumerate() {
+            let start = (rank * chunk).min(vocab);
+            let n = ((rank + 1) * chunk).min(vocab) - start;
+            for (row, p) in piece.chunks_exact(chunk).enumerate() {
+                logits[row * vocab + start..row * vocab + start + n].copy_from_slice(&p[..n]);
+            }
+        }
         Ok(logits)
     }
 

@@ -42,14 +42,22 @@ pub fn generate<B: Backend, R: Reduce>(
     if max_tokens == 0 {
         return Ok((out, timings));
     }
+    // Greedy decoding needs only the best id: a distributed argmax, no gathered logits.
+    let mut step = |engine: &mut Engine<B, R>, tokens: &[u32]| -> Result<u32> {
+        if sampler.is_greedy() {
+            engine.forward_argmax(tokens)
+        } else {
+            let logits = engine.forward(tokens, Logits::Last)?;
+            Ok(sampler.sample(&logits))
+        }
+    };
     let t0 = Instant::now();
-    let mut logits = engine.forward(prompt, Logits::Last)?;
+    let mut next = step(engine, prompt)?;
     timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut stream = TextStream::default();
     let mut decode_s = 0.0;
     let mut decode_steps = 0usize;
     loop {
-        let next = sampler.sample(&logits);
         if eos.contains(&next) {
             break;
         }
@@ -61,7 +69,7 @@ pub fn generate<B: Backend, R: Reduce>(
             break;
         }
         let t = Instant::now();
-        logits = engine.forward(&[next], Logits::Last)?;
+        next = step(engine, &[next])?;
         decode_s += t.elapsed().as_secs_f64();
         decode_steps += 1;
     }

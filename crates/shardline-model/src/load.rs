@@ -16,8 +16,11 @@ pub struct ModelWeights {
     pub embed: Weight,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
-    /// `[vocab, hidden]`; `None` when tied to the embedding.
+    /// `[vocab, hidden]`, or this rank's `vocab_rows` of it; `None` when tied to the embedding
+    /// on a single rank.
     pub lm_head: Option<Weight>,
+    /// The vocabulary rows this rank's lm_head holds (its slice of the logits).
+    pub vocab_rows: std::ops::Range<usize>,
 }
 
 impl ModelWeights {
@@ -51,11 +54,19 @@ pub fn load_model_for(
     } else {
         Some(src.get("lm_head.weight", &[v, h])?)
     };
+    // Column-parallel lm_head: each rank holds a slice of the vocabulary (its logits).
+    let vocab_rows = plan.vocab_rows(v);
+    let lm_head = if plan.world() > 1 {
+        Some(lm_head.as_ref().unwrap_or(&embed).rows(vocab_rows.clone()))
+    } else {
+        lm_head
+    };
     Ok(ModelWeights {
         embed,
         layers,
         final_norm,
         lm_head,
+        vocab_rows,
     })
 }
 

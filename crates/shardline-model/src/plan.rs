@@ -158,6 +158,17 @@ impl Plan {
         piece(intermediate, self.world, self.rank)
     }
 
+    /// Vocabulary rows per rank of the column-parallel lm_head (the last rank's may be fewer).
+    pub fn vocab_chunk(&self, vocab: usize) -> usize {
+        vocab.div_ceil(self.world)
+    }
+
+    /// This rank's rows of the lm_head (its slice of the logits).
+    pub fn vocab_rows(&self, vocab: usize) -> Range<usize> {
+        let c = self.vocab_chunk(vocab);
+        (self.rank * c).min(vocab)..((self.rank + 1) * c).min(vocab)
+    }
+
     /// Whether this rank's expert group holds expert `e` of `n_experts`.
     pub fn holds_expert(&self, e: usize, n_experts: usize) -> bool {
         piece(n_experts, self.ep, self.group()).contains(&e)

@@ -29,6 +29,11 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler always picks the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
             return argmax(logits) as u32;

@@ -25,20 +25,40 @@ struct ThreadReduce {
     shared: Arc<Slots>,
 }
 
-impl Reduce for ThreadReduce {
-    fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
+impl ThreadReduce {
+    /// Publishes this rank's `x`, waits for every rank's, and reads them in rank order.
+    fn exchange(&mut self, x: &[f32], read: impl FnOnce(&[Vec<f32>])) {
         self.shared.parts.lock().unwrap()[self.rank] = x.to_vec();
         self.shared.barrier.wait();
-        {
-            let parts = self.shared.parts.lock().unwrap();
+        read(&self.shared.parts.lock().unwrap());
+        self.shared.barrier.wait();
+    }
+}
+
+impl Reduce for ThreadReduce {
+    fn world(&self) -> usize {
+        self.shared.parts.lock().unwrap().len()
+    }
+
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> shardline_model::Result<()> {
+        self.exchange(local, |parts| {
+            for (o, p) in out.chunks_exact_mut(local.len()).zip(parts) {
+                o.copy_from_slice(p);
+            }
+        });
+        Ok(())
+    }
+
+    fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
+        let own = x.to_vec();
+        self.exchange(&own, |parts| {
             x.fill(0.0);
-            for p in parts.iter() {
+            for p in parts {
                 for (o, v) in x.iter_mut().zip(p) {
                     *o += v;
                 }
             }
-        }
-        self.shared.barrier.wait();
+        });
         Ok(())
     }
 }

@@ -75,14 +75,24 @@ pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
     })
 }
 
-/// The model's reduce: a sum all-reduce over the group.
+/// The model's collectives over the group: the segments' sum all-reduce, the logits' all-gather.
 pub struct GroupReduce(pub Group);
 
 impl Reduce for GroupReduce {
+    fn world(&self) -> usize {
+        self.0.size()
+    }
+
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
         self.0
             .all_reduce(x, ReduceOp::Sum)
             .map_err(|e| ModelError::Invalid(format!("all-reduce failed: {e}")))
+    }
+
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> shardline_model::Result<()> {
+        self.0
+            .all_gather(local, out)
+            .map_err(|e| ModelError::Invalid(format!("all-gather failed: {e}")))
     }
 }
 

@@ -190,3 +190,25 @@ fn bench_decode_over_two_ranks_reports_the_communication() {
     assert!(r["comm_us_per_layer"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["median_us"].as_f64().unwrap() > r["comm_us_per_layer"].as_f64().unwrap());
 }
+
+#[test]
+fn greedy_text_is_the_same_on_one_rank_and_split_over_ranks() {
+    // Split over ranks, greedy decoding picks each token with a distributed argmax over the
+    // ranks' slices of the vocabulary.
+    let text = |parallel: &[&str]| {
+        let mut args = vec!["run", "--prompt", "Shardline", "--max-tokens", "24"];
+        args.extend_from_slice(parallel);
+        let out = shardline(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        stdout.lines().next().unwrap_or_default().to_string()
+    };
+    let one = text(&[]);
+    assert!(one.len() > "Shardline".len(), "nothing generated: {one:?}");
+    assert_eq!(text(&["--tp", "2"]), one);
+    assert_eq!(text(&["--tp", "4", "--ep", "2", "--transport", "tcp"]), one);
+}
