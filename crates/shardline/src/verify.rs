@@ -109,7 +109,13 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         r.greedy_total
     );
     if !r.passed() {
-        anyhow::bail!("verify FAILED for {}", args.model.display());
+        let hint = if r.weight_dtype != shardline_tensor::DType::F32 && !rope_in_model_dtype {
+            " (if the reference came from a model cast with `.to(dtype)`, its rope frequencies \
+             were rounded too: try --rope-freqs model-dtype)"
+        } else {
+            ""
+        };
+        anyhow::bail!("verify FAILED for {}{hint}", args.model.display());
     }
     println!("verify passed");
     Ok(())
