@@ -45,12 +45,15 @@ for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
         echo "verify FAILED on the GPU: $d"
 done 2>&1 | tee "$out/gpu_verify.log"
 
-echo "== verify --tp 2 and --tp 4 on the GPU (ranks share it, all-reduce through the host)"
+echo "== verify split over ranks on the GPU (ranks share it, all-reduce through the host)"
 for d in fixtures/*/; do
-    for tp in 2 4; do
-        "$bin/shardline" verify --model "$d" --device cuda --tp "$tp" || echo "verify --tp $tp FAILED on the GPU: $d"
+    plans=("--tp 2" "--tp 4")
+    grep -q -e num_local_experts -e num_experts "$d/config.json" && plans+=("--ep 2" "--tp 4 --ep 2")
+    for p in "${plans[@]}"; do
+        # shellcheck disable=SC2086  # the plan is a word list
+        "$bin/shardline" verify --model "$d" --device cuda $p || echo "verify $p FAILED on the GPU: $d"
     done
-done 2>&1 | tee "$out/gpu_verify_tp.log"
+done 2>&1 | tee "$out/gpu_verify_split.log"
 
 echo "== Shardline decode bench on the GPU"
 presets=${PRESETS:-mixtral-8x7b,qwen3-30b-a3b,mixtral-mini}

@@ -201,7 +201,7 @@ __device__ float2 warp_row_dot2(const char* row_a, const char* row_b, const floa
 // gate and up projections.
 //
 //   slot s (0..n_slots, grid.y) uses matrix W_base + e_s * expert_stride_bytes,
-//   e_s = ids ? ids[s] : s, and input x + s * x_slot_stride;
+//   e_s = ids ? ids[s] : s (e_s < 0: not on this rank, y = 0), and input x + s * x_slot_stride;
 //   mode 0 (plain):  y[s * y_slot_stride + n] = W_{e_s}[n, :] . x_s (+ residual[n])
 //   mode 1 (swiglu): each matrix is [gate (N rows); up (N rows)];
 //                    y[s * y_slot_stride + n] = silu(gate[n, :] . x_s) * (up[n, :] . x_s)
@@ -217,6 +217,10 @@ __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_
     const long row_bytes = (long)K * (T::PACK_BYTES / 8);
     const int s = blockIdx.y;
     const int e = ids ? ids[s] : s;
+    if (e < 0) {  // an expert another rank holds: it adds nothing here
+        if (lane == 0) y[s * y_slot_stride + n] = 0.0f;
+        return;
+    }
     const char* base = W_base + (long)e * expert_stride_bytes;
     const float* xv = x + s * x_slot_stride;
     float r;
@@ -386,10 +390,12 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
 }
 
 // Router: softmax over E logits, top-k (ties to the lower index), optional renormalisation.
-// Writes ids[k] and weights[k]. One warp; E <= 1024.
+// Writes ids[k] and weights[k]. With expert parallelism, expert_map[e] is expert e's index among
+// this rank's experts, or -1 where another rank holds it (null: every expert is here).
+// One warp; E <= 1024.
 extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E, int k,
-                                       int renormalize, int* __restrict__ ids,
-                                       float* __restrict__ weights) {
+                                       int renormalize, const int* __restrict__ expert_map,
+                                       int* __restrict__ ids, float* __restrict__ weights) {
     __shared__ float probs[1024];
     const int lane = threadIdx.x;
     float mx = NEG_INF;
@@ -418,7 +424,7 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
             if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
         }
         if (lane == 0) {
-            ids[j] = best_e;
+            ids[j] = expert_map ? expert_map[best_e] : best_e;
             weights[j] = best / sum;
             probs[best_e] = -2.0f;  // taken
         }

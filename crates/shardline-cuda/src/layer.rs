@@ -166,7 +166,10 @@ pub enum HostFfn<'a> {
     Moe {
         /// `[n_experts, hidden]`
         router: &'a [u8],
+        /// The experts this rank holds, back to back.
         experts: HostMlp<'a>,
+        /// Which experts those are (expert parallelism); `None`: all of them, in order.
+        held: Option<&'a [usize]>,
         /// The shared expert and its `[1, hidden]` gate.
         shared: Option<(HostMlp<'a>, &'a [u8])>,
     },
@@ -200,6 +203,8 @@ enum DeviceFfn {
     Moe {
         router: CudaSlice<u8>,
         experts: DeviceMlp,
+        /// Expert number -> index among the held experts, or -1 (expert parallelism).
+        expert_map: Option<CudaSlice<i32>>,
         shared: Option<Box<(DeviceMlp, CudaSlice<u8>)>>,
     },
     Dense(DeviceMlp),
@@ -279,6 +284,7 @@ impl DeviceLayer {
         let device_ffn = match ffn {
             FfnShape::Moe { .. } => DeviceFfn::Moe {
                 router: rand(e, h)?,
+                expert_map: None,
                 shared: shared
                     .map(|m| rand(1, h).map(|g| Box::new((m, g))))
                     .transpose()?,
@@ -374,10 +380,24 @@ impl DeviceLayer {
                 HostFfn::Moe {
                     router,
                     experts,
+                    held,
                     shared,
                 },
             ) => {
                 check_len("router", router.len(), n_experts * h * es)?;
+                let (count, expert_map) = match held {
+                    None => (*n_experts, None),
+                    Some(held) => {
+                        let mut map = vec![-1i32; *n_experts];
+                        for (local, &e) in held.iter().enumerate() {
+                            let slot = map.get_mut(e).ok_or_else(|| {
+                                CudaError::Shape(format!("held expert {e} of {n_experts}"))
+                            })?;
+                            *slot = local as i32;
+                        }
+                        (held.len(), Some(dev.upload(&map)?))
+                    }
+                };
                 let shared = match (shared_intermediate, shared) {
                     (Some(si), Some((m, gate))) => {
                         check_len("shared expert gate", gate.len(), h * es)?;
@@ -395,7 +415,8 @@ impl DeviceLayer {
                 };
                 DeviceFfn::Moe {
                     router: dev.upload(router)?,
-                    experts: mlp(experts, *n_experts, *intermediate, "experts")?,
+                    experts: mlp(experts, count, *intermediate, "experts")?,
+                    expert_map,
                     shared,
                 }
             }
@@ -942,6 +963,7 @@ impl LayerStack {
                 DeviceFfn::Moe {
                     router,
                     experts,
+                    expert_map,
                     shared,
                 },
                 FfnShape::Moe {
@@ -955,7 +977,9 @@ impl LayerStack {
                 ops::linear(dev, r, p(&s.normed), p(&s.logits), *n_experts, h)?;
                 after.done(dev, "ffn.router")?;
                 let (ids, wts) = (dptr(dev, &s.expert_ids), p(&s.expert_weights));
-                ops::router_top_k(dev, p(&s.logits), *n_experts, k, *renormalize, ids, wts)?;
+                let map = expert_map.as_ref().map_or(0, |m| dptr(dev, m));
+                let logits = p(&s.logits);
+                ops::router_top_k(dev, logits, *n_experts, k, *renormalize, map, ids, wts)?;
                 after.done(dev, "ffn.router_top_k")?;
                 let shared = match (shared, shared_intermediate) {
                     (Some(shared), Some(si)) => {

@@ -235,6 +235,7 @@ pub fn router_top_k(
     n_experts: usize,
     k: usize,
     renormalize: bool,
+    expert_map: u64,
     ids: u64,
     weights: u64,
 ) -> Result<(), CudaError> {
@@ -249,6 +250,7 @@ pub fn router_top_k(
         .arg(&e)
         .arg(&k)
         .arg(&r)
+        .arg(&expert_map)
         .arg(&ids)
         .arg(&weights);
     launch(a, cfg, "router_top_k")

@@ -134,6 +134,7 @@ fn upload(
         Ffn::Moe { router, shared, .. } => HostFfn::Moe {
             router: router.bytes(),
             experts,
+            held: None,
             shared: shared.as_ref().map(|(m, g)| {
                 (
                     HostMlp {

@@ -111,12 +111,11 @@ fn upload_layer(
             None,
         ),
         FfnWeights::Moe(moe) => {
+            // With expert parallelism only this rank's experts are here: say which.
+            let held: Vec<usize> = (0..moe.experts.len())
+                .filter(|&e| moe.experts[e].is_some())
+                .collect();
             let experts: Vec<&Mlp> = moe.experts.iter().flatten().collect();
-            if experts.len() != moe.experts.len() {
-                return Err(ModelError::Invalid(format!(
-                    "layer {index}: expert parallelism is not supported on the GPU yet"
-                )));
-            }
             let intermediate = experts.first().map_or(0, |m| m.intermediate);
             if experts.iter().any(|m| m.intermediate != intermediate) {
                 return Err(ModelError::Invalid(format!(
@@ -139,7 +138,10 @@ fn upload_layer(
                     shared_intermediate: shared.as_ref().map(|s| s.2),
                 },
                 mlp_bytes(&experts)?,
-                Some(bytes_as(&moe.router, dtype)?),
+                Some((
+                    bytes_as(&moe.router, dtype)?,
+                    (held.len() < moe.experts.len()).then_some(held),
+                )),
                 shared,
             )
         }
@@ -149,9 +151,10 @@ fn upload_layer(
         down: &experts.1,
     };
     let ffn = match &router {
-        Some(router) => HostFfn::Moe {
+        Some((router, held)) => HostFfn::Moe {
             router,
             experts: experts_host,
+            held: held.as_deref(),
             shared: shared.as_ref().map(|((gu, d), g, _)| {
                 (
                     HostMlp {
