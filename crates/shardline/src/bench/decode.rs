@@ -125,6 +125,10 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.layers > 0, "--layers must be at least 1");
     anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
     if args.device == "cuda" {
+        anyhow::ensure!(
+            args.parallel.world() == 1,
+            "bench decode --device cuda runs on one rank for now (no --tp/--ep)"
+        );
         return run_cuda(&args);
     }
     anyhow::ensure!(
