@@ -10,6 +10,7 @@ cargo test -p shardline --test netns --test launch -- --nocapture
 # The UCX transport (cargo feature `ucx`) needs libucx-dev, which .ci/run installs.
 if pkg-config --exists ucx; then
     cargo test -p shardline-comm --features ucx
+    cargo test -p shardline --features ucx --test distributed -- ucx --nocapture
 else
     echo "SKIPPED the ucx transport tests: libucx-dev is not installed (pkg-config ucx)"
 fi

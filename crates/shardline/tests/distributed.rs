@@ -50,6 +50,31 @@ fn verify_passes_split_over_ranks_on_shm_and_tcp() {
 }
 
 #[test]
+fn verify_passes_split_over_ranks_on_ucx() {
+    if !cfg!(feature = "ucx") {
+        eprintln!("SKIPPED verify_passes_split_over_ranks_on_ucx: built without the `ucx` feature");
+        return;
+    }
+    for (name, parallel) in [
+        ("qwen2-moe-tiny", ["--tp", "2"]),
+        ("mixtral-tiny", ["--tp", "4"]),
+    ] {
+        let dir = fixture(name);
+        let mut args = vec!["verify", "--model", dir.to_str().unwrap()];
+        args.extend_from_slice(&parallel);
+        args.extend_from_slice(&["--transport", "ucx"]);
+        let out = shardline(&args);
+        assert!(
+            out.status.success(),
+            "{name} {parallel:?} ucx: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("verify passed"));
+    }
+}
+
+#[test]
 fn impossible_plans_are_refused_before_any_rank_starts() {
     for (name, args, why) in [
         (
