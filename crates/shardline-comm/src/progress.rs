@@ -439,6 +439,29 @@ mod tests {
         }
     }
 
+    /// Receives one 16-byte all_reduce frame from peer 5 over `pairs`, within `timeout`.
+    fn recv16(pairs: &mut [Option<Box<dyn Pair>>], timeout: Duration) -> Result<[u8; 16]> {
+        let mut buf = [0u8; 16];
+        let mut recvs = [Incoming::new(
+            Source::Peer(1),
+            expect(16),
+            Sink::Copy(Region::one(&mut buf)),
+        )];
+        exchange(
+            pairs,
+            &[0, 5],
+            &mut [],
+            &mut recvs,
+            false,
+            Patience {
+                timeout,
+                spin: DEFAULT_SPIN,
+            },
+            "test",
+        )?;
+        Ok(buf)
+    }
+
     fn receive(bytes: &[u8], close: bool, timeout_ms: u64) -> Result<()> {
         let (mut pairs, mut raw) = raw_pair();
         raw.write_all(bytes).unwrap();
@@ -447,24 +470,7 @@ mod tests {
         } else {
             std::mem::forget(raw); // keep the far end silent but open
         }
-        let mut buf = [0u8; 16];
-        let mut recvs = [Incoming::new(
-            Source::Peer(1),
-            expect(16),
-            Sink::Copy(Region::one(&mut buf)),
-        )];
-        exchange(
-            &mut pairs,
-            &[0, 5],
-            &mut [],
-            &mut recvs,
-            false,
-            Patience {
-                timeout: Duration::from_millis(timeout_ms),
-                spin: DEFAULT_SPIN,
-            },
-            "test",
-        )
+        recv16(&mut pairs, Duration::from_millis(timeout_ms)).map(|_| ())
     }
 
     #[test]
@@ -512,25 +518,7 @@ mod tests {
             }
             raw
         });
-        let mut buf = [0u8; 16];
-        let mut recvs = [Incoming::new(
-            Source::Peer(1),
-            expect(16),
-            Sink::Copy(Region::one(&mut buf)),
-        )];
-        exchange(
-            &mut pairs,
-            &[0, 5],
-            &mut [],
-            &mut recvs,
-            false,
-            Patience {
-                timeout: Duration::from_secs(5),
-                spin: DEFAULT_SPIN,
-            },
-            "test",
-        )
-        .unwrap();
+        let buf = recv16(&mut pairs, Duration::from_secs(5)).unwrap();
         assert_eq!(buf.to_vec(), payload);
         drop(writer.join().unwrap());
     }

@@ -3,6 +3,20 @@
 
 use crate::TensorView;
 
+/// Deterministic pseudo-random values in [-1, 1) from a linear congruential generator: varied,
+/// repeatable inputs for tests and benchmarks (not statistical quality).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed ^ 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// `y = W x` accumulated in f64.
 pub fn matvec(w: &TensorView, x: &[f32]) -> Vec<f32> {
     let dims = w.shape().dims();

@@ -99,9 +99,19 @@ impl Reduce for GroupReduce {
 /// How long the launcher lets the other ranks notice a dead one before it kills them.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// Checks the plan of `p` against `spec` once, here (so a plan that cannot work is refused before
+/// any rank starts), then starts the ranks on this host with [`launch_local`].
+pub fn launch_local_checked(
+    p: &ParallelArgs,
+    spec: &shardline_model::ModelSpec,
+) -> anyhow::Result<()> {
+    Plan::new(p.world(), p.ep(), 0)?.check(spec)?;
+    launch_local(p.world(), &p.transport)
+}
+
 /// Starts `world` ranks of this binary with the same arguments on this host and waits for them.
 /// Each rank gets an equal share of the cores (`SHARDLINE_THREADS`, unless already set).
-pub fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
+fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find this program to start the ranks")?;
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

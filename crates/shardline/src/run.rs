@@ -50,14 +50,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (plan, group) = match dist::role(&args.parallel)? {
         Role::Single => (Plan::single(), None),
         Role::Launcher => {
-            // Refuse a plan that cannot work once, here, before any rank starts.
             let spec = match &args.model {
                 Some(dir) => ModelSpec::from_file(&dir.join("config.json"))?,
                 None => builtin_spec(),
             };
-            let p = &args.parallel;
-            Plan::new(p.world(), p.ep(), 0)?.check(&spec)?;
-            return dist::launch_local(p.world(), &p.transport);
+            return dist::launch_local_checked(&args.parallel, &spec);
         }
         Role::Rank { group, plan } => (plan, Some(group)),
     };

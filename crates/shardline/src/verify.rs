@@ -60,11 +60,8 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         )
         .with_context(context)?,
         Role::Launcher => {
-            // Refuse a plan that cannot work once, here, before any rank starts.
             let spec = shardline_model::ModelSpec::from_file(&args.model.join("config.json"))?;
-            let p = &args.parallel;
-            shardline_model::Plan::new(p.world(), p.ep(), 0)?.check(&spec)?;
-            return dist::launch_local(p.world(), &p.transport);
+            return dist::launch_local_checked(&args.parallel, &spec);
         }
         Role::Rank { group, plan } => {
             let adjust = |spec: &mut shardline_model::ModelSpec| {

@@ -5,18 +5,7 @@
 
 use shardline_tensor::{DType, Isa, Shape, Tensor, TensorView};
 
-/// Deterministic pseudo-random values in [-1, 1) (a linear congruential generator).
-pub fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+pub use shardline_tensor::reference::values;
 
 /// Every SIMD path this CPU supports; says on stderr which ones it cannot test here.
 pub fn isas() -> Vec<Isa> {

@@ -162,10 +162,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let (plan, group) = match role {
         Role::Single => (Plan::single(), None),
         Role::Launcher => {
-            // Refuse a plan that cannot work once, here, before any rank starts.
-            let p = &args.parallel;
-            Plan::new(p.world(), p.ep(), 0)?.check(&spec)?;
-            return dist::launch_local(p.world(), &p.transport);
+            return dist::launch_local_checked(&args.parallel, &spec);
         }
         Role::Rank { group, plan } => (plan, Some(group)),
     };

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 use shardline_tensor::kernels::{self, KvCache, Rope};
+use shardline_tensor::reference::values;
 use shardline_tensor::{pool, DType, Isa, Shape, Tensor};
 
 use super::record::{Sink, Stats};
@@ -181,22 +182,6 @@ impl Bench {
         fields.extend(self.common.clone());
         self.sink.write("kernels", stats, fields)
     }
-}
-
-/// Deterministic pseudo-random values in [-1, 1) (a linear congruential generator: the bench
-/// needs varied, repeatable numbers, not statistical quality).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// `copies` distinct tensors (so cycling over them defeats the cache), the first from `values`.
