@@ -54,6 +54,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     kernels: Kernels,
     name: String,
+    pdl: bool,
 }
 
 impl CudaDevice {
@@ -89,11 +90,14 @@ impl CudaDevice {
         let module = ctx.load_module(ptx).during("loading the kernel module")?;
         let kernels = Kernels::load(&module)?;
         let name = ctx.name().during("reading the device name")?;
+        // Programmatic dependent launch needs compute capability 9.0 (Hopper) or later.
+        let pdl = major >= 9 && std::env::var("SHARDLINE_PDL").map_or(true, |v| v != "0");
         Ok(CudaDevice {
             ctx,
             stream,
             kernels,
             name,
+            pdl,
         })
     }
 
@@ -103,6 +107,13 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Whether kernels are launched with programmatic dependent launch: each may start (and
+    /// prefetch its weights) while the one before it finishes. On from Hopper on, unless
+    /// `SHARDLINE_PDL=0`.
+    pub fn pdl(&self) -> bool {
+        self.pdl
     }
 
     pub fn kernels(&self) -> &Kernels {

@@ -11,6 +11,22 @@ typedef unsigned int u32;
 #define MATVEC_WARPS 8
 #define NEG_INF __int_as_float(0xff800000u)
 
+// Programmatic dependent launch (Hopper on; ops.rs launches every kernel with it when the device
+// allows): a kernel may be started while the kernel before it is still running. Each kernel lets
+// its successor start at once (let_next_start) and waits (wait_for_previous) before it reads or
+// writes anything an earlier kernel touches; only work on the weights goes before the wait.
+// Without the launch attribute, both are no-ops.
+__device__ __forceinline__ void let_next_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -213,9 +229,22 @@ __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_
                             float* __restrict__ y, long y_slot_stride, int N, int K) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = blockIdx.x * MATVEC_WARPS + warp;
-    if (n >= N) return;
+    let_next_start();
     const long row_bytes = (long)K * (T::PACK_BYTES / 8);
     const int s = blockIdx.y;
+    if (!ids && n < N) {
+        // The matrix does not depend on earlier kernels: pull this warp's row(s) into L2 while
+        // they finish.
+        const char* base = W_base + (long)s * expert_stride_bytes;
+        const int rows = mode == 1 ? 2 : 1;
+        for (int r = 0; r < rows; ++r) {
+            const char* row = base + (long)(n + r * N) * row_bytes;
+            for (long off = (long)lane * 128; off < row_bytes; off += WARP * 128)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+        }
+    }
+    wait_for_previous();
+    if (n >= N) return;
     const int e = ids ? ids[s] : s;
     if (e < 0) {  // an expert another rank holds: it adds nothing here
         if (lane == 0) y[s * y_slot_stride + n] = 0.0f;
@@ -246,6 +275,8 @@ MATVEC_ENTRY(matvec_f32, F32)
 // y = x / sqrt(mean(x^2) + eps) * g, one block per row of length D.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,
                                     float* __restrict__ y, int D, float eps) {
+    let_next_start();
+    wait_for_previous();
     const float* xr = x + (long)blockIdx.x * D;
     float* yr = y + (long)blockIdx.x * D;
     float ss = 0.0f;
@@ -266,6 +297,8 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const int* __
                                           int KVH, int D, int capacity,
                                           const float* __restrict__ inv_freq) {
     __shared__ float head[1024];
+    let_next_start();
+    wait_for_previous();
     const int b = blockIdx.x, i = threadIdx.x;
     const bool active = i < D;
     const int pos = *pos_ptr;
@@ -313,6 +346,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
     __shared__ float m_s[ATTN_WARPS], l_s[ATTN_WARPS];
     __shared__ float acc_s[ATTN_WARPS][WARP * ATTN_MAX_PER_LANE];
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    let_next_start();
+    wait_for_previous();
     const int kvh = h / (H / KVH);
     const int len = *pos_ptr + 1;
     const float* kb = k_cache + (long)kvh * capacity * D;
@@ -397,6 +432,8 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
                                        int renormalize, const int* __restrict__ expert_map,
                                        int* __restrict__ ids, float* __restrict__ weights) {
     __shared__ float probs[1024];
+    let_next_start();
+    wait_for_previous();
     const int lane = threadIdx.x;
     float mx = NEG_INF;
     for (int e = lane; e < E; e += WARP) mx = fmaxf(mx, logits[e]);
@@ -443,6 +480,8 @@ extern "C" __global__ void combine_slots(const float* __restrict__ partial,
                                          const float* __restrict__ shared,
                                          const float* __restrict__ shared_logit,
                                          float* __restrict__ y, int N) {
+    let_next_start();
+    wait_for_previous();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     float acc = 0.0f;
@@ -458,6 +497,8 @@ __device__ __forceinline__ u32 mix32(u32 x) {
     return x;
 }
 extern "C" __global__ void fill_uniform(void* dst, long n, int dtype, u32 seed, float scale) {
+    let_next_start();
+    wait_for_previous();
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long)gridDim.x * blockDim.x) {
         const u32 r = mix32((u32)i * 0x9E3779B9u ^ mix32(seed + (u32)(i >> 32)));

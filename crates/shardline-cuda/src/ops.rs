@@ -1,7 +1,10 @@
 //! Typed launches of the kernels in `kernels.cu`. Buffers are passed as raw device addresses
 //! (`u64`, 0 for "none"), so a launch costs one driver call and can be captured into a graph.
 
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+use std::ptr::null_mut;
+
+use cudarc::driver::{sys, CudaFunction, LaunchConfig};
 use shardline_tensor::DType;
 
 use crate::error::DriverContext;
@@ -40,11 +43,51 @@ pub enum Slots {
     SwiGlu { ids: u64, count: u32, y_stride: u64 },
 }
 
-fn launch(mut args: LaunchArgs<'_>, cfg: LaunchConfig, what: &str) -> Result<(), CudaError> {
-    // SAFETY: every kernel's arguments are pushed in the order and types its signature has, and
-    // the callers pass addresses of live buffers large enough for the given sizes.
-    unsafe { args.launch(cfg) }
-        .map(|_| ())
+/// Kernel arguments as the driver takes them: a pointer to each value, in the kernel's order.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        [$(std::ptr::from_ref(&$a).cast_mut().cast::<c_void>()),*]
+    };
+}
+
+/// Queues `f` on the device's stream. With programmatic dependent launch on (see
+/// [`CudaDevice::pdl`]), the kernel may start while the one before it finishes: every kernel in
+/// `kernels.cu` waits (`griddepcontrol.wait`) before it touches what earlier kernels wrote.
+fn launch(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut [*mut c_void],
+    what: &str,
+) -> Result<(), CudaError> {
+    // SAFETY: a zeroed union is a valid value; only the field the id names is read.
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: dev.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(dev.pdl()),
+    };
+    dev.context()
+        .bind_to_thread()
+        .during(format!("binding the context to launch {what}"))?;
+    // SAFETY: every caller passes its kernel's arguments in the order and types of its signature
+    // (pointers to values that outlive this call), and addresses of live buffers large enough
+    // for the given sizes.
+    unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), null_mut()) }
+        .result()
         .during(format!("launching {what}"))
 }
 
@@ -87,19 +130,13 @@ pub fn matvec(
     };
     let es = w.matrix_stride_bytes as i64;
     let (n, k) = (n as i32, k as i32);
-    let mut a = dev.stream().launch_builder(f);
-    a.arg(&w.ptr)
-        .arg(&es)
-        .arg(&ids)
-        .arg(&x)
-        .arg(&x_stride)
-        .arg(&mode)
-        .arg(&residual)
-        .arg(&y)
-        .arg(&y_stride)
-        .arg(&n)
-        .arg(&k);
-    launch(a, cfg, "matvec")
+    launch(
+        dev,
+        f,
+        cfg,
+        &mut args![w.ptr, es, ids, x, x_stride, mode, residual, y, y_stride, n, k],
+        "matvec",
+    )
 }
 
 /// `y = W x` for one `[n, k]` matrix: [`matvec`] with one slot and no residual.
@@ -130,9 +167,13 @@ pub fn rms_norm(
         shared_mem_bytes: 0,
     };
     let d = d as i32;
-    let mut a = dev.stream().launch_builder(&dev.kernels().rms_norm);
-    a.arg(&x).arg(&g).arg(&y).arg(&d).arg(&eps);
-    launch(a, cfg, "rms_norm")
+    launch(
+        dev,
+        &dev.kernels().rms_norm,
+        cfg,
+        &mut args![x, g, y, d, eps],
+        "rms_norm",
+    )
 }
 
 /// Geometry of the attention part of a layer.
@@ -179,20 +220,13 @@ pub fn rope_kv_append(
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
-    let mut a = dev.stream().launch_builder(&dev.kernels().rope_kv_append);
-    a.arg(&qkv)
-        .arg(&pos)
-        .arg(&k_cache)
-        .arg(&v_cache)
-        .arg(&q_norm)
-        .arg(&k_norm)
-        .arg(&eps)
-        .arg(&h)
-        .arg(&kvh)
-        .arg(&d)
-        .arg(&cap)
-        .arg(&inv_freq);
-    launch(a, cfg, "rope_kv_append")
+    launch(
+        dev,
+        &dev.kernels().rope_kv_append,
+        cfg,
+        &mut args![qkv, pos, k_cache, v_cache, q_norm, k_norm, eps, h, kvh, d, cap, inv_freq],
+        "rope_kv_append",
+    )
 }
 
 /// Attention of the query heads `q` over cache positions `0..=*pos`, into `out`.
@@ -213,18 +247,13 @@ pub fn attention_decode(
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
-    let mut a = dev.stream().launch_builder(&dev.kernels().attention_decode);
-    a.arg(&q)
-        .arg(&k_cache)
-        .arg(&v_cache)
-        .arg(&pos)
-        .arg(&out)
-        .arg(&h)
-        .arg(&kvh)
-        .arg(&d)
-        .arg(&cap)
-        .arg(&scale);
-    launch(a, cfg, "attention_decode")
+    launch(
+        dev,
+        &dev.kernels().attention_decode,
+        cfg,
+        &mut args![q, k_cache, v_cache, pos, out, h, kvh, d, cap, scale],
+        "attention_decode",
+    )
 }
 
 /// Softmax over `n_experts` router logits, top `k`, optional renormalisation, into `ids`/`weights`.
@@ -245,15 +274,13 @@ pub fn router_top_k(
         shared_mem_bytes: 0,
     };
     let (e, k, r) = (n_experts as i32, k as i32, renormalize as i32);
-    let mut a = dev.stream().launch_builder(&dev.kernels().router_top_k);
-    a.arg(&logits)
-        .arg(&e)
-        .arg(&k)
-        .arg(&r)
-        .arg(&expert_map)
-        .arg(&ids)
-        .arg(&weights);
-    launch(a, cfg, "router_top_k")
+    launch(
+        dev,
+        &dev.kernels().router_top_k,
+        cfg,
+        &mut args![logits, e, k, r, expert_map, ids, weights],
+        "router_top_k",
+    )
 }
 
 /// A sigmoid-gated shared expert's output and its gate logit (both on the device).
@@ -283,16 +310,22 @@ pub fn combine_slots(
     };
     let (count, n) = (count as i32, n as i32);
     let (shared_out, shared_logit) = shared.map_or((0, 0), |s| (s.out, s.logit));
-    let mut a = dev.stream().launch_builder(&dev.kernels().combine_slots);
-    a.arg(&partial)
-        .arg(&weights)
-        .arg(&count)
-        .arg(&residual)
-        .arg(&shared_out)
-        .arg(&shared_logit)
-        .arg(&y)
-        .arg(&n);
-    launch(a, cfg, "combine_slots")
+    launch(
+        dev,
+        &dev.kernels().combine_slots,
+        cfg,
+        &mut args![
+            partial,
+            weights,
+            count,
+            residual,
+            shared_out,
+            shared_logit,
+            y,
+            n
+        ],
+        "combine_slots",
+    )
 }
 
 /// Fills `n` elements of `dtype` at `dst` with deterministic pseudo-random values in
@@ -316,7 +349,11 @@ pub fn fill_uniform(
         DType::BF16 => 2,
     };
     let n = n as i64;
-    let mut a = dev.stream().launch_builder(&dev.kernels().fill_uniform);
-    a.arg(&dst).arg(&n).arg(&code).arg(&seed).arg(&scale);
-    launch(a, cfg, "fill_uniform")
+    launch(
+        dev,
+        &dev.kernels().fill_uniform,
+        cfg,
+        &mut args![dst, n, code, seed, scale],
+        "fill_uniform",
+    )
 }
