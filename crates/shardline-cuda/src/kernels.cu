@@ -122,7 +122,7 @@ struct F32 {
 // Packs (of 8 weights) loaded per lane before the first is used: enough bytes in flight per warp
 // to cover DRAM latency with few warps per SM.
 #ifndef UNROLL
-#define UNROLL 4
+#define UNROLL 6
 #endif
 
 // Weights are read exactly once per step: stream them past L1 (which keeps x) and ask L2 to
@@ -159,18 +159,19 @@ __device__ float warp_row_dot(const char* row, const float* __restrict__ x, int 
     const long packs = aligned ? K / 8 : 0;
     const float4* x4 = (const float4*)x;
     float acc = 0.0f;
-    long p = lane;
-    for (; p + (UNROLL - 1) * WARP < packs; p += UNROLL * WARP) {
+    // Every group issues all of its loads before the first is used, the last (partial) group
+    // too, so that a short row is one memory round trip rather than one per pack.
+    for (long p = lane; p < packs; p += UNROLL * WARP) {
         typename T::Pack w[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) w[u] = load_pack<T>(row, p + u * WARP);
+        for (int u = 0; u < UNROLL; ++u)
+            if (p + u * WARP < packs) w[u] = load_pack<T>(row, p + u * WARP);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const long q = p + u * WARP;
-            acc += T::dot8(w[u], __ldg(x4 + 2 * q), __ldg(x4 + 2 * q + 1));
+            if (q < packs) acc += T::dot8(w[u], __ldg(x4 + 2 * q), __ldg(x4 + 2 * q + 1));
         }
     }
-    for (; p < packs; p += WARP) acc += T::dot8(load_pack<T>(row, p), __ldg(x4 + 2 * p), __ldg(x4 + 2 * p + 1));
     for (long i = packs * 8 + lane; i < K; i += WARP) acc += T::one(row, i) * x[i];
     return warp_sum(acc);
 }
@@ -185,26 +186,24 @@ __device__ float2 warp_row_dot2(const char* row_a, const char* row_b, const floa
     const long packs = aligned ? K / 8 : 0;
     const float4* x4 = (const float4*)x;
     float acc_a = 0.0f, acc_b = 0.0f;
-    long p = lane;
-    for (; p + (UNROLL - 1) * WARP < packs; p += UNROLL * WARP) {
+    for (long p = lane; p < packs; p += UNROLL * WARP) {
         typename T::Pack wa[UNROLL], wb[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            wa[u] = load_pack<T>(row_a, p + u * WARP);
-            wb[u] = load_pack<T>(row_b, p + u * WARP);
+            if (p + u * WARP < packs) {
+                wa[u] = load_pack<T>(row_a, p + u * WARP);
+                wb[u] = load_pack<T>(row_b, p + u * WARP);
+            }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const long q = p + u * WARP;
-            const float4 x0 = __ldg(x4 + 2 * q), x1 = __ldg(x4 + 2 * q + 1);
-            acc_a += T::dot8(wa[u], x0, x1);
-            acc_b += T::dot8(wb[u], x0, x1);
+            if (q < packs) {
+                const float4 x0 = __ldg(x4 + 2 * q), x1 = __ldg(x4 + 2 * q + 1);
+                acc_a += T::dot8(wa[u], x0, x1);
+                acc_b += T::dot8(wb[u], x0, x1);
+            }
         }
-    }
-    for (; p < packs; p += WARP) {
-        const float4 x0 = __ldg(x4 + 2 * p), x1 = __ldg(x4 + 2 * p + 1);
-        acc_a += T::dot8(load_pack<T>(row_a, p), x0, x1);
-        acc_b += T::dot8(load_pack<T>(row_b, p), x0, x1);
     }
     for (long i = packs * 8 + lane; i < K; i += WARP) {
         acc_a += T::one(row_a, i) * x[i];
