@@ -2,16 +2,24 @@
 //! attention over the cache -> o_proj. Its output is this rank's partial sum of the residual
 //! update (the whole update on one rank).
 
-use shardline_tensor::kernels::{attention, matvec_many, rms_norm, KvCache, MatvecJob, Rope};
+use shardline_tensor::kernels::{attention, rms_norm, KvCache, MatvecJob, Rope};
 
-use crate::layer::{add_bias, linear, AttentionWeights};
+use crate::layer::{add_bias, linear, run_matvecs, AttentionWeights, Exec};
 
 impl AttentionWeights {
     /// Runs the segment for the `rows` tokens of `x` (`[rows, hidden]`), which sit at positions
     /// `cache.len()..cache.len() + rows`; writes `[rows, hidden]` to `out`.
     ///
     /// The caller has checked that the cache and the rope table have room for the rows.
-    pub fn forward(&self, x: &[f32], eps: f32, cache: &mut KvCache, rope: &Rope, out: &mut [f32]) {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        eps: f32,
+        cache: &mut KvCache,
+        rope: &Rope,
+        exec: Exec,
+        out: &mut [f32],
+    ) {
         let hidden = self.input_norm.len();
         let rows = x.len() / hidden;
         let (qw, kw) = (
@@ -27,23 +35,26 @@ impl AttentionWeights {
         if rows == 1 {
             // Decode: q, k and v in one parallel region (one wake-up of the workers).
             let (qv, kv, vv) = (self.q.view(), self.k.view(), self.v.view());
-            matvec_many(&mut [
-                MatvecJob {
-                    w: qv,
-                    x: &xn,
-                    y: &mut q,
-                },
-                MatvecJob {
-                    w: kv,
-                    x: &xn,
-                    y: &mut k,
-                },
-                MatvecJob {
-                    w: vv,
-                    x: &xn,
-                    y: &mut v,
-                },
-            ]);
+            run_matvecs(
+                exec,
+                &mut [
+                    MatvecJob {
+                        w: qv,
+                        x: &xn,
+                        y: &mut q,
+                    },
+                    MatvecJob {
+                        w: kv,
+                        x: &xn,
+                        y: &mut k,
+                    },
+                    MatvecJob {
+                        w: vv,
+                        x: &xn,
+                        y: &mut v,
+                    },
+                ],
+            );
         } else {
             linear(&self.q.view(), &xn, rows, &mut q);
             linear(&self.k.view(), &xn, rows, &mut k);
@@ -75,7 +86,14 @@ impl AttentionWeights {
 
 impl crate::layer::Layer {
     /// Runs the attention segment of this layer (see [`AttentionWeights::forward`]).
-    pub fn attention_forward(&self, x: &[f32], cache: &mut KvCache, rope: &Rope, out: &mut [f32]) {
-        self.attn.forward(x, self.rms_eps, cache, rope, out)
+    pub fn attention_forward(
+        &self,
+        x: &[f32],
+        cache: &mut KvCache,
+        rope: &Rope,
+        exec: Exec,
+        out: &mut [f32],
+    ) {
+        self.attn.forward(x, self.rms_eps, cache, rope, exec, out)
     }
 }

@@ -6,7 +6,7 @@ use shardline_tensor::DType;
 use crate::backend::Backend;
 use crate::config::ModelSpec;
 use crate::error::Result;
-use crate::layer::linear;
+use crate::layer::{linear, Exec};
 use crate::load::ModelWeights;
 
 /// One rank's weights and KV caches in host memory.
@@ -15,6 +15,7 @@ pub struct CpuBackend {
     weights: ModelWeights,
     caches: Vec<KvCache>,
     rope: Rope,
+    exec: Exec,
 }
 
 impl CpuBackend {
@@ -25,9 +26,15 @@ impl CpuBackend {
             caches: Vec::new(),
             spec,
             weights,
+            exec: Exec::default(),
         };
         b.make_room(capacity);
         b
+    }
+
+    /// Submits decode matvecs per segment (the default) or one at a time.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
     }
 
     fn make_room(&mut self, capacity: usize) {
@@ -95,12 +102,13 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
-        self.weights.layers[layer].attention_forward(x, &mut self.caches[layer], &self.rope, out);
+        let cache = &mut self.caches[layer];
+        self.weights.layers[layer].attention_forward(x, cache, &self.rope, self.exec, out);
         Ok(())
     }
 
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
-        self.weights.layers[layer].ffn_forward(x, out);
+        self.weights.layers[layer].ffn_forward(x, self.exec, out);
         Ok(())
     }
 

@@ -1,9 +1,9 @@
 //! The FFN segment on the CPU: rms_norm -> dense SwiGLU, or router -> selected experts ->
 //! weighted sum (+ sigmoid-gated shared expert). Its output is this rank's partial sum.
 
-use shardline_tensor::kernels::{axpy, matvec_many, rms_norm, silu_mul, softmax, top_k, MatvecJob};
+use shardline_tensor::kernels::{axpy, rms_norm, silu_mul, softmax, top_k, MatvecJob};
 
-use crate::layer::{linear, FfnWeights, Layer, Mlp, MoeWeights};
+use crate::layer::{linear, run_matvecs, Exec, FfnWeights, Layer, Mlp, MoeWeights};
 
 impl Mlp {
     /// `out = down(silu(gate x) * up x)` for `rows` rows of `x`.
@@ -47,7 +47,7 @@ impl MoeWeights {
 
     /// One token (decode): the chosen experts this rank holds (and the shared expert) run
     /// together, gate/up of all of them in one parallel region and down in another.
-    fn forward_one(&self, xn: &[f32], out: &mut [f32]) {
+    fn forward_one(&self, xn: &[f32], exec: Exec, out: &mut [f32]) {
         let routing = self.route(xn);
         let mut mlps: Vec<(&Mlp, f32)> = routing
             .experts
@@ -73,7 +73,7 @@ impl MoeWeights {
                 y,
             })
             .collect();
-        matvec_many(&mut jobs);
+        run_matvecs(exec, &mut jobs);
         let act: Vec<Vec<f32>> = mlps
             .iter()
             .zip(&gu)
@@ -95,16 +95,16 @@ impl MoeWeights {
                 y,
             })
             .collect();
-        matvec_many(&mut jobs);
+        run_matvecs(exec, &mut jobs);
         out.fill(0.0);
         for ((_, w), y) in mlps.iter().zip(&ys) {
             axpy(*w, y, out);
         }
     }
 
-    fn forward(&self, xn: &[f32], rows: usize, out: &mut [f32]) {
+    fn forward(&self, xn: &[f32], rows: usize, exec: Exec, out: &mut [f32]) {
         if rows == 1 {
-            return self.forward_one(xn, out);
+            return self.forward_one(xn, exec, out);
         }
         let hidden = xn.len() / rows;
         out.fill(0.0);
@@ -150,14 +150,14 @@ impl MoeWeights {
 
 impl Layer {
     /// Runs the FFN segment for `[rows, hidden]` `x`; writes `[rows, hidden]` to `out`.
-    pub fn ffn_forward(&self, x: &[f32], out: &mut [f32]) {
+    pub fn ffn_forward(&self, x: &[f32], exec: Exec, out: &mut [f32]) {
         let hidden = self.post_norm.len();
         let rows = x.len() / hidden;
         let mut xn = vec![0.0f32; x.len()];
         rms_norm(x, &self.post_norm, self.rms_eps, &mut xn);
         match &self.ffn {
             FfnWeights::Dense(m) => m.forward(&xn, rows, out),
-            FfnWeights::Moe(moe) => moe.forward(&xn, rows, out),
+            FfnWeights::Moe(moe) => moe.forward(&xn, rows, exec, out),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! Head and expert counts here are what *this* rank holds: the layer code never assumes it has
 //! whole matrices, so a tensor-parallel plan only changes what the loader slices.
 
-use shardline_tensor::kernels::{matmul, matvec};
+use shardline_tensor::kernels::{matmul, matvec, matvec_many, MatvecJob};
 use shardline_tensor::TensorView;
 
 use crate::weights::Weight;
@@ -117,6 +117,30 @@ impl Layer {
                             .map_or(0, |(m, g)| m.bytes() + g.byte_len())
                 }
             }
+    }
+}
+
+/// How a segment's independent decode matvecs are submitted to the worker pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Exec {
+    /// Together, one parallel region (q/k/v at once; all chosen experts' gate/up at once, then
+    /// all their downs): the CPU's counterpart of one submission per segment.
+    #[default]
+    Split,
+    /// One parallel region per matrix, each waited for before the next starts: the CPU's
+    /// counterpart of launching and synchronising op by op.
+    PerOp,
+}
+
+/// Runs independent matvecs as `exec` says.
+pub fn run_matvecs(exec: Exec, jobs: &mut [MatvecJob]) {
+    match exec {
+        Exec::Split => matvec_many(jobs),
+        Exec::PerOp => {
+            for job in jobs {
+                matvec(&job.w, job.x, job.y);
+            }
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
 pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};
 pub use error::{ModelError, Result};
+pub use layer::Exec;
 pub use model::{
     builtin, builtin_parts, builtin_parts_for, builtin_spec, load_dir, load_dir_with, load_parts,
     load_parts_for, load_tokenizer, verify_dir, CpuEngine, Device,

@@ -107,3 +107,20 @@ fn chunked_prefill_matches_one_pass() {
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-4, "chunked prefill differs by {diff}");
 }
+
+#[test]
+fn per_op_submission_decodes_the_same_logits() {
+    use shardline_model::Exec;
+    let tokens = [72u32, 101, 108, 108, 111];
+    let mut split = builtin().unwrap();
+    let mut per_op = builtin().unwrap();
+    per_op.backend.set_exec(Exec::PerOp);
+    split.start(tokens.len()).unwrap();
+    per_op.start(tokens.len()).unwrap();
+    for &t in &tokens {
+        // Each row is the same dot product either way, so the logits agree bit for bit.
+        let a = split.forward(&[t], Logits::Last).unwrap();
+        let b = per_op.forward(&[t], Logits::Last).unwrap();
+        assert_eq!(a, b, "token {t}");
+    }
+}

@@ -154,3 +154,27 @@ fn bench_decode_writes_a_record() {
         "a tiny model must be copied out of cache"
     );
 }
+
+#[test]
+fn bench_decode_runs_op_by_op_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("decode.jsonl");
+    let dir = fixture("qwen2-moe-tiny");
+    let out = shardline(&[
+        "bench",
+        "decode",
+        "--model",
+        dir.to_str().unwrap(),
+        "--exec",
+        "per-op",
+        "--iters",
+        "10",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rec: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
+    assert_eq!(rec["exec"], "per-op", "{rec}");
+    assert!(rec["median_us"].as_f64().unwrap() > 0.0);
+}

@@ -13,8 +13,8 @@ use shardline_model::random::RandomWeights;
 use shardline_model::rope::inv_freq;
 use shardline_model::safetensors_dir::SafetensorsDir;
 use shardline_model::weights::{TensorSource, Weight};
-use shardline_model::Plan;
 use shardline_model::{layer::Layer, ModelSpec};
+use shardline_model::{Exec, Plan};
 use shardline_tensor::kernels::{add_assign, KvCache, Rope};
 use shardline_tensor::{pool, DType, Tensor};
 
@@ -29,8 +29,7 @@ const INPUT_POOL: usize = 16;
 
 /// What one iteration measures; shown by `--help` (bench/peers/torch_decode.py matches it).
 const SEMANTICS: &str = "\
-One decode step (batch 1) of `--layers` decoder layers at KV length `--kv-len`, on the CPU,\n\
-single rank.\n\
+One decode step (batch 1) of `--layers` decoder layers at KV length `--kv-len`.\n\
 \n\
 Semantics (bench/peers/torch_decode.py measures the same): weights are random at the preset's\n\
 real shapes (or a model directory's first layers). Each layer's KV cache is prefilled with\n\
@@ -44,8 +43,9 @@ layers); `weight_bytes_per_layer` = attention + norms + router + top_k experts' 
 step reads, on one rank: its slices under --tp/--ep); `gbps` = weight_bytes_per_layer / median.\n\
 With --tp/--ep the ranks start themselves, each iteration starts after a barrier, its time is the\n\
 slowest rank's, `comm_us_per_layer` is the all-reduces' share of it, and `rss_mb_per_rank` the\n\
-largest rank's resident memory. Threads: SHARDLINE_THREADS (default all\n\
-cores).";
+largest rank's resident memory. `--exec per-op` on the CPU runs every matrix as its own\n\
+parallel region (q, k, v, each expert's gate/up and down) instead of one region for q/k/v and\n\
+one per expert stage. Threads: SHARDLINE_THREADS (default all cores).";
 
 #[derive(clap::Args)]
 #[command(after_help = SEMANTICS)]
@@ -74,8 +74,9 @@ pub struct DecodeArgs {
     /// Where the layers run: cpu, or cuda (a build with the `cuda` feature; presets only).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
-    /// How a step is submitted: split (one submission per segment: a CUDA graph on the GPU) or
-    /// per-op (each op launched and waited for; GPU only for now).
+    /// How a step is submitted: split (one submission per segment: a CUDA graph on the GPU, one
+    /// parallel region for q/k/v and one for all chosen experts on the CPU) or per-op (each op
+    /// launched and waited for: one parallel region per matrix on the CPU).
     #[arg(long, default_value = "split", value_parser = ["split", "per-op"])]
     exec: String,
     #[command(flatten)]
@@ -131,10 +132,11 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         );
         return run_cuda(&args);
     }
-    anyhow::ensure!(
-        args.exec == "split",
-        "--exec per-op is measured on the GPU only (--device cuda) for now"
-    );
+    let exec = if args.exec == "per-op" {
+        Exec::PerOp
+    } else {
+        Exec::Split
+    };
     let role = dist::role(&args.parallel)?;
     let (name, spec, source): (String, ModelSpec, Box<dyn TensorSource>) = match &args.model {
         Some(dir) => {
@@ -232,10 +234,10 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         let mut comm = 0.0f64;
         let t = Instant::now();
         for (layer, cache) in layers[range.clone()].iter().zip(&mut caches[range]) {
-            layer.attention_forward(&x, cache, &rope, &mut part);
+            layer.attention_forward(&x, cache, &rope, exec, &mut part);
             reduce(&mut part, &mut comm)?;
             add_assign(&mut x, &part);
-            layer.ffn_forward(&x, &mut part);
+            layer.ffn_forward(&x, exec, &mut part);
             reduce(&mut part, &mut comm)?;
             add_assign(&mut x, &part);
         }
@@ -267,7 +269,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         "dtype": dtype.name(),
         "tp": plan.world(),
         "ep": plan.ep(),
-        "exec": "split",
+        "exec": args.exec,
         "transport": if plan.world() > 1 { args.parallel.transport.as_str() } else { "none" },
         "layers": args.layers,
         "kv_len": args.kv_len,
