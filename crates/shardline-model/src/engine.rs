@@ -168,7 +168,14 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             self.backend.attention(layer, &x, &mut part)?;
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
-            self.backend.ffn(layer, &x, &mut part)?;
+            if tokens.len() == 1 {
+                self.backend.ffn(layer, &x, &mut part)?;
+            } else {
+                // Several rows may be dispatched to the experts' ranks, each rank then adding
+                // only its own rows' experts: the all-reduce assembles the rows either way.
+                self.backend
+                    .ffn_routed(layer, &x, &mut part, &mut self.reduce)?;
+            }
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
         }
