@@ -1,7 +1,8 @@
 //! The interface between the decoder loop and a device: a [`Backend`] runs the two segments of a
 //! layer (attention, FFN) plus the embedding and the logits; a [`Reduce`] hook combines the
-//! segments' partial sums across ranks, and exchanges rows between them for expert dispatch. The CPU backend implements it now, a CUDA backend
-//! later, and the decoder loop ([`crate::engine::Engine`]) is written once over both.
+//! segments' partial sums across ranks and exchanges rows between them for expert dispatch. The
+//! CPU backend implements it now, a CUDA backend later, and the decoder loop
+//! ([`crate::engine::Engine`]) is written once over both.
 
 use std::ops::Range;
 
@@ -38,17 +39,18 @@ pub trait Backend {
 
     /// [`Backend::ffn`] for several rows, with the other ranks at hand: a backend whose experts
     /// are split over ranks may send rows to the ranks that hold their experts and take the
-    /// results back (see `crate::dispatch`). `out` is still a partial sum for the engine's
-    /// all-reduce. By default the same as [`Backend::ffn`].
+    /// results back (see [`crate::dispatch`]); it says what it wrote to `out`. By default the
+    /// same as [`Backend::ffn`], a partial sum.
     fn ffn_routed(
         &mut self,
         layer: usize,
         x: &[f32],
         out: &mut [f32],
         ranks: &mut dyn Reduce,
-    ) -> Result<()> {
+    ) -> Result<FfnPart> {
         let _ = ranks;
-        self.ffn(layer, x, out)
+        self.ffn(layer, x, out)?;
+        Ok(FfnPart::Sum)
     }
 
     /// The vocabulary rows this rank's lm_head holds.
@@ -57,6 +59,16 @@ pub trait Backend {
     /// Final norm and this rank's lm_head rows: `[rows, vocab_rows.len()]` logits for
     /// `[rows, hidden]` `x`.
     fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()>;
+}
+
+/// What an FFN segment wrote to its `out`, and so how the ranks put their parts together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnPart {
+    /// A partial sum of every row: the parts are added (all-reduce).
+    Sum,
+    /// The whole update of this rank's own rows ([`crate::dispatch::own_rows`]) and nothing
+    /// else: the rows are gathered (all-gather, half the bytes of an all-reduce).
+    OwnRows,
 }
 
 /// An exchange in flight (see [`Reduce::all_to_all_v`]); [`Pending::wait`] gives what arrived.

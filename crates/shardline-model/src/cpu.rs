@@ -3,7 +3,7 @@
 use shardline_tensor::kernels::{embedding, rms_norm, KvCache, Rope};
 use shardline_tensor::DType;
 
-use crate::backend::{Backend, Reduce};
+use crate::backend::{Backend, FfnPart, Reduce};
 use crate::config::ModelSpec;
 use crate::error::Result;
 use crate::layer::linear;
@@ -112,12 +112,13 @@ impl Backend for CpuBackend {
         x: &[f32],
         out: &mut [f32],
         ranks: &mut dyn Reduce,
-    ) -> Result<()> {
+    ) -> Result<FfnPart> {
         let plan = &self.weights.plan;
         if plan.ep() > 1 && ranks.world() > 1 {
             return self.weights.layers[layer].ffn_forward_dispatched(x, out, plan, ranks);
         }
-        self.ffn(layer, x, out)
+        self.ffn(layer, x, out)?;
+        Ok(FfnPart::Sum)
     }
 
     fn vocab_rows(&self) -> std::ops::Range<usize> {

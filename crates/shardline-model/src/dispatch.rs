@@ -12,15 +12,16 @@
 //! routing weight. Every count and expert id that arrives is checked; an error names the rank
 //! that sent it.
 //!
-//! Rows this rank does not own stay zero in its routed output: the all-reduce that follows the
-//! FFN segment assembles the full rows. An all-gather of the owned rows would move less (a
-//! follow-up).
+//! Each rank's routed output is whole for its own rows and zero for the others. Without a shared
+//! expert the engine then gathers the rows ([`gather_own_rows`], half the bytes of an
+//! all-reduce); the shared expert (Qwen2-MoE) stays split over every rank by intermediate rows,
+//! so its partial sums over all rows make the segment's output a partial sum, all-reduced.
 
 use std::ops::Range;
 
 use shardline_tensor::kernels::axpy;
 
-use crate::backend::{Pending, Reduce};
+use crate::backend::{FfnPart, Pending, Reduce};
 use crate::error::{ModelError, Result};
 use crate::ffn::Routing;
 use crate::layer::{FfnWeights, Layer, MoeWeights};
@@ -306,17 +307,16 @@ impl Dispatch<'_> {
 impl Layer {
     /// The FFN segment of several rows with the routed experts dispatched over `ranks` (see the
     /// module doc); the shared expert runs as in [`Layer::ffn_forward`], and so does a dense FFN.
-    /// `out` is this rank's partial sum for the all-reduce that follows.
     pub fn ffn_forward_dispatched(
         &self,
         x: &[f32],
         out: &mut [f32],
         plan: &Plan,
         ranks: &mut dyn Reduce,
-    ) -> Result<()> {
+    ) -> Result<FfnPart> {
         let FfnWeights::Moe(moe) = &self.ffn else {
             self.ffn_forward(x, out);
-            return Ok(());
+            return Ok(FfnPart::Sum);
         };
         if (ranks.world(), ranks.rank()) != (plan.world(), plan.rank()) {
             return Err(ModelError::Invalid(format!(
@@ -337,9 +337,29 @@ impl Layer {
             hidden,
         }
         .run(&xn, out)?;
+        if moe.shared.is_none() {
+            return Ok(FfnPart::OwnRows);
+        }
         moe.add_shared(&xn, x.len() / hidden, out);
-        Ok(())
+        Ok(FfnPart::Sum)
     }
+}
+
+/// Puts every rank's own rows of `part` (`hidden` wide; see [`own_rows`]) together on every
+/// rank: one all-gather of equal pieces, each rank's share padded to the largest.
+pub fn gather_own_rows(part: &mut [f32], hidden: usize, ranks: &mut dyn Reduce) -> Result<()> {
+    let (world, rows) = (ranks.world(), part.len() / hidden);
+    let piece = rows.div_ceil(world) * hidden;
+    let own = own_rows(rows, world, ranks.rank());
+    let mut mine = vec![0.0f32; piece];
+    mine[..own.len() * hidden].copy_from_slice(&part[own.start * hidden..own.end * hidden]);
+    let mut all = vec![0.0f32; world * piece];
+    ranks.all_gather(&mine, &mut all)?;
+    for (p, theirs) in all.chunks_exact(piece.max(1)).enumerate() {
+        let r = own_rows(rows, world, p);
+        part[r.start * hidden..r.end * hidden].copy_from_slice(&theirs[..r.len() * hidden]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

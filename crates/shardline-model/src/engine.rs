@@ -4,7 +4,8 @@
 
 use shardline_tensor::kernels::add_assign;
 
-use crate::backend::{Backend, Reduce};
+use crate::backend::{Backend, FfnPart, Reduce};
+use crate::dispatch::gather_own_rows;
 use crate::error::{ModelError, Result};
 
 /// Which rows of logits a forward pass returns.
@@ -168,15 +169,18 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             self.backend.attention(layer, &x, &mut part)?;
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
-            if tokens.len() == 1 {
+            let made = if tokens.len() == 1 {
                 self.backend.ffn(layer, &x, &mut part)?;
+                FfnPart::Sum
             } else {
-                // Several rows may be dispatched to the experts' ranks, each rank then adding
-                // only its own rows' experts: the all-reduce assembles the rows either way.
+                // Several rows may be dispatched to the experts' ranks (crate::dispatch).
                 self.backend
-                    .ffn_routed(layer, &x, &mut part, &mut self.reduce)?;
+                    .ffn_routed(layer, &x, &mut part, &mut self.reduce)?
+            };
+            match made {
+                FfnPart::Sum => self.reduce.all_reduce_sum(&mut part)?,
+                FfnPart::OwnRows => gather_own_rows(&mut part, h, &mut self.reduce)?,
             }
-            self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
         }
         Ok(x)

@@ -28,7 +28,7 @@ pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Backend, Pending, Reduce, SingleRank};
+pub use backend::{Backend, FfnPart, Pending, Reduce, SingleRank};
 pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
 pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};

@@ -30,6 +30,8 @@ struct ThreadReduce {
     shared: Arc<Slots>,
     /// All-to-all exchanges run (expert dispatch).
     all_to_alls: usize,
+    /// All-gathers run (logits, and rows after dispatch).
+    all_gathers: usize,
 }
 
 impl ThreadReduce {
@@ -53,6 +55,7 @@ impl Reduce for ThreadReduce {
     }
 
     fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> shardline_model::Result<()> {
+        self.all_gathers += 1;
         self.exchange(local, |parts| {
             for (o, p) in out.chunks_exact_mut(local.len()).zip(parts) {
                 o.copy_from_slice(p);
@@ -133,6 +136,7 @@ fn on_thread_ranks<T: Send>(
                         rank,
                         shared,
                         all_to_alls: 0,
+                        all_gathers: 0,
                     };
                     f(&mut Engine::new(backend, reduce))
                 })
@@ -219,12 +223,14 @@ fn a_long_prompt_is_dispatched_to_the_expert_ranks_in_chunks() {
         let moe_layers = (0..spec.n_layers)
             .filter(|&l| matches!(spec.ffn(l), FfnKind::Moe(_)))
             .count();
-        // Prefill logits of every row, and the all-to-alls the rank ran.
+        let shared = spec.moe.as_ref().unwrap().shared_intermediate.is_some();
+        // Prefill logits of every row, and the all-to-alls and all-gathers the rank ran.
         let prefill = |world, ep| {
             on_thread_ranks(&dir, world, ep, longer, |engine| {
                 engine.start(PROMPT).unwrap();
                 let logits = engine.forward(&prompt, Logits::All).unwrap();
-                (logits, engine.reduce.all_to_alls)
+                let r = &engine.reduce;
+                (logits, r.all_to_alls, r.all_gathers)
             })
         };
         let one = prefill(1, 1).remove(0);
@@ -232,13 +238,18 @@ fn a_long_prompt_is_dispatched_to_the_expert_ranks_in_chunks() {
         for (world, ep) in [(2, 2), (4, 2), (4, 4)] {
             let chunks = PROMPT.div_ceil(world).div_ceil(DISPATCH_CHUNK);
             assert!(chunks >= 2, "the prompt is too short to test chunking");
-            for (rank, (logits, all_to_alls)) in prefill(world, ep).into_iter().enumerate() {
+            for (rank, (logits, all_to_alls, all_gathers)) in
+                prefill(world, ep).into_iter().enumerate()
+            {
                 // Per MoE layer: the counts, then each chunk's rows out and results back.
                 assert_eq!(
                     all_to_alls,
                     moe_layers * (1 + 2 * chunks),
                     "{name} rank {rank}"
                 );
+                // The logits, and without a shared expert each MoE layer's rows.
+                let gathers = 1 + if shared { 0 } else { moe_layers };
+                assert_eq!(all_gathers, gathers, "{name} rank {rank}");
                 let diff = logits
                     .iter()
                     .zip(&one.0)
