@@ -1,6 +1,8 @@
 //! [`Engine`]: the decoder loop, written once over any [`Backend`]: embed, then per layer the
-//! attention segment, a reduce, the residual add, the FFN segment, a reduce, the residual add;
-//! then the logits. Prefill passes the whole prompt at once; decode passes one token.
+//! attention segment, a reduce, the residual add, the FFN segment, a reduce (or, where the FFN
+//! dispatched the rows to the experts' ranks, a gather of each rank's own rows), the residual
+//! add; then the logits. Prefill passes the whole prompt at once; decode passes one token, whose
+//! FFN needs no dispatch: every rank holds the same row and runs the chosen experts it holds.
 
 use shardline_tensor::kernels::add_assign;
 
