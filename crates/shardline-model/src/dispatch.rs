@@ -307,6 +307,8 @@ impl Dispatch<'_> {
 impl Layer {
     /// The FFN segment of several rows with the routed experts dispatched over `ranks` (see the
     /// module doc); the shared expert runs as in [`Layer::ffn_forward`], and so does a dense FFN.
+    /// Says what `out` holds: this rank's own rows, whole, or (with a shared expert or a dense
+    /// FFN) a partial sum of every row.
     pub fn ffn_forward_dispatched(
         &self,
         x: &[f32],
