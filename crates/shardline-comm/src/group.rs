@@ -18,6 +18,9 @@ use crate::transport::take_u32;
 
 type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 
+/// Per-rank byte counts of an all_to_all_v.
+type ByteCounts = smallvec::SmallVec<[usize; 16]>;
+
 /// A set of ranks that run collectives together.
 pub struct Group {
     engine: Arc<Mutex<Engine>>,
@@ -232,27 +235,34 @@ impl Group {
         output: &mut [T],
         recv_counts: &[usize],
     ) -> Result<()> {
+        let (s, r) =
+            self.v_byte_counts::<T>(input.len(), send_counts, output.len(), recv_counts)?;
+        self.sync(|e| e.all_to_all_v(bytes_of(input), &s, bytes_of_mut(output), &r, T::DTYPE))
+    }
+
+    /// The byte counts of an all_to_all_v, once the element counts are checked against the
+    /// group and the buffers.
+    fn v_byte_counts<T: Elem>(
+        &self,
+        input: usize,
+        send_counts: &[usize],
+        output: usize,
+        recv_counts: &[usize],
+    ) -> Result<(ByteCounts, ByteCounts)> {
         let ok = send_counts.len() == self.size
             && recv_counts.len() == self.size
-            && send_counts.iter().sum::<usize>() == input.len()
-            && recv_counts.iter().sum::<usize>() == output.len();
+            && send_counts.iter().sum::<usize>() == input
+            && recv_counts.iter().sum::<usize>() == output;
         if !ok {
             return Err(CommError::InvalidArgument(format!(
                 "all_to_all_v: counts must have one entry per rank ({}) and add up to the buffers \
-                 ({} sent, {} received)",
+                 ({input} sent, {output} received)",
                 self.size,
-                input.len(),
-                output.len()
             )));
         }
         let esize = T::DTYPE.size();
-        let to_bytes = |c: &[usize]| {
-            c.iter()
-                .map(|&n| n * esize)
-                .collect::<smallvec::SmallVec<[usize; 16]>>()
-        };
-        let (s, r) = (to_bytes(send_counts), to_bytes(recv_counts));
-        self.sync(|e| e.all_to_all_v(bytes_of(input), &s, bytes_of_mut(output), &r, T::DTYPE))
+        let to_bytes = |c: &[usize]| c.iter().map(|&n| n * esize).collect::<ByteCounts>();
+        Ok((to_bytes(send_counts), to_bytes(recv_counts)))
     }
 
     /// Returns once every rank of the group has called it.
@@ -346,6 +356,24 @@ impl Group {
         self.submit(move |e| {
             let mut out = vec![T::zeroed(); input.len() * size];
             e.all_gather(bytes_of(&input), bytes_of_mut(&mut out), T::DTYPE)
+                .map(|_| out)
+        })
+    }
+
+    /// [`Group::all_to_all_v`] on the progress thread; the handle gives the received buffer
+    /// (`recv_counts` added up). Bad counts come back as the handle's error.
+    pub fn all_to_all_v_async<T: Elem>(
+        &self,
+        input: Vec<T>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Handle<Vec<T>> {
+        let output = recv_counts.iter().sum();
+        let counts = self.v_byte_counts::<T>(input.len(), send_counts, output, recv_counts);
+        self.submit(move |e| {
+            let (s, r) = counts?;
+            let mut out = vec![T::zeroed(); output];
+            e.all_to_all_v(bytes_of(&input), &s, bytes_of_mut(&mut out), &r, T::DTYPE)
                 .map(|_| out)
         })
     }

@@ -3,7 +3,7 @@
 use shardline_tensor::kernels::{embedding, rms_norm, KvCache, Rope};
 use shardline_tensor::DType;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, FfnPart, Reduce};
 use crate::config::ModelSpec;
 use crate::error::Result;
 use crate::layer::{linear, Exec};
@@ -110,6 +110,23 @@ impl Backend for CpuBackend {
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         self.weights.layers[layer].ffn_forward(x, self.exec, out);
         Ok(())
+    }
+
+    /// With the experts split into groups over several ranks, the rows are dispatched to the
+    /// ranks that hold their experts (see [`crate::dispatch`]).
+    fn ffn_routed(
+        &mut self,
+        layer: usize,
+        x: &[f32],
+        out: &mut [f32],
+        ranks: &mut dyn Reduce,
+    ) -> Result<FfnPart> {
+        let plan = &self.weights.plan;
+        if plan.ep() > 1 && ranks.world() > 1 {
+            return self.weights.layers[layer].ffn_forward_dispatched(x, out, plan, ranks);
+        }
+        self.ffn(layer, x, out)?;
+        Ok(FfnPart::Sum)
     }
 
     fn vocab_rows(&self) -> std::ops::Range<usize> {

@@ -1,10 +1,13 @@
 //! [`Engine`]: the decoder loop, written once over any [`Backend`]: embed, then per layer the
-//! attention segment, a reduce, the residual add, the FFN segment, a reduce, the residual add;
-//! then the logits. Prefill passes the whole prompt at once; decode passes one token.
+//! attention segment, a reduce, the residual add, the FFN segment, a reduce (or, where the FFN
+//! dispatched the rows to the experts' ranks, a gather of each rank's own rows), the residual
+//! add; then the logits. Prefill passes the whole prompt at once; decode passes one token, whose
+//! FFN needs no dispatch: every rank holds the same row and runs the chosen experts it holds.
 
 use shardline_tensor::kernels::add_assign;
 
-use crate::backend::{Backend, Reduce};
+use crate::backend::{Backend, FfnPart, Reduce};
+use crate::dispatch::gather_own_rows;
 use crate::error::{ModelError, Result};
 
 /// Which rows of logits a forward pass returns.
@@ -168,8 +171,18 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             self.backend.attention(layer, &x, &mut part)?;
             self.reduce.all_reduce_sum(&mut part)?;
             add_assign(&mut x, &part);
-            self.backend.ffn(layer, &x, &mut part)?;
-            self.reduce.all_reduce_sum(&mut part)?;
+            let made = if tokens.len() == 1 {
+                self.backend.ffn(layer, &x, &mut part)?;
+                FfnPart::Sum
+            } else {
+                // Several rows may be dispatched to the experts' ranks (crate::dispatch).
+                self.backend
+                    .ffn_routed(layer, &x, &mut part, &mut self.reduce)?
+            };
+            match made {
+                FfnPart::Sum => self.reduce.all_reduce_sum(&mut part)?,
+                FfnPart::OwnRows => gather_own_rows(&mut part, h, &mut self.reduce)?,
+            }
             add_assign(&mut x, &part);
         }
         Ok(x)

@@ -17,6 +17,22 @@ impl Mlp {
         }
         linear(&self.down.view(), &h, rows, out);
     }
+
+    /// Runs the MLP once over `rows` (each `hidden` wide) gathered together; `each(i, y)` gets
+    /// the output row of the i-th.
+    pub(crate) fn forward_gathered<'a>(
+        &self,
+        rows: impl ExactSizeIterator<Item = &'a [f32]>,
+        mut each: impl FnMut(usize, &[f32]),
+    ) {
+        let n = rows.len();
+        let xs: Vec<f32> = rows.flatten().copied().collect();
+        let mut ys = vec![0.0f32; xs.len()];
+        self.forward(&xs, n, &mut ys);
+        for (i, y) in ys.chunks_exact(xs.len() / n.max(1)).enumerate() {
+            each(i, y);
+        }
+    }
 }
 
 /// The experts chosen for one token and their weights.
@@ -122,28 +138,33 @@ impl MoeWeights {
             if assigned.is_empty() {
                 continue;
             }
-            let xs: Vec<f32> = assigned
+            let xs = assigned
                 .iter()
-                .flat_map(|&(r, _)| xn[r * hidden..(r + 1) * hidden].iter().copied())
-                .collect();
-            let mut ys = vec![0.0f32; xs.len()];
-            expert.forward(&xs, assigned.len(), &mut ys);
-            for (&(r, w), y) in assigned.iter().zip(ys.chunks_exact(hidden)) {
+                .map(|&(r, _)| &xn[r * hidden..(r + 1) * hidden]);
+            expert.forward_gathered(xs, |i, y| {
+                let (r, w) = assigned[i];
                 axpy(w, y, &mut out[r * hidden..(r + 1) * hidden]);
-            }
+            });
         }
-        if let Some((shared, gate)) = &self.shared {
-            let mut ys = vec![0.0f32; xn.len()];
-            shared.forward(xn, rows, &mut ys);
-            let mut g = vec![0.0f32; rows];
-            linear(&gate.view(), xn, rows, &mut g);
-            for ((o, y), g) in out
-                .chunks_exact_mut(hidden)
-                .zip(ys.chunks_exact(hidden))
-                .zip(g)
-            {
-                axpy(1.0 / (1.0 + (-g).exp()), y, o);
-            }
+        self.add_shared(xn, rows, out);
+    }
+
+    /// Adds the sigmoid-gated shared expert (Qwen2-MoE), if any, over all `rows` to `out`.
+    pub(crate) fn add_shared(&self, xn: &[f32], rows: usize, out: &mut [f32]) {
+        let Some((shared, gate)) = &self.shared else {
+            return;
+        };
+        let hidden = xn.len() / rows;
+        let mut ys = vec![0.0f32; xn.len()];
+        shared.forward(xn, rows, &mut ys);
+        let mut g = vec![0.0f32; rows];
+        linear(&gate.view(), xn, rows, &mut g);
+        for ((o, y), g) in out
+            .chunks_exact_mut(hidden)
+            .zip(ys.chunks_exact(hidden))
+            .zip(g)
+        {
+            axpy(1.0 / (1.0 + (-g).exp()), y, o);
         }
     }
 }
@@ -151,13 +172,18 @@ impl MoeWeights {
 impl Layer {
     /// Runs the FFN segment for `[rows, hidden]` `x`; writes `[rows, hidden]` to `out`.
     pub fn ffn_forward(&self, x: &[f32], exec: Exec, out: &mut [f32]) {
-        let hidden = self.post_norm.len();
-        let rows = x.len() / hidden;
-        let mut xn = vec![0.0f32; x.len()];
-        rms_norm(x, &self.post_norm, self.rms_eps, &mut xn);
+        let rows = x.len() / self.post_norm.len();
+        let xn = self.ffn_norm(x);
         match &self.ffn {
             FfnWeights::Dense(m) => m.forward(&xn, rows, out),
             FfnWeights::Moe(moe) => moe.forward(&xn, rows, exec, out),
         }
+    }
+
+    /// The FFN's input: `x` after the post-attention norm.
+    pub(crate) fn ffn_norm(&self, x: &[f32]) -> Vec<f32> {
+        let mut xn = vec![0.0f32; x.len()];
+        rms_norm(x, &self.post_norm, self.rms_eps, &mut xn);
+        xn
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod ffn;
@@ -27,7 +28,7 @@ pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Backend, Reduce, SingleRank};
+pub use backend::{Backend, FfnPart, Pending, Reduce, SingleRank};
 pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
 pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};

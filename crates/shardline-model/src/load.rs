@@ -21,6 +21,8 @@ pub struct ModelWeights {
     pub lm_head: Option<Weight>,
     /// The vocabulary rows this rank's lm_head holds (its slice of the logits).
     pub vocab_rows: std::ops::Range<usize>,
+    /// The plan these weights were sliced for.
+    pub plan: Plan,
 }
 
 impl ModelWeights {
@@ -67,6 +69,7 @@ pub fn load_model_for(
         final_norm,
         lm_head,
         vocab_rows,
+        plan: *plan,
     })
 }
 

@@ -72,10 +72,6 @@ impl Plan {
         self.world / self.ep
     }
 
-    fn group(&self) -> usize {
-        self.rank / self.group_size()
-    }
-
     /// Checks that `spec` splits under this plan, with the reason when it does not.
     pub fn check(&self, spec: &ModelSpec) -> Result<()> {
         let w = self.world;
@@ -171,7 +167,14 @@ impl Plan {
 
     /// Whether this rank's expert group holds expert `e` of `n_experts`.
     pub fn holds_expert(&self, e: usize, n_experts: usize) -> bool {
-        piece(n_experts, self.ep, self.group()).contains(&e)
+        self.expert_ranks(e, n_experts).contains(&self.rank)
+    }
+
+    /// The ranks of the expert group that holds expert `e` of `n_experts`: each holds a shard
+    /// of it.
+    pub fn expert_ranks(&self, e: usize, n_experts: usize) -> Range<usize> {
+        let group = e / (n_experts / self.ep);
+        piece(self.world, self.ep, group)
     }
 
     /// This rank's rows of an expert's intermediate dimension.
@@ -201,6 +204,8 @@ mod tests {
         // 8 experts in 2 groups of 2 ranks: ranks 0-1 hold experts 0-3, sharded in halves.
         assert!(plans[1].holds_expert(3, 8) && !plans[1].holds_expert(4, 8));
         assert!(plans[2].holds_expert(4, 8) && !plans[3].holds_expert(0, 8));
+        assert_eq!(plans[0].expert_ranks(3, 8), 0..2);
+        assert_eq!(plans[0].expert_ranks(4, 8), 2..4);
         assert_eq!(plans[0].expert_rows(100), 0..50);
         assert_eq!(plans[3].expert_rows(100), 50..100);
         assert_eq!(plans[3].dense_rows(100), 75..100);

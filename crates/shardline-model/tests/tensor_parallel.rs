@@ -1,14 +1,19 @@
 //! Every repo fixture split over ranks (TP 2, TP 4, EP 2, TP 4 with EP 2) reproduces the
-//! reference logits to the single-rank tolerance. The ranks are threads of this process whose
+//! reference logits to the single-rank tolerance, and a prompt long enough for several chunks of
+//! expert dispatch gives the single-rank logits. The ranks are threads of this process whose
 //! reduce sums the partials in rank order, so the test checks the sharding itself; the comm
-//! crate's all-reduce between processes is tested by the CLI's distributed tests.
+//! crate's collectives between processes are tested by the CLI's distributed tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier, Mutex};
 
+use shardline_model::dispatch::DISPATCH_CHUNK;
 use shardline_model::load::load_model_for;
 use shardline_model::safetensors_dir::SafetensorsDir;
-use shardline_model::{verify, CpuBackend, Engine, ModelSpec, Plan, Reduce, Reference};
+use shardline_model::{
+    verify, CpuBackend, Engine, FfnKind, Logits, ModelError, ModelSpec, Pending, Plan, Reduce,
+    Reference,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -23,15 +28,20 @@ struct Slots {
 struct ThreadReduce {
     rank: usize,
     shared: Arc<Slots>,
+    /// All-to-all exchanges run (expert dispatch).
+    all_to_alls: usize,
+    /// All-gathers run (logits, and rows after dispatch).
+    all_gathers: usize,
 }
 
 impl ThreadReduce {
     /// Publishes this rank's `x`, waits for every rank's, and reads them in rank order.
-    fn exchange(&mut self, x: &[f32], read: impl FnOnce(&[Vec<f32>])) {
+    fn exchange<T>(&mut self, x: &[f32], read: impl FnOnce(&[Vec<f32>]) -> T) -> T {
         self.shared.parts.lock().unwrap()[self.rank] = x.to_vec();
         self.shared.barrier.wait();
-        read(&self.shared.parts.lock().unwrap());
+        let r = read(&self.shared.parts.lock().unwrap());
         self.shared.barrier.wait();
+        r
     }
 }
 
@@ -40,7 +50,12 @@ impl Reduce for ThreadReduce {
         self.shared.parts.lock().unwrap().len()
     }
 
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
     fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> shardline_model::Result<()> {
+        self.all_gathers += 1;
         self.exchange(local, |parts| {
             for (o, p) in out.chunks_exact_mut(local.len()).zip(parts) {
                 o.copy_from_slice(p);
@@ -61,13 +76,49 @@ impl Reduce for ThreadReduce {
         });
         Ok(())
     }
+
+    /// Each rank publishes its send counts, then its floats; each reads its block of every
+    /// rank's, checked against the count it expects.
+    fn all_to_all_v(
+        &mut self,
+        send: Vec<f32>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> shardline_model::Result<Pending> {
+        self.all_to_alls += 1;
+        let (me, world) = (self.rank, send_counts.len());
+        let mut published: Vec<f32> = send_counts.iter().map(|&n| n as f32).collect();
+        published.extend(send);
+        self.exchange(&published, |parts| {
+            let mut received = Vec::new();
+            for (from, part) in parts.iter().enumerate() {
+                let (counts, data) = part.split_at(world);
+                let start: usize = counts[..me].iter().map(|&c| c as usize).sum();
+                let n = counts[me] as usize;
+                if n != recv_counts[from] {
+                    return Err(ModelError::Invalid(format!(
+                        "rank {from} sent rank {me} {n} floats, {} expected",
+                        recv_counts[from]
+                    )));
+                }
+                received.extend_from_slice(&data[start..start + n]);
+            }
+            Ok(Pending::ready(received))
+        })
+    }
 }
 
-/// Verifies `dir` with `world` thread-ranks and `ep` expert groups; returns each rank's
-/// (prefill, decode) max difference.
-fn verify_split(dir: &Path, world: usize, ep: usize) -> Vec<(f32, f32)> {
-    let spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
-    let reference = Reference::from_file(&dir.join("reference.json"), spec.vocab).unwrap();
+/// Runs `f` on `world` thread-ranks with `ep` expert groups, each with its engine over its slice
+/// of the model in `dir` (config `adjust`ed); returns each rank's result.
+fn on_thread_ranks<T: Send>(
+    dir: &Path,
+    world: usize,
+    ep: usize,
+    adjust: impl Fn(&mut ModelSpec),
+    f: impl Fn(&mut Engine<CpuBackend, ThreadReduce>) -> T + Sync,
+) -> Vec<T> {
+    let mut spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
+    adjust(&mut spec);
     let shared = Arc::new(Slots {
         parts: Mutex::new(vec![Vec::new(); world]),
         barrier: Barrier::new(world),
@@ -75,29 +126,51 @@ fn verify_split(dir: &Path, world: usize, ep: usize) -> Vec<(f32, f32)> {
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
-                let (spec, reference, shared) = (spec.clone(), &reference, shared.clone());
+                let (spec, shared, f) = (spec.clone(), shared.clone(), &f);
                 s.spawn(move || {
                     let plan = Plan::new(world, ep, rank).unwrap();
                     let files = SafetensorsDir::open(dir).unwrap();
                     let weights = load_model_for(&spec, &files, &plan).unwrap();
                     let backend = CpuBackend::new(spec, weights, 0);
-                    let mut engine = Engine::new(backend, ThreadReduce { rank, shared });
-                    let r = verify(&mut engine, reference).unwrap();
-                    assert!(
-                        r.passed(),
-                        "{} world {world} ep {ep} rank {rank}: prefill {:.2e} decode {:.2e}, greedy {}/{}",
-                        dir.display(),
-                        r.prefill_max_diff,
-                        r.decode_max_diff,
-                        r.greedy_agree,
-                        r.greedy_total
-                    );
-                    (r.prefill_max_diff, r.decode_max_diff)
+                    let reduce = ThreadReduce {
+                        rank,
+                        shared,
+                        all_to_alls: 0,
+                        all_gathers: 0,
+                    };
+                    f(&mut Engine::new(backend, reduce))
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// Verifies `dir` with `world` thread-ranks and `ep` expert groups; returns each rank's
+/// (prefill, decode) max difference.
+fn verify_split(dir: &Path, world: usize, ep: usize) -> Vec<(f32, f32)> {
+    let spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
+    let reference = Reference::from_file(&dir.join("reference.json"), spec.vocab).unwrap();
+    on_thread_ranks(
+        dir,
+        world,
+        ep,
+        |_| {},
+        |engine| {
+            let rank = engine.reduce.rank;
+            let r = verify(engine, &reference).unwrap();
+            assert!(
+                r.passed(),
+                "{} world {world} ep {ep} rank {rank}: prefill {:.2e} decode {:.2e}, greedy {}/{}",
+                dir.display(),
+                r.prefill_max_diff,
+                r.decode_max_diff,
+                r.greedy_agree,
+                r.greedy_total
+            );
+            (r.prefill_max_diff, r.decode_max_diff)
+        },
+    )
 }
 
 #[test]
@@ -135,4 +208,58 @@ fn a_dense_model_refuses_expert_parallelism() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no experts"), "{err}");
+}
+
+#[test]
+fn a_long_prompt_is_dispatched_to_the_expert_ranks_in_chunks() {
+    const PROMPT: usize = 300;
+    let longer = |spec: &mut ModelSpec| spec.max_positions = 512;
+    for name in ["mixtral-tiny", "qwen2-moe-tiny"] {
+        let dir = fixtures().join(name);
+        let spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
+        let prompt: Vec<u32> = (0..PROMPT)
+            .map(|i| ((i * 37 + 11) % spec.vocab) as u32)
+            .collect();
+        let moe_layers = (0..spec.n_layers)
+            .filter(|&l| matches!(spec.ffn(l), FfnKind::Moe(_)))
+            .count();
+        let shared = spec.moe.as_ref().unwrap().shared_intermediate.is_some();
+        // Prefill logits of every row, and the all-to-alls and all-gathers the rank ran.
+        let prefill = |world, ep| {
+            on_thread_ranks(&dir, world, ep, longer, |engine| {
+                engine.start(PROMPT).unwrap();
+                let logits = engine.forward(&prompt, Logits::All).unwrap();
+                let r = &engine.reduce;
+                (logits, r.all_to_alls, r.all_gathers)
+            })
+        };
+        let one = prefill(1, 1).remove(0);
+        assert_eq!(one.1, 0, "one rank exchanges nothing");
+        for (world, ep) in [(2, 2), (4, 2), (4, 4)] {
+            let chunks = PROMPT.div_ceil(world).div_ceil(DISPATCH_CHUNK);
+            assert!(chunks >= 2, "the prompt is too short to test chunking");
+            for (rank, (logits, all_to_alls, all_gathers)) in
+                prefill(world, ep).into_iter().enumerate()
+            {
+                // Per MoE layer: the counts, then each chunk's rows out and results back.
+                assert_eq!(
+                    all_to_alls,
+                    moe_layers * (1 + 2 * chunks),
+                    "{name} rank {rank}"
+                );
+                // The logits, and without a shared expert each MoE layer's rows.
+                let gathers = 1 + if shared { 0 } else { moe_layers };
+                assert_eq!(all_gathers, gathers, "{name} rank {rank}");
+                let diff = logits
+                    .iter()
+                    .zip(&one.0)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    diff < 1e-4,
+                    "{name} world {world} ep {ep} rank {rank}: logits differ by {diff:.2e}"
+                );
+            }
+        }
+    }
 }

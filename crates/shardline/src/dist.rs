@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shardline_comm::{Group, ReduceOp};
-use shardline_model::{ModelError, Plan, Reduce};
+use shardline_model::{ModelError, Pending, Plan, Reduce};
 
 /// How a command is split over ranks.
 #[derive(clap::Args, Clone, Debug)]
@@ -75,12 +75,17 @@ pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
     })
 }
 
-/// The model's collectives over the group: the segments' sum all-reduce, the logits' all-gather.
+/// The model's collectives over the group: the segments' sum all-reduce, the logits' all-gather,
+/// and expert dispatch's all-to-all(v), on the group's progress thread.
 pub struct GroupReduce(pub Group);
 
 impl Reduce for GroupReduce {
     fn world(&self) -> usize {
         self.0.size()
+    }
+
+    fn rank(&self) -> usize {
+        self.0.rank()
     }
 
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
@@ -93,6 +98,21 @@ impl Reduce for GroupReduce {
         self.0
             .all_gather(local, out)
             .map_err(|e| ModelError::Invalid(format!("all-gather failed: {e}")))
+    }
+
+    fn all_to_all_v(
+        &mut self,
+        send: Vec<f32>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> shardline_model::Result<Pending> {
+        let rank = self.0.rank();
+        let handle = self.0.all_to_all_v_async(send, send_counts, recv_counts);
+        Ok(Pending::new(move || {
+            handle
+                .wait()
+                .map_err(|e| ModelError::Invalid(format!("all-to-all failed on rank {rank}: {e}")))
+        }))
     }
 }
 

@@ -216,24 +216,48 @@ fn bench_decode_over_two_ranks_reports_the_communication() {
     assert!(r["median_us"].as_f64().unwrap() > r["comm_us_per_layer"].as_f64().unwrap());
 }
 
+/// The first line `run` prints for `prompt` (greedy, 24 new tokens) split as `parallel` says.
+fn greedy_text(prompt: &str, parallel: &[&str]) -> String {
+    let mut args = vec!["run", "--prompt", prompt, "--max-tokens", "24"];
+    args.extend_from_slice(parallel);
+    let out = shardline(&args);
+    assert!(
+        out.status.success(),
+        "{parallel:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    stdout.lines().next().unwrap_or_default().to_string()
+}
+
 #[test]
 fn greedy_text_is_the_same_on_one_rank_and_split_over_ranks() {
     // Split over ranks, greedy decoding picks each token with a distributed argmax over the
     // ranks' slices of the vocabulary.
-    let text = |parallel: &[&str]| {
-        let mut args = vec!["run", "--prompt", "Shardline", "--max-tokens", "24"];
-        args.extend_from_slice(parallel);
-        let out = shardline(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        stdout.lines().next().unwrap_or_default().to_string()
-    };
-    let one = text(&[]);
+    let one = greedy_text("Shardline", &[]);
     assert!(one.len() > "Shardline".len(), "nothing generated: {one:?}");
-    assert_eq!(text(&["--tp", "2"]), one);
-    assert_eq!(text(&["--tp", "4", "--ep", "2", "--transport", "tcp"]), one);
+    assert_eq!(greedy_text("Shardline", &["--tp", "2"]), one);
+    assert_eq!(
+        greedy_text(
+            "Shardline",
+            &["--tp", "4", "--ep", "2", "--transport", "tcp"]
+        ),
+        one
+    );
+}
+
+#[test]
+fn a_long_prompt_gives_the_same_text_with_its_rows_dispatched_to_the_expert_ranks() {
+    // 300 byte tokens: at --ep 2 each rank owns 150 rows, three chunks of expert dispatch (two at
+    // --tp 4 --ep 2), exchanged between processes by the group's progress thread.
+    let prompt =
+        "Shardline dispatches the prompt's rows to the ranks that own their experts. ".repeat(4);
+    let prompt = &prompt[..300];
+    let one = greedy_text(prompt, &[]);
+    assert!(one.len() > prompt.len(), "nothing generated: {one:?}");
+    assert_eq!(greedy_text(prompt, &["--ep", "2"]), one);
+    assert_eq!(
+        greedy_text(prompt, &["--tp", "4", "--ep", "2", "--transport", "tcp"]),
+        one
+    );
 }

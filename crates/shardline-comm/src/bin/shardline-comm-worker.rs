@@ -185,6 +185,14 @@ fn split_and_async(g: &Group) -> Check {
 
     let a = g.all_reduce_async(vec![f16::from_f32(me as f32); 1000], ReduceOp::Max);
     let b = g.all_gather_async(vec![bf16::from_f32(me as f32); 3]);
+    // all_to_all_v_async: rank r sends r + 1 copies of 10 * r + p to rank p.
+    let send_counts = vec![me + 1; n];
+    let input: Vec<f32> = (0..n)
+        .flat_map(|p| std::iter::repeat_n((10 * me + p) as f32, me + 1))
+        .collect();
+    let recv_counts: Vec<usize> = (1..=n).collect();
+    let v = g.all_to_all_v_async(input, &send_counts, &recv_counts);
+    let bad = g.all_to_all_v_async(vec![0.0f32; 3], &[1], &[1]);
     let mut c = vec![1.0f32; 10];
     ctx("sync after async", g.all_reduce(&mut c, ReduceOp::Sum))?;
     expect_eq("sync after async", &c, |_| n as f32)?;
@@ -194,6 +202,14 @@ fn split_and_async(g: &Group) -> Check {
     expect_eq("all_gather_async", &ctx("wait", b.wait())?, |i| {
         (i / 3) as f32
     })?;
+    let want: Vec<f32> = (0..n)
+        .flat_map(|p| std::iter::repeat_n((10 * p + me) as f32, p + 1))
+        .collect();
+    expect_eq("all_to_all_v_async", &ctx("wait", v.wait())?, |i| want[i])?;
+    match bad.wait() {
+        Err(CommError::InvalidArgument(_)) => {}
+        other => return Err(format!("all_to_all_v_async with bad counts gave {other:?}")),
+    }
     Ok(())
 }
 
