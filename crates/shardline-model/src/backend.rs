@@ -1,7 +1,7 @@
 //! The interface between the decoder loop and a device: a [`Backend`] runs the two segments of a
 //! layer (attention, FFN) plus the embedding and the logits; a [`Reduce`] hook combines the
-//! segments' partial sums across ranks. The CPU backend implements it now, a CUDA backend
-//! later, and the decoder loop ([`crate::engine::Engine`]) is written once over both.
+//! segments' partial sums across ranks (unless the backend summed them on its device already).
+//! The CPU and CUDA backends implement it, and the decoder loop ([`crate::engine::Engine`]) is written once over both.
 
 use std::ops::Range;
 
@@ -35,6 +35,12 @@ pub trait Backend {
 
     /// FFN segment of `layer`: writes this rank's partial residual update to `out`.
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
+
+    /// Whether `attention` and `ffn` already return the sum over every rank (a GPU backend that
+    /// all-reduces on the device), so that the engine skips its own all-reduce of them.
+    fn sums_across_ranks(&self) -> bool {
+        false
+    }
 
     /// The vocabulary rows this rank's lm_head holds.
     fn vocab_rows(&self) -> Range<usize>;

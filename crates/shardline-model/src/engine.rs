@@ -164,12 +164,17 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         let mut x = vec![0.0f32; tokens.len() * h];
         let mut part = vec![0.0f32; x.len()];
         self.backend.embed(tokens, &mut x)?;
+        let host_sum = !self.backend.sums_across_ranks();
         for layer in 0..n_layers {
             self.backend.attention(layer, &x, &mut part)?;
-            self.reduce.all_reduce_sum(&mut part)?;
+            if host_sum {
+                self.reduce.all_reduce_sum(&mut part)?;
+            }
             add_assign(&mut x, &part);
             self.backend.ffn(layer, &x, &mut part)?;
-            self.reduce.all_reduce_sum(&mut part)?;
+            if host_sum {
+                self.reduce.all_reduce_sum(&mut part)?;
+            }
             add_assign(&mut x, &part);
         }
         Ok(x)
