@@ -14,9 +14,9 @@
 //! missing library is an error naming what was tried; `SHARDLINE_NCCL_LIB` names a file to use.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DeviceRepr};
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use half::{bf16, f16};
 use shardline_tensor::DType;
@@ -205,6 +205,8 @@ pub struct DeviceComm {
     lib: &'static Lib,
     rank: usize,
     world: usize,
+    /// Keeps the device's context alive until the communicator is destroyed.
+    _ctx: Arc<CudaContext>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time; `&mut`-free
@@ -247,6 +249,7 @@ impl DeviceComm {
             lib,
             rank,
             world,
+            _ctx: dev.context().clone(),
         })
     }
 

@@ -337,6 +337,8 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    /// With a communicator, every path of `attention` and `ffn` returns the sum over the ranks
+    /// (the stack all-reduces each segment before its output is copied to the host).
     fn sums_across_ranks(&self) -> bool {
         self.stack.comm().is_some()
     }
