@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs Shardline's GPU tests and GPU benchmarks (with the PyTorch peer, when present) on a machine
 # with an NVIDIA GPU. Builds with cargo when cargo is there; otherwise takes prebuilt binaries from
-# $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda` and the `layer_gpu` test binary
-# (`cargo test -p shardline-cuda --release --no-run`). Results go to $OUT (default gpu-results/).
+# $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda` and the `layer_gpu` and `nccl_gpu`
+# test binaries (`cargo test -p shardline-cuda --release --no-run`). Results go to $OUT (default
+# gpu-results/). NCCL (libnccl.so.2) is taken from PyTorch's wheel when it is not on the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -13,11 +14,19 @@ trap 'rm -rf "$work"' EXIT
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
     bin=$SHARDLINE_GPU_BIN
     test_bin=$bin/layer_gpu
+    nccl_test_bin=$bin/nccl_gpu
 else
     cargo build --release -p shardline --features cuda
     bin=target/release
     test_bin=$(cargo test -p shardline-cuda --release --no-run 2>&1 |
         grep -o 'target/release/deps/layer_gpu-[a-z0-9]*' | head -1)
+    nccl_test_bin=$(cargo test -p shardline-cuda --release --no-run 2>&1 |
+        grep -o 'target/release/deps/nccl_gpu-[a-z0-9]*' | head -1)
+fi
+if ! ldconfig -p | grep -q 'libnccl\.so'; then
+    # nvidia.nccl is a namespace package (no __file__): take its __path__.
+    d=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib"))' 2>/dev/null || true)
+    [ -n "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 fi
 
 # NVRTC is loaded at run time: find it where CUDA toolkits and pip wheels put it.
@@ -36,6 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 echo "== GPU tests"
 "$test_bin" --test-threads=1 2>&1 | tee "$out/gpu_tests.log"
+"$nccl_test_bin" --test-threads=1 --nocapture 2>&1 | tee -a "$out/gpu_tests.log"
 
 echo "== verify on the GPU: every repo fixture (and ../shared/fixtures when present)"
 for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
@@ -45,7 +55,14 @@ for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
         echo "verify FAILED on the GPU: $d"
 done 2>&1 | tee "$out/gpu_verify.log"
 
-echo "== verify split over ranks on the GPU (ranks share it, all-reduce through the host)"
+echo "== verify on the GPU summing through a one-rank NCCL communicator"
+for d in fixtures/*/; do
+    "$bin/shardline" verify --model "$d" --device cuda --gpu-comm nccl ||
+        "$bin/shardline" verify --model "$d" --device cuda --gpu-comm nccl --rope-freqs model-dtype ||
+        echo "verify --gpu-comm nccl FAILED on the GPU: $d"
+done 2>&1 | tee "$out/gpu_verify_nccl.log"
+
+echo "== verify split over ranks on the GPU (one GPU per rank: NCCL; ranks sharing one: the host)"
 for d in fixtures/*/; do
     plans=("--tp 2" "--tp 4")
     grep -q -e num_local_experts -e num_experts "$d/config.json" && plans+=("--ep 2" "--tp 4 --ep 2")
@@ -63,6 +80,15 @@ for p in ${presets//,/ }; do
         "$bin/shardline" bench decode --device cuda --preset "$p" --dtype bf16 --exec "$exec" \
             --json "$work/decode.jsonl"
         cat "$work/decode.jsonl" >> "$out/shardline_decode_gpu.jsonl"
+        # Split over the GPUs with NCCL (a one-rank communicator on a one-GPU machine).
+        gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+        for plan in "--gpu-comm nccl" "--tp 2" "--ep 2"; do
+            [ "$plan" = "--gpu-comm nccl" ] || [ "$gpus" -ge 2 ] || continue
+            # shellcheck disable=SC2086  # the plan is a word list
+            "$bin/shardline" bench decode --device cuda --preset "$p" --dtype bf16 --exec "$exec" \
+                $plan --json "$work/decode.jsonl" &&
+                cat "$work/decode.jsonl" >> "$out/shardline_decode_gpu.jsonl"
+        done
     done
 done
 
@@ -78,6 +104,12 @@ if [ -f bench/peers/torch_decode.py ] && python3 -c 'import torch' 2>/dev/null; 
                 echo "torch $p $mode failed"
             fi
         done
+    done
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+    for tp in 1 2; do
+        [ "$tp" -le "$gpus" ] || continue
+        torchrun --nproc-per-node "$tp" bench/peers/torch_nccl_decode.py --preset mixtral-8x7b \
+            --json "$work/torch.jsonl" && cat "$work/torch.jsonl" >> "$out/torch_decode_gpu.jsonl"
     done
     if [ -f bench/peers/compare.py ]; then
         python3 bench/peers/compare.py "$out/shardline_decode_gpu.jsonl" "$out/torch_decode_gpu.jsonl"

@@ -28,6 +28,8 @@ RESULT_KEYS = {
     "peer_mode",
     "copies",
     "threads",
+    "comm_in_graph",
+    "nccl",
 }
 
 

@@ -60,12 +60,8 @@ pub struct CudaDevice {
 impl CudaDevice {
     /// Opens device `ordinal`, compiling (or loading from the cache) the kernels.
     pub fn open(ordinal: usize) -> Result<CudaDevice, CudaError> {
-        // SAFETY: these only try to load the shared libraries.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(CudaError::Unavailable(
-                "the CUDA driver library (libcuda.so) was not found".into(),
-            ));
-        }
+        let count = device_count()?;
+        // SAFETY: this only tries to load the shared library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(CudaError::Unavailable(
                 "NVRTC (libnvrtc.so) was not found: put the CUDA toolkit's lib64 directory on \
@@ -73,8 +69,7 @@ impl CudaDevice {
                     .into(),
             ));
         }
-        let count = CudaContext::device_count().during("counting CUDA devices")?;
-        if ordinal >= count as usize {
+        if ordinal >= count {
             return Err(CudaError::Unavailable(format!(
                 "device {ordinal} asked for, but {count} CUDA device(s) found"
             )));
@@ -155,6 +150,18 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.stream.synchronize().during("waiting for the stream")
     }
+}
+
+/// How many CUDA devices this process sees (an error where the driver library is missing).
+pub fn device_count() -> Result<usize, CudaError> {
+    // SAFETY: this only tries to load the shared library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::Unavailable(
+            "the CUDA driver library (libcuda.so) was not found".into(),
+        ));
+    }
+    let count = CudaContext::device_count().during("counting CUDA devices")?;
+    Ok(count.max(0) as usize)
 }
 
 /// Compiles the kernels for Hopper (compute_90) without a GPU: only NVRTC is needed. Lets a

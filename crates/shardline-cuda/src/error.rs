@@ -14,6 +14,8 @@ pub enum CudaError {
     },
     #[error("NVRTC could not compile Shardline's kernels: {0}")]
     Compile(String),
+    #[error("NCCL failed while {0}")]
+    Nccl(String),
     #[error("invalid layer shape: {0}")]
     Shape(String),
 }

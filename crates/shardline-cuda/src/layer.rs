@@ -9,7 +9,10 @@
 //! A [`LayerStack`] runs layers two ways: chained on the device with the residual adds fused
 //! ([`LayerStack::step`], for benchmarks), or one segment at a time returning its partial sum to
 //! the host ([`LayerStack::attention`], [`LayerStack::ffn`]), where a model engine adds residuals
-//! and all-reduces across ranks.
+//! and all-reduces across ranks. With a [`DeviceComm`] ([`LayerStack::set_comm`]) each segment's
+//! partial sum is all-reduced on the device by NCCL: in `step`, inside the segment's graph where
+//! the capture takes it (else between the graph launches); in `attention`/`ffn`, before the copy
+//! to the host.
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DevicePtr};
@@ -17,6 +20,7 @@ use shardline_tensor::DType;
 
 use crate::device::dptr;
 use crate::error::DriverContext;
+use crate::nccl::DeviceComm;
 use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
 use crate::{CudaDevice, CudaError};
 
@@ -226,6 +230,22 @@ pub struct DeviceLayer {
     v_cache: CudaSlice<f32>,
 }
 
+/// Expert number -> index among `held`, or -1, on the device.
+fn expert_map(
+    dev: &CudaDevice,
+    held: &[usize],
+    n_experts: usize,
+) -> Result<CudaSlice<i32>, CudaError> {
+    let mut map = vec![-1i32; n_experts];
+    for (local, &e) in held.iter().enumerate() {
+        let slot = map
+            .get_mut(e)
+            .ok_or_else(|| CudaError::Shape(format!("held expert {e} of {n_experts}")))?;
+        *slot = local as i32;
+    }
+    dev.upload(&map)
+}
+
 /// Checks that `got` bytes are what `name` needs.
 fn check_len(name: &str, got: usize, want: usize) -> Result<(), CudaError> {
     if got == want {
@@ -248,6 +268,18 @@ impl DeviceLayer {
         dtype: DType,
         seed: u32,
     ) -> Result<DeviceLayer, CudaError> {
+        DeviceLayer::random_held(dev, shape, ffn, dtype, seed, None)
+    }
+
+    /// [`DeviceLayer::random`] holding only the experts `held` (expert parallelism; `None`: all).
+    pub fn random_held(
+        dev: &CudaDevice,
+        shape: &LayerShape,
+        ffn: &FfnShape,
+        dtype: DType,
+        seed: u32,
+        held: Option<&[usize]>,
+    ) -> Result<DeviceLayer, CudaError> {
         shape.validate(ffn)?;
         let (h, es) = (shape.hidden, dtype.size_in_bytes());
         let mut salt = 0u32;
@@ -265,7 +297,10 @@ impl DeviceLayer {
             )?;
             Ok(buf)
         };
-        let (e, i) = (ffn.experts(), ffn.intermediate());
+        let (e, i) = (
+            held.map_or(ffn.experts(), <[usize]>::len),
+            ffn.intermediate(),
+        );
         let mut mlp = |count: usize, i: usize| -> Result<DeviceMlp, CudaError> {
             Ok(DeviceMlp {
                 gate_up: rand(count * 2 * i, h)?,
@@ -282,9 +317,9 @@ impl DeviceLayer {
         };
         let ones = |n: usize| dev.upload(&vec![1.0f32; n]);
         let device_ffn = match ffn {
-            FfnShape::Moe { .. } => DeviceFfn::Moe {
-                router: rand(e, h)?,
-                expert_map: None,
+            FfnShape::Moe { n_experts, .. } => DeviceFfn::Moe {
+                router: rand(*n_experts, h)?,
+                expert_map: held.map(|h| expert_map(dev, h, *n_experts)).transpose()?,
                 shared: shared
                     .map(|m| rand(1, h).map(|g| Box::new((m, g))))
                     .transpose()?,
@@ -387,16 +422,7 @@ impl DeviceLayer {
                 check_len("router", router.len(), n_experts * h * es)?;
                 let (count, expert_map) = match held {
                     None => (*n_experts, None),
-                    Some(held) => {
-                        let mut map = vec![-1i32; *n_experts];
-                        for (local, &e) in held.iter().enumerate() {
-                            let slot = map.get_mut(e).ok_or_else(|| {
-                                CudaError::Shape(format!("held expert {e} of {n_experts}"))
-                            })?;
-                            *slot = local as i32;
-                        }
-                        (held.len(), Some(dev.upload(&map)?))
-                    }
+                    Some(held) => (held.len(), Some(expert_map(dev, held, *n_experts)?)),
                 };
                 let shared = match (shared_intermediate, shared) {
                     (Some(si), Some((m, gate))) => {
@@ -571,6 +597,13 @@ enum Residual {
     Partial,
 }
 
+/// The two segments of a layer; each output (`x_mid`, then `x`) is what ranks all-reduce.
+#[derive(Clone, Copy)]
+enum Segment {
+    Attention,
+    Ffn,
+}
+
 /// Layers that run one decode token at a time.
 pub struct LayerStack {
     shape: LayerShape,
@@ -579,6 +612,10 @@ pub struct LayerStack {
     head: Option<DeviceHead>,
     /// `[attention, ffn]` graphs per layer for [`LayerStack::step`], captured on first use.
     graphs: Vec<[CudaGraph; 2]>,
+    /// Sums each segment's output across the ranks on the device.
+    comm: Option<DeviceComm>,
+    /// Whether the graphs hold the all-reduces (else `step` launches them between the graphs).
+    comm_in_graph: bool,
 }
 
 impl LayerStack {
@@ -642,6 +679,8 @@ impl LayerStack {
             layers,
             head: None,
             graphs: Vec::new(),
+            comm: None,
+            comm_in_graph: false,
         })
     }
 
@@ -651,6 +690,52 @@ impl LayerStack {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Sums every segment's output across the ranks of `comm` from now on (runs one all-reduce
+    /// now, so that NCCL sets up its connections before any graph capture).
+    pub fn set_comm(&mut self, dev: &CudaDevice, comm: DeviceComm) -> Result<(), CudaError> {
+        self.comm = Some(comm);
+        self.graphs.clear();
+        self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Sync)
+    }
+
+    pub fn comm(&self) -> Option<&DeviceComm> {
+        self.comm.as_ref()
+    }
+
+    /// Whether [`LayerStack::step`]'s graphs hold the all-reduces (`None`: no communicator, or
+    /// not captured yet).
+    pub fn comm_in_graph(&self) -> Option<bool> {
+        (self.comm.is_some() && !self.graphs.is_empty()).then_some(self.comm_in_graph)
+    }
+
+    /// The residual of chained layers: across ranks only rank 0 adds it, so that the all-reduce
+    /// counts it once.
+    fn chained_residual(&self) -> Residual {
+        match &self.comm {
+            Some(c) if c.rank() != 0 => Residual::Partial,
+            _ => Residual::Fused,
+        }
+    }
+
+    /// Queues the all-reduce of `segment`'s output, when there is a communicator.
+    fn enqueue_all_reduce(
+        &self,
+        dev: &CudaDevice,
+        segment: Segment,
+        after: &mut AfterOp,
+    ) -> Result<(), CudaError> {
+        let Some(comm) = &self.comm else {
+            return Ok(());
+        };
+        let buf = match segment {
+            Segment::Attention => &self.scratch.x_mid,
+            Segment::Ffn => &self.scratch.x,
+        };
+        // SAFETY: the buffer is this stack's, of `hidden` f32 values, and lives as long as it.
+        unsafe { comm.all_reduce_sum_raw(dev, dptr(dev, buf), self.shape.hidden, DType::F32)? };
+        after.done(dev, "comm.all_reduce")
     }
 
     /// Uses these rope frequencies (`head_dim / 2` of them, as the model computes them).
@@ -721,18 +806,28 @@ impl LayerStack {
     pub fn step(&mut self, dev: &CudaDevice, mode: ExecMode) -> Result<(), CudaError> {
         match mode {
             ExecMode::PerOp => {
+                let res = self.chained_residual();
                 for l in 0..self.layers.len() {
-                    self.enqueue_attention(dev, l, Residual::Fused, &mut AfterOp::Sync)?;
-                    self.enqueue_ffn(dev, l, Residual::Fused, &mut AfterOp::Sync)?;
+                    self.enqueue_attention(dev, l, res, &mut AfterOp::Sync)?;
+                    self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Sync)?;
+                    self.enqueue_ffn(dev, l, res, &mut AfterOp::Sync)?;
+                    self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Sync)?;
                 }
             }
             ExecMode::Split => {
                 if self.graphs.len() != self.layers.len() {
                     self.capture(dev)?;
                 }
+                let between = !self.comm_in_graph;
                 for g in &self.graphs {
                     g[0].launch().during("replaying the attention graph")?;
+                    if between {
+                        self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
+                    }
                     g[1].launch().during("replaying the ffn graph")?;
+                    if between {
+                        self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
+                    }
                 }
             }
         }
@@ -750,6 +845,7 @@ impl LayerStack {
     ) -> Result<(), CudaError> {
         self.set_hidden(dev, x)?;
         self.enqueue_attention(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
+        self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
         self.check_hidden(out.len())?;
         dev.stream()
             .memcpy_dtoh(&self.scratch.x_mid, out)
@@ -769,6 +865,7 @@ impl LayerStack {
             .memcpy_htod(x, &mut self.scratch.x_mid)
             .during("copying the hidden state")?;
         self.enqueue_ffn(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
+        self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
         self.check_hidden(out.len())?;
         dev.stream()
             .memcpy_dtoh(&self.scratch.x, out)
@@ -806,21 +903,54 @@ impl LayerStack {
         dev.download(&s.vocab_logits)
     }
 
-    /// Captures both segments of every layer as graphs.
+    /// Captures both segments of every layer as graphs, each with its all-reduce where there is
+    /// a communicator; if the capture does not take the all-reduce, captures the segments alone
+    /// (and `step` all-reduces between the graph launches).
     fn capture(&mut self, dev: &CudaDevice) -> Result<(), CudaError> {
         dev.synchronize()?;
+        if self.comm.is_some() {
+            match self.capture_all(dev, true) {
+                Ok(graphs) => {
+                    self.graphs = graphs;
+                    self.comm_in_graph = true;
+                    return Ok(());
+                }
+                Err(e) => eprintln!(
+                    "note: the NCCL all-reduce could not be captured in a graph ({e}); it runs \
+                     between the graph launches"
+                ),
+            }
+        }
+        self.graphs = self.capture_all(dev, false)?;
+        self.comm_in_graph = false;
+        Ok(())
+    }
+
+    fn capture_all(
+        &self,
+        dev: &CudaDevice,
+        with_comm: bool,
+    ) -> Result<Vec<[CudaGraph; 2]>, CudaError> {
+        let res = self.chained_residual();
         let mut graphs = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let attn = self.capture_one(dev, |s| {
-                s.enqueue_attention(dev, l, Residual::Fused, &mut AfterOp::Queue)
+                s.enqueue_attention(dev, l, res, &mut AfterOp::Queue)?;
+                if with_comm {
+                    s.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
+                }
+                Ok(())
             })?;
             let ffn = self.capture_one(dev, |s| {
-                s.enqueue_ffn(dev, l, Residual::Fused, &mut AfterOp::Queue)
+                s.enqueue_ffn(dev, l, res, &mut AfterOp::Queue)?;
+                if with_comm {
+                    s.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
+                }
+                Ok(())
             })?;
             graphs.push([attn, ffn]);
         }
-        self.graphs = graphs;
-        Ok(())
+        Ok(graphs)
     }
 
     fn capture_one(
@@ -853,9 +983,13 @@ impl LayerStack {
             .stream()
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .during("recording an event")?;
+        let res = self.chained_residual();
         for l in 0..self.layers.len() {
-            self.enqueue_attention(dev, l, Residual::Fused, &mut AfterOp::Time(&mut events))?;
-            self.enqueue_ffn(dev, l, Residual::Fused, &mut AfterOp::Time(&mut events))?;
+            let mut after = AfterOp::Time(&mut events);
+            self.enqueue_attention(dev, l, res, &mut after)?;
+            self.enqueue_all_reduce(dev, Segment::Attention, &mut after)?;
+            self.enqueue_ffn(dev, l, res, &mut after)?;
+            self.enqueue_all_reduce(dev, Segment::Ffn, &mut after)?;
         }
         dev.synchronize()?;
         let mut totals: Vec<(&'static str, f64)> = Vec::new();

@@ -3,11 +3,13 @@
 //! two segments are each captured once as a CUDA graph and replayed every step.
 //!
 //! The crate builds on machines without a CUDA toolkit: the driver and NVRTC libraries are loaded
-//! when a [`CudaDevice`] is opened, and their absence is an error, not a build failure.
+//! when a [`CudaDevice`] is opened, and their absence is an error, not a build failure. NCCL, for
+//! the all-reduce between segments across GPUs ([`nccl::DeviceComm`]), is loaded the same way.
 
 pub mod device;
 pub mod error;
 pub mod layer;
+pub mod nccl;
 pub mod ops;
 mod ptx_cache;
 

@@ -1,8 +1,8 @@
 //! The interface between the decoder loop and a device: a [`Backend`] runs the two segments of a
 //! layer (attention, FFN) plus the embedding and the logits; a [`Reduce`] hook combines the
-//! segments' partial sums across ranks and exchanges rows between them for expert dispatch. The
-//! CPU backend implements it now, a CUDA backend later, and the decoder loop
-//! ([`crate::engine::Engine`]) is written once over both.
+//! segments' partial sums across ranks (unless the backend summed them on its device already)
+//! and exchanges rows between them for expert dispatch. The CPU and CUDA backends implement it,
+//! and the decoder loop ([`crate::engine::Engine`]) is written once over both.
 
 use std::ops::Range;
 
@@ -51,6 +51,12 @@ pub trait Backend {
         let _ = ranks;
         self.ffn(layer, x, out)?;
         Ok(FfnPart::Sum)
+    }
+
+    /// Whether `attention` and `ffn` already return the sum over every rank (a GPU backend that
+    /// all-reduces on the device), so that the engine skips its own all-reduce of them.
+    fn sums_across_ranks(&self) -> bool {
+        false
     }
 
     /// The vocabulary rows this rank's lm_head holds.

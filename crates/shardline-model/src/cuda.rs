@@ -1,7 +1,10 @@
 //! [`CudaBackend`]: the segments run on an NVIDIA GPU through `shardline-cuda`, one token at a
 //! time (a prompt runs as consecutive decode steps, which causal attention makes equivalent to one
-//! pass); the embedding lookup stays on the host, the logits are computed on the device.
+//! pass); the embedding lookup stays on the host, the logits are computed on the device. With an
+//! NCCL communicator ([`CudaBackend::set_device_comm`]) the segments' partial sums are summed
+//! across the ranks on the GPUs before they come back to the host.
 
+use shardline_cuda::nccl::DeviceComm;
 use shardline_cuda::{
     CudaDevice, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights, HostMlp, LayerShape,
     LayerStack,
@@ -256,6 +259,17 @@ impl CudaBackend {
         self.dev.name()
     }
 
+    /// The GPU this backend runs on.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Sums the segments' outputs across the ranks of `comm` on the GPU from now on (a
+    /// collective: every rank of `comm` calls it).
+    pub fn set_device_comm(&mut self, comm: DeviceComm) -> Result<()> {
+        self.stack.set_comm(&self.dev, comm).map_err(device_error)
+    }
+
     fn rows<'a>(&self, x: &'a [f32]) -> std::slice::ChunksExact<'a, f32> {
         x.chunks_exact(self.spec.hidden)
     }
@@ -321,6 +335,12 @@ impl Backend for CudaBackend {
                 .map_err(device_error)?;
         }
         Ok(())
+    }
+
+    /// With a communicator, every path of `attention` and `ffn` returns the sum over the ranks
+    /// (the stack all-reduces each segment before its output is copied to the host).
+    fn sums_across_ranks(&self) -> bool {
+        self.stack.comm().is_some()
     }
 
     fn vocab_rows(&self) -> std::ops::Range<usize> {

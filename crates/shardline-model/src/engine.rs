@@ -167,11 +167,14 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         let mut x = vec![0.0f32; tokens.len() * h];
         let mut part = vec![0.0f32; x.len()];
         self.backend.embed(tokens, &mut x)?;
+        let host_sum = !self.backend.sums_across_ranks();
         for layer in 0..n_layers {
             self.backend.attention(layer, &x, &mut part)?;
-            self.reduce.all_reduce_sum(&mut part)?;
+            if host_sum {
+                self.reduce.all_reduce_sum(&mut part)?;
+            }
             add_assign(&mut x, &part);
-            let made = if tokens.len() == 1 {
+            let made = if tokens.len() == 1 || !host_sum {
                 self.backend.ffn(layer, &x, &mut part)?;
                 FfnPart::Sum
             } else {
@@ -180,7 +183,8 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                     .ffn_routed(layer, &x, &mut part, &mut self.reduce)?
             };
             match made {
-                FfnPart::Sum => self.reduce.all_reduce_sum(&mut part)?,
+                FfnPart::Sum if host_sum => self.reduce.all_reduce_sum(&mut part)?,
+                FfnPart::Sum => {}
                 FfnPart::OwnRows => gather_own_rows(&mut part, h, &mut self.reduce)?,
             }
             add_assign(&mut x, &part);

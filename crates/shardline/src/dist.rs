@@ -10,6 +10,8 @@ use anyhow::Context;
 use shardline_comm::{Group, ReduceOp};
 use shardline_model::{ModelError, Pending, Plan, Reduce};
 
+use crate::gpu_comm::GpuComm;
+
 /// How a command is split over ranks.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ParallelArgs {
@@ -23,6 +25,14 @@ pub struct ParallelArgs {
     /// How ranks on this host talk: shm, tcp or ucx (a build with `--features ucx`).
     #[arg(long, default_value = "shm", env = "SHARDLINE_TRANSPORT")]
     pub transport: String,
+    /// With --device cuda, how the segments' partial sums are summed across ranks: nccl (on the
+    /// GPUs, NCCL on the stream; each rank needs a GPU of its own), host (copied to the host and
+    /// all-reduced over --transport), or auto (nccl when there are several ranks, libnccl loads on
+    /// every rank and no two ranks share a GPU; host otherwise). Ranks on one host take GPU
+    /// (local rank % GPUs there). NCCL is found as libnccl.so.2 or libnccl.so on
+    /// LD_LIBRARY_PATH, or at SHARDLINE_NCCL_LIB.
+    #[arg(long, value_enum, default_value_t = GpuComm::Auto, env = "SHARDLINE_GPU_COMM")]
+    pub gpu_comm: GpuComm,
 }
 
 impl ParallelArgs {

@@ -84,49 +84,41 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             let engine = Engine::new(CpuBackend::new(spec, weights, 0), GroupReduce(group));
             stream(engine, &codec, &prompt, &args, print)
         }
-        (DeviceArg::Cuda, None) => {
-            run_cuda(spec, weights, &codec, &prompt, &args, SingleRank, true)
-        }
-        (DeviceArg::Cuda, Some(group)) => {
-            // Ranks on one host share GPU 0 and all-reduce through the host.
-            let print = group.rank() == 0;
-            run_cuda(
-                spec,
-                weights,
-                &codec,
-                &prompt,
-                &args,
-                GroupReduce(group),
-                print,
-            )
-        }
+        (DeviceArg::Cuda, group) => run_cuda(spec, weights, &codec, &prompt, &args, group),
     }
 }
 
+/// Generates on this rank's GPU; the segments' sums go through NCCL or the host (--gpu-comm).
 #[cfg(feature = "cuda")]
-fn run_cuda<R: Reduce>(
+fn run_cuda(
     spec: shardline_model::ModelSpec,
     weights: shardline_model::load::ModelWeights,
     codec: &TextCodec,
     prompt: &[u32],
     args: &RunArgs,
-    reduce: R,
-    print: bool,
+    group: Option<shardline_comm::Group>,
 ) -> anyhow::Result<()> {
     let positions = prompt.len() + args.max_tokens;
-    let backend = shardline_model::cuda::CudaBackend::new(spec, weights, 0, positions)?;
-    stream(Engine::new(backend, reduce), codec, prompt, args, print)
+    let want = args.parallel.gpu_comm;
+    let backend = crate::gpu_comm::cuda_backend(spec, weights, positions, group.as_ref(), want)?;
+    match group {
+        None => stream(Engine::new(backend, SingleRank), codec, prompt, args, true),
+        Some(group) => {
+            let print = group.rank() == 0;
+            let engine = Engine::new(backend, GroupReduce(group));
+            stream(engine, codec, prompt, args, print)
+        }
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda<R: Reduce>(
+fn run_cuda(
     _spec: shardline_model::ModelSpec,
     _weights: shardline_model::load::ModelWeights,
     _codec: &TextCodec,
     _prompt: &[u32],
     _args: &RunArgs,
-    _reduce: R,
-    _print: bool,
+    _group: Option<shardline_comm::Group>,
 ) -> anyhow::Result<()> {
     anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use shardline_model::{
-    load_parts_for, verify, verify_dir, CpuBackend, Device, Engine, Reference, VerifyReport,
+    load_parts_for, verify, verify_dir, CpuBackend, Device, Engine, Plan, Reference, SingleRank,
+    VerifyReport,
 };
 
 use crate::dist::{self, GroupReduce, ParallelArgs, Role};
@@ -51,19 +52,25 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         DeviceArg::Cuda => Device::Cuda,
     };
     let context = || format!("cannot verify the model in {}", args.model.display());
-    let r = match dist::role(&args.parallel)? {
-        Role::Single => verify_dir(
+    let role = match dist::role(&args.parallel)? {
+        // One rank on the GPU goes the ranks' way, which can form a one-rank NCCL communicator.
+        Role::Single if device == Device::Cuda => Some((None, Plan::single())),
+        Role::Single => None,
+        Role::Launcher => {
+            let spec = shardline_model::ModelSpec::from_file(&args.model.join("config.json"))?;
+            return dist::launch_local_checked(&args.parallel, &spec);
+        }
+        Role::Rank { group, plan } => Some((Some(group), plan)),
+    };
+    let r = match role {
+        None => verify_dir(
             &args.model,
             args.reference.as_deref(),
             rope_in_model_dtype,
             device,
         )
         .with_context(context)?,
-        Role::Launcher => {
-            let spec = shardline_model::ModelSpec::from_file(&args.model.join("config.json"))?;
-            return dist::launch_local_checked(&args.parallel, &spec);
-        }
-        Role::Rank { group, plan } => {
+        Some((group, plan)) => {
             let adjust = |spec: &mut shardline_model::ModelSpec| {
                 if rope_in_model_dtype {
                     spec.rope_freq_dtype = spec.dtype.unwrap_or(shardline_tensor::DType::F32);
@@ -76,13 +83,22 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| args.model.join("reference.json"));
             let reference = Reference::from_file(&path, spec.vocab)?;
-            let rank = group.rank();
-            let r: VerifyReport = match device {
-                Device::Cpu => {
+            let rank = group.as_ref().map_or(0, |g| g.rank());
+            let r: VerifyReport = match (device, group) {
+                (Device::Cpu, Some(group)) => {
                     let backend = CpuBackend::new(spec, weights, 0);
                     verify(&mut Engine::new(backend, GroupReduce(group)), &reference)
+                        .map_err(anyhow::Error::from)
                 }
-                Device::Cuda => verify_rank_on_gpu(spec, weights, group, &reference),
+                (Device::Cpu, None) => {
+                    let backend = CpuBackend::new(spec, weights, 0);
+                    verify(&mut Engine::new(backend, SingleRank), &reference)
+                        .map_err(anyhow::Error::from)
+                }
+                (Device::Cuda, group) => {
+                    let want = args.parallel.gpu_comm;
+                    verify_rank_on_gpu(spec, weights, group, &reference, want)
+                }
             }
             .with_context(context)?;
             if rank != 0 {
@@ -118,27 +134,31 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One rank's verify on the GPU: ranks on one host share GPU 0 and all-reduce through the host.
+/// One rank's verify on its GPU (the only rank when `group` is `None`); the segments' sums go
+/// through NCCL or the host as `want` and the placement decide.
 #[cfg(feature = "cuda")]
 fn verify_rank_on_gpu(
     spec: shardline_model::ModelSpec,
     weights: shardline_model::load::ModelWeights,
-    group: shardline_comm::Group,
+    group: Option<shardline_comm::Group>,
     reference: &Reference,
-) -> shardline_model::Result<VerifyReport> {
+    want: crate::gpu_comm::GpuComm,
+) -> anyhow::Result<VerifyReport> {
     let positions = reference.prompt_ids.len() + reference.decode_logits.len();
-    let backend = shardline_model::cuda::CudaBackend::new(spec, weights, 0, positions)?;
-    verify(&mut Engine::new(backend, GroupReduce(group)), reference)
+    let backend = crate::gpu_comm::cuda_backend(spec, weights, positions, group.as_ref(), want)?;
+    Ok(match group {
+        None => verify(&mut Engine::new(backend, SingleRank), reference)?,
+        Some(group) => verify(&mut Engine::new(backend, GroupReduce(group)), reference)?,
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn verify_rank_on_gpu(
     _spec: shardline_model::ModelSpec,
     _weights: shardline_model::load::ModelWeights,
-    _group: shardline_comm::Group,
+    _group: Option<shardline_comm::Group>,
     _reference: &Reference,
-) -> shardline_model::Result<VerifyReport> {
-    Err(shardline_model::ModelError::Invalid(
-        "--device cuda needs a shardline built with `--features cuda`".into(),
-    ))
+    _want: crate::gpu_comm::GpuComm,
+) -> anyhow::Result<VerifyReport> {
+    anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
 }

@@ -20,6 +20,8 @@ use shardline_tensor::{pool, DType, Tensor};
 
 use super::record::{Sink, Stats};
 use crate::dist::{self, ParallelArgs, Role};
+#[cfg(feature = "cuda")]
+use crate::gpu_comm::{self, GpuComm};
 
 /// Below this many bytes of layer weights, layer copies are added so that an iteration's
 /// weights are no longer in the CPU caches when they are read again.
@@ -45,7 +47,13 @@ With --tp/--ep the ranks start themselves, each iteration starts after a barrier
 slowest rank's, `comm_us_per_layer` is the all-reduces' share of it, and `rss_mb_per_rank` the\n\
 largest rank's resident memory. `--exec per-op` on the CPU runs every matrix as its own\n\
 parallel region (q, k, v, each expert's gate/up and down) instead of one region for q/k/v and\n\
-one per expert stage. Threads: SHARDLINE_THREADS (default all cores).";
+one per expert stage. Threads: SHARDLINE_THREADS (default all cores).\n\
+\n\
+With --device cuda the layers run on the GPU (each segment one CUDA graph in split mode). Over\n\
+--tp/--ep ranks each rank needs a GPU of its own: NCCL sums each segment on the GPUs, inside the\n\
+segment's graph when the capture takes it (`comm_in_graph`), else between the graph launches;\n\
+`comm_us_per_layer` is then a layer's two NCCL all-reduces of the hidden state timed alone. One\n\
+rank with --gpu-comm nccl runs a one-rank communicator the same way.";
 
 #[derive(clap::Args)]
 #[command(after_help = SEMANTICS)]
@@ -126,10 +134,6 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.layers > 0, "--layers must be at least 1");
     anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
     if args.device == "cuda" {
-        anyhow::ensure!(
-            args.parallel.world() == 1,
-            "bench decode --device cuda runs on one rank for now (no --tp/--ep)"
-        );
         return run_cuda(&args);
     }
     let exec = if args.exec == "per-op" {
@@ -300,7 +304,34 @@ fn run_cuda(args: &DecodeArgs) -> anyhow::Result<()> {
         "per-op" => shardline_cuda::ExecMode::PerOp,
         _ => shardline_cuda::ExecMode::Split,
     };
-    let dev = shardline_cuda::CudaDevice::open(0)?;
+    let world = args.parallel.world();
+    let (plan, group) = match dist::role(&args.parallel)? {
+        Role::Single => (Plan::single(), None),
+        Role::Launcher => {
+            // Checked here so that no rank starts when they would have to share a GPU.
+            anyhow::ensure!(
+                args.parallel.gpu_comm != GpuComm::Host,
+                "bench decode --device cuda over {world} ranks sums through NCCL on the GPUs; \
+                 --gpu-comm host is not measured there"
+            );
+            let gpus = shardline_cuda::device::device_count()?;
+            anyhow::ensure!(
+                gpus >= world,
+                "bench decode --device cuda over {world} ranks needs a GPU per rank (NCCL cannot \
+                 form a communicator of ranks sharing one GPU), and this host has {gpus}"
+            );
+            return dist::launch_local_checked(&args.parallel, &spec);
+        }
+        Role::Rank { group, plan } => (plan, Some(group)),
+    };
+    // Several ranks always sum through NCCL; one rank only when asked to (--gpu-comm nccl).
+    let want = match (world, args.parallel.gpu_comm) {
+        (1, want) => want,
+        (_, GpuComm::Host) => anyhow::bail!("--gpu-comm host is not measured on the GPU"),
+        _ => GpuComm::Nccl,
+    };
+    let dev = shardline_cuda::CudaDevice::open(gpu_comm::gpu_ordinal(group.as_ref())?)?;
+    let comm = gpu_comm::device_comm(&dev, group.as_ref(), want)?;
     let case = super::decode_cuda::CudaDecodeCase {
         preset: &name,
         spec: &spec,
@@ -308,9 +339,11 @@ fn run_cuda(args: &DecodeArgs) -> anyhow::Result<()> {
         kv_len: args.kv_len,
         iters: args.iters,
         exec,
+        plan,
+        group: group.as_ref(),
     };
     let mut sink = Sink::new(args.json.as_deref())?;
-    super::decode_cuda::run_case(&dev, &case, &mut sink)
+    super::decode_cuda::run_case(&dev, &case, comm, &mut sink)
 }
 
 #[cfg(not(feature = "cuda"))]
