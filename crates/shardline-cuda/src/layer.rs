@@ -20,6 +20,9 @@ use crate::error::DriverContext;
 use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
 use crate::{CudaDevice, CudaError};
 
+mod prefill;
+pub use prefill::Prefill;
+
 /// The attention geometry, shared by every layer of a stack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerShape {

@@ -7,13 +7,15 @@
 
 pub mod device;
 pub mod error;
+pub mod gemm;
 pub mod layer;
 pub mod ops;
+pub mod prefill_ops;
 mod ptx_cache;
 
 pub use device::CudaDevice;
 pub use error::CudaError;
 pub use layer::{
     DeviceHead, DeviceLayer, ExecMode, FfnShape, HostFfn, HostLayerWeights, HostMlp, LayerShape,
-    LayerStack,
+    LayerStack, Prefill,
 };
