@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs Shardline's GPU tests and GPU benchmarks (with the PyTorch peer, when present) on a machine
 # with an NVIDIA GPU. Builds with cargo when cargo is there; otherwise takes prebuilt binaries from
-# $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda` and the `layer_gpu` and `nccl_gpu`
-# test binaries (`cargo test -p shardline-cuda --release --no-run`). Results go to $OUT (default
-# gpu-results/). NCCL (libnccl.so.2) is taken from PyTorch's wheel when it is not on the path.
+# $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda` and the `layer_gpu`, `prefill_gpu`
+# and `nccl_gpu` test binaries (`cargo test -p shardline-cuda --release --no-run`). Results go to
+# $OUT (default gpu-results/). NCCL (libnccl.so.2) is taken from PyTorch's wheel when it is not on
+# the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -13,15 +14,12 @@ trap 'rm -rf "$work"' EXIT
 
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
     bin=$SHARDLINE_GPU_BIN
-    test_bin=$bin/layer_gpu
-    nccl_test_bin=$bin/nccl_gpu
+    test_bins=("$bin/layer_gpu" "$bin/prefill_gpu" "$bin/nccl_gpu")
 else
     cargo build --release -p shardline --features cuda
     bin=target/release
-    test_bin=$(cargo test -p shardline-cuda --release --no-run 2>&1 |
-        grep -o 'target/release/deps/layer_gpu-[a-z0-9]*' | head -1)
-    nccl_test_bin=$(cargo test -p shardline-cuda --release --no-run 2>&1 |
-        grep -o 'target/release/deps/nccl_gpu-[a-z0-9]*' | head -1)
+    mapfile -t test_bins < <(cargo test -p shardline-cuda --release --no-run 2>&1 |
+        grep -o 'target/release/deps/\(layer\|prefill\|nccl\)_gpu-[a-z0-9]*')
 fi
 if ! ldconfig -p | grep -q 'libnccl\.so'; then
     # nvidia.nccl is a namespace package (no __file__): take its __path__.
@@ -44,8 +42,7 @@ export SHARDLINE_CACHE_DIR=${SHARDLINE_CACHE_DIR:-/tmp/shardline-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 echo "== GPU tests"
-"$test_bin" --test-threads=1 2>&1 | tee "$out/gpu_tests.log"
-"$nccl_test_bin" --test-threads=1 --nocapture 2>&1 | tee -a "$out/gpu_tests.log"
+for t in "${test_bins[@]}"; do "$t" --test-threads=1 --nocapture; done 2>&1 | tee "$out/gpu_tests.log"
 
 echo "== verify on the GPU: every repo fixture (and ../shared/fixtures when present)"
 for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
@@ -90,6 +87,13 @@ for p in ${presets//,/ }; do
                 cat "$work/decode.jsonl" >> "$out/shardline_decode_gpu.jsonl"
         done
     done
+done
+
+echo "== Shardline prefill bench on the GPU (GEMM prefill against token by token)"
+: > "$out/shardline_prefill_gpu.jsonl"
+for p in ${presets//,/ }; do
+    "$bin/shardline" bench prefill --preset "$p" --dtype bf16 --rows 512 --json "$work/prefill.jsonl"
+    cat "$work/prefill.jsonl" >> "$out/shardline_prefill_gpu.jsonl"
 done
 
 if [ -f bench/peers/torch_decode.py ] && python3 -c 'import torch' 2>/dev/null; then

@@ -12,6 +12,12 @@ pub enum CudaError {
         #[source]
         source: DriverError,
     },
+    #[error("cuBLAS call failed while {context}: {source}")]
+    Blas {
+        context: String,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
     #[error("NVRTC could not compile Shardline's kernels: {0}")]
     Compile(String),
     #[error("NCCL failed while {0}")]

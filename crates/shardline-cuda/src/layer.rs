@@ -24,6 +24,9 @@ use crate::nccl::DeviceComm;
 use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
 use crate::{CudaDevice, CudaError};
 
+mod prefill;
+pub use prefill::Prefill;
+
 /// The attention geometry, shared by every layer of a stack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerShape {

@@ -442,9 +442,16 @@ fn bad_shapes_and_positions_are_errors() {
 
 #[test]
 fn kernels_compile_with_nvrtc() {
-    match shardline_cuda::device::check_kernels_compile() {
-        Ok(()) => {}
-        Err(e @ CudaError::Unavailable(_)) => eprintln!("SKIPPED kernels_compile_with_nvrtc: {e}"),
-        Err(e) => panic!("{e}"),
+    for check in [
+        shardline_cuda::device::check_kernels_compile,
+        shardline_cuda::prefill_ops::check_prefill_kernels_compile,
+    ] {
+        match check() {
+            Ok(()) => {}
+            Err(e @ CudaError::Unavailable(_)) => {
+                eprintln!("SKIPPED kernels_compile_with_nvrtc: {e}")
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 }

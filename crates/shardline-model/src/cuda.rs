@@ -1,13 +1,14 @@
-//! [`CudaBackend`]: the segments run on an NVIDIA GPU through `shardline-cuda`, one token at a
-//! time (a prompt runs as consecutive decode steps, which causal attention makes equivalent to one
-//! pass); the embedding lookup stays on the host, the logits are computed on the device. With an
-//! NCCL communicator ([`CudaBackend::set_device_comm`]) the segments' partial sums are summed
-//! across the ranks on the GPUs before they come back to the host.
+//! [`CudaBackend`]: the segments run on an NVIDIA GPU through `shardline-cuda`: one token through
+//! the decode layers (graph-per-segment kernels), several at once (a prompt) through
+//! [`Prefill`]'s cuBLAS GEMMs, on the same KV caches; the embedding lookup stays on the host, the
+//! logits are computed on the device. With an NCCL communicator ([`CudaBackend::set_device_comm`])
+//! the segments' partial sums are summed across the ranks on the GPUs before they come back to
+//! the host.
 
 use shardline_cuda::nccl::DeviceComm;
 use shardline_cuda::{
     CudaDevice, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights, HostMlp, LayerShape,
-    LayerStack,
+    LayerStack, Prefill,
 };
 use shardline_tensor::kernels::embedding;
 use shardline_tensor::{DType, Tensor};
@@ -31,6 +32,8 @@ pub struct CudaBackend {
     position: usize,
     /// Positions the device KV caches hold (fixed when the backend is made).
     capacity: usize,
+    /// Prefill's kernels, cuBLAS handle and buffers, made at the first segment of several rows.
+    prefill: Option<Prefill>,
 }
 
 fn device_error(e: shardline_cuda::CudaError) -> ModelError {
@@ -251,6 +254,7 @@ impl CudaBackend {
             vocab_rows: weights.vocab_rows.clone(),
             position: 0,
             capacity,
+            prefill: None,
         })
     }
 
@@ -273,6 +277,14 @@ impl CudaBackend {
     fn rows<'a>(&self, x: &'a [f32]) -> std::slice::ChunksExact<'a, f32> {
         x.chunks_exact(self.spec.hidden)
     }
+}
+
+/// Prefill's state in `slot`, made on first use.
+fn prefill_state<'a>(slot: &'a mut Option<Prefill>, dev: &CudaDevice) -> Result<&'a mut Prefill> {
+    Ok(match slot {
+        Some(p) => p,
+        empty => empty.insert(Prefill::new(dev).map_err(device_error)?),
+    })
 }
 
 impl Backend for CudaBackend {
@@ -312,13 +324,19 @@ impl Backend for CudaBackend {
 
     fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         let h = self.spec.hidden;
-        for (t, (xr, or)) in self.rows(x).zip(out.chunks_exact_mut(h)).enumerate() {
-            self.stack
-                .set_position(&self.dev, self.position + t)
+        if x.len() > h {
+            prefill_state(&mut self.prefill, &self.dev)?
+                .attention(&self.dev, &self.stack, layer, self.position, x, out)
                 .map_err(device_error)?;
-            self.stack
-                .attention(&self.dev, layer, xr, or)
-                .map_err(device_error)?;
+        } else {
+            for (t, (xr, or)) in self.rows(x).zip(out.chunks_exact_mut(h)).enumerate() {
+                self.stack
+                    .set_position(&self.dev, self.position + t)
+                    .map_err(device_error)?;
+                self.stack
+                    .attention(&self.dev, layer, xr, or)
+                    .map_err(device_error)?;
+            }
         }
         // The last layer's attention has appended every row: the positions are taken.
         if layer + 1 == self.spec.n_layers {
@@ -329,6 +347,11 @@ impl Backend for CudaBackend {
 
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         let h = self.spec.hidden;
+        if x.len() > h {
+            return prefill_state(&mut self.prefill, &self.dev)?
+                .ffn(&self.dev, &self.stack, layer, x, out)
+                .map_err(device_error);
+        }
         for (xr, or) in self.rows(x).zip(out.chunks_exact_mut(h)) {
             self.stack
                 .ffn(&self.dev, layer, xr, or)

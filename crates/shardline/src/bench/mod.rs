@@ -6,6 +6,7 @@ pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod decode_cuda;
 pub mod kernels;
+pub mod prefill;
 pub mod record;
 
 use clap::Subcommand;
@@ -25,6 +26,9 @@ pub enum BenchCommand {
     Comm(comm::CommArgs),
     /// CPU kernels at model shapes, and the machine's memory read bandwidth.
     Kernels(kernels::KernelsArgs),
+    /// GPU prefill of a prompt chunk through one preset-shaped layer: cuBLAS GEMMs over all rows
+    /// against the decode segments token by token.
+    Prefill(prefill::PrefillArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -32,5 +36,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Comm(args) => comm::run(args),
         BenchCommand::Kernels(args) => kernels::run(args),
+        BenchCommand::Prefill(args) => prefill::run(args),
     }
 }
