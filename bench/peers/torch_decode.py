@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from benchlib import Sink, gbps, measure
 
 
@@ -76,8 +77,9 @@ def rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def attention_block(x, w, k_cache, v_cache, pos, cos, sin, spec):
-    """x + o_proj(attention(rope(q), cache + rope(k), v)) for x [1, hidden] at position `pos`."""
+def attention_update(x, w, k_cache, v_cache, pos, cos, sin, spec):
+    """o_proj(attention(rope(q), cache + rope(k), v)) for x [1, hidden] at position `pos`: the
+    residual update (on a tensor-parallel rank, its partial sum over this rank's heads)."""
     h = rms_norm(x, w["in_norm"], spec.eps)
     q = F.linear(h, w["wq"], w.get("bq")).view(spec.heads, spec.head_dim)
     k = F.linear(h, w["wk"], w.get("bk")).view(spec.kv_heads, spec.head_dim)
@@ -96,7 +98,12 @@ def attention_block(x, w, k_cache, v_cache, pos, cos, sin, spec):
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() / math.sqrt(spec.head_dim)
     probs = scores.softmax(-1).to(values.dtype)
     out = torch.matmul(probs, values).reshape(1, spec.heads * spec.head_dim)
-    return x + F.linear(out, w["wo"])
+    return F.linear(out, w["wo"])
+
+
+def attention_block(x, w, k_cache, v_cache, pos, cos, sin, spec):
+    """x plus the attention update."""
+    return x + attention_update(x, w, k_cache, v_cache, pos, cos, sin, spec)
 
 
 def route(x, w, spec):

@@ -26,41 +26,19 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
 from benchlib import Sink, gbps, stats
 from torch_decode import (
     DTYPES,
     POOL,
     PRESETS,
+    attention_update,
+    bytes_read_per_layer,
     expert,
-    rms_norm,
-    rope,
+    nbytes,
     rope_tables,
     route,
 )
-
-
-def attention_partial(x, w, k_cache, v_cache, pos, cos, sin, spec):
-    """torch_decode.attention_block on this rank's heads, without the residual: o_proj's partial sum."""
-    h = rms_norm(x, w["in_norm"], spec.eps)
-    q = F.linear(h, w["wq"]).view(spec.heads, spec.head_dim)
-    k = F.linear(h, w["wk"]).view(spec.kv_heads, spec.head_dim)
-    v = F.linear(h, w["wv"]).view(spec.kv_heads, spec.head_dim)
-    if spec.qk_norm:
-        q = rms_norm(q, w["q_norm"], spec.eps)
-        k = rms_norm(k, w["k_norm"], spec.eps)
-    q = rope(q, cos, sin)
-    k = rope(k, cos, sin)
-    k_cache[:, pos] = k
-    v_cache[:, pos] = v
-    keys = k_cache[:, : pos + 1]
-    values = v_cache[:, : pos + 1]
-    group = spec.heads // spec.kv_heads
-    q = q.view(spec.kv_heads, group, spec.head_dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() / math.sqrt(spec.head_dim)
-    probs = scores.softmax(-1).to(values.dtype)
-    out = torch.matmul(probs, values).reshape(1, spec.heads * spec.head_dim)
-    return F.linear(out, w["wo"])
 
 
 def rank_spec(spec, world):
@@ -102,23 +80,13 @@ def random_rank_layer(full, local, dtype, device, gen):
     return w
 
 
-def nbytes(t):
-    return t.numel() * t.element_size()
-
-
-def bytes_read_per_layer(w, spec):
-    """This rank's attention, norms and router weights, plus its slices of the top_k experts."""
-    total = sum(nbytes(t) for name, t in w.items() if name not in ("w1", "w2", "w3"))
-    return total + spec.top_k * sum(nbytes(w[name][0]) for name in ("w1", "w2", "w3"))
-
-
 class TpLayer:
     """One decoder layer's step on this rank: two segments, each followed by an all-reduce."""
 
     def __init__(self, spec, compile_mode):
         self.spec = spec
         wrap = torch.compile if compile_mode else (lambda f: f)
-        self.attention = wrap(attention_partial)
+        self.attention = wrap(attention_update)
         self.route = wrap(route)
         self.expert = wrap(expert)
 

@@ -11,7 +11,7 @@ use crate::error::DriverContext;
 use crate::{ptx_cache, CudaError};
 
 /// The kernel source, compiled with NVRTC when a device is opened.
-const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+const KERNEL_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("kernels.cu"));
 
 /// Handles of every kernel in `kernels.cu`.
 pub struct Kernels {

@@ -4,59 +4,7 @@
 // Anything that changes from one decode step to the next (the position, the chosen experts) is
 // read from device memory, so a captured graph can be replayed unchanged.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-#define WARP 32
 #define MATVEC_WARPS 8
-#define NEG_INF __int_as_float(0xff800000u)
-
-// Programmatic dependent launch (Hopper on; ops.rs launches every kernel with it when the device
-// allows): a kernel may be started while the kernel before it is still running. Each kernel lets
-// its successor start at once (let_next_start) and waits (wait_for_previous) before it reads or
-// writes anything an earlier kernel touches; only work on the weights goes before the wait.
-// Without the launch attribute, both are no-ops.
-__device__ __forceinline__ void let_next_start() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_previous() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
-    v = warp_sum(v);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float s = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
-        s = warp_sum(s);
-        if (lane == 0) total = s;
-    }
-    __syncthreads();
-    float r = total;
-    __syncthreads();
-    return r;
-}
 
 // ---- weight element types: 8 consecutive weights as one 16-byte load ----
 
@@ -285,51 +233,6 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * inv * g[i];
 }
 
-// Optional per-head q/k RMSNorm (Qwen3), rotary embedding (half rotation, frequencies
-// inv_freq[D/2] as the model computes them: theta, scaling, rounding) at position *pos, and the
-// KV-cache append. qkv is [q (H*D) | k (KVH*D) | v (KVH*D)]; q is rotated in place; caches are
-// [KVH][capacity][D]. One block per head (H + 2*KVH blocks) of D rounded up to 32 threads; D <= 1024.
-extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const int* __restrict__ pos_ptr,
-                                          float* __restrict__ k_cache, float* __restrict__ v_cache,
-                                          const float* __restrict__ q_norm,
-                                          const float* __restrict__ k_norm, float eps, int H,
-                                          int KVH, int D, int capacity,
-                                          const float* __restrict__ inv_freq) {
-    __shared__ float head[1024];
-    let_next_start();
-    wait_for_previous();
-    const int b = blockIdx.x, i = threadIdx.x;
-    const bool active = i < D;
-    const int pos = *pos_ptr;
-    float* src = qkv + (long)b * D;
-    const float v = active ? src[i] : 0.0f;
-    if (b >= H + KVH) {  // a value head: append as is
-        const int kvh = b - H - KVH;
-        if (active) v_cache[((long)kvh * capacity + pos) * D + i] = v;
-        return;
-    }
-    const float* norm = b < H ? q_norm : k_norm;
-    float val = v;
-    if (norm) {
-        const float ss = block_sum(v * v);
-        val = active ? v * rsqrtf(ss / (float)D + eps) * norm[i] : 0.0f;
-    }
-    head[i] = val;
-    __syncthreads();
-    if (!active) return;
-    const int half = D / 2;
-    const int j = i < half ? i : i - half;
-    float s, c;
-    sincosf((float)pos * inv_freq[j], &s, &c);
-    const float out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
-    if (b < H) {
-        src[i] = out;
-    } else {
-        const int kvh = b - H;
-        k_cache[((long)kvh * capacity + pos) * D + i] = out;
-    }
-}
-
 // Decode attention for one token with grouped-query heads over positions 0..=*pos_ptr.
 // One block per query head; its warps split the KV positions (online softmax per warp, ATTN_BATCH
 // positions loaded at once so their latencies overlap) and are combined at the end, so any
@@ -421,53 +324,6 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
         const int d = lane + WARP * j;
         if (d < D) out[(long)h * D + d] = o[j] * inv;
     }
-}
-
-// Router: softmax over E logits, top-k (ties to the lower index), optional renormalisation.
-// Writes ids[k] and weights[k]. With expert parallelism, expert_map[e] is expert e's index among
-// this rank's experts, or -1 where another rank holds it (null: every expert is here).
-// One warp; E <= 1024.
-extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E, int k,
-                                       int renormalize, const int* __restrict__ expert_map,
-                                       int* __restrict__ ids, float* __restrict__ weights) {
-    __shared__ float probs[1024];
-    let_next_start();
-    wait_for_previous();
-    const int lane = threadIdx.x;
-    float mx = NEG_INF;
-    for (int e = lane; e < E; e += WARP) mx = fmaxf(mx, logits[e]);
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int e = lane; e < E; e += WARP) {
-        const float p = expf(logits[e] - mx);
-        probs[e] = p;
-        sum += p;
-    }
-    sum = warp_sum(sum);
-    __syncwarp();
-    float chosen_sum = 0.0f;
-    for (int j = 0; j < k; ++j) {
-        float best = -1.0f;
-        int best_e = E;
-        for (int e = lane; e < E; e += WARP) {
-            const float p = probs[e];
-            if (p > best || (p == best && e < best_e)) { best = p; best_e = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-            if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
-        }
-        if (lane == 0) {
-            ids[j] = expert_map ? expert_map[best_e] : best_e;
-            weights[j] = best / sum;
-            probs[best_e] = -2.0f;  // taken
-        }
-        chosen_sum += best / sum;
-        __syncwarp();
-    }
-    if (renormalize && lane < k) weights[lane] /= chosen_sum;
 }
 
 // y[n] = residual[n] + sum_s weights[s] * partial[s][n] (+ sigmoid(*shared_logit) * shared[n]):

@@ -21,7 +21,7 @@ use shardline_tensor::DType;
 use crate::device::dptr;
 use crate::error::DriverContext;
 use crate::nccl::DeviceComm;
-use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
+use crate::ops::{self, AttentionDims, KvAppend, Position, SharedExpert, Slots, Weights};
 use crate::{CudaDevice, CudaError};
 
 mod prefill;
@@ -1043,17 +1043,24 @@ impl LayerStack {
             h,
         )?;
         after.done(dev, "attn.qkv")?;
+        let kv = KvAppend {
+            k_cache: p(&w.k_cache),
+            v_cache: p(&w.v_cache),
+            first: Position::OnDevice(dptr(dev, &s.pos)),
+        };
+        // The qkv bias was added by the matvec.
+        let norms = (opt(&w.q_norm), opt(&w.k_norm));
+        let inv_freq = p(&s.inv_freq);
         ops::rope_kv_append(
             dev,
             sh.attention_dims(),
+            1,
             p(&s.qkv),
-            dptr(dev, &s.pos),
-            p(&w.k_cache),
-            p(&w.v_cache),
-            opt(&w.q_norm),
-            opt(&w.k_norm),
+            0,
+            kv,
+            norms,
             sh.eps,
-            p(&s.inv_freq),
+            inv_freq,
         )?;
         after.done(dev, "attn.rope_kv_append")?;
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
@@ -1116,7 +1123,7 @@ impl LayerStack {
                 let (ids, wts) = (dptr(dev, &s.expert_ids), p(&s.expert_weights));
                 let map = expert_map.as_ref().map_or(0, |m| dptr(dev, m));
                 let logits = p(&s.logits);
-                ops::router_top_k(dev, logits, *n_experts, k, *renormalize, map, ids, wts)?;
+                ops::router_top_k(dev, 1, logits, *n_experts, k, *renormalize, map, ids, wts)?;
                 after.done(dev, "ffn.router_top_k")?;
                 let shared = match (shared, shared_intermediate) {
                     (Some(shared), Some(si)) => {

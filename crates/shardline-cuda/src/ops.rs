@@ -44,11 +44,13 @@ pub enum Slots {
 }
 
 /// Kernel arguments as the driver takes them: a pointer to each value, in the kernel's order.
-macro_rules! args {
+macro_rules! kernel_args {
     ($($a:expr),* $(,)?) => {
-        [$(std::ptr::from_ref(&$a).cast_mut().cast::<c_void>()),*]
+        [$(std::ptr::from_ref(&$a).cast_mut().cast::<std::ffi::c_void>()),*]
     };
 }
+
+pub(crate) use kernel_args;
 
 /// Queues `f` on the device's stream. With programmatic dependent launch on (see
 /// [`CudaDevice::pdl`]), the kernel may start while the one before it finishes: every kernel in
@@ -59,6 +61,29 @@ fn launch(
     cfg: LaunchConfig,
     args: &mut [*mut c_void],
     what: &str,
+) -> Result<(), CudaError> {
+    launch_ex(dev, f, cfg, args, what, dev.pdl())
+}
+
+/// Queues `f` to start only once the kernel before it has finished (kernels that do not wait for
+/// their predecessor themselves, such as prefill.cu's).
+pub(crate) fn launch_plain(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut [*mut c_void],
+    what: &str,
+) -> Result<(), CudaError> {
+    launch_ex(dev, f, cfg, args, what, false)
+}
+
+fn launch_ex(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut [*mut c_void],
+    what: &str,
+    pdl: bool,
 ) -> Result<(), CudaError> {
     // SAFETY: a zeroed union is a valid value; only the field the id names is read.
     let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
@@ -78,7 +103,7 @@ fn launch(
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: dev.stream().cu_stream(),
         attrs: &mut attr,
-        numAttrs: u32::from(dev.pdl()),
+        numAttrs: u32::from(pdl),
     };
     dev.context()
         .bind_to_thread()
@@ -134,7 +159,7 @@ pub fn matvec(
         dev,
         f,
         cfg,
-        &mut args![w.ptr, es, ids, x, x_stride, mode, residual, y, y_stride, n, k],
+        &mut kernel_args![w.ptr, es, ids, x, x_stride, mode, residual, y, y_stride, n, k],
         "matvec",
     )
 }
@@ -171,7 +196,7 @@ pub fn rms_norm(
         dev,
         &dev.kernels().rms_norm,
         cfg,
-        &mut args![x, g, y, d, eps],
+        &mut kernel_args![x, g, y, d, eps],
         "rms_norm",
     )
 }
@@ -188,7 +213,7 @@ pub struct AttentionDims {
 
 impl AttentionDims {
     /// (heads, KV heads, head_dim, capacity) as the kernels take them.
-    fn as_i32(&self) -> (i32, i32, i32, i32) {
+    pub(crate) fn as_i32(&self) -> (i32, i32, i32, i32) {
         (
             self.n_heads as i32,
             self.n_kv_heads as i32,
@@ -198,33 +223,56 @@ impl AttentionDims {
     }
 }
 
-/// Per-head q/k norm (when `q_norm`/`k_norm` are non-zero), rope at `*pos` with the
-/// `head_dim / 2` frequencies at `inv_freq`, and KV append.
+/// Where the first row of [`rope_kv_append`] sits in the sequence.
+#[derive(Clone, Copy, Debug)]
+pub enum Position {
+    /// Read from this device address when the kernel runs (decode: a replayed graph).
+    OnDevice(u64),
+    At(usize),
+}
+
+/// The rows of the KV cache and where they go.
+#[derive(Clone, Copy, Debug)]
+pub struct KvAppend {
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub first: Position,
+}
+
+/// For `rows` rows of `qkv`: the qkv `bias` (when non-zero), per-head q/k norm (when
+/// `q_norm`/`k_norm` are non-zero), rope with the `head_dim / 2` frequencies at `inv_freq`, and
+/// the KV append at consecutive positions from `kv.first`.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_append(
     dev: &CudaDevice,
     dims: AttentionDims,
+    rows: usize,
     qkv: u64,
-    pos: u64,
-    k_cache: u64,
-    v_cache: u64,
-    q_norm: u64,
-    k_norm: u64,
+    bias: u64,
+    kv: KvAppend,
+    (q_norm, k_norm): (u64, u64),
     eps: f32,
     inv_freq: u64,
 ) -> Result<(), CudaError> {
     let blocks = dims.n_heads + 2 * dims.n_kv_heads;
     let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
+        grid_dim: (blocks as u32, rows as u32, 1),
         block_dim: (dims.head_dim.next_multiple_of(32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
+    let (pos_ptr, pos0) = match kv.first {
+        Position::OnDevice(p) => (p, 0i32),
+        Position::At(p) => (0u64, p as i32),
+    };
+    let (kc, vc) = (kv.k_cache, kv.v_cache);
     launch(
         dev,
         &dev.kernels().rope_kv_append,
         cfg,
-        &mut args![qkv, pos, k_cache, v_cache, q_norm, k_norm, eps, h, kvh, d, cap, inv_freq],
+        &mut kernel_args![
+            qkv, bias, pos_ptr, pos0, kc, vc, q_norm, k_norm, eps, h, kvh, d, cap, inv_freq
+        ],
         "rope_kv_append",
     )
 }
@@ -251,15 +299,17 @@ pub fn attention_decode(
         dev,
         &dev.kernels().attention_decode,
         cfg,
-        &mut args![q, k_cache, v_cache, pos, out, h, kvh, d, cap, scale],
+        &mut kernel_args![q, k_cache, v_cache, pos, out, h, kvh, d, cap, scale],
         "attention_decode",
     )
 }
 
-/// Softmax over `n_experts` router logits, top `k`, optional renormalisation, into `ids`/`weights`.
+/// For each of `rows` rows of `n_experts` router logits: softmax, top `k`, optional
+/// renormalisation, into `ids`/`weights` (`[rows, k]`).
 #[allow(clippy::too_many_arguments)]
 pub fn router_top_k(
     dev: &CudaDevice,
+    rows: usize,
     logits: u64,
     n_experts: usize,
     k: usize,
@@ -269,7 +319,7 @@ pub fn router_top_k(
     weights: u64,
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
+        grid_dim: (rows as u32, 1, 1),
         block_dim: (32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -278,7 +328,7 @@ pub fn router_top_k(
         dev,
         &dev.kernels().router_top_k,
         cfg,
-        &mut args![logits, e, k, r, expert_map, ids, weights],
+        &mut kernel_args![logits, e, k, r, expert_map, ids, weights],
         "router_top_k",
     )
 }
@@ -314,7 +364,7 @@ pub fn combine_slots(
         dev,
         &dev.kernels().combine_slots,
         cfg,
-        &mut args![
+        &mut kernel_args![
             partial,
             weights,
             count,
@@ -353,7 +403,7 @@ pub fn fill_uniform(
         dev,
         &dev.kernels().fill_uniform,
         cfg,
-        &mut args![dst, n, code, seed, scale],
+        &mut kernel_args![dst, n, code, seed, scale],
         "fill_uniform",
     )
 }

@@ -6,43 +6,6 @@
 // 16-bit tensors, hi = round(x) and lo = round(x - hi), so that W.hi + W.lo keeps about 16 bits
 // of x (one rounding alone keeps 8 for bf16, which is too few to match an f32 reference).
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-#define WARP 32
-#define NEG_INF __int_as_float(0xff800000u)
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
-    v = warp_sum(v);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float s = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
-        s = warp_sum(s);
-        if (lane == 0) total = s;
-    }
-    __syncthreads();
-    float r = total;
-    __syncthreads();
-    return r;
-}
-
 __device__ __forceinline__ u16 f32_to_16(float v, int bf16) {
     u16 h;
     if (bf16) {
@@ -81,51 +44,6 @@ extern "C" __global__ void gather_rows(const float* __restrict__ src, const int*
     for (int i = threadIdx.x; i < D; i += blockDim.x) d[i] = s[i];
 }
 
-// rope_kv_append of kernels.cu for row r (grid.y) at position pos0 + r: adds the q/k/v bias (when
-// given; decode adds it in its matvec), then the optional per-head q/k RMSNorm, the rotary
-// embedding, and the KV-cache append. qkv is [rows][q (H*D) | k (KVH*D) | v (KVH*D)]; q is
-// rotated in place; caches are [KVH][capacity][D]. One block per head of D rounded up to 32.
-extern "C" __global__ void rope_kv_append_rows(float* __restrict__ qkv,
-                                               const float* __restrict__ bias, int pos0,
-                                               float* __restrict__ k_cache,
-                                               float* __restrict__ v_cache,
-                                               const float* __restrict__ q_norm,
-                                               const float* __restrict__ k_norm, float eps, int H,
-                                               int KVH, int D, int capacity,
-                                               const float* __restrict__ inv_freq) {
-    __shared__ float head[1024];
-    const int b = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
-    const bool active = i < D;
-    const int pos = pos0 + r;
-    const long row_len = (long)(H + 2 * KVH) * D;
-    float* src = qkv + r * row_len + (long)b * D;
-    const float v = active ? src[i] + (bias ? bias[(long)b * D + i] : 0.0f) : 0.0f;
-    if (b >= H + KVH) {  // a value head: append as is
-        const int kvh = b - H - KVH;
-        if (active) v_cache[((long)kvh * capacity + pos) * D + i] = v;
-        return;
-    }
-    const float* norm = b < H ? q_norm : k_norm;
-    float val = v;
-    if (norm) {
-        const float ss = block_sum(v * v);
-        val = active ? v * rsqrtf(ss / (float)D + eps) * norm[i] : 0.0f;
-    }
-    head[i] = val;
-    __syncthreads();
-    if (!active) return;
-    const int half = D / 2;
-    const int j = i < half ? i : i - half;
-    float s, c;
-    sincosf((float)pos * inv_freq[j], &s, &c);
-    const float out = i < half ? head[i] * c - head[i + half] * s : head[i] * c + head[i - half] * s;
-    if (b < H) {
-        src[i] = out;
-    } else {
-        const int kvh = b - H;
-        k_cache[((long)kvh * capacity + pos) * D + i] = out;
-    }
-}
 
 // Causal attention of row r (grid.y) over cache positions 0..=pos0 + r, grouped-query heads, one
 // block per (query head, row). q is read from the rotated qkv rows ([rows][q | k | v]); out is
@@ -197,54 +115,6 @@ extern "C" __global__ void __launch_bounds__(PREFILL_ATTN_WARPS * WARP)
         const int d = lane + WARP * j;
         if (d < D) orow[d] = o[j] * inv;
     }
-}
-
-// router_top_k of kernels.cu for row r (one warp per block, grid.x rows): softmax over the E
-// logits of the row, top-k (ties to the lower index), optional renormalisation. Writes
-// ids[r*k + j] (mapped through expert_map when given: -1 where another rank holds the expert)
-// and weights[r*k + j]. E <= 1024.
-extern "C" __global__ void router_top_k_rows(const float* __restrict__ logits, int E, int k,
-                                             int renormalize, const int* __restrict__ expert_map,
-                                             int* __restrict__ ids, float* __restrict__ weights) {
-    __shared__ float probs[1024];
-    const int lane = threadIdx.x, r = blockIdx.x;
-    const float* lg = logits + (long)r * E;
-    int* id = ids + (long)r * k;
-    float* wt = weights + (long)r * k;
-    float mx = NEG_INF;
-    for (int e = lane; e < E; e += WARP) mx = fmaxf(mx, lg[e]);
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int e = lane; e < E; e += WARP) {
-        const float p = expf(lg[e] - mx);
-        probs[e] = p;
-        sum += p;
-    }
-    sum = warp_sum(sum);
-    __syncwarp();
-    float chosen_sum = 0.0f;
-    for (int j = 0; j < k; ++j) {
-        float best = -1.0f;
-        int best_e = E;
-        for (int e = lane; e < E; e += WARP) {
-            const float p = probs[e];
-            if (p > best || (p == best && e < best_e)) { best = p; best_e = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-            if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
-        }
-        if (lane == 0) {
-            id[j] = expert_map ? expert_map[best_e] : best_e;
-            wt[j] = best / sum;
-            probs[best_e] = -2.0f;  // taken
-        }
-        chosen_sum += best / sum;
-        __syncwarp();
-    }
-    if (renormalize && lane < k) wt[lane] /= chosen_sum;
 }
 
 // act[a][i] = silu(gu[a][i]) * gu[a][N + i] for n rows of the [gate (N) | up (N)] GEMM output.

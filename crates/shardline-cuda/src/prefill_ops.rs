@@ -2,14 +2,14 @@
 //! cached on disk like the decode kernels) and their typed launches. Buffers are raw device
 //! addresses (`u64`, 0 for "none"), as in [`crate::ops`].
 
-use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 
 use crate::error::DriverContext;
-use crate::ops::AttentionDims;
+use crate::ops::{kernel_args, launch_plain, AttentionDims};
 use crate::{ptx_cache, CudaDevice, CudaError};
 
 /// The kernel source of prefill.
-const PREFILL_SOURCE: &str = include_str!("prefill.cu");
+const PREFILL_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("prefill.cu"));
 
 /// Warps per attention block; matches `PREFILL_ATTN_WARPS` in prefill.cu.
 const ATTN_WARPS: u32 = 8;
@@ -18,19 +18,9 @@ const ATTN_WARPS: u32 = 8;
 pub struct PrefillKernels {
     split16: CudaFunction,
     gather_rows: CudaFunction,
-    rope_kv_append_rows: CudaFunction,
     attention_rows: CudaFunction,
-    router_top_k_rows: CudaFunction,
     swiglu_rows: CudaFunction,
     combine_rows: CudaFunction,
-}
-
-fn launch(mut args: LaunchArgs<'_>, cfg: LaunchConfig, what: &str) -> Result<(), CudaError> {
-    // SAFETY: every kernel's arguments are pushed in the order and types its signature has, and
-    // the callers pass addresses of live buffers large enough for the given sizes.
-    unsafe { args.launch(cfg) }
-        .map(|_| ())
-        .during(format!("launching {what}"))
 }
 
 /// A grid-stride launch over `n` elements.
@@ -40,16 +30,6 @@ fn elementwise(n: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// (heads, KV heads, head_dim, capacity) as the kernels take them.
-fn dims_i32(d: &AttentionDims) -> (i32, i32, i32, i32) {
-    (
-        d.n_heads as i32,
-        d.n_kv_heads as i32,
-        d.head_dim as i32,
-        d.capacity as i32,
-    )
 }
 
 /// Compiles the prefill kernels for Hopper (compute_90) without a GPU: only NVRTC is needed.
@@ -84,9 +64,7 @@ impl PrefillKernels {
         Ok(PrefillKernels {
             split16: f("split16")?,
             gather_rows: f("gather_rows")?,
-            rope_kv_append_rows: f("rope_kv_append_rows")?,
             attention_rows: f("attention_rows")?,
-            router_top_k_rows: f("router_top_k_rows")?,
             swiglu_rows: f("swiglu_rows")?,
             combine_rows: f("combine_rows")?,
         })
@@ -103,9 +81,13 @@ impl PrefillKernels {
         bf16: bool,
     ) -> Result<(), CudaError> {
         let (n, bf16) = (n as i64, bf16 as i32);
-        let mut a = dev.stream().launch_builder(&self.split16);
-        a.arg(&x).arg(&hi).arg(&lo).arg(&n).arg(&bf16);
-        launch(a, elementwise(n as usize), "split16")
+        launch_plain(
+            dev,
+            &self.split16,
+            elementwise(n as usize),
+            &mut kernel_args![x, hi, lo, n, bf16],
+            "split16",
+        )
     }
 
     /// `dst[a] = src[rows[a]]` for `count` rows of `d` floats.
@@ -124,50 +106,13 @@ impl PrefillKernels {
             shared_mem_bytes: 0,
         };
         let d = d as i32;
-        let mut a = dev.stream().launch_builder(&self.gather_rows);
-        a.arg(&src).arg(&rows).arg(&dst).arg(&d);
-        launch(a, cfg, "gather_rows")
-    }
-
-    /// Bias, per-head q/k norm, rope and KV append for `rows` rows of `[q | k | v]` at positions
-    /// `pos0..pos0 + rows`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_kv_append_rows(
-        &self,
-        dev: &CudaDevice,
-        dims: AttentionDims,
-        rows: usize,
-        qkv: u64,
-        bias: u64,
-        pos0: usize,
-        kv_cache: (u64, u64),
-        qk_norm: (u64, u64),
-        eps: f32,
-        inv_freq: u64,
-    ) -> Result<(), CudaError> {
-        let blocks = dims.n_heads + 2 * dims.n_kv_heads;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, rows as u32, 1),
-            block_dim: (dims.head_dim.next_multiple_of(32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (h, kvh, d, cap) = dims_i32(&dims);
-        let pos0 = pos0 as i32;
-        let mut a = dev.stream().launch_builder(&self.rope_kv_append_rows);
-        a.arg(&qkv)
-            .arg(&bias)
-            .arg(&pos0)
-            .arg(&kv_cache.0)
-            .arg(&kv_cache.1)
-            .arg(&qk_norm.0)
-            .arg(&qk_norm.1)
-            .arg(&eps)
-            .arg(&h)
-            .arg(&kvh)
-            .arg(&d)
-            .arg(&cap)
-            .arg(&inv_freq);
-        launch(a, cfg, "rope_kv_append_rows")
+        launch_plain(
+            dev,
+            &self.gather_rows,
+            cfg,
+            &mut kernel_args![src, rows, dst, d],
+            "gather_rows",
+        )
     }
 
     /// Causal attention of `rows` rows (queries in the rotated `qkv` rows) at positions
@@ -188,53 +133,16 @@ impl PrefillKernels {
             block_dim: (ATTN_WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (h, kvh, d, cap) = dims_i32(&dims);
+        let (h, kvh, d, cap) = dims.as_i32();
         let pos0 = pos0 as i32;
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
-        let mut a = dev.stream().launch_builder(&self.attention_rows);
-        a.arg(&qkv)
-            .arg(&kv_cache.0)
-            .arg(&kv_cache.1)
-            .arg(&pos0)
-            .arg(&out)
-            .arg(&h)
-            .arg(&kvh)
-            .arg(&d)
-            .arg(&cap)
-            .arg(&scale);
-        launch(a, cfg, "attention_rows")
-    }
-
-    /// Per row: softmax over `n_experts` logits, top `k`, optional renormalisation, into
-    /// `ids`/`weights` (`[rows, k]`), ids mapped through `expert_map` when it is non-zero.
-    #[allow(clippy::too_many_arguments)]
-    pub fn router_top_k_rows(
-        &self,
-        dev: &CudaDevice,
-        rows: usize,
-        logits: u64,
-        n_experts: usize,
-        k: usize,
-        renormalize: bool,
-        expert_map: u64,
-        ids: u64,
-        weights: u64,
-    ) -> Result<(), CudaError> {
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (e, k, r) = (n_experts as i32, k as i32, renormalize as i32);
-        let mut a = dev.stream().launch_builder(&self.router_top_k_rows);
-        a.arg(&logits)
-            .arg(&e)
-            .arg(&k)
-            .arg(&r)
-            .arg(&expert_map)
-            .arg(&ids)
-            .arg(&weights);
-        launch(a, cfg, "router_top_k_rows")
+        launch_plain(
+            dev,
+            &self.attention_rows,
+            cfg,
+            &mut kernel_args![qkv, kv_cache.0, kv_cache.1, pos0, out, h, kvh, d, cap, scale],
+            "attention_rows",
+        )
     }
 
     /// `act = silu(gate) * up` for `rows` rows of `[gate (n) | up (n)]`.
@@ -248,9 +156,13 @@ impl PrefillKernels {
     ) -> Result<(), CudaError> {
         let cfg = elementwise(rows * n);
         let (rows, n) = (rows as i64, n as i32);
-        let mut a = dev.stream().launch_builder(&self.swiglu_rows);
-        a.arg(&gate_up).arg(&act).arg(&rows).arg(&n);
-        launch(a, cfg, "swiglu_rows")
+        launch_plain(
+            dev,
+            &self.swiglu_rows,
+            cfg,
+            &mut kernel_args![gate_up, act, rows, n],
+            "swiglu_rows",
+        )
     }
 
     /// `y[r] = sum_j weights[r, j] * expert_out[slot_row[r, j]] (+ sigmoid(logit[r]) * shared[r])`
@@ -275,15 +187,21 @@ impl PrefillKernels {
         };
         let (k, n) = (k as i32, n as i32);
         let (shared_out, shared_logit) = shared.map_or((0, 0), |s| (s.out, s.logit));
-        let mut a = dev.stream().launch_builder(&self.combine_rows);
-        a.arg(&expert_out)
-            .arg(&slot_row)
-            .arg(&weights)
-            .arg(&k)
-            .arg(&shared_out)
-            .arg(&shared_logit)
-            .arg(&y)
-            .arg(&n);
-        launch(a, cfg, "combine_rows")
+        launch_plain(
+            dev,
+            &self.combine_rows,
+            cfg,
+            &mut kernel_args![
+                expert_out,
+                slot_row,
+                weights,
+                k,
+                shared_out,
+                shared_logit,
+                y,
+                n
+            ],
+            "combine_rows",
+        )
     }
 }

@@ -18,7 +18,7 @@ use super::{DeviceFfn, DeviceLayer, DeviceMlp, FfnShape, LayerStack};
 use crate::device::dptr;
 use crate::error::DriverContext;
 use crate::gemm::Gemm;
-use crate::ops::{self, SharedExpert, Weights};
+use crate::ops::{self, KvAppend, Position, SharedExpert, Weights};
 use crate::prefill_ops::PrefillKernels;
 use crate::{CudaDevice, CudaError};
 use shardline_tensor::DType;
@@ -236,9 +236,12 @@ impl Prefill {
         let inv_freq = dptr(dev, &stack.scratch.inv_freq);
         let norms = (opt(&w.q_norm), opt(&w.k_norm));
         let bias = opt(&w.qkv_bias);
-        k.rope_kv_append_rows(
-            dev, dims, rows, qkv, bias, pos0, cache, norms, sh.eps, inv_freq,
-        )?;
+        let kv = KvAppend {
+            k_cache: cache.0,
+            v_cache: cache.1,
+            first: Position::At(pos0),
+        };
+        ops::rope_kv_append(dev, dims, rows, qkv, bias, kv, norms, sh.eps, inv_freq)?;
         k.attention_rows(dev, dims, rows, qkv, cache, pos0, attn)?;
         let wo = w.weights(dev, &w.o, 0);
         self.gemm.linear(dev, k, wo, attn, y, rows, h, q)?;
@@ -291,8 +294,7 @@ impl Prefill {
                     .linear(dev, &self.kernels, r, normed, logits, rows, *n_experts, h)?;
                 let map = expert_map.as_ref().map_or(0, |m| dptr(dev, m));
                 let (e, renorm) = (*n_experts, *renormalize);
-                self.kernels
-                    .router_top_k_rows(dev, rows, logits, e, k, renorm, map, ids, weights)?;
+                ops::router_top_k(dev, rows, logits, e, k, renorm, map, ids, weights)?;
                 let mut chosen = vec![0i32; rows * k];
                 dev.stream()
                     .memcpy_dtoh(&self.buf.expert_ids.slice(0..rows * k), &mut chosen)
