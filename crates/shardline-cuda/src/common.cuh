@@ -55,54 +55,78 @@ __device__ float block_sum(float v) {
     return r;
 }
 
-// Router, one row per block (grid.x rows, one warp each): softmax over the row's E logits, top-k
-// (ties to the lower index), optional renormalisation. Writes ids[r*k + j] and weights[r*k + j].
+// Max over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    v = warp_max(v);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float m = lane < (blockDim.x >> 5) ? partial[lane] : NEG_INF;
+        m = warp_max(m);
+        if (lane == 0) total = m;
+    }
+    __syncthreads();
+    float r = total;
+    __syncthreads();
+    return r;
+}
+
+// Router softmax over E logits (in f32), top-k, optional renormalisation, by one block: each
+// expert's rank is the number of experts with a higher probability (or an equal one and a lower
+// index, so ties go to the lower index), all ranks at once. Writes id[j] and wt[j] for j < k.
 // With expert parallelism, expert_map[e] is expert e's index among this rank's experts, or -1
-// where another rank holds it (null: every expert is here). E <= 1024.
+// where another rank holds it (null: every expert is here). E <= 1024, k <= 32.
+__device__ void top_k_block(const float* __restrict__ lg, int E, int k, int renormalize,
+                            const int* __restrict__ expert_map, int* __restrict__ id,
+                            float* __restrict__ wt) {
+    __shared__ float probs[1024];
+    __shared__ float chosen[32];
+    float mx = NEG_INF;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) mx = fmaxf(mx, lg[e]);
+    mx = block_max(mx);
+    float local = 0.0f;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const float p = expf(lg[e] - mx);
+        probs[e] = p;
+        local += p;
+    }
+    const float sum = block_sum(local);  // its barriers also publish probs
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const float p = probs[e];
+        int rank = 0;
+        for (int o = 0; o < E; ++o) {
+            const float q = probs[o];
+            rank += q > p || (q == p && o < e);
+        }
+        if (rank < k) {
+            id[rank] = expert_map ? expert_map[e] : e;
+            chosen[rank] = p / sum;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < k) {
+        float w = chosen[threadIdx.x];
+        if (renormalize) {
+            float total = 0.0f;
+            for (int j = 0; j < k; ++j) total += chosen[j];
+            w /= total;
+        }
+        wt[threadIdx.x] = w;
+    }
+}
+
+// top_k_block for each of `rows` rows of logits (grid.x rows): writes ids[r*k + j] and
+// weights[r*k + j].
 extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E, int k,
                                        int renormalize, const int* __restrict__ expert_map,
                                        int* __restrict__ ids, float* __restrict__ weights) {
-    __shared__ float probs[1024];
     let_next_start();
     wait_for_previous();
-    const int lane = threadIdx.x, r = blockIdx.x;
-    const float* lg = logits + (long)r * E;
-    int* id = ids + (long)r * k;
-    float* wt = weights + (long)r * k;
-    float mx = NEG_INF;
-    for (int e = lane; e < E; e += WARP) mx = fmaxf(mx, lg[e]);
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int e = lane; e < E; e += WARP) {
-        const float p = expf(lg[e] - mx);
-        probs[e] = p;
-        sum += p;
-    }
-    sum = warp_sum(sum);
-    __syncwarp();
-    float chosen_sum = 0.0f;
-    for (int j = 0; j < k; ++j) {
-        float best = -1.0f;
-        int best_e = E;
-        for (int e = lane; e < E; e += WARP) {
-            const float p = probs[e];
-            if (p > best || (p == best && e < best_e)) { best = p; best_e = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-            if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
-        }
-        if (lane == 0) {
-            id[j] = expert_map ? expert_map[best_e] : best_e;
-            wt[j] = best / sum;
-            probs[best_e] = -2.0f;  // taken
-        }
-        chosen_sum += best / sum;
-        __syncwarp();
-    }
-    if (renormalize && lane < k) wt[lane] /= chosen_sum;
+    const long r = blockIdx.x;
+    top_k_block(logits + r * E, E, k, renormalize, expert_map, ids + r * k, weights + r * k);
 }
 
 // For each of `rows` rows of qkv ([q (H*D) | k (KVH*D) | v (KVH*D)] each): the qkv bias (Qwen2;

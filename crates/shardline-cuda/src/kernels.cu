@@ -240,7 +240,9 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // D <= 32 * ATTN_MAX_PER_LANE.
 #define ATTN_WARPS 16
 #define ATTN_MAX_PER_LANE 8
+#ifndef ATTN_BATCH
 #define ATTN_BATCH 4
+#endif
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
     attention_decode(const float* __restrict__ q, const float* __restrict__ k_cache,
                      const float* __restrict__ v_cache, const int* __restrict__ pos_ptr,

@@ -318,9 +318,16 @@ pub fn router_top_k(
     ids: u64,
     weights: u64,
 ) -> Result<(), CudaError> {
+    if n_experts == 0 || n_experts > 1024 || k == 0 || k > 32 || k > n_experts {
+        return Err(CudaError::Shape(format!(
+            "the router takes 1 to 1024 experts and a top-k of 1 to 32 (at most the experts), not \
+             {n_experts} experts and top-{k}"
+        )));
+    }
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (32, 1, 1),
+        // One thread per expert.
+        block_dim: (n_experts.next_multiple_of(32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     let (e, k, r) = (n_experts as i32, k as i32, renormalize as i32);
