@@ -36,17 +36,19 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ float block_sum(float v) {
+// Sum (MAX false) or maximum (MAX true) over the whole block (blockDim.x a multiple of 32, at
+// most 1024); every thread gets it.
+template <bool MAX>
+__device__ float block_reduce(float v) {
     __shared__ float partial[32];
     __shared__ float total;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
-        s = warp_sum(s);
+        float s = lane < (blockDim.x >> 5) ? partial[lane] : (MAX ? NEG_INF : 0.0f);
+        s = MAX ? warp_max(s) : warp_sum(s);
         if (lane == 0) total = s;
     }
     __syncthreads();
@@ -55,24 +57,8 @@ __device__ float block_sum(float v) {
     return r;
 }
 
-// Max over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
-    v = warp_max(v);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float m = lane < (blockDim.x >> 5) ? partial[lane] : NEG_INF;
-        m = warp_max(m);
-        if (lane == 0) total = m;
-    }
-    __syncthreads();
-    float r = total;
-    __syncthreads();
-    return r;
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // Router softmax over E logits (in f32), top-k, optional renormalisation, by one block: each
 // expert's rank is the number of experts with a higher probability (or an equal one and a lower
