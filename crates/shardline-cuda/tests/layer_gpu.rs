@@ -5,25 +5,15 @@
 //!
 //! Needs a CUDA device: without one each test prints that it did not run and why.
 
+mod common;
+use common::{device, max_rel_err};
+
 use shardline_cuda::{
     CudaDevice, CudaError, DeviceLayer, ExecMode, FfnShape, HostFfn, HostLayerWeights, HostMlp,
     LayerShape, LayerStack,
 };
 use shardline_tensor::kernels::{self, KvCache, Rope};
 use shardline_tensor::{DType, Tensor};
-
-/// Opens the GPU, or says why this test does not run here. Only a missing driver or device skips;
-/// any other failure (a kernel that does not compile, say) fails the test.
-fn device(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::open(0) {
-        Ok(d) => Some(d),
-        Err(e @ CudaError::Unavailable(_)) => {
-            eprintln!("SKIPPED {test}: {e}");
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
 
 /// Deterministic values in [-scale, scale).
 struct Rng(u64);
@@ -320,14 +310,6 @@ fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
             FfnShape::Dense { intermediate: 160 },
         ),
     ]
-}
-
-fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 const STEPS: usize = 5;

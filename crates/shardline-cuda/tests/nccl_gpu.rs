@@ -5,23 +5,17 @@
 //!
 //! Needs a CUDA device and libnccl: without them each test prints that it did not run and why.
 
+mod common;
+use common::device;
+
 use half::{bf16, f16};
 use shardline_cuda::nccl::{self, DeviceComm, NcclElem, NcclId};
-use shardline_cuda::{
-    CudaDevice, CudaError, DeviceLayer, ExecMode, FfnShape, LayerShape, LayerStack,
-};
+use shardline_cuda::{CudaDevice, DeviceLayer, ExecMode, FfnShape, LayerShape, LayerStack};
 use shardline_tensor::DType;
 
 /// The GPU and a one-rank communicator on it, or why this test does not run here.
 fn device_and_comm(test: &str) -> Option<(CudaDevice, DeviceComm)> {
-    let dev = match CudaDevice::open(0) {
-        Ok(d) => d,
-        Err(e @ CudaError::Unavailable(_)) => {
-            eprintln!("SKIPPED {test}: {e}");
-            return None;
-        }
-        Err(e) => panic!("{test}: {e}"),
-    };
+    let dev = device(test)?;
     match nccl::version() {
         Ok((major, minor, patch)) => eprintln!("{test}: NCCL {major}.{minor}.{patch}"),
         Err(e) => {

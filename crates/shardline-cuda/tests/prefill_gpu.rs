@@ -5,9 +5,10 @@
 //!
 //! Needs a CUDA device: without one the test prints that it did not run and why.
 
-use shardline_cuda::{
-    CudaDevice, CudaError, DeviceLayer, FfnShape, LayerShape, LayerStack, Prefill,
-};
+mod common;
+use common::{device, max_rel_err};
+
+use shardline_cuda::{DeviceLayer, FfnShape, LayerShape, LayerStack, Prefill};
 use shardline_tensor::DType;
 
 fn shape(hidden: usize, heads: (usize, usize, usize), qk_norm: bool, bias: bool) -> LayerShape {
@@ -34,27 +35,14 @@ fn moe(n_experts: usize, top_k: usize, renormalize: bool, shared: Option<usize>)
     }
 }
 
-fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
-
 /// Positions already in the cache before the prefilled rows, and the rows.
 const POS0: usize = 4;
 const ROWS: usize = 7;
 
 #[test]
 fn prefill_matches_decode_row_by_row() {
-    let dev = match CudaDevice::open(0) {
-        Ok(d) => d,
-        Err(e @ CudaError::Unavailable(_)) => {
-            eprintln!("SKIPPED prefill_matches_decode_row_by_row: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(dev) = device("prefill_matches_decode_row_by_row") else {
+        return;
     };
     let cases = [
         (
