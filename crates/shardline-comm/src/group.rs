@@ -107,6 +107,11 @@ impl Group {
     }
 
     /// This rank in the group.
+    /// How long a collective may take before it fails (`SHARDLINE_TIMEOUT`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }

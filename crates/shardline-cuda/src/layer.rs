@@ -738,7 +738,16 @@ impl LayerStack {
         };
         // SAFETY: the buffer is this stack's, of `hidden` f32 values, and lives as long as it.
         unsafe { comm.all_reduce_sum_raw(dev, dptr(dev, buf), self.shape.hidden, DType::F32)? };
+        if matches!(after, AfterOp::Sync) {
+            comm.wait(dev)?;
+        }
         after.done(dev, "comm.all_reduce")
+    }
+
+    /// Waits, with the communicator's deadline, for the stream's collectives (see
+    /// [`DeviceComm::wait`]); without a communicator there is nothing that could hang.
+    pub fn wait_comm(&self, dev: &CudaDevice) -> Result<(), CudaError> {
+        self.comm.as_ref().map_or(Ok(()), |c| c.wait(dev))
     }
 
     /// Uses these rope frequencies (`head_dim / 2` of them, as the model computes them).
@@ -849,6 +858,7 @@ impl LayerStack {
         self.set_hidden(dev, x)?;
         self.enqueue_attention(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
         self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
+        self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
         dev.stream()
             .memcpy_dtoh(&self.scratch.x_mid, out)
@@ -869,6 +879,7 @@ impl LayerStack {
             .during("copying the hidden state")?;
         self.enqueue_ffn(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
         self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
+        self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
         dev.stream()
             .memcpy_dtoh(&self.scratch.x, out)
@@ -994,6 +1005,7 @@ impl LayerStack {
             self.enqueue_ffn(dev, l, res, &mut after)?;
             self.enqueue_all_reduce(dev, Segment::Ffn, &mut after)?;
         }
+        self.wait_comm(dev)?;
         dev.synchronize()?;
         let mut totals: Vec<(&'static str, f64)> = Vec::new();
         let mut prev = &start;

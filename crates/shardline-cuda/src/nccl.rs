@@ -13,8 +13,10 @@
 //! PyTorch's wheels, install), and it panics where the library or a symbol is missing. Here a
 //! missing library is an error naming what was tried; `SHARDLINE_NCCL_LIB` names a file to use.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DeviceRepr};
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
@@ -34,6 +36,8 @@ struct Lib {
     get_unique_id: unsafe extern "C" fn(*mut ncclUniqueId) -> c_int,
     comm_init_rank: unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int,
     comm_destroy: unsafe extern "C" fn(ncclComm_t) -> c_int,
+    comm_abort: unsafe extern "C" fn(ncclComm_t) -> c_int,
+    comm_get_async_error: unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int,
     all_reduce: unsafe extern "C" fn(
         *const c_void,
         *mut c_void,
@@ -87,6 +91,8 @@ fn resolve(lib: libloading::Library) -> Result<Lib, String> {
             get_unique_id: sym(&lib, "ncclGetUniqueId")?,
             comm_init_rank: sym(&lib, "ncclCommInitRank")?,
             comm_destroy: sym(&lib, "ncclCommDestroy")?,
+            comm_abort: sym(&lib, "ncclCommAbort")?,
+            comm_get_async_error: sym(&lib, "ncclCommGetAsyncError")?,
             all_reduce: sym(&lib, "ncclAllReduce")?,
             get_error_string: sym(&lib, "ncclGetErrorString")?,
             get_last_error: sym(&lib, "ncclGetLastError")?,
@@ -205,9 +211,19 @@ pub struct DeviceComm {
     lib: &'static Lib,
     rank: usize,
     world: usize,
+    /// How long [`DeviceComm::wait`] waits for the stream before it gives up on the other ranks.
+    timeout: Duration,
+    /// Set once the communicator has been aborted (it is then freed, not destroyed).
+    aborted: Cell<bool>,
     /// Keeps the device's context alive until the communicator is destroyed.
     _ctx: Arc<CudaContext>,
 }
+
+/// NCCL's "still in progress" result (`ncclInProgress`), which is not an error.
+const NCCL_IN_PROGRESS: c_int = 7;
+/// How long [`DeviceComm::wait`] polls without sleeping: a decode segment's all-reduce ends in
+/// microseconds, and a sleep would add its own granularity to every segment.
+const SPIN: Duration = Duration::from_millis(2);
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time; `&mut`-free
 // methods take `&self`, but `DeviceComm` is not `Sync`, so calls never overlap.
@@ -215,12 +231,14 @@ unsafe impl Send for DeviceComm {}
 
 impl DeviceComm {
     /// Joins the communicator of `world` ranks made from `id`, as `rank`, on `dev`. Blocks until
-    /// every rank has called it (NCCL's own bootstrap, over the network the id names).
+    /// every rank has called it (NCCL's own bootstrap, over the network the id names). `timeout`
+    /// bounds each later [`DeviceComm::wait`].
     pub fn init(
         dev: &CudaDevice,
         id: &NcclId,
         world: usize,
         rank: usize,
+        timeout: Duration,
     ) -> Result<DeviceComm, CudaError> {
         if world == 0 || rank >= world || world > c_int::MAX as usize {
             return Err(CudaError::Nccl(format!(
@@ -249,8 +267,78 @@ impl DeviceComm {
             lib,
             rank,
             world,
+            timeout,
+            aborted: Cell::new(false),
             _ctx: dev.context().clone(),
         })
+    }
+
+    /// Waits until `dev`'s stream has run everything queued on it, NCCL's collectives included,
+    /// for at most the communicator's timeout. A collective whose peer is gone never finishes:
+    /// rather than block forever in a stream synchronisation, this polls the stream and NCCL's
+    /// asynchronous error, and on an error or at the deadline aborts the communicator (which
+    /// frees the stuck kernels) and says so. Every host wait that follows a collective on this
+    /// communicator goes through here.
+    pub fn wait(&self, dev: &CudaDevice) -> Result<(), CudaError> {
+        dev.context()
+            .bind_to_thread()
+            .during("making the device current")?;
+        let start = Instant::now();
+        let stream = dev.stream().cu_stream();
+        loop {
+            // SAFETY: the stream is the device's, alive as long as `dev`.
+            match unsafe { cudarc::driver::sys::cuStreamQuery(stream) } {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => {
+                    return Err(CudaError::Nccl(format!(
+                        "waiting for the stream: {other:?}"
+                    )))
+                }
+            }
+            if self.aborted.get() {
+                return Err(CudaError::Nccl("the NCCL communicator was aborted".into()));
+            }
+            let mut state: c_int = 0;
+            // SAFETY: `comm` is live (not aborted) and `state` is a valid out-pointer.
+            let code = unsafe { (self.lib.comm_get_async_error)(self.comm, &mut state) };
+            let failed = if code != 0 {
+                Some(code)
+            } else if state != 0 && state != NCCL_IN_PROGRESS {
+                Some(state)
+            } else {
+                None
+            };
+            if let Some(code) = failed {
+                let err = check(self.lib, code, Some(self.comm), "an NCCL collective failed");
+                self.abort();
+                return err;
+            }
+            let waited = start.elapsed();
+            if waited > self.timeout {
+                self.abort();
+                return Err(CudaError::Nccl(format!(
+                    "an NCCL collective of rank {} of {} did not finish within {:.0} s: another \
+                     rank is gone or stuck; the communicator was aborted",
+                    self.rank,
+                    self.world,
+                    self.timeout.as_secs_f64()
+                )));
+            }
+            if waited < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    fn abort(&self) {
+        if !self.aborted.replace(true) {
+            // SAFETY: `comm` came from ncclCommInitRank and has not been aborted or destroyed.
+            // A failure to abort cannot be reported better than the error being returned.
+            let _ = unsafe { (self.lib.comm_abort)(self.comm) };
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -284,6 +372,11 @@ impl DeviceComm {
         count: usize,
         dtype: DType,
     ) -> Result<(), CudaError> {
+        if self.aborted.get() {
+            return Err(CudaError::Nccl(
+                "the NCCL communicator was aborted after an earlier failure".into(),
+            ));
+        }
         let p = ptr as *mut c_void;
         let stream = dev.stream().cu_stream() as *mut c_void;
         let code = (self.lib.all_reduce)(
@@ -306,6 +399,9 @@ impl DeviceComm {
 
 impl Drop for DeviceComm {
     fn drop(&mut self) {
+        if self.aborted.get() {
+            return; // ncclCommAbort has freed it
+        }
         // SAFETY: `comm` came from ncclCommInitRank and is destroyed once. A failure here cannot
         // be reported; the process is letting the communicator go anyway.
         let _ = unsafe { (self.lib.comm_destroy)(self.comm) };

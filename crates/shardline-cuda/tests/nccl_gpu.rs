@@ -8,6 +8,8 @@
 mod common;
 use common::device;
 
+use std::time::Duration;
+
 use half::{bf16, f16};
 use shardline_cuda::nccl::{self, DeviceComm, NcclElem, NcclId};
 use shardline_cuda::{CudaDevice, DeviceLayer, ExecMode, FfnShape, LayerShape, LayerStack};
@@ -26,7 +28,7 @@ fn device_and_comm(test: &str) -> Option<(CudaDevice, DeviceComm)> {
     let id = NcclId::new().unwrap();
     // The id goes over the wire as bytes: make the communicator from the bytes.
     let id = NcclId::from_bytes(&id.to_bytes());
-    let comm = DeviceComm::init(&dev, &id, 1, 0).unwrap();
+    let comm = DeviceComm::init(&dev, &id, 1, 0, Duration::from_secs(60)).unwrap();
     assert_eq!((comm.rank(), comm.world()), (0, 1));
     Some((dev, comm))
 }
@@ -38,6 +40,7 @@ fn unchanged<T: NcclElem + Copy + PartialEq + std::fmt::Debug>(
 ) {
     let mut buf = dev.upload(data).unwrap();
     comm.all_reduce_sum(dev, &mut buf).unwrap();
+    comm.wait(dev).unwrap();
     assert_eq!(dev.download(&buf).unwrap(), data, "{:?}", T::DTYPE);
 }
 
@@ -66,7 +69,7 @@ fn bad_ranks_are_errors_not_panics() {
         return;
     };
     let id = NcclId::new().unwrap();
-    let e = DeviceComm::init(&dev, &id, 2, 2)
+    let e = DeviceComm::init(&dev, &id, 2, 2, Duration::from_secs(60))
         .err()
         .expect("rank 2 of 2");
     assert!(e.to_string().contains("rank 2 of 2"), "{e}");

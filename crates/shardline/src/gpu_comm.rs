@@ -182,6 +182,8 @@ pub use gpu::{cuda_backend, device_comm, gpu_ordinal};
 
 #[cfg(feature = "cuda")]
 mod gpu {
+    use std::time::Duration;
+
     use anyhow::Context;
     use shardline_comm::Group;
     use shardline_cuda::nccl::{self, DeviceComm, NcclId};
@@ -242,7 +244,8 @@ mod gpu {
         }
         let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.size()));
         let id = share_id(group, || Ok(NcclId::new()?.to_bytes()))?;
-        let comm = DeviceComm::init(dev, &NcclId::from_bytes(&id), world, rank)
+        let timeout = group.map_or(Duration::from_secs(60), Group::timeout);
+        let comm = DeviceComm::init(dev, &NcclId::from_bytes(&id), world, rank, timeout)
             .context("cannot form the NCCL communicator")?;
         if rank == 0 {
             if let Ok((major, minor, patch)) = loads {

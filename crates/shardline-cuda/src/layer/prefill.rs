@@ -104,6 +104,7 @@ fn finish(
         // SAFETY: `y` holds at least `out.len()` f32 (fitted to the rows) and lives in `self`
         // until the download below has waited for the stream.
         unsafe { comm.all_reduce_sum_raw(dev, dptr(dev, y), out.len(), DType::F32)? };
+        comm.wait(dev)?;
     }
     get(dev, y, out)
 }

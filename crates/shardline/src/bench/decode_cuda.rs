@@ -113,6 +113,7 @@ pub fn run_case(
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         stack.step(dev, case.exec)?;
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        stack.wait_comm(dev)?;
         dev.synchronize()?;
         if it >= warmup {
             samples.push(start.elapsed_ms(&end)? as f64 * 1000.0 / layers as f64);
@@ -182,6 +183,7 @@ fn comm_us_per_layer(
         comm.all_reduce_sum(dev, &mut buf)?;
         comm.all_reduce_sum(dev, &mut buf)?;
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        comm.wait(dev)?;
         dev.synchronize()?;
         if it >= 10 {
             samples.push(start.elapsed_ms(&end)? as f64 * 1000.0);
