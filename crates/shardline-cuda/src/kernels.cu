@@ -4,7 +4,10 @@
 // Anything that changes from one decode step to the next (the position, the chosen experts) is
 // read from device memory, so a captured graph can be replayed unchanged.
 
-#define MATVEC_WARPS 8
+// Most warps a matvec block may have (ops.rs launches MATVEC_WARPS: blockDim.x / 32). Also the
+// launch bound the registers are allocated for: a tighter one gave the compiler room for more
+// registers per thread, and fewer warps per SM (slower on an H200).
+#define MATVEC_MAX_WARPS 8
 
 // ---- weight element types: 8 consecutive weights as one 16-byte load ----
 
@@ -98,66 +101,54 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) 
     return r;
 }
 
-// row . x for one row of K elements, computed by one warp; every lane gets the sum. Rows and
-// inputs that are not 16-byte aligned (K not a multiple of 8) take the scalar path.
-template <typename T>
-__device__ float warp_row_dot(const char* row, const float* __restrict__ x, int K) {
+// (row_0 . x, ..., row_{R-1} . x) by one warp, row_r = row + r * row_stride bytes; every lane gets
+// the sums. All R rows' loads of a group are issued before the first is used, and each x pack is
+// loaded once for all R rows: short rows (the down projection of a small expert) are grouped so
+// that a warp keeps as many bytes in flight as it does on one long row, and a SwiGLU's gate and
+// up rows travel together. Rows and inputs that are not 16-byte aligned (K not a multiple of 8)
+// take the scalar path. The last (partial) group is predicated, so a short row is one memory
+// round trip rather than one per pack. G: packs per row per group (loads in flight per lane: R * G).
+template <typename T, int R, int G>
+__device__ void warp_rows_dot(const char* row, long row_stride, const float* __restrict__ x,
+                              int K, float (&out)[R]) {
     const int lane = threadIdx.x & 31;
-    const bool aligned = (((unsigned long)row | (unsigned long)x) & 15) == 0;
+    const bool aligned = (((unsigned long)row | (unsigned long)row_stride | (unsigned long)x) & 15) == 0;
     const long packs = aligned ? K / 8 : 0;
     const float4* x4 = (const float4*)x;
-    float acc = 0.0f;
-    // Every group issues all of its loads before the first is used, the last (partial) group
-    // too, so that a short row is one memory round trip rather than one per pack.
-    for (long p = lane; p < packs; p += UNROLL * WARP) {
-        typename T::Pack w[UNROLL];
+    float acc[R];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
-            if (p + u * WARP < packs) w[u] = load_pack<T>(row, p + u * WARP);
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    for (long p = lane; p < packs; p += G * WARP) {
+        typename T::Pack w[G][R];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const long q = p + u * WARP;
-            if (q < packs) acc += T::dot8(w[u], __ldg(x4 + 2 * q), __ldg(x4 + 2 * q + 1));
-        }
-    }
-    for (long i = packs * 8 + lane; i < K; i += WARP) acc += T::one(row, i) * x[i];
-    return warp_sum(acc);
-}
-
-// (row_a . x, row_b . x) by one warp, the two rows' loads interleaved so both are in flight at
-// once (the gate and up rows of a SwiGLU). Same alignment rule as warp_row_dot.
-template <typename T>
-__device__ float2 warp_row_dot2(const char* row_a, const char* row_b, const float* __restrict__ x,
-                                int K) {
-    const int lane = threadIdx.x & 31;
-    const bool aligned = (((unsigned long)row_a | (unsigned long)row_b | (unsigned long)x) & 15) == 0;
-    const long packs = aligned ? K / 8 : 0;
-    const float4* x4 = (const float4*)x;
-    float acc_a = 0.0f, acc_b = 0.0f;
-    for (long p = lane; p < packs; p += UNROLL * WARP) {
-        typename T::Pack wa[UNROLL], wb[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < G; ++u) {
             if (p + u * WARP < packs) {
-                wa[u] = load_pack<T>(row_a, p + u * WARP);
-                wb[u] = load_pack<T>(row_b, p + u * WARP);
+#pragma unroll
+                for (int r = 0; r < R; ++r) w[u][r] = load_pack<T>(row + r * row_stride, p + u * WARP);
             }
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < G; ++u) {
             const long q = p + u * WARP;
             if (q < packs) {
                 const float4 x0 = __ldg(x4 + 2 * q), x1 = __ldg(x4 + 2 * q + 1);
-                acc_a += T::dot8(wa[u], x0, x1);
-                acc_b += T::dot8(wb[u], x0, x1);
+#pragma unroll
+                for (int r = 0; r < R; ++r) acc[r] += T::dot8(w[u][r], x0, x1);
             }
         }
     }
     for (long i = packs * 8 + lane; i < K; i += WARP) {
-        acc_a += T::one(row_a, i) * x[i];
-        acc_b += T::one(row_b, i) * x[i];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += T::one(row + r * row_stride, i) * x[i];
     }
-    return make_float2(warp_sum(acc_a), warp_sum(acc_b));
+#pragma unroll
+    for (int r = 0; r < R; ++r) out[r] = warp_sum(acc[r]);
+}
+
+// Pulls `bytes` from `p` into L2, a 128-byte line per lane.
+__device__ __forceinline__ void prefetch_l2(const char* p, long bytes) {
+    for (long off = (long)(threadIdx.x & 31) * 128; off < bytes; off += WARP * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
 // The one matrix-vector kernel: dense layers, MoE experts chosen on the device, and the SwiGLU of
@@ -168,56 +159,71 @@ __device__ float2 warp_row_dot2(const char* row_a, const char* row_b, const floa
 //   mode 0 (plain):  y[s * y_slot_stride + n] = W_{e_s}[n, :] . x_s (+ residual[n])
 //   mode 1 (swiglu): each matrix is [gate (N rows); up (N rows)];
 //                    y[s * y_slot_stride + n] = silu(gate[n, :] . x_s) * (up[n, :] . x_s)
-// One warp per output row n; MATVEC_WARPS rows per block.
-template <typename T>
+// Each warp computes R consecutive output rows (mode 0) or one (mode 1, R = 1), loading G packs
+// of each of its rows per group; blockDim.x / 32 warps per block.
+template <typename T, int R, int G>
 __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_bytes,
                             const int* __restrict__ ids, const float* __restrict__ x,
                             long x_slot_stride, int mode, const float* __restrict__ residual,
                             float* __restrict__ y, long y_slot_stride, int N, int K) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * MATVEC_WARPS + warp;
-    let_next_start();
+    const int n = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
+    const bool swiglu = mode == 1;
     const long row_bytes = (long)K * (T::PACK_BYTES / 8);
     const int s = blockIdx.y;
+    // The rows this warp reads: R (plain) or 2 (swiglu: gate row n and up row n + N).
+    const int rows = swiglu ? 2 : min(R, N - n);
+    const long row_stride = swiglu ? (long)N * row_bytes : row_bytes;
+    let_next_start();
     if (!ids && n < N) {
-        // The matrix does not depend on earlier kernels: pull this warp's row(s) into L2 while
-        // they finish.
-        const char* base = W_base + (long)s * expert_stride_bytes;
-        const int rows = mode == 1 ? 2 : 1;
-        for (int r = 0; r < rows; ++r) {
-            const char* row = base + (long)(n + r * N) * row_bytes;
-            for (long off = (long)lane * 128; off < row_bytes; off += WARP * 128)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
-        }
+        // The matrix does not depend on earlier kernels: pull this warp's rows into L2 while they
+        // finish.
+        const char* first = W_base + (long)s * expert_stride_bytes + (long)n * row_bytes;
+        for (int r = 0; r < rows; ++r) prefetch_l2(first + r * row_stride, row_bytes);
     }
     wait_for_previous();
     if (n >= N) return;
     const int e = ids ? ids[s] : s;
+    float* out = y + s * y_slot_stride + n;
     if (e < 0) {  // an expert another rank holds: it adds nothing here
-        if (lane == 0) y[s * y_slot_stride + n] = 0.0f;
+        if (lane < rows) out[lane] = 0.0f;
         return;
     }
-    const char* base = W_base + (long)e * expert_stride_bytes;
+    const char* first = W_base + (long)e * expert_stride_bytes + (long)n * row_bytes;
     const float* xv = x + s * x_slot_stride;
-    float r;
-    if (mode == 1) {
-        const float2 gu = warp_row_dot2<T>(base + (long)n * row_bytes, base + (long)(n + N) * row_bytes, xv, K);
-        r = gu.x / (1.0f + expf(-gu.x)) * gu.y;
-    } else {
-        r = warp_row_dot<T>(base + (long)n * row_bytes, xv, K);
+    if (swiglu) {
+        float gu[2];
+        warp_rows_dot<T, 2, G>(first, row_stride, xv, K, gu);
+        if (lane == 0) out[0] = gu[0] / (1.0f + expf(-gu[0])) * gu[1];
+    } else if (rows == R) {
+        float d[R];
+        warp_rows_dot<T, R, G>(first, row_stride, xv, K, d);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (lane == r) out[r] = d[r] + (residual ? residual[n + r] : 0.0f);
+    } else {  // the last warp of a matrix whose rows are not a multiple of R
+        for (int r = 0; r < rows; ++r) {
+            float d[1];
+            warp_rows_dot<T, 1, G>(first + r * row_stride, row_stride, xv, K, d);
+            if (lane == 0) out[r] = d[0] + (residual ? residual[n + r] : 0.0f);
+        }
     }
-    if (lane == 0) y[s * y_slot_stride + n] = r + (residual ? residual[n] : 0.0f);
 }
 
-#define MATVEC_ENTRY(NAME, T)                                                                   \
-    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP)                           \
+// Entry points: NAME, one row per warp, UNROLL packs per group; NAME_r4, four rows of 3 packs
+// (short rows; mode 0 only).
+#define MATVEC_ENTRY(NAME, T, R, G)                                                             \
+    extern "C" __global__ void __launch_bounds__(MATVEC_MAX_WARPS * WARP)                       \
         NAME(const char* W, long es, const int* ids, const float* x, long xs, int mode,         \
              const float* res, float* y, long ys, int N, int K) {                               \
-        matvec_impl<T>(W, es, ids, x, xs, mode, res, y, ys, N, K);                              \
+        matvec_impl<T, R, G>(W, es, ids, x, xs, mode, res, y, ys, N, K);                        \
     }
-MATVEC_ENTRY(matvec_bf16, Bf16)
-MATVEC_ENTRY(matvec_f16, F16)
-MATVEC_ENTRY(matvec_f32, F32)
+MATVEC_ENTRY(matvec_bf16, Bf16, 1, UNROLL)
+MATVEC_ENTRY(matvec_f16, F16, 1, UNROLL)
+MATVEC_ENTRY(matvec_f32, F32, 1, UNROLL)
+MATVEC_ENTRY(matvec_bf16_r4, Bf16, 4, 3)
+MATVEC_ENTRY(matvec_f16_r4, F16, 4, 3)
+MATVEC_ENTRY(matvec_f32_r4, F32, 4, 3)
 
 // y = x / sqrt(mean(x^2) + eps) * g, one block per row of length D.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,

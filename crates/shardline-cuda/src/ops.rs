@@ -10,8 +10,16 @@ use shardline_tensor::DType;
 use crate::error::DriverContext;
 use crate::{CudaDevice, CudaError};
 
-/// Warps (one output row each) per matvec block; matches `MATVEC_WARPS` in kernels.cu.
-const MATVEC_WARPS: u32 = 8;
+/// Warps per matvec block (at most `MATVEC_MAX_WARPS` in kernels.cu). Small blocks balance the
+/// SMs' share of a matrix best at its end, and let the next kernel's blocks start sooner: on an
+/// H200, 2 warps beat 4 and 8 on every preset (docs/cuda-notes.md, step 19).
+const MATVEC_WARPS: u32 = 2;
+/// Rows of at most this many columns are computed four to a warp (the `_r4` kernels): one group
+/// of loads then covers four rows (3 packs of 8 per lane each), not one, so a warp keeps as many
+/// bytes in flight as on a long row.
+const SHORT_ROW_MAX_K: usize = 3 * 8 * 32;
+/// Output rows per warp of the `_r4` kernels.
+const SHORT_ROWS_PER_WARP: u32 = 4;
 /// Warps per attention block; matches `ATTN_WARPS`.
 const ATTN_WARPS: u32 = 16;
 /// Largest head dimension the attention kernel takes (32 lanes x ATTN_MAX_PER_LANE).
@@ -128,12 +136,6 @@ pub fn matvec(
     n: usize,
     k: usize,
 ) -> Result<(), CudaError> {
-    let kern = dev.kernels();
-    let f = match w.dtype {
-        DType::BF16 => &kern.matvec_bf16,
-        DType::F16 => &kern.matvec_f16,
-        DType::F32 => &kern.matvec_f32,
-    };
     let (ids, x_stride, mode, y_stride, grid_y) = match slots {
         Slots::Single => (0u64, 0i64, 0i32, 0i64, 1u32),
         Slots::Each {
@@ -148,8 +150,18 @@ pub fn matvec(
             y_stride,
         } => (ids, 0, 1, y_stride as i64, count),
     };
+    let kern = dev.kernels();
+    let short = mode == 0 && k <= SHORT_ROW_MAX_K;
+    let (f, rows_per_warp) = match (w.dtype, short) {
+        (DType::BF16, false) => (&kern.matvec_bf16, 1),
+        (DType::F16, false) => (&kern.matvec_f16, 1),
+        (DType::F32, false) => (&kern.matvec_f32, 1),
+        (DType::BF16, true) => (&kern.matvec_bf16_r4, SHORT_ROWS_PER_WARP),
+        (DType::F16, true) => (&kern.matvec_f16_r4, SHORT_ROWS_PER_WARP),
+        (DType::F32, true) => (&kern.matvec_f32_r4, SHORT_ROWS_PER_WARP),
+    };
     let cfg = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(MATVEC_WARPS), grid_y, 1),
+        grid_dim: ((n as u32).div_ceil(MATVEC_WARPS * rows_per_warp), grid_y, 1),
         block_dim: (MATVEC_WARPS * 32, 1, 1),
         shared_mem_bytes: 0,
     };

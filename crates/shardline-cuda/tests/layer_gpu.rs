@@ -309,6 +309,19 @@ fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
             attention_shape(128, (8, 2, 16), false, false),
             FfnShape::Dense { intermediate: 160 },
         ),
+        (
+            // rows longer than the four-rows-per-warp kernels take (hidden and intermediate
+            // above 768 columns), and a row count that is not a multiple of a block's rows
+            "long-rows",
+            attention_shape(1000, (6, 2, 64), false, false),
+            FfnShape::Moe {
+                n_experts: 4,
+                top_k: 2,
+                intermediate: 776,
+                renormalize: true,
+                shared_intermediate: None,
+            },
+        ),
     ]
 }
 
