@@ -241,55 +241,66 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 
 // Decode attention for one token with grouped-query heads over positions 0..=*pos_ptr.
 // One block per query head; its warps split the KV positions (online softmax per warp, ATTN_BATCH
-// positions loaded at once so their latencies overlap) and are combined at the end, so any
-// context length runs in fixed shared memory. Lane l holds elements l, l+32, ... of a head:
-// D <= 32 * ATTN_MAX_PER_LANE.
+// positions loaded at once so their latencies overlap) and are combined at the end by all the
+// block's threads, so any context length runs in fixed shared memory. Lane l holds elements l,
+// l+32, ... of a head: D <= 32 * PL (entries for PL 4 and 8).
 #define ATTN_WARPS 16
-#define ATTN_MAX_PER_LANE 8
 #ifndef ATTN_BATCH
 #define ATTN_BATCH 4
 #endif
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
-    attention_decode(const float* __restrict__ q, const float* __restrict__ k_cache,
-                     const float* __restrict__ v_cache, const int* __restrict__ pos_ptr,
-                     float* __restrict__ out, int H, int KVH, int D, int capacity, float scale) {
-    __shared__ float m_s[ATTN_WARPS], l_s[ATTN_WARPS];
-    __shared__ float acc_s[ATTN_WARPS][WARP * ATTN_MAX_PER_LANE];
+
+// K and V rows of the positions base + b * ATTN_WARPS (b < ATTN_BATCH) below len; zeros beyond.
+template <int PL>
+__device__ __forceinline__ void load_kv_rows(const float* __restrict__ kb,
+                                             const float* __restrict__ vb, int base, int len,
+                                             int D, float (&kr)[ATTN_BATCH][PL],
+                                             float (&vr)[ATTN_BATCH][PL]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int b = 0; b < ATTN_BATCH; ++b) {
+        const int p = base + b * ATTN_WARPS;
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int d = lane + WARP * j;
+            const bool ok = p < len && d < D;
+            kr[b][j] = ok ? kb[(long)p * D + d] : 0.0f;
+            vr[b][j] = ok ? vb[(long)p * D + d] : 0.0f;
+        }
+    }
+}
+
+template <int PL>
+__device__ void attention_decode_impl(const float* __restrict__ q, const float* __restrict__ k_cache,
+                                      const float* __restrict__ v_cache,
+                                      const int* __restrict__ pos_ptr, float* __restrict__ out,
+                                      int H, int KVH, int D, int capacity, float scale) {
+    __shared__ float m_s[ATTN_WARPS], l_s[ATTN_WARPS], f_s[ATTN_WARPS];
+    __shared__ float acc_s[ATTN_WARPS][WARP * PL];
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     let_next_start();
     wait_for_previous();
-    const int kvh = h / (H / KVH);
     const int len = *pos_ptr + 1;
+    const int kvh = h / (H / KVH);
     const float* kb = k_cache + (long)kvh * capacity * D;
     const float* vb = v_cache + (long)kvh * capacity * D;
-    float qv[ATTN_MAX_PER_LANE], acc[ATTN_MAX_PER_LANE];
+    float qv[PL], acc[PL];
 #pragma unroll
-    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
+    for (int j = 0; j < PL; ++j) {
         const int d = lane + WARP * j;
         qv[j] = d < D ? q[(long)h * D + d] : 0.0f;
         acc[j] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
     for (int base = warp; base < len; base += ATTN_WARPS * ATTN_BATCH) {
-        float kr[ATTN_BATCH][ATTN_MAX_PER_LANE], vr[ATTN_BATCH][ATTN_MAX_PER_LANE];
-#pragma unroll
-        for (int b = 0; b < ATTN_BATCH; ++b) {
-            const int p = base + b * ATTN_WARPS;
-#pragma unroll
-            for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
-                const int d = lane + WARP * j;
-                const bool ok = p < len && d < D;
-                kr[b][j] = ok ? kb[(long)p * D + d] : 0.0f;
-                vr[b][j] = ok ? vb[(long)p * D + d] : 0.0f;
-            }
-        }
+        float kr[ATTN_BATCH][PL], vr[ATTN_BATCH][PL];
+        load_kv_rows<PL>(kb, vb, base, len, D, kr, vr);
         float sc[ATTN_BATCH];
         float m_new = m;
 #pragma unroll
         for (int b = 0; b < ATTN_BATCH; ++b) {
             float sd = 0.0f;
 #pragma unroll
-            for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) sd = fmaf(qv[j], kr[b][j], sd);
+            for (int j = 0; j < PL; ++j) sd = fmaf(qv[j], kr[b][j], sd);
             sd = warp_sum(sd) * scale;
             sc[b] = base + b * ATTN_WARPS < len ? sd : NEG_INF;
             m_new = fmaxf(m_new, sc[b]);
@@ -298,41 +309,47 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
         const float corr = expf(m - m_new);
         l *= corr;
 #pragma unroll
-        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) acc[j] *= corr;
+        for (int j = 0; j < PL; ++j) acc[j] *= corr;
 #pragma unroll
         for (int b = 0; b < ATTN_BATCH; ++b) {
             const float e = expf(sc[b] - m_new);
             l += e;
 #pragma unroll
-            for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) acc[j] = fmaf(e, vr[b][j], acc[j]);
+            for (int j = 0; j < PL; ++j) acc[j] = fmaf(e, vr[b][j], acc[j]);
         }
         m = m_new;
     }
     if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
 #pragma unroll
-    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) acc_s[warp][lane + WARP * j] = acc[j];
+    for (int j = 0; j < PL; ++j) acc_s[warp][lane + WARP * j] = acc[j];
     __syncthreads();
-    if (warp != 0) return;
-    float M = NEG_INF;
-    for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, m_s[w]);
-    float L = 0.0f;
-    float o[ATTN_MAX_PER_LANE];
-#pragma unroll
-    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) o[j] = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; ++w) {
-        if (m_s[w] == NEG_INF) continue;  // this warp saw no position
-        const float f = expf(m_s[w] - M);
-        L += l_s[w] * f;
-#pragma unroll
-        for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) o[j] += acc_s[w][lane + WARP * j] * f;
+    // Each warp's share of the total: exp(m_w - M), 0 for a warp that saw no position.
+    if (threadIdx.x < ATTN_WARPS) {
+        float M = NEG_INF;
+        for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, m_s[w]);
+        const float mw = m_s[threadIdx.x];
+        f_s[threadIdx.x] = mw == NEG_INF ? 0.0f : expf(mw - M);
     }
-    const float inv = 1.0f / L;
-#pragma unroll
-    for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
-        const int d = lane + WARP * j;
-        if (d < D) out[(long)h * D + d] = o[j] * inv;
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.0f, L = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            L += l_s[w] * f_s[w];
+            o += acc_s[w][d] * f_s[w];
+        }
+        out[(long)h * D + d] = o * (1.0f / L);
     }
 }
+
+#define ATTENTION_ENTRY(NAME, PL)                                                               \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)                             \
+        NAME(const float* q, const float* k_cache, const float* v_cache, const int* pos_ptr,    \
+             float* out, int H, int KVH, int D, int capacity, float scale) {                    \
+        attention_decode_impl<PL>(q, k_cache, v_cache, pos_ptr, out, H, KVH, D, capacity,       \
+                                  scale);                                                       \
+    }
+ATTENTION_ENTRY(attention_decode_d128, 4)
+ATTENTION_ENTRY(attention_decode, 8)
 
 // y[n] = residual[n] + sum_s weights[s] * partial[s][n] (+ sigmoid(*shared_logit) * shared[n]):
 // the weighted sum of the chosen experts' outputs in a fixed order (deterministic, unlike

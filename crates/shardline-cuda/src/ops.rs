@@ -22,8 +22,10 @@ const SHORT_ROW_MAX_K: usize = 3 * 8 * 32;
 const SHORT_ROWS_PER_WARP: u32 = 4;
 /// Warps per attention block; matches `ATTN_WARPS`.
 const ATTN_WARPS: u32 = 16;
-/// Largest head dimension the attention kernel takes (32 lanes x ATTN_MAX_PER_LANE).
+/// Largest head dimension the attention kernels take (32 lanes x 8 elements; heads of at most
+/// 128 take the kernel of 4 per lane, with half the registers).
 pub const MAX_HEAD_DIM: usize = 256;
+const SMALL_HEAD_DIM: usize = 128;
 
 /// Weights of one or more same-shaped `[n, k]` matrices laid out back to back.
 #[derive(Clone, Copy, Debug)]
@@ -307,9 +309,15 @@ pub fn attention_decode(
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
+    let kern = dev.kernels();
+    let f = if dims.head_dim <= SMALL_HEAD_DIM {
+        &kern.attention_decode_d128
+    } else {
+        &kern.attention_decode
+    };
     launch(
         dev,
-        &dev.kernels().attention_decode,
+        f,
         cfg,
         &mut kernel_args![q, k_cache, v_cache, pos, out, h, kvh, d, cap, scale],
         "attention_decode",
