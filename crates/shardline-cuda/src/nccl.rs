@@ -225,14 +225,21 @@ const NCCL_IN_PROGRESS: c_int = 7;
 /// microseconds, and a sleep would add its own granularity to every segment.
 const SPIN: Duration = Duration::from_millis(2);
 
+/// A communicator made on the joining thread, handed to the caller's.
+struct InitComm(ncclComm_t);
+
+// SAFETY: the communicator is used by one thread at a time: made by the joining thread, then only
+// by the receiver of this value.
+unsafe impl Send for InitComm {}
+
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time; `&mut`-free
 // methods take `&self`, but `DeviceComm` is not `Sync`, so calls never overlap.
 unsafe impl Send for DeviceComm {}
 
 impl DeviceComm {
-    /// Joins the communicator of `world` ranks made from `id`, as `rank`, on `dev`. Blocks until
-    /// every rank has called it (NCCL's own bootstrap, over the network the id names). `timeout`
-    /// bounds each later [`DeviceComm::wait`].
+    /// Joins the communicator of `world` ranks made from `id`, as `rank`, on `dev`. Waits until
+    /// every rank has called it (NCCL's own bootstrap, over the network the id names), for at most
+    /// `timeout`, which also bounds each later [`DeviceComm::wait`].
     pub fn init(
         dev: &CudaDevice,
         id: &NcclId,
@@ -246,22 +253,49 @@ impl DeviceComm {
             )));
         }
         let lib = lib()?;
-        // NCCL picks the device from the calling thread's current context.
-        dev.context()
-            .bind_to_thread()
-            .during("making the device current for NCCL")?;
-        let mut comm: ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; world and rank were checked above.
-        let code = unsafe { (lib.comm_init_rank)(&mut comm, world as c_int, id.0, rank as c_int) };
-        check(
-            lib,
-            code,
-            None,
-            &format!(
-                "joining the NCCL communicator as rank {rank} of {world} on {}",
-                dev.name()
-            ),
-        )?;
+        // ncclCommInitRank blocks until every rank has joined and takes no deadline; a rank that
+        // died after the id exchange would hold the others there forever. It runs on a thread of
+        // its own, waited for with the deadline; at the deadline that thread is left behind (the
+        // caller is about to fail) and a communicator it may still make is never used.
+        let what = format!(
+            "joining the NCCL communicator as rank {rank} of {world} on {}",
+            dev.name()
+        );
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let ctx = dev.context().clone();
+        let id = id.0;
+        let join_what = what.clone();
+        std::thread::Builder::new()
+            .name("nccl-init".into())
+            .spawn(move || {
+                // NCCL picks the device from the calling thread's current context.
+                let joined = ctx
+                    .bind_to_thread()
+                    .during("making the device current for NCCL")
+                    .and_then(|()| {
+                        let mut comm: ncclComm_t = std::ptr::null_mut();
+                        // SAFETY: `comm` is a valid out-pointer; world and rank were checked.
+                        let code = unsafe {
+                            (lib.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int)
+                        };
+                        check(lib, code, None, &join_what).map(|()| InitComm(comm))
+                    });
+                // The receiver is gone only after the deadline, when nobody needs the answer.
+                let _ = done_tx.send(joined);
+            })
+            .map_err(|e| CudaError::Nccl(format!("{what}: starting a thread: {e}")))?;
+        let comm = match done_rx.recv_timeout(timeout) {
+            Ok(joined) => joined?.0,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(CudaError::Nccl(format!(
+                    "{what}: not every rank joined within {:.0} s; another rank is gone or                      stuck",
+                    timeout.as_secs_f64()
+                )))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(CudaError::Nccl(format!("{what}: the joining thread died")))
+            }
+        };
         Ok(DeviceComm {
             comm,
             lib,

@@ -3,6 +3,9 @@
 //! through a one-rank communicator computes what it computes without one, in both execution
 //! modes (in split mode with the all-reduce captured in the graphs when NCCL lets it).
 //!
+//! Joining a communicator of two ranks that only one rank joins fails at the deadline, naming the
+//! rank, instead of waiting forever.
+//!
 //! Needs a CUDA device and libnccl: without them each test prints that it did not run and why.
 
 mod common;
@@ -31,6 +34,30 @@ fn device_and_comm(test: &str) -> Option<(CudaDevice, DeviceComm)> {
     let comm = DeviceComm::init(&dev, &id, 1, 0, Duration::from_secs(60)).unwrap();
     assert_eq!((comm.rank(), comm.world()), (0, 1));
     Some((dev, comm))
+}
+
+#[test]
+fn joining_a_communicator_another_rank_never_joins_fails_at_the_deadline() {
+    let test = "joining_alone_fails_at_the_deadline";
+    // A one-rank communicator first: it proves the device and NCCL work here.
+    let Some((dev, _comm)) = device_and_comm(test) else {
+        return;
+    };
+    let id = NcclId::new().unwrap();
+    let start = std::time::Instant::now();
+    let err = DeviceComm::init(&dev, &id, 2, 0, Duration::from_secs(3))
+        .err()
+        .expect("rank 1 never joins");
+    let waited = start.elapsed();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("rank 0 of 2") && msg.contains("within 3 s"),
+        "{msg}"
+    );
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
 }
 
 fn unchanged<T: NcclElem + Copy + PartialEq + std::fmt::Debug>(
