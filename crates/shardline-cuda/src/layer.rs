@@ -4,15 +4,15 @@
 //! o_proj. Segment "ffn": rms_norm -> router -> top-k on the device -> chosen experts' gate/up
 //! with SwiGLU fused -> their down projections -> weighted sum (+ a sigmoid-gated shared expert).
 //! A dense FFN is the same path with one always-chosen expert. The chosen experts never go back to
-//! the host, so each segment is captured once as a CUDA graph and replayed.
+//! the host, so the segments are captured once as CUDA graphs and replayed.
 //!
 //! A [`LayerStack`] runs layers two ways: chained on the device with the residual adds fused
 //! ([`LayerStack::step`], for benchmarks), or one segment at a time returning its partial sum to
 //! the host ([`LayerStack::attention`], [`LayerStack::ffn`]), where a model engine adds residuals
 //! and all-reduces across ranks. With a [`DeviceComm`] ([`LayerStack::set_comm`]) each segment's
-//! partial sum is all-reduced on the device by NCCL: in `step`, inside the segment's graph where
-//! the capture takes it (else between the graph launches); in `attention`/`ffn`, before the copy
-//! to the host.
+//! partial sum is all-reduced on the device by NCCL: in `step`, inside the step's graph where the
+//! capture takes it (else between the segments' graph launches); in `attention`/`ffn`, before the
+//! copy to the host.
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DevicePtr};
@@ -578,7 +578,10 @@ impl AfterOp<'_> {
 /// How a step is submitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExecMode {
-    /// Each segment replays its captured graph: two submissions per layer.
+    /// The segments replay as captured graphs: one graph for the whole step (every layer, and
+    /// the all-reduces where the capture takes them), so that each kernel may start while the
+    /// one before it finishes, across segments and layers too; else one graph per segment, with
+    /// the all-reduces between the launches.
     Split,
     /// Each op is launched on its own and waited for.
     PerOp,
@@ -613,12 +616,19 @@ pub struct LayerStack {
     scratch: Scratch,
     layers: Vec<DeviceLayer>,
     head: Option<DeviceHead>,
-    /// `[attention, ffn]` graphs per layer for [`LayerStack::step`], captured on first use.
-    graphs: Vec<[CudaGraph; 2]>,
+    /// What [`LayerStack::step`] replays, captured on first use.
+    graphs: Option<StepGraphs>,
     /// Sums each segment's output across the ranks on the device.
     comm: Option<DeviceComm>,
-    /// Whether the graphs hold the all-reduces (else `step` launches them between the graphs).
-    comm_in_graph: bool,
+}
+
+/// The captured graphs of a step.
+enum StepGraphs {
+    /// Every layer's segments, and the all-reduces if there is a communicator, in one graph.
+    Whole(CudaGraph),
+    /// `[attention, ffn]` per layer, for a communicator whose all-reduce a capture does not take
+    /// (`step` launches it between the graphs).
+    Segments(Vec<[CudaGraph; 2]>),
 }
 
 impl LayerStack {
@@ -681,9 +691,8 @@ impl LayerStack {
             scratch,
             layers,
             head: None,
-            graphs: Vec::new(),
+            graphs: None,
             comm: None,
-            comm_in_graph: false,
         })
     }
 
@@ -699,7 +708,7 @@ impl LayerStack {
     /// now, so that NCCL sets up its connections before any graph capture).
     pub fn set_comm(&mut self, dev: &CudaDevice, comm: DeviceComm) -> Result<(), CudaError> {
         self.comm = Some(comm);
-        self.graphs.clear();
+        self.graphs = None;
         self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Sync)
     }
 
@@ -710,7 +719,10 @@ impl LayerStack {
     /// Whether [`LayerStack::step`]'s graphs hold the all-reduces (`None`: no communicator, or
     /// not captured yet).
     pub fn comm_in_graph(&self) -> Option<bool> {
-        (self.comm.is_some() && !self.graphs.is_empty()).then_some(self.comm_in_graph)
+        self.comm.as_ref()?;
+        self.graphs
+            .as_ref()
+            .map(|g| matches!(g, StepGraphs::Whole(_)))
     }
 
     /// The residual of chained layers: across ranks only rank 0 adds it, so that the all-reduce
@@ -754,7 +766,7 @@ impl LayerStack {
     pub fn set_inv_freq(&mut self, dev: &CudaDevice, inv_freq: &[f32]) -> Result<(), CudaError> {
         check_len("inv_freq", inv_freq.len() * 4, self.shape.head_dim / 2 * 4)?;
         self.scratch.inv_freq = dev.upload(inv_freq)?;
-        self.graphs.clear();
+        self.graphs = None;
         Ok(())
     }
 
@@ -817,31 +829,42 @@ impl LayerStack {
     /// [`CudaDevice::synchronize`]).
     pub fn step(&mut self, dev: &CudaDevice, mode: ExecMode) -> Result<(), CudaError> {
         match mode {
-            ExecMode::PerOp => {
-                let res = self.chained_residual();
-                for l in 0..self.layers.len() {
-                    self.enqueue_attention(dev, l, res, &mut AfterOp::Sync)?;
-                    self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Sync)?;
-                    self.enqueue_ffn(dev, l, res, &mut AfterOp::Sync)?;
-                    self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Sync)?;
-                }
-            }
+            ExecMode::PerOp => self.enqueue_step(dev, &mut AfterOp::Sync),
             ExecMode::Split => {
-                if self.graphs.len() != self.layers.len() {
-                    self.capture(dev)?;
+                if self.graphs.is_none() {
+                    self.graphs = Some(self.capture(dev)?);
                 }
-                let between = !self.comm_in_graph;
-                for g in &self.graphs {
-                    g[0].launch().during("replaying the attention graph")?;
-                    if between {
-                        self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
-                    }
-                    g[1].launch().during("replaying the ffn graph")?;
-                    if between {
-                        self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
-                    }
+                match &self.graphs {
+                    Some(graphs) => self.replay(dev, graphs),
+                    None => Ok(()),
                 }
             }
+        }
+    }
+
+    fn replay(&self, dev: &CudaDevice, graphs: &StepGraphs) -> Result<(), CudaError> {
+        match graphs {
+            StepGraphs::Whole(g) => g.launch().during("replaying the step's graph"),
+            StepGraphs::Segments(graphs) => {
+                for g in graphs {
+                    g[0].launch().during("replaying the attention graph")?;
+                    self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
+                    g[1].launch().during("replaying the ffn graph")?;
+                    self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues every layer's segments and all-reduces, residual adds fused.
+    fn enqueue_step(&self, dev: &CudaDevice, after: &mut AfterOp) -> Result<(), CudaError> {
+        let res = self.chained_residual();
+        for l in 0..self.layers.len() {
+            self.enqueue_attention(dev, l, res, after)?;
+            self.enqueue_all_reduce(dev, Segment::Attention, after)?;
+            self.enqueue_ffn(dev, l, res, after)?;
+            self.enqueue_all_reduce(dev, Segment::Ffn, after)?;
         }
         Ok(())
     }
@@ -917,54 +940,28 @@ impl LayerStack {
         dev.download(&s.vocab_logits)
     }
 
-    /// Captures both segments of every layer as graphs, each with its all-reduce where there is
-    /// a communicator; if the capture does not take the all-reduce, captures the segments alone
-    /// (and `step` all-reduces between the graph launches).
-    fn capture(&mut self, dev: &CudaDevice) -> Result<(), CudaError> {
+    /// Captures the whole step as one graph; if the capture does not take the all-reduce,
+    /// captures each segment of every layer alone (and `step` all-reduces between the launches).
+    fn capture(&self, dev: &CudaDevice) -> Result<StepGraphs, CudaError> {
         dev.synchronize()?;
-        if self.comm.is_some() {
-            match self.capture_all(dev, true) {
-                Ok(graphs) => {
-                    self.graphs = graphs;
-                    self.comm_in_graph = true;
-                    return Ok(());
-                }
-                Err(e) => eprintln!(
-                    "note: the NCCL all-reduce could not be captured in a graph ({e}); it runs \
-                     between the graph launches"
-                ),
-            }
+        match self.capture_one(dev, |s| s.enqueue_step(dev, &mut AfterOp::Queue)) {
+            Ok(graph) => return Ok(StepGraphs::Whole(graph)),
+            Err(e) if self.comm.is_some() => eprintln!(
+                "note: the NCCL all-reduce could not be captured in a graph ({e}); it runs \
+                 between the segments' graph launches"
+            ),
+            Err(e) => return Err(e),
         }
-        self.graphs = self.capture_all(dev, false)?;
-        self.comm_in_graph = false;
-        Ok(())
-    }
-
-    fn capture_all(
-        &self,
-        dev: &CudaDevice,
-        with_comm: bool,
-    ) -> Result<Vec<[CudaGraph; 2]>, CudaError> {
         let res = self.chained_residual();
         let mut graphs = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let attn = self.capture_one(dev, |s| {
-                s.enqueue_attention(dev, l, res, &mut AfterOp::Queue)?;
-                if with_comm {
-                    s.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
-                }
-                Ok(())
+                s.enqueue_attention(dev, l, res, &mut AfterOp::Queue)
             })?;
-            let ffn = self.capture_one(dev, |s| {
-                s.enqueue_ffn(dev, l, res, &mut AfterOp::Queue)?;
-                if with_comm {
-                    s.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
-                }
-                Ok(())
-            })?;
+            let ffn = self.capture_one(dev, |s| s.enqueue_ffn(dev, l, res, &mut AfterOp::Queue))?;
             graphs.push([attn, ffn]);
         }
-        Ok(graphs)
+        Ok(StepGraphs::Segments(graphs))
     }
 
     fn capture_one(
@@ -997,14 +994,7 @@ impl LayerStack {
             .stream()
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .during("recording an event")?;
-        let res = self.chained_residual();
-        for l in 0..self.layers.len() {
-            let mut after = AfterOp::Time(&mut events);
-            self.enqueue_attention(dev, l, res, &mut after)?;
-            self.enqueue_all_reduce(dev, Segment::Attention, &mut after)?;
-            self.enqueue_ffn(dev, l, res, &mut after)?;
-            self.enqueue_all_reduce(dev, Segment::Ffn, &mut after)?;
-        }
+        self.enqueue_step(dev, &mut AfterOp::Time(&mut events))?;
         self.wait_comm(dev)?;
         dev.synchronize()?;
         let mut totals: Vec<(&'static str, f64)> = Vec::new();

@@ -49,9 +49,9 @@ largest rank's resident memory. `--exec per-op` on the CPU runs every matrix as 
 parallel region (q, k, v, each expert's gate/up and down) instead of one region for q/k/v and\n\
 one per expert stage. Threads: SHARDLINE_THREADS (default all cores).\n\
 \n\
-With --device cuda the layers run on the GPU (each segment one CUDA graph in split mode). Over\n\
+With --device cuda the layers run on the GPU (the whole step one CUDA graph in split mode). Over\n\
 --tp/--ep ranks each rank needs a GPU of its own: NCCL sums each segment on the GPUs, inside the\n\
-segment's graph when the capture takes it (`comm_in_graph`), else between the graph launches;\n\
+step's graph when the capture takes it (`comm_in_graph`), else between per-segment graphs;\n\
 `comm_us_per_layer` is then a layer's two NCCL all-reduces of the hidden state timed alone. One\n\
 rank with --gpu-comm nccl runs a one-rank communicator the same way.";
 

@@ -1,7 +1,7 @@
 //! `bench decode --device cuda`: one decode step through preset-shaped layers with random weights
-//! on the GPU, timed with CUDA events, in split (graph per segment) or per-op mode. Over several
+//! on the GPU, timed with CUDA events, in split (one graph per step) or per-op mode. Over several
 //! ranks (`--tp`, `--ep`, one GPU each) each rank holds its slices and NCCL sums each segment on
-//! the GPUs: inside the segment's graph where the capture takes it, else between the launches.
+//! the GPUs: inside the step's graph where the capture takes it, else between per-segment graphs.
 
 use anyhow::Context;
 use cudarc::driver::sys::CUevent_flags;
