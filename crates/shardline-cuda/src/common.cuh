@@ -118,11 +118,11 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
 // For each of `rows` rows of qkv ([q (H*D) | k (KVH*D) | v (KVH*D)] each): the qkv bias (Qwen2;
 // may be null), optional per-head q/k RMSNorm (Qwen3), rotary embedding (half rotation,
 // frequencies inv_freq[D/2] as the model computes them: theta, scaling, rounding) and the
-// KV-cache append. Row r sits at position (pos_ptr ? *pos_ptr : pos0) + r (decode reads it from
-// the device, so a graph replays unchanged). q is rotated in place; caches are
-// [KVH][capacity][D]. Grid (H + 2*KVH heads, rows), D rounded up to 32 threads; D <= 1024.
+// KV-cache append (prefill; decode fuses all this into its attention kernel). Row r sits at
+// position pos0 + r. q is rotated in place; caches are [KVH][capacity][D]. Grid (H + 2*KVH
+// heads, rows), D rounded up to 32 threads; D <= 1024.
 extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* __restrict__ bias,
-                                          const int* __restrict__ pos_ptr, int pos0,
+                                          int pos0,
                                           float* __restrict__ k_cache, float* __restrict__ v_cache,
                                           const float* __restrict__ q_norm,
                                           const float* __restrict__ k_norm, float eps, int H,
@@ -133,7 +133,7 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* 
     wait_for_previous();
     const int b = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
     const bool active = i < D;
-    const int pos = (pos_ptr ? *pos_ptr : pos0) + r;
+    const int pos = pos0 + r;
     float* src = qkv + r * (long)(H + 2 * KVH) * D + (long)b * D;
     const float v = active ? src[i] + (bias ? bias[(long)b * D + i] : 0.0f) : 0.0f;
     if (b >= H + KVH) {  // a value head: append as is

@@ -239,11 +239,16 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * inv * g[i];
 }
 
-// Decode attention for one token with grouped-query heads over positions 0..=*pos_ptr.
-// One block per query head; its warps split the KV positions (online softmax per warp, ATTN_BATCH
-// positions loaded at once so their latencies overlap) and are combined at the end by all the
-// block's threads, so any context length runs in fixed shared memory. Lane l holds elements l,
-// l+32, ... of a head: D <= 32 * PL (entries for PL 4 and 8).
+// Decode attention for one token with grouped-query heads, its rope and KV append fused in: the
+// token's q, k and v heads come raw from the qkv matvec (bias added), get the optional per-head
+// RMSNorm (Qwen3) and rotary embedding here, and the token attends over the cached positions
+// 0..*pos_ptr-1 and itself, whose k and v stay in registers (the first query head of each group
+// appends them to the caches at *pos_ptr for later steps). So no rope kernel runs, or is waited
+// for, between the qkv matvec and attention.
+// One block per query head; its warps split the cached positions (online softmax per warp,
+// ATTN_BATCH positions loaded at once so their latencies overlap) and are combined at the end by
+// all the block's threads, so any context length runs in fixed shared memory. Lane l holds
+// elements l, l+32, ... of a head: D <= 32 * PL (entries for PL 4 and 8).
 #define ATTN_WARPS 16
 #ifndef ATTN_BATCH
 #define ATTN_BATCH 4
@@ -269,31 +274,102 @@ __device__ __forceinline__ void load_kv_rows(const float* __restrict__ kb,
     }
 }
 
+// One head held by a warp (lane l: elements l + 32 j, zeros beyond D): RMSNorm with `norm` when
+// it is not null, then the half rotation by (c, s), with `scratch` (D floats of the warp's own)
+// to reach each element's partner. The same arithmetic as rope_kv_append.
 template <int PL>
-__device__ void attention_decode_impl(const float* __restrict__ q, const float* __restrict__ k_cache,
-                                      const float* __restrict__ v_cache,
+__device__ __forceinline__ void norm_rope_head(float (&v)[PL], const float* __restrict__ norm,
+                                               float eps, const float (&c)[PL],
+                                               const float (&s)[PL], int D, float* scratch) {
+    const int lane = threadIdx.x & 31, half = D / 2;
+    if (norm) {
+        float ss = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PL; ++j) ss = fmaf(v[j], v[j], ss);
+        const float inv = rsqrtf(warp_sum(ss) / (float)D + eps);
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int d = lane + WARP * j;
+            v[j] = d < D ? v[j] * inv * norm[d] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < PL; ++j) {
+        const int d = lane + WARP * j;
+        if (d < D) scratch[d] = v[j];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < PL; ++j) {
+        const int d = lane + WARP * j;
+        if (d < D)
+            v[j] = d < half ? v[j] * c[j] - scratch[d + half] * s[j]
+                            : v[j] * c[j] + scratch[d - half] * s[j];
+    }
+    __syncwarp();
+}
+
+template <int PL>
+__device__ void attention_decode_impl(const float* __restrict__ qkv,
+                                      const float* __restrict__ q_norm,
+                                      const float* __restrict__ k_norm, float eps,
+                                      const float* __restrict__ inv_freq,
+                                      float* __restrict__ k_cache, float* __restrict__ v_cache,
                                       const int* __restrict__ pos_ptr, float* __restrict__ out,
                                       int H, int KVH, int D, int capacity, float scale) {
     __shared__ float m_s[ATTN_WARPS], l_s[ATTN_WARPS], f_s[ATTN_WARPS];
     __shared__ float acc_s[ATTN_WARPS][WARP * PL];
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int group = H / KVH, kvh = h / group;
+    float* kb = k_cache + (long)kvh * capacity * D;
+    float* vb = v_cache + (long)kvh * capacity * D;
     let_next_start();
     wait_for_previous();
-    const int len = *pos_ptr + 1;
-    const int kvh = h / (H / KVH);
-    const float* kb = k_cache + (long)kvh * capacity * D;
-    const float* vb = v_cache + (long)kvh * capacity * D;
-    float qv[PL], acc[PL];
+    const int pos = *pos_ptr;
+    const int len = pos;  // the cached positions
+    // The first cached rows are loaded before the token's own rope, so their latency overlaps it.
+    int base = warp;
+    float kr[ATTN_BATCH][PL], vr[ATTN_BATCH][PL];
+    load_kv_rows<PL>(kb, vb, base, len, D, kr, vr);
+    float qv[PL], c[PL], s[PL], acc[PL];
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int d = lane + WARP * j;
-        qv[j] = d < D ? q[(long)h * D + d] : 0.0f;
+        qv[j] = d < D ? qkv[(long)h * D + d] : 0.0f;
         acc[j] = 0.0f;
+        const int f = d < D / 2 ? d : d - D / 2;
+        s[j] = c[j] = 0.0f;
+        if (d < D) sincosf((float)pos * inv_freq[f], &s[j], &c[j]);
     }
+    norm_rope_head<PL>(qv, q_norm, eps, c, s, D, acc_s[warp]);
     float m = NEG_INF, l = 0.0f;
-    for (int base = warp; base < len; base += ATTN_WARPS * ATTN_BATCH) {
-        float kr[ATTN_BATCH][PL], vr[ATTN_BATCH][PL];
-        load_kv_rows<PL>(kb, vb, base, len, D, kr, vr);
+    // Warp 0 starts from the token itself: its score, weight 1 at m = score, and its v.
+    if (warp == 0) {
+        float kv[PL];
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int d = lane + WARP * j;
+            kv[j] = d < D ? qkv[(long)(H + kvh) * D + d] : 0.0f;
+            acc[j] = d < D ? qkv[(long)(H + KVH + kvh) * D + d] : 0.0f;
+        }
+        norm_rope_head<PL>(kv, k_norm, eps, c, s, D, acc_s[warp]);
+        float sd = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PL; ++j) sd = fmaf(qv[j], kv[j], sd);
+        m = warp_sum(sd) * scale;
+        l = 1.0f;
+        if (h % group == 0) {
+#pragma unroll
+            for (int j = 0; j < PL; ++j) {
+                const int d = lane + WARP * j;
+                if (d < D) {
+                    kb[(long)pos * D + d] = kv[j];
+                    vb[(long)pos * D + d] = acc[j];
+                }
+            }
+        }
+    }
+    for (; base < len; base += ATTN_WARPS * ATTN_BATCH) {
         float sc[ATTN_BATCH];
         float m_new = m;
 #pragma unroll
@@ -318,6 +394,7 @@ __device__ void attention_decode_impl(const float* __restrict__ q, const float* 
             for (int j = 0; j < PL; ++j) acc[j] = fmaf(e, vr[b][j], acc[j]);
         }
         m = m_new;
+        load_kv_rows<PL>(kb, vb, base + ATTN_WARPS * ATTN_BATCH, len, D, kr, vr);
     }
     if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
 #pragma unroll
@@ -343,10 +420,11 @@ __device__ void attention_decode_impl(const float* __restrict__ q, const float* 
 
 #define ATTENTION_ENTRY(NAME, PL)                                                               \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)                             \
-        NAME(const float* q, const float* k_cache, const float* v_cache, const int* pos_ptr,    \
+        NAME(const float* qkv, const float* q_norm, const float* k_norm, float eps,             \
+             const float* inv_freq, float* k_cache, float* v_cache, const int* pos_ptr,         \
              float* out, int H, int KVH, int D, int capacity, float scale) {                    \
-        attention_decode_impl<PL>(q, k_cache, v_cache, pos_ptr, out, H, KVH, D, capacity,       \
-                                  scale);                                                       \
+        attention_decode_impl<PL>(qkv, q_norm, k_norm, eps, inv_freq, k_cache, v_cache,         \
+                                  pos_ptr, out, H, KVH, D, capacity, scale);                    \
     }
 ATTENTION_ENTRY(attention_decode_d128, 4)
 ATTENTION_ENTRY(attention_decode, 8)

@@ -1,10 +1,11 @@
 //! Batch-1 decode layers of an MoE or dense transformer on the GPU, run as two segments each.
 //!
-//! Segment "attention": rms_norm -> qkv (+bias) -> (q/k norm) rope + KV append -> attention ->
-//! o_proj. Segment "ffn": rms_norm -> router -> top-k on the device -> chosen experts' gate/up
-//! with SwiGLU fused -> their down projections -> weighted sum (+ a sigmoid-gated shared expert).
-//! A dense FFN is the same path with one always-chosen expert. The chosen experts never go back to
-//! the host, so the segments are captured once as CUDA graphs and replayed.
+//! Segment "attention": rms_norm -> qkv (+bias) -> attention with (q/k norm) rope and the KV
+//! append fused in -> o_proj. Segment "ffn": rms_norm -> router -> top-k on the device -> chosen
+//! experts' gate/up with SwiGLU fused -> their down projections -> weighted sum (+ a
+//! sigmoid-gated shared expert). A dense FFN is the same path with one always-chosen expert. The
+//! chosen experts never go back to the host, so the segments are captured once as CUDA graphs
+//! and replayed.
 //!
 //! A [`LayerStack`] runs layers two ways: chained on the device with the residual adds fused
 //! ([`LayerStack::step`], for benchmarks), or one segment at a time returning its partial sum to
@@ -21,7 +22,7 @@ use shardline_tensor::DType;
 use crate::device::dptr;
 use crate::error::DriverContext;
 use crate::nccl::DeviceComm;
-use crate::ops::{self, AttentionDims, KvAppend, Position, SharedExpert, Slots, Weights};
+use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
 use crate::{CudaDevice, CudaError};
 
 mod prefill;
@@ -1045,40 +1046,21 @@ impl LayerStack {
             h,
         )?;
         after.done(dev, "attn.qkv")?;
-        let kv = KvAppend {
-            k_cache: p(&w.k_cache),
-            v_cache: p(&w.v_cache),
-            first: Position::OnDevice(dptr(dev, &s.pos)),
-        };
-        // The qkv bias was added by the matvec.
-        let norms = (opt(&w.q_norm), opt(&w.k_norm));
-        let inv_freq = p(&s.inv_freq);
-        ops::rope_kv_append(
-            dev,
-            sh.attention_dims(),
-            1,
-            p(&s.qkv),
-            0,
-            kv,
-            norms,
-            sh.eps,
-            inv_freq,
-        )?;
-        after.done(dev, "attn.rope_kv_append")?;
+        // The qkv bias was added by the matvec; rope and the KV append run inside attention.
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
-        let (q_ptr, pos) = (p(&s.qkv), dptr(dev, &s.pos));
         let (kc, vc) = (p(&w.k_cache), p(&w.v_cache));
         ops::attention_decode(
             dev,
             sh.attention_dims(),
-            q_ptr,
+            p(&s.qkv),
+            self.head_rope(dev, w),
             kc,
             vc,
-            pos,
+            dptr(dev, &s.pos),
             p(&s.attn),
             scale,
         )?;
-        after.done(dev, "attn.attention")?;
+        after.done(dev, "attn.rope_attention")?;
         let o = w.weights(dev, &w.o, 0);
         let res = if residual == Residual::Fused {
             p(&s.x)
@@ -1087,6 +1069,17 @@ impl LayerStack {
         };
         ops::matvec(dev, o, Slots::Single, p(&s.attn), res, p(&s.x_mid), h, q)?;
         after.done(dev, "attn.o_proj")
+    }
+
+    /// Layer `w`'s q/k norms and the rope frequencies.
+    fn head_rope(&self, dev: &CudaDevice, w: &DeviceLayer) -> ops::HeadRope {
+        let opt = |b: &Option<CudaSlice<f32>>| b.as_ref().map_or(0, |b| dptr(dev, b));
+        ops::HeadRope {
+            q_norm: opt(&w.q_norm),
+            k_norm: opt(&w.k_norm),
+            eps: self.shape.eps,
+            inv_freq: dptr(dev, &self.scratch.inv_freq),
+        }
     }
 
     /// x_mid -> x: with `Fused`, x = x_mid + ffn(x_mid); with `Partial`, x = ffn(x_mid).

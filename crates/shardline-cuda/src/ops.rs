@@ -237,26 +237,27 @@ impl AttentionDims {
     }
 }
 
-/// Where the first row of [`rope_kv_append`] sits in the sequence.
-#[derive(Clone, Copy, Debug)]
-pub enum Position {
-    /// Read from this device address when the kernel runs (decode: a replayed graph).
-    OnDevice(u64),
-    At(usize),
-}
-
 /// The rows of the KV cache and where they go.
 #[derive(Clone, Copy, Debug)]
 pub struct KvAppend {
     pub k_cache: u64,
     pub v_cache: u64,
-    pub first: Position,
+    /// The position of the first row.
+    pub first: usize,
 }
 
-/// For `rows` rows of `qkv`: the qkv `bias` (when non-zero), per-head q/k norm (when
-/// `q_norm`/`k_norm` are non-zero), rope with the `head_dim / 2` frequencies at `inv_freq`, and
-/// the KV append at consecutive positions from `kv.first`.
-#[allow(clippy::too_many_arguments)]
+/// What q and k heads get before attention: the per-head RMSNorm (Qwen3; where `q_norm`/`k_norm`
+/// are non-zero, with `eps`) and rope with the `head_dim / 2` frequencies at `inv_freq`.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadRope {
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub eps: f32,
+    pub inv_freq: u64,
+}
+
+/// For `rows` rows of `qkv`: the qkv `bias` (when non-zero), `rope`, and the KV append at
+/// consecutive positions from `kv.first`.
 pub fn rope_kv_append(
     dev: &CudaDevice,
     dims: AttentionDims,
@@ -264,9 +265,7 @@ pub fn rope_kv_append(
     qkv: u64,
     bias: u64,
     kv: KvAppend,
-    (q_norm, k_norm): (u64, u64),
-    eps: f32,
-    inv_freq: u64,
+    rope: HeadRope,
 ) -> Result<(), CudaError> {
     let blocks = dims.n_heads + 2 * dims.n_kv_heads;
     let cfg = LaunchConfig {
@@ -275,28 +274,32 @@ pub fn rope_kv_append(
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
-    let (pos_ptr, pos0) = match kv.first {
-        Position::OnDevice(p) => (p, 0i32),
-        Position::At(p) => (0u64, p as i32),
-    };
+    let pos0 = kv.first as i32;
     let (kc, vc) = (kv.k_cache, kv.v_cache);
+    let HeadRope {
+        q_norm,
+        k_norm,
+        eps,
+        inv_freq,
+    } = rope;
     launch(
         dev,
         &dev.kernels().rope_kv_append,
         cfg,
-        &mut kernel_args![
-            qkv, bias, pos_ptr, pos0, kc, vc, q_norm, k_norm, eps, h, kvh, d, cap, inv_freq
-        ],
+        &mut kernel_args![qkv, bias, pos0, kc, vc, q_norm, k_norm, eps, h, kvh, d, cap, inv_freq],
         "rope_kv_append",
     )
 }
 
-/// Attention of the query heads `q` over cache positions `0..=*pos`, into `out`.
+/// Decode attention of one token (row 0 of `qkv`, its bias added) at position `*pos`: `rope` on
+/// its q and k heads, its k and v appended to the caches at `*pos`, and its query heads over
+/// positions `0..=*pos`, into `out`. One kernel, so nothing waits between rope and attention.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     dev: &CudaDevice,
     dims: AttentionDims,
-    q: u64,
+    qkv: u64,
+    rope: HeadRope,
     k_cache: u64,
     v_cache: u64,
     pos: u64,
@@ -315,11 +318,19 @@ pub fn attention_decode(
     } else {
         &kern.attention_decode
     };
+    let HeadRope {
+        q_norm,
+        k_norm,
+        eps,
+        inv_freq,
+    } = rope;
     launch(
         dev,
         f,
         cfg,
-        &mut kernel_args![q, k_cache, v_cache, pos, out, h, kvh, d, cap, scale],
+        &mut kernel_args![
+            qkv, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, pos, out, h, kvh, d, cap, scale
+        ],
         "attention_decode",
     )
 }

@@ -18,7 +18,7 @@ use super::{DeviceFfn, DeviceLayer, DeviceMlp, FfnShape, LayerStack};
 use crate::device::dptr;
 use crate::error::DriverContext;
 use crate::gemm::Gemm;
-use crate::ops::{self, KvAppend, Position, SharedExpert, Weights};
+use crate::ops::{self, KvAppend, SharedExpert, Weights};
 use crate::prefill_ops::PrefillKernels;
 use crate::{CudaDevice, CudaError};
 use shardline_tensor::DType;
@@ -234,15 +234,13 @@ impl Prefill {
             .linear(dev, k, wq, normed, qkv, rows, sh.qkv_rows(), h)?;
         let dims = sh.attention_dims();
         let cache = (dptr(dev, &w.k_cache), dptr(dev, &w.v_cache));
-        let inv_freq = dptr(dev, &stack.scratch.inv_freq);
-        let norms = (opt(&w.q_norm), opt(&w.k_norm));
         let bias = opt(&w.qkv_bias);
         let kv = KvAppend {
             k_cache: cache.0,
             v_cache: cache.1,
-            first: Position::At(pos0),
+            first: pos0,
         };
-        ops::rope_kv_append(dev, dims, rows, qkv, bias, kv, norms, sh.eps, inv_freq)?;
+        ops::rope_kv_append(dev, dims, rows, qkv, bias, kv, stack.head_rope(dev, w))?;
         k.attention_rows(dev, dims, rows, qkv, cache, pos0, attn)?;
         let wo = w.weights(dev, &w.o, 0);
         self.gemm.linear(dev, k, wo, attn, y, rows, h, q)?;
