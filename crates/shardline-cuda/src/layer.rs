@@ -832,13 +832,13 @@ impl LayerStack {
         match mode {
             ExecMode::PerOp => self.enqueue_step(dev, &mut AfterOp::Sync),
             ExecMode::Split => {
-                if self.graphs.is_none() {
-                    self.graphs = Some(self.capture(dev)?);
-                }
-                match &self.graphs {
-                    Some(graphs) => self.replay(dev, graphs),
-                    None => Ok(()),
-                }
+                let graphs = match self.graphs.take() {
+                    Some(graphs) => graphs,
+                    None => self.capture(dev)?,
+                };
+                let replayed = self.replay(dev, &graphs);
+                self.graphs = Some(graphs);
+                replayed
             }
         }
     }

@@ -276,17 +276,25 @@ pub fn rope_kv_append(
     let (h, kvh, d, cap) = dims.as_i32();
     let pos0 = kv.first as i32;
     let (kc, vc) = (kv.k_cache, kv.v_cache);
-    let HeadRope {
-        q_norm,
-        k_norm,
-        eps,
-        inv_freq,
-    } = rope;
     launch(
         dev,
         &dev.kernels().rope_kv_append,
         cfg,
-        &mut kernel_args![qkv, bias, pos0, kc, vc, q_norm, k_norm, eps, h, kvh, d, cap, inv_freq],
+        &mut kernel_args![
+            qkv,
+            bias,
+            pos0,
+            kc,
+            vc,
+            rope.q_norm,
+            rope.k_norm,
+            rope.eps,
+            h,
+            kvh,
+            d,
+            cap,
+            rope.inv_freq
+        ],
         "rope_kv_append",
     )
 }
@@ -318,18 +326,25 @@ pub fn attention_decode(
     } else {
         &kern.attention_decode
     };
-    let HeadRope {
-        q_norm,
-        k_norm,
-        eps,
-        inv_freq,
-    } = rope;
     launch(
         dev,
         f,
         cfg,
         &mut kernel_args![
-            qkv, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, pos, out, h, kvh, d, cap, scale
+            qkv,
+            rope.q_norm,
+            rope.k_norm,
+            rope.eps,
+            rope.inv_freq,
+            k_cache,
+            v_cache,
+            pos,
+            out,
+            h,
+            kvh,
+            d,
+            cap,
+            scale
         ],
         "attention_decode",
     )
