@@ -11,8 +11,10 @@ typedef unsigned int u32;
 // Programmatic dependent launch (Hopper on; ops.rs launches every kernel with it when the device
 // allows): a kernel may be started while the kernel before it is still running. Each kernel lets
 // its successor start at once (let_next_start) and waits (wait_for_previous) before it reads or
-// writes anything an earlier kernel touches; only work on the weights goes before the wait.
-// Without the launch attribute, both are no-ops.
+// writes anything an earlier kernel touches. Only reads of what no kernel of the step writes go
+// before the wait: weights, and the attention's position and cached rows (through L2: an early
+// start's L1 may still hold an earlier launch's lines). Without the launch attribute, both are
+// no-ops.
 __device__ __forceinline__ void let_next_start() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

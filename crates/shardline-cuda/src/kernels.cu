@@ -255,6 +255,8 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 #endif
 
 // K and V rows of the positions base + b * ATTN_WARPS (b < ATTN_BATCH) below len; zeros beyond.
+// Loaded through L2 only (ld.global.cg): the first batch is read before the PDL wait, when this
+// SM's L1 may still hold lines from an earlier launch, and a row is read once anyway.
 template <int PL>
 __device__ __forceinline__ void load_kv_rows(const float* __restrict__ kb,
                                              const float* __restrict__ vb, int base, int len,
@@ -268,8 +270,8 @@ __device__ __forceinline__ void load_kv_rows(const float* __restrict__ kb,
         for (int j = 0; j < PL; ++j) {
             const int d = lane + WARP * j;
             const bool ok = p < len && d < D;
-            kr[b][j] = ok ? kb[(long)p * D + d] : 0.0f;
-            vr[b][j] = ok ? vb[(long)p * D + d] : 0.0f;
+            kr[b][j] = ok ? __ldcg(kb + (long)p * D + d) : 0.0f;
+            vr[b][j] = ok ? __ldcg(vb + (long)p * D + d) : 0.0f;
         }
     }
 }
@@ -324,10 +326,12 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
     float* kb = k_cache + (long)kvh * capacity * D;
     float* vb = v_cache + (long)kvh * capacity * D;
     let_next_start();
-    wait_for_previous();
-    const int pos = *pos_ptr;
+    // Before the wait: the position, the rope angles and the first batch of cached rows. None of
+    // them comes from the kernels waited for (the host sets the position before the step; rows
+    // below it were appended by earlier steps), and an early launch may still have L1 lines of an
+    // earlier one, so the position is read through L2 (ld.global.cg) like the rows.
+    const int pos = __ldcg(pos_ptr);
     const int len = pos;  // the cached positions
-    // The first cached rows are loaded before the token's own rope, so their latency overlaps it.
     int base = warp;
     float kr[ATTN_BATCH][PL], vr[ATTN_BATCH][PL];
     load_kv_rows<PL>(kb, vb, base, len, D, kr, vr);
@@ -335,11 +339,16 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int d = lane + WARP * j;
-        qv[j] = d < D ? qkv[(long)h * D + d] : 0.0f;
         acc[j] = 0.0f;
         const int f = d < D / 2 ? d : d - D / 2;
         s[j] = c[j] = 0.0f;
         if (d < D) sincosf((float)pos * inv_freq[f], &s[j], &c[j]);
+    }
+    wait_for_previous();
+#pragma unroll
+    for (int j = 0; j < PL; ++j) {
+        const int d = lane + WARP * j;
+        qv[j] = d < D ? qkv[(long)h * D + d] : 0.0f;
     }
     norm_rope_head<PL>(qv, q_norm, eps, c, s, D, acc_s[warp]);
     float m = NEG_INF, l = 0.0f;
