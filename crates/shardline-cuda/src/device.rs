@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     ValidAsZeroBits,
@@ -12,6 +13,14 @@ use crate::{ptx_cache, CudaError};
 
 /// The kernel source, compiled with NVRTC when a device is opened.
 const KERNEL_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("kernels.cu"));
+
+/// The share of each SM's L1/shared-memory array every decode kernel asks to have as shared
+/// memory, in percent of the most there can be (228 KB on Hopper: about 34 KB, room for every
+/// kernel's needs at the presets' sizes). One setting for all: an SM takes blocks of a kernel that
+/// needs more shared memory than its current split only once it is empty and reconfigured, so
+/// under the driver's own choice (the least each kernel needs) a kernel with shared memory could
+/// not start early beside the matvec before it (docs/cuda-notes.md, step 30).
+const SMEM_CARVEOUT_PERCENT: i32 = 15;
 
 /// Handles of every kernel in `kernels.cu`.
 pub struct Kernels {
@@ -33,9 +42,15 @@ pub struct Kernels {
 impl Kernels {
     fn load(module: &Arc<CudaModule>) -> Result<Kernels, CudaError> {
         let f = |name: &str| {
-            module
+            let f = module
                 .load_function(name)
-                .during(format!("loading kernel {name}"))
+                .during(format!("loading kernel {name}"))?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                SMEM_CARVEOUT_PERCENT,
+            )
+            .during(format!("setting kernel {name}'s shared-memory carveout"))?;
+            Ok::<_, CudaError>(f)
         };
         Ok(Kernels {
             matvec_bf16: f("matvec_bf16")?,
