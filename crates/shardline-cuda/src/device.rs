@@ -31,11 +31,15 @@ pub struct Kernels {
     pub matvec_f16_r4: CudaFunction,
     pub matvec_f32_r4: CudaFunction,
     pub rms_norm: CudaFunction,
+    pub router_norm_bf16: CudaFunction,
+    pub router_norm_f16: CudaFunction,
+    pub router_norm_f32: CudaFunction,
     pub rope_kv_append: CudaFunction,
     pub attention_decode: CudaFunction,
     pub attention_decode_d128: CudaFunction,
     pub router_top_k: CudaFunction,
     pub combine_slots: CudaFunction,
+    pub combine_slots_norm: CudaFunction,
     pub fill_uniform: CudaFunction,
 }
 
@@ -60,11 +64,15 @@ impl Kernels {
             matvec_f16_r4: f("matvec_f16_r4")?,
             matvec_f32_r4: f("matvec_f32_r4")?,
             rms_norm: f("rms_norm")?,
+            router_norm_bf16: f("router_norm_bf16")?,
+            router_norm_f16: f("router_norm_f16")?,
+            router_norm_f32: f("router_norm_f32")?,
             rope_kv_append: f("rope_kv_append")?,
             attention_decode: f("attention_decode")?,
             attention_decode_d128: f("attention_decode_d128")?,
             router_top_k: f("router_top_k")?,
             combine_slots: f("combine_slots")?,
+            combine_slots_norm: f("combine_slots_norm")?,
             fill_uniform: f("fill_uniform")?,
         })
     }

@@ -108,7 +108,9 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) 
 // up rows travel together. Rows and inputs that are not 16-byte aligned (K not a multiple of 8)
 // take the scalar path. The last (partial) group is predicated, so a short row is one memory
 // round trip rather than one per pack. G: packs per row per group (loads in flight per lane: R * G).
-template <typename T, int R, int G>
+// X_SHARED: x is in shared memory (read plainly) rather than global (read through the
+// read-only path).
+template <typename T, int R, int G, bool X_SHARED = false>
 __device__ void warp_rows_dot(const char* row, long row_stride, const float* __restrict__ x,
                               int K, float (&out)[R]) {
     const int lane = threadIdx.x & 31;
@@ -131,7 +133,8 @@ __device__ void warp_rows_dot(const char* row, long row_stride, const float* __r
         for (int u = 0; u < G; ++u) {
             const long q = p + u * WARP;
             if (q < packs) {
-                const float4 x0 = __ldg(x4 + 2 * q), x1 = __ldg(x4 + 2 * q + 1);
+                const float4 x0 = X_SHARED ? x4[2 * q] : __ldg(x4 + 2 * q);
+                const float4 x1 = X_SHARED ? x4[2 * q + 1] : __ldg(x4 + 2 * q + 1);
 #pragma unroll
                 for (int r = 0; r < R; ++r) acc[r] += T::dot8(w[u][r], x0, x1);
             }
@@ -238,6 +241,60 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     const float inv = rsqrtf(ss / (float)D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * inv * g[i];
 }
+
+// The FFN's rms_norm and its router in one kernel, so no norm kernel runs (or is waited for)
+// between o_proj and the router: every block normalises x into shared memory (K floats, dynamic)
+// as rms_norm does (y = x / sqrt(mean(x^2) + eps) * g; block 0 also writes it to `normed` for the
+// experts) and each of its warps computes one expert's logit from it; the router's rows are
+// pulled into L2 before the wait.
+template <typename T>
+__device__ void router_norm_impl(const char* __restrict__ W, const float* __restrict__ x,
+                                 const float* __restrict__ g, float eps,
+                                 float* __restrict__ normed, float* __restrict__ logits, int E,
+                                 int K) {
+    extern __shared__ float4 xs4[];
+    const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long row_bytes = (long)K * (T::PACK_BYTES / 8);
+    const char* row = W + (long)e * row_bytes;
+    let_next_start();
+    if (e < E) prefetch_l2(row, row_bytes);
+    wait_for_previous();
+    // x and g as float4 (K % 4 == 0, ops.rs checks), four loads in flight per thread: a block
+    // of 256 threads reading one float at a time took longer than the norm kernel's 1024.
+    const float4* x4 = (const float4*)x;
+    const float4* g4 = (const float4*)g;
+    float4* n4 = (float4*)normed;
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
+        const float4 v = x4[i];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    ss = block_sum(ss);
+    const float inv = rsqrtf(ss / (float)K + eps);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
+        const float4 v = x4[i], w = __ldg(g4 + i);
+        const float4 y = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z, v.w * inv * w.w);
+        xs4[i] = y;
+        if (blockIdx.x == 0) n4[i] = y;
+    }
+    __syncthreads();
+    if (e >= E) return;
+    float d[1];
+    warp_rows_dot<T, 1, UNROLL, true>(row, row_bytes, (const float*)xs4, K, d);
+    if ((threadIdx.x & 31) == 0) logits[e] = d[0];
+}
+
+#define ROUTER_NORM_ENTRY(NAME, T)                                                              \
+    extern "C" __global__ void __launch_bounds__(MATVEC_MAX_WARPS * WARP)                       \
+        NAME(const char* W, const float* x, const float* g, float eps, float* normed,           \
+             float* logits, int E, int K) {                                                     \
+        router_norm_impl<T>(W, x, g, eps, normed, logits, E, K);                                \
+    }
+ROUTER_NORM_ENTRY(router_norm_bf16, Bf16)
+ROUTER_NORM_ENTRY(router_norm_f16, F16)
+ROUTER_NORM_ENTRY(router_norm_f32, F32)
 
 // Decode attention for one token with grouped-query heads, its rope and KV append fused in: the
 // token's q, k and v heads come raw from the qkv matvec (bias added), get the optional per-head
@@ -441,6 +498,17 @@ ATTENTION_ENTRY(attention_decode, 8)
 // y[n] = residual[n] + sum_s weights[s] * partial[s][n] (+ sigmoid(*shared_logit) * shared[n]):
 // the weighted sum of the chosen experts' outputs in a fixed order (deterministic, unlike
 // atomics), plus a sigmoid-gated shared expert (Qwen2-MoE). residual and shared may be null.
+__device__ __forceinline__ float combine_one(int n, const float* __restrict__ partial,
+                                             const float* __restrict__ weights, int n_slots,
+                                             const float* __restrict__ residual,
+                                             const float* __restrict__ shared,
+                                             const float* __restrict__ shared_logit, int N) {
+    float acc = 0.0f;
+    for (int s = 0; s < n_slots; ++s) acc = fmaf(weights[s], partial[(long)s * N + n], acc);
+    if (shared) acc += shared[n] / (1.0f + expf(-*shared_logit));
+    return (residual ? residual[n] : 0.0f) + acc;
+}
+
 extern "C" __global__ void combine_slots(const float* __restrict__ partial,
                                          const float* __restrict__ weights, int n_slots,
                                          const float* __restrict__ residual,
@@ -451,10 +519,31 @@ extern "C" __global__ void combine_slots(const float* __restrict__ partial,
     wait_for_previous();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
-    float acc = 0.0f;
-    for (int s = 0; s < n_slots; ++s) acc = fmaf(weights[s], partial[(long)s * N + n], acc);
-    if (shared) acc += shared[n] / (1.0f + expf(-*shared_logit));
-    y[n] = (residual ? residual[n] : 0.0f) + acc;
+    y[n] = combine_one(n, partial, weights, n_slots, residual, shared, shared_logit, N);
+}
+
+// combine_slots and the next layer's first rms_norm in one block, for chained layers with no
+// all-reduce between them: y as combine_slots writes it, then normed = rms_norm(y) * g with the
+// rms_norm kernel's arithmetic (launched with its block size, the sums come out the same).
+extern "C" __global__ void combine_slots_norm(const float* __restrict__ partial,
+                                              const float* __restrict__ weights, int n_slots,
+                                              const float* __restrict__ residual,
+                                              const float* __restrict__ shared,
+                                              const float* __restrict__ shared_logit,
+                                              float* __restrict__ y, int N,
+                                              const float* __restrict__ g,
+                                              float* __restrict__ normed, float eps) {
+    let_next_start();
+    wait_for_previous();
+    float ss = 0.0f;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        const float v = combine_one(n, partial, weights, n_slots, residual, shared, shared_logit, N);
+        y[n] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    const float inv = rsqrtf(ss / (float)N + eps);
+    for (int n = threadIdx.x; n < N; n += blockDim.x) normed[n] = y[n] * inv * g[n];
 }
 
 // Deterministic pseudo-random fill in [-scale, scale) for benchmark weights (a hash of the index,

@@ -861,10 +861,22 @@ impl LayerStack {
     /// Queues every layer's segments and all-reduces, residual adds fused.
     fn enqueue_step(&self, dev: &CudaDevice, after: &mut AfterOp) -> Result<(), CudaError> {
         let res = self.chained_residual();
+        // With no all-reduce between a layer's FFN and the next layer, the kernel that combines
+        // the experts also does the next layer's first rms_norm.
+        let fuse_norms = self.comm.is_none();
         for l in 0..self.layers.len() {
-            self.enqueue_attention(dev, l, res, after)?;
+            let normed = fuse_norms && l > 0;
+            self.enqueue_attention(dev, l, res, normed, after)?;
             self.enqueue_all_reduce(dev, Segment::Attention, after)?;
-            self.enqueue_ffn(dev, l, res, after)?;
+            let next = match self.layers.get(l + 1) {
+                Some(next) if fuse_norms => Some(ops::NextNorm {
+                    g: dptr(dev, &next.attn_norm),
+                    normed: dptr(dev, &self.scratch.normed),
+                    eps: self.shape.eps,
+                }),
+                _ => None,
+            };
+            self.enqueue_ffn(dev, l, res, next, after)?;
             self.enqueue_all_reduce(dev, Segment::Ffn, after)?;
         }
         Ok(())
@@ -880,7 +892,7 @@ impl LayerStack {
         out: &mut [f32],
     ) -> Result<(), CudaError> {
         self.set_hidden(dev, x)?;
-        self.enqueue_attention(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
+        self.enqueue_attention(dev, l, Residual::Partial, false, &mut AfterOp::Queue)?;
         self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
         self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
@@ -901,7 +913,7 @@ impl LayerStack {
         dev.stream()
             .memcpy_htod(x, &mut self.scratch.x_mid)
             .during("copying the hidden state")?;
-        self.enqueue_ffn(dev, l, Residual::Partial, &mut AfterOp::Queue)?;
+        self.enqueue_ffn(dev, l, Residual::Partial, None, &mut AfterOp::Queue)?;
         self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
         self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
@@ -957,9 +969,11 @@ impl LayerStack {
         let mut graphs = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let attn = self.capture_one(dev, |s| {
-                s.enqueue_attention(dev, l, res, &mut AfterOp::Queue)
+                s.enqueue_attention(dev, l, res, false, &mut AfterOp::Queue)
             })?;
-            let ffn = self.capture_one(dev, |s| s.enqueue_ffn(dev, l, res, &mut AfterOp::Queue))?;
+            let ffn = self.capture_one(dev, |s| {
+                s.enqueue_ffn(dev, l, res, None, &mut AfterOp::Queue)
+            })?;
             graphs.push([attn, ffn]);
         }
         Ok(StepGraphs::Segments(graphs))
@@ -1012,26 +1026,30 @@ impl LayerStack {
     }
 
     /// x -> x_mid: with `Fused`, x_mid = x + attention(x); with `Partial`, x_mid = attention(x).
+    /// `normed`: the previous layer's combine already wrote this layer's rms_norm of x.
     fn enqueue_attention(
         &self,
         dev: &CudaDevice,
         l: usize,
         residual: Residual,
+        normed: bool,
         after: &mut AfterOp,
     ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
         let opt = |b: &Option<CudaSlice<f32>>| b.as_ref().map_or(0, |b| dptr(dev, b));
-        ops::rms_norm(
-            dev,
-            p(&s.x),
-            p(&w.attn_norm),
-            p(&s.normed),
-            1,
-            sh.hidden,
-            sh.eps,
-        )?;
-        after.done(dev, "attn.rms_norm")?;
+        if !normed {
+            ops::rms_norm(
+                dev,
+                p(&s.x),
+                p(&w.attn_norm),
+                p(&s.normed),
+                1,
+                sh.hidden,
+                sh.eps,
+            )?;
+            after.done(dev, "attn.rms_norm")?;
+        }
         let qkv = w.weights(dev, &w.qkv, 0);
         let (rows, h, q) = (sh.qkv_rows(), sh.hidden, sh.q_dim());
         let bias = opt(&w.qkv_bias);
@@ -1083,11 +1101,13 @@ impl LayerStack {
     }
 
     /// x_mid -> x: with `Fused`, x = x_mid + ffn(x_mid); with `Partial`, x = ffn(x_mid).
+    /// `next`: the next layer's first rms_norm, done by the combine.
     fn enqueue_ffn(
         &self,
         dev: &CudaDevice,
         l: usize,
         residual: Residual,
+        next: Option<ops::NextNorm>,
         after: &mut AfterOp,
     ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
@@ -1095,8 +1115,10 @@ impl LayerStack {
         let h = sh.hidden;
         let (k, i) = (w.ffn_shape.slots(), w.ffn_shape.intermediate());
         let es = w.dtype.size_in_bytes();
-        ops::rms_norm(dev, p(&s.x_mid), p(&w.ffn_norm), p(&s.normed), 1, h, sh.eps)?;
-        after.done(dev, "ffn.rms_norm")?;
+        let norm = |after: &mut AfterOp| {
+            ops::rms_norm(dev, p(&s.x_mid), p(&w.ffn_norm), p(&s.normed), 1, h, sh.eps)?;
+            after.done(dev, "ffn.rms_norm")
+        };
         let (experts, ids, weights, shared) = match (&w.ffn, &w.ffn_shape) {
             (
                 DeviceFfn::Moe {
@@ -1113,11 +1135,18 @@ impl LayerStack {
                 },
             ) => {
                 let r = w.weights(dev, router, 0);
-                ops::linear(dev, r, p(&s.normed), p(&s.logits), *n_experts, h)?;
-                after.done(dev, "ffn.router")?;
+                let (normed, logits) = (p(&s.normed), p(&s.logits));
+                if ops::router_norm_takes(h) {
+                    let (x, g) = (p(&s.x_mid), p(&w.ffn_norm));
+                    ops::router_norm(dev, r, x, g, sh.eps, normed, logits, *n_experts, h)?;
+                    after.done(dev, "ffn.norm_router")?;
+                } else {
+                    norm(after)?;
+                    ops::linear(dev, r, normed, logits, *n_experts, h)?;
+                    after.done(dev, "ffn.router")?;
+                }
                 let (ids, wts) = (dptr(dev, &s.expert_ids), p(&s.expert_weights));
                 let map = expert_map.as_ref().map_or(0, |m| dptr(dev, m));
-                let logits = p(&s.logits);
                 ops::router_top_k(dev, 1, logits, *n_experts, k, *renormalize, map, ids, wts)?;
                 after.done(dev, "ffn.router_top_k")?;
                 let shared = match (shared, shared_intermediate) {
@@ -1129,7 +1158,10 @@ impl LayerStack {
                 };
                 (experts, ids, wts, shared)
             }
-            (DeviceFfn::Dense(mlp), _) => (mlp, 0, p(&s.one), None),
+            (DeviceFfn::Dense(mlp), _) => {
+                norm(after)?;
+                (mlp, 0, p(&s.one), None)
+            }
             _ => return Err(CudaError::Shape("FFN weights and shape disagree".into())),
         };
         let gate_up = w.weights(dev, &experts.gate_up, 2 * i * h * es);
@@ -1154,8 +1186,16 @@ impl LayerStack {
         } else {
             0
         };
-        ops::combine_slots(dev, p(&s.expert_out), weights, k, res, shared, p(&s.x), h)?;
-        after.done(dev, "ffn.combine")
+        let out = p(&s.expert_out);
+        ops::combine_slots(dev, out, weights, k, res, shared, p(&s.x), h, next)?;
+        after.done(
+            dev,
+            if next.is_some() {
+                "ffn.combine_next_norm"
+            } else {
+                "ffn.combine"
+            },
+        )
     }
 
     /// Queues the shared expert of a Qwen2-MoE layer: its output and its gate's logit.

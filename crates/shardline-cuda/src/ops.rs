@@ -190,6 +190,11 @@ pub fn linear(
     matvec(dev, w, Slots::Single, x, 0, y, n, k)
 }
 
+/// Threads of the block that normalises a row of `d` (a few elements each).
+fn rms_norm_threads(d: usize) -> u32 {
+    1024.min(d.next_multiple_of(32)) as u32
+}
+
 /// `y = rms_norm(x) * g` for `rows` rows of `d`.
 pub fn rms_norm(
     dev: &CudaDevice,
@@ -202,7 +207,7 @@ pub fn rms_norm(
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (1024.min(d.next_multiple_of(32)) as u32, 1, 1),
+        block_dim: (rms_norm_threads(d), 1, 1),
         shared_mem_bytes: 0,
     };
     let d = d as i32;
@@ -212,6 +217,57 @@ pub fn rms_norm(
         cfg,
         &mut kernel_args![x, g, y, d, eps],
         "rms_norm",
+    )
+}
+
+/// Widest row [`router_norm`] takes: each block holds the normalised row in shared memory, within
+/// the 48 KB a kernel gets without opting in.
+const ROUTER_NORM_MAX_K: usize = 8192;
+
+/// Whether [`router_norm`] takes rows of `k` columns.
+pub fn router_norm_takes(k: usize) -> bool {
+    k <= ROUTER_NORM_MAX_K && k.is_multiple_of(4)
+}
+
+/// The FFN's rms_norm and its router in one launch: `normed = rms_norm(x) * g` and
+/// `logits = W normed` for the `n` experts' rows of `k` columns.
+#[allow(clippy::too_many_arguments)]
+pub fn router_norm(
+    dev: &CudaDevice,
+    w: Weights,
+    x: u64,
+    g: u64,
+    eps: f32,
+    normed: u64,
+    logits: u64,
+    n: usize,
+    k: usize,
+) -> Result<(), CudaError> {
+    if !router_norm_takes(k) {
+        return Err(CudaError::Shape(format!(
+            "the fused router takes rows of a multiple of 4 up to {ROUTER_NORM_MAX_K} columns, \
+             not {k}"
+        )));
+    }
+    let kern = dev.kernels();
+    let f = match w.dtype {
+        DType::BF16 => &kern.router_norm_bf16,
+        DType::F16 => &kern.router_norm_f16,
+        DType::F32 => &kern.router_norm_f32,
+    };
+    const WARPS: u32 = 8;
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(WARPS), 1, 1),
+        block_dim: (WARPS * 32, 1, 1),
+        shared_mem_bytes: (k * 4) as u32,
+    };
+    let (n, k) = (n as i32, k as i32);
+    launch(
+        dev,
+        f,
+        cfg,
+        &mut kernel_args![w.ptr, x, g, eps, normed, logits, n, k],
+        "router_norm",
     )
 }
 
@@ -393,8 +449,18 @@ pub struct SharedExpert {
     pub logit: u64,
 }
 
+/// The next layer's rms_norm, done by the kernel that combines the experts: its gain and where
+/// the normalised row goes.
+#[derive(Clone, Copy, Debug)]
+pub struct NextNorm {
+    pub g: u64,
+    pub normed: u64,
+    pub eps: f32,
+}
+
 /// `y = residual + sum_s weights[s] * partial[s] (+ sigmoid(logit) * shared.out)` over `count`
-/// rows of `n`; `residual` may be 0 (none).
+/// rows of `n`; `residual` may be 0 (none). With `next`, the same launch also writes
+/// `next.normed = rms_norm(y) * next.g` (one block then does all of it).
 #[allow(clippy::too_many_arguments)]
 pub fn combine_slots(
     dev: &CudaDevice,
@@ -405,30 +471,56 @@ pub fn combine_slots(
     shared: Option<SharedExpert>,
     y: u64,
     n: usize,
+    next: Option<NextNorm>,
 ) -> Result<(), CudaError> {
-    let cfg = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (count, n) = (count as i32, n as i32);
+    let (count, n32) = (count as i32, n as i32);
     let (shared_out, shared_logit) = shared.map_or((0, 0), |s| (s.out, s.logit));
-    launch(
-        dev,
-        &dev.kernels().combine_slots,
-        cfg,
-        &mut kernel_args![
-            partial,
-            weights,
-            count,
-            residual,
-            shared_out,
-            shared_logit,
-            y,
-            n
-        ],
-        "combine_slots",
-    )
+    let kern = dev.kernels();
+    match next {
+        None => launch(
+            dev,
+            &kern.combine_slots,
+            LaunchConfig {
+                grid_dim: ((n as u32).div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut kernel_args![
+                partial,
+                weights,
+                count,
+                residual,
+                shared_out,
+                shared_logit,
+                y,
+                n32
+            ],
+            "combine_slots",
+        ),
+        Some(NextNorm { g, normed, eps }) => launch(
+            dev,
+            &kern.combine_slots_norm,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (rms_norm_threads(n), 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut kernel_args![
+                partial,
+                weights,
+                count,
+                residual,
+                shared_out,
+                shared_logit,
+                y,
+                n32,
+                g,
+                normed,
+                eps
+            ],
+            "combine_slots_norm",
+        ),
+    }
 }
 
 /// Fills `n` elements of `dtype` at `dst` with deterministic pseudo-random values in

@@ -271,8 +271,9 @@ fn attention_shape(
 fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
     vec![
         (
+            // hidden a multiple of 4 but not of 8 (the fused router's scalar path)
             "mixtral-like",
-            attention_shape(256, (4, 2, 64), false, false),
+            attention_shape(260, (4, 2, 64), false, false),
             FfnShape::Moe {
                 n_experts: 4,
                 top_k: 2,
@@ -282,9 +283,10 @@ fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
             },
         ),
         (
-            // hidden not a multiple of 8 (the kernels' tail path), small heads, q/k norm
+            // hidden not a multiple of 4 (the matvecs' scalar tail, the FFN head unfused), small
+            // heads, q/k norm
             "qwen3-like-odd",
-            attention_shape(200, (8, 2, 16), true, false),
+            attention_shape(202, (8, 2, 16), true, false),
             FfnShape::Moe {
                 n_experts: 8,
                 top_k: 4,
