@@ -475,52 +475,47 @@ pub fn combine_slots(
 ) -> Result<(), CudaError> {
     let (count, n32) = (count as i32, n as i32);
     let (shared_out, shared_logit) = shared.map_or((0, 0), |s| (s.out, s.logit));
+    let (g, normed, eps) = next.map_or((0, 0, 0.0f32), |nn| (nn.g, nn.normed, nn.eps));
+    // combine_slots_norm takes the three trailing arguments; combine_slots stops before them.
+    let mut args = kernel_args![
+        partial,
+        weights,
+        count,
+        residual,
+        shared_out,
+        shared_logit,
+        y,
+        n32,
+        g,
+        normed,
+        eps
+    ];
     let kern = dev.kernels();
-    match next {
-        None => launch(
-            dev,
+    let (f, grid, block, n_args, what) = match next {
+        None => (
             &kern.combine_slots,
-            LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &mut kernel_args![
-                partial,
-                weights,
-                count,
-                residual,
-                shared_out,
-                shared_logit,
-                y,
-                n32
-            ],
+            (n as u32).div_ceil(256),
+            256,
+            8,
             "combine_slots",
         ),
-        Some(NextNorm { g, normed, eps }) => launch(
-            dev,
-            &kern.combine_slots_norm,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (rms_norm_threads(n), 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &mut kernel_args![
-                partial,
-                weights,
-                count,
-                residual,
-                shared_out,
-                shared_logit,
-                y,
-                n32,
-                g,
-                normed,
-                eps
-            ],
-            "combine_slots_norm",
-        ),
-    }
+        Some(_) => {
+            let threads = rms_norm_threads(n);
+            (
+                &kern.combine_slots_norm,
+                1,
+                threads,
+                args.len(),
+                "combine_slots_norm",
+            )
+        }
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(dev, f, cfg, &mut args[..n_args], what)
 }
 
 /// Fills `n` elements of `dtype` at `dst` with deterministic pseudo-random values in
