@@ -108,9 +108,7 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) 
 // up rows travel together. Rows and inputs that are not 16-byte aligned (K not a multiple of 8)
 // take the scalar path. The last (partial) group is predicated, so a short row is one memory
 // round trip rather than one per pack. G: packs per row per group (loads in flight per lane: R * G).
-// X_SHARED: x is in shared memory (read plainly) rather than global (read through the
-// read-only path).
-template <typename T, int R, int G, bool X_SHARED = false>
+template <typename T, int R, int G>
 __device__ void warp_rows_dot(const char* row, long row_stride, const float* __restrict__ x,
                               int K, float (&out)[R]) {
     const int lane = threadIdx.x & 31;
@@ -133,8 +131,7 @@ __device__ void warp_rows_dot(const char* row, long row_stride, const float* __r
         for (int u = 0; u < G; ++u) {
             const long q = p + u * WARP;
             if (q < packs) {
-                const float4 x0 = X_SHARED ? x4[2 * q] : __ldg(x4 + 2 * q);
-                const float4 x1 = X_SHARED ? x4[2 * q + 1] : __ldg(x4 + 2 * q + 1);
+                const float4 x0 = __ldg(x4 + 2 * q), x1 = __ldg(x4 + 2 * q + 1);
 #pragma unroll
                 for (int r = 0; r < R; ++r) acc[r] += T::dot8(w[u][r], x0, x1);
             }
@@ -242,28 +239,45 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * inv * g[i];
 }
 
+// Bytes of its router row each lane loads before the wait and holds in registers (a whole row
+// of up to 8 * 8 * 32 = 2048 16-bit weights; the rest of a longer row is pulled into L2 then
+// and loaded after the wait).
+#define ROUTER_HELD_BYTES 128
+
 // The FFN's rms_norm and its router in one kernel, so no norm kernel runs (or is waited for)
 // between o_proj and the router: every block normalises x into shared memory (K floats, dynamic)
 // as rms_norm does (y = x / sqrt(mean(x^2) + eps) * g; block 0 also writes it to `normed` for the
-// experts) and each of its warps computes one expert's logit from it; the router's rows are
-// pulled into L2 before the wait.
+// experts) and each of its warps computes one expert's logit from it. The router rows and g do
+// not depend on earlier kernels: they are loaded (into registers and shared memory) before the
+// wait, so after it only x is read from memory.
 template <typename T>
 __device__ void router_norm_impl(const char* __restrict__ W, const float* __restrict__ x,
                                  const float* __restrict__ g, float eps,
                                  float* __restrict__ normed, float* __restrict__ logits, int E,
                                  int K) {
+    constexpr int HELD = ROUTER_HELD_BYTES / T::PACK_BYTES;
     extern __shared__ float4 xs4[];
+    const int lane = threadIdx.x & 31;
     const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const long row_bytes = (long)K * (T::PACK_BYTES / 8);
     const char* row = W + (long)e * row_bytes;
-    let_next_start();
-    if (e < E) prefetch_l2(row, row_bytes);
-    wait_for_previous();
-    // x and g as float4 (K % 4 == 0, ops.rs checks), four loads in flight per thread: a block
-    // of 256 threads reading one float at a time took longer than the norm kernel's 1024.
+    const int packs = K % 8 == 0 && ((unsigned long)W & 15) == 0 ? K / 8 : 0;
     const float4* x4 = (const float4*)x;
     const float4* g4 = (const float4*)g;
-    float4* n4 = (float4*)normed;
+    typename T::Pack w[HELD];
+    let_next_start();
+#pragma unroll
+    for (int j = 0; j < HELD; ++j) {
+        const int p = lane + j * WARP;
+        if (e < E && p < packs) w[j] = load_pack<T>(row, p);
+    }
+    const long held_bytes = (long)HELD * WARP * T::PACK_BYTES;
+    if (e < E && row_bytes > held_bytes) prefetch_l2(row + held_bytes, row_bytes - held_bytes);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < K / 4; i += blockDim.x) xs4[i] = __ldg(g4 + i);
+    wait_for_previous();
+    // x as float4 (K % 4 == 0, ops.rs checks), four loads in flight per thread: a block of 256
+    // threads reading one float at a time took longer than the norm kernel's 1024.
     float ss = 0.0f;
 #pragma unroll 4
     for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
@@ -272,18 +286,28 @@ __device__ void router_norm_impl(const char* __restrict__ W, const float* __rest
     }
     ss = block_sum(ss);
     const float inv = rsqrtf(ss / (float)K + eps);
+    float4* n4 = (float4*)normed;
 #pragma unroll 4
     for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
-        const float4 v = x4[i], w = __ldg(g4 + i);
-        const float4 y = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z, v.w * inv * w.w);
+        const float4 v = x4[i], s = xs4[i];
+        const float4 y = make_float4(v.x * inv * s.x, v.y * inv * s.y, v.z * inv * s.z, v.w * inv * s.w);
         xs4[i] = y;
         if (blockIdx.x == 0) n4[i] = y;
     }
     __syncthreads();
     if (e >= E) return;
-    float d[1];
-    warp_rows_dot<T, 1, UNROLL, true>(row, row_bytes, (const float*)xs4, K, d);
-    if ((threadIdx.x & 31) == 0) logits[e] = d[0];
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < HELD; ++j) {
+        const int p = lane + j * WARP;
+        if (p < packs) acc += T::dot8(w[j], xs4[2 * p], xs4[2 * p + 1]);
+    }
+    for (int p = lane + HELD * WARP; p < packs; p += WARP)
+        acc += T::dot8(load_pack<T>(row, p), xs4[2 * p], xs4[2 * p + 1]);
+    const float* xs = (const float*)xs4;
+    for (int k = packs * 8 + lane; k < K; k += WARP) acc += T::one(row, k) * xs[k];
+    acc = warp_sum(acc);
+    if (lane == 0) logits[e] = acc;
 }
 
 #define ROUTER_NORM_ENTRY(NAME, T)                                                              \
@@ -498,15 +522,46 @@ ATTENTION_ENTRY(attention_decode, 8)
 // y[n] = residual[n] + sum_s weights[s] * partial[s][n] (+ sigmoid(*shared_logit) * shared[n]):
 // the weighted sum of the chosen experts' outputs in a fixed order (deterministic, unlike
 // atomics), plus a sigmoid-gated shared expert (Qwen2-MoE). residual and shared may be null.
-__device__ __forceinline__ float combine_one(int n, const float* __restrict__ partial,
-                                             const float* __restrict__ weights, int n_slots,
-                                             const float* __restrict__ residual,
-                                             const float* __restrict__ shared,
-                                             const float* __restrict__ shared_logit, int N) {
-    float acc = 0.0f;
-    for (int s = 0; s < n_slots; ++s) acc = fmaf(weights[s], partial[(long)s * N + n], acc);
-    if (shared) acc += shared[n] / (1.0f + expf(-*shared_logit));
-    return (residual ? residual[n] : 0.0f) + acc;
+// combine_elements computes E elements (first, first + stride, ...; those from N on are
+// skipped), loading every value of a batch of COMBINE_BATCH slots, for all E elements, before
+// the first is used: one memory round trip per batch, not one per slot and element.
+#define COMBINE_BATCH 8
+template <int E>
+__device__ __forceinline__ void combine_elements(int first, int stride,
+                                                 const float* __restrict__ partial,
+                                                 const float* __restrict__ weights, int n_slots,
+                                                 const float* __restrict__ residual,
+                                                 const float* __restrict__ shared,
+                                                 const float* __restrict__ shared_logit, int N,
+                                                 float (&out)[E]) {
+    float acc[E], base[E], extra[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        const int n = first + i * stride;
+        acc[i] = 0.0f;
+        base[i] = residual && n < N ? residual[n] : 0.0f;
+        extra[i] = shared && n < N ? shared[n] : 0.0f;
+    }
+    for (int s0 = 0; s0 < n_slots; s0 += COMBINE_BATCH) {
+        float w[COMBINE_BATCH], p[E][COMBINE_BATCH];
+#pragma unroll
+        for (int j = 0; j < COMBINE_BATCH; ++j) {
+            const int s = s0 + j;
+            w[j] = s < n_slots ? weights[s] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
+                const int n = first + i * stride;
+                p[i][j] = s < n_slots && n < N ? partial[(long)s * N + n] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < COMBINE_BATCH; ++j)
+#pragma unroll
+            for (int i = 0; i < E; ++i) acc[i] = fmaf(w[j], p[i][j], acc[i]);
+    }
+    const float gate = shared ? 1.0f + expf(-*shared_logit) : 1.0f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = base[i] + (shared ? acc[i] + extra[i] / gate : acc[i]);
 }
 
 extern "C" __global__ void combine_slots(const float* __restrict__ partial,
@@ -518,14 +573,20 @@ extern "C" __global__ void combine_slots(const float* __restrict__ partial,
     let_next_start();
     wait_for_previous();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N) return;
-    y[n] = combine_one(n, partial, weights, n_slots, residual, shared, shared_logit, N);
+    float v[1];
+    combine_elements<1>(n, 0, partial, weights, n_slots, residual, shared, shared_logit, N, v);
+    if (n < N) y[n] = v[0];
 }
+
+// Elements per thread that combine_slots_norm keeps in registers between its two passes (rows
+// up to NORM_HELD * blockDim.x; longer ones read y back).
+#define NORM_HELD 4
 
 // combine_slots and the next layer's first rms_norm in one block, for chained layers with no
 // all-reduce between them: y as combine_slots writes it, then normed = rms_norm(y) * g with the
-// rms_norm kernel's arithmetic (launched with its block size, the sums come out the same).
-extern "C" __global__ void combine_slots_norm(const float* __restrict__ partial,
+// rms_norm kernel's arithmetic (launched with its block size, the sums come out the same). g is
+// a weight, loaded before the wait.
+extern "C" __global__ void __launch_bounds__(1024) combine_slots_norm(const float* __restrict__ partial,
                                               const float* __restrict__ weights, int n_slots,
                                               const float* __restrict__ residual,
                                               const float* __restrict__ shared,
@@ -533,17 +594,39 @@ extern "C" __global__ void combine_slots_norm(const float* __restrict__ partial,
                                               float* __restrict__ y, int N,
                                               const float* __restrict__ g,
                                               float* __restrict__ normed, float eps) {
+    const int held = NORM_HELD * blockDim.x;
+    float gv[NORM_HELD], v[NORM_HELD];
     let_next_start();
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; ++i) {
+        const int n = threadIdx.x + i * blockDim.x;
+        gv[i] = n < N ? g[n] : 0.0f;
+    }
     wait_for_previous();
     float ss = 0.0f;
-    for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        const float v = combine_one(n, partial, weights, n_slots, residual, shared, shared_logit, N);
-        y[n] = v;
-        ss += v * v;
+    for (int first = 0; first < N; first += held) {
+        combine_elements<NORM_HELD>(first + threadIdx.x, blockDim.x, partial, weights, n_slots,
+                                    residual, shared, shared_logit, N, v);
+#pragma unroll
+        for (int i = 0; i < NORM_HELD; ++i) {
+            const int n = first + threadIdx.x + i * blockDim.x;
+            if (n < N) {
+                y[n] = v[i];
+                ss += v[i] * v[i];
+            }
+        }
     }
     ss = block_sum(ss);
     const float inv = rsqrtf(ss / (float)N + eps);
-    for (int n = threadIdx.x; n < N; n += blockDim.x) normed[n] = y[n] * inv * g[n];
+    if (N <= held) {
+#pragma unroll
+        for (int i = 0; i < NORM_HELD; ++i) {
+            const int n = threadIdx.x + i * blockDim.x;
+            if (n < N) normed[n] = v[i] * inv * gv[i];
+        }
+    } else {
+        for (int n = threadIdx.x; n < N; n += blockDim.x) normed[n] = y[n] * inv * g[n];
+    }
 }
 
 // Deterministic pseudo-random fill in [-scale, scale) for benchmark weights (a hash of the index,
