@@ -15,16 +15,65 @@ typedef unsigned int u32;
 // before the wait: weights, and the attention's position and cached rows (through L2: an early
 // start's L1 may still hold an earlier launch's lines). Without the launch attribute, both are
 // no-ops.
-__device__ __forceinline__ void let_next_start() {
+__device__ __forceinline__ void let_next_start_() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wait_for_previous() {
+__device__ __forceinline__ void wait_for_previous_() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// Timeline probe, compiled in only with -DSHARDLINE_TIMELINE (through SHARDLINE_NVRTC_OPTIONS):
+// lane 0 of every warp stores when it started, when its PDL wait returned and when it ended
+// (%globaltimer, ns) in a slot fixed by its launch (%gridid) and its warp index: no atomics and
+// no registers held, so kernels keep their register counts and (nearly) their timing. A graph's
+// kernel nodes keep their grid ids from one replay to the next, so the slots end up holding the
+// last replay of up to TIMELINE_LAUNCHES kernels. CudaDevice::write_timeline saves them and
+// scripts/gpu-timeline.py prints them per kernel (docs/cuda-notes.md, session 6). Without the
+// define, the hooks are the plain PDL calls.
+#ifdef SHARDLINE_TIMELINE
+#define TIMELINE_LAUNCHES 32
+#define TIMELINE_WARPS 8192
+__device__ unsigned long long shardline_timeline[TIMELINE_LAUNCHES * TIMELINE_WARPS * 4];
+__device__ __forceinline__ unsigned long long* timeline_slot() {
+    unsigned long long grid;
+    asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+    const unsigned warp = (blockIdx.y * gridDim.x + blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    return shardline_timeline +
+           ((grid % TIMELINE_LAUNCHES) * TIMELINE_WARPS + warp % TIMELINE_WARPS) * 4;
+}
+// Field 1: start, 2: wait returned, 3: end.
+__device__ __forceinline__ void timeline_mark(int field) {
+    if ((threadIdx.x & 31) != 0) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    timeline_slot()[field] = t;
+}
+// Marks the start when made, and the end (with field 0: the grid id, LINE, the SM) when the
+// kernel returns.
+template <int LINE>
+struct TimelineScope {
+    __device__ TimelineScope() { timeline_mark(1); }
+    __device__ ~TimelineScope() {
+        if ((threadIdx.x & 31) != 0) return;
+        timeline_mark(3);
+        unsigned long long grid;
+        asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        timeline_slot()[0] = (grid & 0xffffffffull) | ((unsigned long long)LINE << 32) |
+                             ((unsigned long long)sm << 48);
+    }
+};
+#define let_next_start() TimelineScope<__LINE__> shardline_timeline_scope_; let_next_start_()
+#define wait_for_previous() do { wait_for_previous_(); timeline_mark(2); } while (0)
+#else
+#define let_next_start() let_next_start_()
+#define wait_for_previous() wait_for_previous_()
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

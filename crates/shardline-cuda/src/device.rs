@@ -86,6 +86,7 @@ pub struct CudaDevice {
     kernels: Kernels,
     name: String,
     pdl: bool,
+    module: Arc<CudaModule>,
 }
 
 impl CudaDevice {
@@ -124,7 +125,28 @@ impl CudaDevice {
             kernels,
             name,
             pdl,
+            module,
         })
+    }
+
+    /// The timeline probe's records (kernels compiled with `-DSHARDLINE_TIMELINE` through
+    /// `SHARDLINE_NVRTC_OPTIONS`; see common.cuh): per warp, four little-endian u64s (grid id,
+    /// source line and SM; start; wait returned; end, in ns), zeros where no warp wrote.
+    /// `scripts/gpu-timeline.py` reads them.
+    pub fn timeline(&self) -> Result<Vec<u8>, CudaError> {
+        self.synchronize()?;
+        let records = self
+            .module
+            .get_global("shardline_timeline", &self.stream)
+            .during(
+                "finding the timeline probe (kernels compiled without -DSHARDLINE_TIMELINE?)",
+            )?;
+        let mut bytes = vec![0u8; records.len()];
+        self.stream
+            .memcpy_dtoh(&records, &mut bytes)
+            .during("copying the timeline probe's records")?;
+        self.synchronize()?;
+        Ok(bytes)
     }
 
     pub fn name(&self) -> &str {

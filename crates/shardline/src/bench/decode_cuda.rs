@@ -119,6 +119,11 @@ pub fn run_case(
             samples.push(start.elapsed_ms(&end)? as f64 * 1000.0 / layers as f64);
         }
     }
+    // The last step's kernel timeline, for kernels built with the probe (docs/cuda-notes.md).
+    if let Some(path) = std::env::var_os("SHARDLINE_TIMELINE_OUT") {
+        std::fs::write(&path, dev.timeline()?)
+            .with_context(|| format!("writing the timeline to {}", path.to_string_lossy()))?;
+    }
     let comm_in_graph = stack.comm_in_graph();
     if case.exec == ExecMode::PerOp {
         let print = case.group.is_none_or(|g| g.rank() == 0);
