@@ -87,19 +87,17 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum (MAX false) or maximum (MAX true) over the whole block (blockDim.x a multiple of 32, at
-// most 1024); every thread gets it.
-template <bool MAX>
-__device__ float block_reduce(float v) {
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
     __shared__ float partial[32];
     __shared__ float total;
-    v = MAX ? warp_max(v) : warp_sum(v);
+    v = warp_sum(v);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = lane < (blockDim.x >> 5) ? partial[lane] : (MAX ? NEG_INF : 0.0f);
-        s = MAX ? warp_max(s) : warp_sum(s);
+        float s = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
+        s = warp_sum(s);
         if (lane == 0) total = s;
     }
     __syncthreads();
@@ -108,35 +106,44 @@ __device__ float block_reduce(float v) {
     return r;
 }
 
-__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
-__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
-
-// Router softmax over E logits (in f32), top-k, optional renormalisation, by one block: each
-// expert's rank is the number of experts with a higher probability (or an equal one and a lower
-// index, so ties go to the lower index), all ranks at once. Writes id[j] and wt[j] for j < k.
-// With expert parallelism, expert_map[e] is expert e's index among this rank's experts, or -1
-// where another rank holds it (null: every expert is here). E <= 1024, k <= 32.
+// Router softmax over E logits (in f32), top-k, optional renormalisation, by one block of at
+// least E threads (thread e holds expert e): each expert's rank is the number of experts with a
+// higher probability (or an equal one and a lower index, so ties go to the lower index), all
+// ranks at once. Writes id[j] and wt[j] for j < k. With expert parallelism, expert_map[e] is
+// expert e's index among this rank's experts, or -1 where another rank holds it (null: every
+// expert is here). E <= 1024, k <= 32. Latency is what counts here (the experts wait for it):
+// the maximum and the sum take one barrier each (every thread adds up the warps' partials
+// itself, in warp order), and the ranks read the probabilities four at a time.
 __device__ void top_k_block(const float* __restrict__ lg, int E, int k, int renormalize,
                             const int* __restrict__ expert_map, int* __restrict__ id,
                             float* __restrict__ wt) {
-    __shared__ float probs[1024];
+    __shared__ float4 probs4[256];
+    __shared__ float part_max[32], part_sum[32];
     __shared__ float chosen[32];
-    float mx = NEG_INF;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) mx = fmaxf(mx, lg[e]);
-    mx = block_max(mx);
-    float local = 0.0f;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        const float p = expf(lg[e] - mx);
-        probs[e] = p;
-        local += p;
-    }
-    const float sum = block_sum(local);  // its barriers also publish probs
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        const float p = probs[e];
+    float* probs = (float*)probs4;
+    const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
+    const int warps = (E + WARP - 1) / WARP;
+    const float l = e < E ? lg[e] : NEG_INF;
+    float mx = warp_max(l);
+    if (lane == 0) part_max[warp] = mx;
+    __syncthreads();
+    mx = part_max[0];
+    for (int w = 1; w < warps; ++w) mx = fmaxf(mx, part_max[w]);
+    const float p = e < E ? expf(l - mx) : 0.0f;
+    // Padding up to a multiple of 4 ranks below every real probability (-1 < 0 <= p).
+    if (e < ((E + 3) & ~3)) probs[e] = e < E ? p : -1.0f;
+    const float ws = warp_sum(p);
+    if (lane == 0) part_sum[warp] = ws;
+    __syncthreads();  // also publishes probs
+    float sum = part_sum[0];
+    for (int w = 1; w < warps; ++w) sum += part_sum[w];
+    if (e < E) {
         int rank = 0;
-        for (int o = 0; o < E; ++o) {
-            const float q = probs[o];
-            rank += q > p || (q == p && o < e);
+        for (int o4 = 0; o4 < (E + 3) / 4; ++o4) {
+            const float4 q = probs4[o4];
+            const int o = o4 * 4;
+            rank += (q.x > p || (q.x == p && o < e)) + (q.y > p || (q.y == p && o + 1 < e)) +
+                    (q.z > p || (q.z == p && o + 2 < e)) + (q.w > p || (q.w == p && o + 3 < e));
         }
         if (rank < k) {
             id[rank] = expert_map ? expert_map[e] : e;

@@ -357,15 +357,16 @@ __device__ __forceinline__ void load_kv_rows(const float* __restrict__ kb,
     }
 }
 
-// One head held by a warp (lane l: elements l + 32 j, zeros beyond D): RMSNorm with `norm` when
-// it is not null, then the half rotation by (c, s), with `scratch` (D floats of the warp's own)
-// to reach each element's partner. The same arithmetic as rope_kv_append.
+// One head held by a warp (lane l: elements l + 32 j, zeros beyond D): RMSNorm with the weights
+// `g` (lane l's elements, loaded before the PDL wait) when `normed`, then the half rotation by
+// (c, s), with `scratch` (D floats of the warp's own) to reach each element's partner. The same
+// arithmetic as rope_kv_append.
 template <int PL>
-__device__ __forceinline__ void norm_rope_head(float (&v)[PL], const float* __restrict__ norm,
+__device__ __forceinline__ void norm_rope_head(float (&v)[PL], bool normed, const float (&g)[PL],
                                                float eps, const float (&c)[PL],
                                                const float (&s)[PL], int D, float* scratch) {
     const int lane = threadIdx.x & 31, half = D / 2;
-    if (norm) {
+    if (normed) {
         float ss = 0.0f;
 #pragma unroll
         for (int j = 0; j < PL; ++j) ss = fmaf(v[j], v[j], ss);
@@ -373,7 +374,7 @@ __device__ __forceinline__ void norm_rope_head(float (&v)[PL], const float* __re
 #pragma unroll
         for (int j = 0; j < PL; ++j) {
             const int d = lane + WARP * j;
-            v[j] = d < D ? v[j] * inv * norm[d] : 0.0f;
+            v[j] = d < D ? v[j] * inv * g[j] : 0.0f;
         }
     }
 #pragma unroll
@@ -407,16 +408,17 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
     float* kb = k_cache + (long)kvh * capacity * D;
     float* vb = v_cache + (long)kvh * capacity * D;
     let_next_start();
-    // Before the wait: the position, the rope angles and the first batch of cached rows. None of
-    // them comes from the kernels waited for (the host sets the position before the step; rows
-    // below it were appended by earlier steps), and an early launch may still have L1 lines of an
-    // earlier one, so the position is read through L2 (ld.global.cg) like the rows.
+    // Before the wait: the position, the rope angles, the q/k norm weights and the first batch of
+    // cached rows. None of them comes from the kernels waited for (the host sets the position
+    // before the step; rows below it were appended by earlier steps), and an early launch may
+    // still have L1 lines of an earlier one, so the position is read through L2 (ld.global.cg)
+    // like the rows.
     const int pos = __ldcg(pos_ptr);
     const int len = pos;  // the cached positions
     int base = warp;
     float kr[ATTN_BATCH][PL], vr[ATTN_BATCH][PL];
     load_kv_rows<PL>(kb, vb, base, len, D, kr, vr);
-    float qv[PL], c[PL], s[PL], acc[PL];
+    float qv[PL], kv[PL], c[PL], s[PL], acc[PL], qg[PL], kg[PL];
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int d = lane + WARP * j;
@@ -424,25 +426,23 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
         const int f = d < D / 2 ? d : d - D / 2;
         s[j] = c[j] = 0.0f;
         if (d < D) sincosf((float)pos * inv_freq[f], &s[j], &c[j]);
+        qg[j] = q_norm && d < D ? q_norm[d] : 0.0f;
+        kg[j] = k_norm && warp == 0 && d < D ? k_norm[d] : 0.0f;
     }
     wait_for_previous();
+    // The token's q (every warp) and its k and v (warp 0), all loaded before any is used.
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
         const int d = lane + WARP * j;
         qv[j] = d < D ? qkv[(long)h * D + d] : 0.0f;
+        kv[j] = warp == 0 && d < D ? qkv[(long)(H + kvh) * D + d] : 0.0f;
+        acc[j] = warp == 0 && d < D ? qkv[(long)(H + KVH + kvh) * D + d] : 0.0f;
     }
-    norm_rope_head<PL>(qv, q_norm, eps, c, s, D, acc_s[warp]);
+    norm_rope_head<PL>(qv, q_norm != nullptr, qg, eps, c, s, D, acc_s[warp]);
     float m = NEG_INF, l = 0.0f;
     // Warp 0 starts from the token itself: its score, weight 1 at m = score, and its v.
     if (warp == 0) {
-        float kv[PL];
-#pragma unroll
-        for (int j = 0; j < PL; ++j) {
-            const int d = lane + WARP * j;
-            kv[j] = d < D ? qkv[(long)(H + kvh) * D + d] : 0.0f;
-            acc[j] = d < D ? qkv[(long)(H + KVH + kvh) * D + d] : 0.0f;
-        }
-        norm_rope_head<PL>(kv, k_norm, eps, c, s, D, acc_s[warp]);
+        norm_rope_head<PL>(kv, k_norm != nullptr, kg, eps, c, s, D, acc_s[warp]);
         float sd = 0.0f;
 #pragma unroll
         for (int j = 0; j < PL; ++j) sd = fmaf(qv[j], kv[j], sd);
