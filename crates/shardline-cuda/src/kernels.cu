@@ -4,9 +4,8 @@
 // Anything that changes from one decode step to the next (the position, the chosen experts) is
 // read from device memory, so a captured graph can be replayed unchanged.
 
-// Most warps a matvec block may have (ops.rs launches MATVEC_WARPS: blockDim.x / 32). Also the
-// launch bound the registers are allocated for: a tighter one gave the compiler room for more
-// registers per thread, and fewer warps per SM (slower on an H200).
+// Most warps a matvec block may have (ops.rs launches MATVEC_WARPS: blockDim.x / 32); the entry
+// points' launch bound (see MATVEC_ENTRY) is in blocks of this size.
 #define MATVEC_MAX_WARPS 8
 
 // ---- weight element types: 8 consecutive weights as one 16-byte load ----
@@ -101,6 +100,27 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) 
     return r;
 }
 
+// Loads a lane's share of one group: packs p + u * 32 (u < G) of each of R rows, row_r = row +
+// r * row_stride bytes, those from `packs` on skipped.
+template <typename T, int R, int G>
+__device__ __forceinline__ void load_group(typename T::Pack (&w)[G][R], const char* row,
+                                           long row_stride, long p, long packs) {
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+        if (p + u * WARP < packs) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) w[u][r] = load_pack<T>(row + r * row_stride, p + u * WARP);
+        }
+    }
+}
+
+// Packs per row the 16-byte path takes: all of them when the rows and x are 16-byte aligned (K a
+// multiple of 8), none otherwise (the scalar path).
+__device__ __forceinline__ long aligned_packs(const char* row, long row_stride,
+                                              const float* x, int K) {
+    return (((unsigned long)row | (unsigned long)row_stride | (unsigned long)x) & 15) == 0 ? K / 8 : 0;
+}
+
 // (row_0 . x, ..., row_{R-1} . x) by one warp, row_r = row + r * row_stride bytes; every lane gets
 // the sums. All R rows' loads of a group are issued before the first is used, and each x pack is
 // loaded once for all R rows: short rows (the down projection of a small expert) are grouped so
@@ -108,25 +128,21 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long pack) 
 // up rows travel together. Rows and inputs that are not 16-byte aligned (K not a multiple of 8)
 // take the scalar path. The last (partial) group is predicated, so a short row is one memory
 // round trip rather than one per pack. G: packs per row per group (loads in flight per lane: R * G).
+// w holds the group in flight; with first_loaded, the caller has already loaded the first group
+// into it (load_group with p = lane).
 template <typename T, int R, int G>
-__device__ void warp_rows_dot(const char* row, long row_stride, const float* __restrict__ x,
-                              int K, float (&out)[R]) {
+__device__ __forceinline__ void warp_rows_dot(const char* row, long row_stride,
+                                              const float* __restrict__ x, int K,
+                                              typename T::Pack (&w)[G][R], bool first_loaded,
+                                              float (&out)[R]) {
     const int lane = threadIdx.x & 31;
-    const bool aligned = (((unsigned long)row | (unsigned long)row_stride | (unsigned long)x) & 15) == 0;
-    const long packs = aligned ? K / 8 : 0;
+    const long packs = aligned_packs(row, row_stride, x, K);
     const float4* x4 = (const float4*)x;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.0f;
     for (long p = lane; p < packs; p += G * WARP) {
-        typename T::Pack w[G][R];
-#pragma unroll
-        for (int u = 0; u < G; ++u) {
-            if (p + u * WARP < packs) {
-#pragma unroll
-                for (int r = 0; r < R; ++r) w[u][r] = load_pack<T>(row + r * row_stride, p + u * WARP);
-            }
-        }
+        if (!first_loaded || p != lane) load_group<T, R, G>(w, row, row_stride, p, packs);
 #pragma unroll
         for (int u = 0; u < G; ++u) {
             const long q = p + u * WARP;
@@ -151,79 +167,124 @@ __device__ __forceinline__ void prefetch_l2(const char* p, long bytes) {
         asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
+// One warp's rows of a matrix-vector product (see matvec_impl) in block bx of a slot: the R rows
+// from n (plain) or the gate row n and up row n + N (SWIGLU). preload does what needs no input,
+// finish the rest.
+template <typename T, int R, int G, bool SWIGLU>
+struct MatvecRows {
+    static constexpr int RR = SWIGLU ? 2 : R;  // rows read
+    int n, rows;
+    long row_bytes, row_stride;
+    typename T::Pack w[G][RR];
+    bool first_loaded = false;
+
+    __device__ MatvecRows(int bx, int N, int K) {
+        n = (bx * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+        rows = SWIGLU ? 2 : min(R, N - n);
+        row_bytes = (long)K * (T::PACK_BYTES / 8);
+        row_stride = SWIGLU ? (long)N * row_bytes : row_bytes;
+    }
+
+    // Loads the first group of matrix `matrix`'s rows into registers and pulls the rest of them
+    // into L2: what can be done before the input is ready.
+    __device__ void preload(const char* matrix, const float* x, int N, int K) {
+        if (n >= N) return;
+        const char* first = matrix + (long)n * row_bytes;
+        if (rows == RR) {
+            load_group<T, RR, G>(w, first, row_stride, threadIdx.x & 31,
+                                 aligned_packs(first, row_stride, x, K));
+            first_loaded = true;
+        }
+        const long skip = first_loaded ? (long)G * WARP * T::PACK_BYTES : 0;
+        if (row_bytes > skip)
+            for (int r = 0; r < rows; ++r) prefetch_l2(first + r * row_stride + skip, row_bytes - skip);
+    }
+
+    // Writes the rows' outputs to out[0..] (matrix null: an expert another rank holds, zeros).
+    __device__ void finish(const char* matrix, const float* x, const float* residual, float* out,
+                           int N, int K) {
+        const int lane = threadIdx.x & 31;
+        if (n >= N) return;
+        out += n;
+        if (!matrix) {
+            if (lane < (SWIGLU ? 1 : rows)) out[lane] = 0.0f;
+            return;
+        }
+        const char* first = matrix + (long)n * row_bytes;
+        if (rows == RR) {
+            float d[RR];
+            warp_rows_dot<T, RR, G>(first, row_stride, x, K, w, first_loaded, d);
+            if (SWIGLU) {
+                if (lane == 0) out[0] = d[0] / (1.0f + expf(-d[0])) * d[1];
+            } else {
+#pragma unroll
+                for (int r = 0; r < RR; ++r)
+                    if (lane == r) out[r] = d[r] + (residual ? residual[n + r] : 0.0f);
+            }
+        } else {  // the last warp of a matrix whose rows are not a multiple of R
+            for (int r = 0; r < rows; ++r) {
+                typename T::Pack w1[G][1];
+                float d[1];
+                warp_rows_dot<T, 1, G>(first + r * row_stride, row_stride, x, K, w1, false, d);
+                if (lane == 0) out[r] = d[0] + (residual ? residual[n + r] : 0.0f);
+            }
+        }
+    }
+};
+
+// Matrix e of W_base (null for e < 0: an expert another rank holds).
+__device__ __forceinline__ const char* matrix_of(const char* W_base, long stride_bytes, int e) {
+    return e < 0 ? nullptr : W_base + (long)e * stride_bytes;
+}
+
 // The one matrix-vector kernel: dense layers, MoE experts chosen on the device, and the SwiGLU of
 // gate and up projections.
 //
 //   slot s (0..n_slots, grid.y) uses matrix W_base + e_s * expert_stride_bytes,
 //   e_s = ids ? ids[s] : s (e_s < 0: not on this rank, y = 0), and input x + s * x_slot_stride;
-//   mode 0 (plain):  y[s * y_slot_stride + n] = W_{e_s}[n, :] . x_s (+ residual[n])
-//   mode 1 (swiglu): each matrix is [gate (N rows); up (N rows)];
-//                    y[s * y_slot_stride + n] = silu(gate[n, :] . x_s) * (up[n, :] . x_s)
-// Each warp computes R consecutive output rows (mode 0) or one (mode 1, R = 1), loading G packs
-// of each of its rows per group; blockDim.x / 32 warps per block.
-template <typename T, int R, int G>
+//   plain:  y[s * y_slot_stride + n] = W_{e_s}[n, :] . x_s (+ residual[n])
+//   SWIGLU: each matrix is [gate (N rows); up (N rows)];
+//           y[s * y_slot_stride + n] = silu(gate[n, :] . x_s) * (up[n, :] . x_s)
+// Each warp computes R consecutive output rows (plain) or one (SWIGLU, R = 1), loading G packs
+// of each of its rows per group; blockDim.x / 32 warps per block. A matrix known up front (no
+// ids) does not depend on earlier kernels: before the PDL wait each warp loads its first group
+// into registers and pulls the rest of its rows into L2.
+template <typename T, int R, int G, bool SWIGLU>
 __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_bytes,
                             const int* __restrict__ ids, const float* __restrict__ x,
-                            long x_slot_stride, int mode, const float* __restrict__ residual,
+                            long x_slot_stride, const float* __restrict__ residual,
                             float* __restrict__ y, long y_slot_stride, int N, int K) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
-    const bool swiglu = mode == 1;
-    const long row_bytes = (long)K * (T::PACK_BYTES / 8);
     const int s = blockIdx.y;
-    // The rows this warp reads: R (plain) or 2 (swiglu: gate row n and up row n + N).
-    const int rows = swiglu ? 2 : min(R, N - n);
-    const long row_stride = swiglu ? (long)N * row_bytes : row_bytes;
-    let_next_start();
-    if (!ids && n < N) {
-        // The matrix does not depend on earlier kernels: pull this warp's rows into L2 while they
-        // finish.
-        const char* first = W_base + (long)s * expert_stride_bytes + (long)n * row_bytes;
-        for (int r = 0; r < rows; ++r) prefetch_l2(first + r * row_stride, row_bytes);
-    }
-    wait_for_previous();
-    if (n >= N) return;
-    const int e = ids ? ids[s] : s;
-    float* out = y + s * y_slot_stride + n;
-    if (e < 0) {  // an expert another rank holds: it adds nothing here
-        if (lane < rows) out[lane] = 0.0f;
-        return;
-    }
-    const char* first = W_base + (long)e * expert_stride_bytes + (long)n * row_bytes;
     const float* xv = x + s * x_slot_stride;
-    if (swiglu) {
-        float gu[2];
-        warp_rows_dot<T, 2, G>(first, row_stride, xv, K, gu);
-        if (lane == 0) out[0] = gu[0] / (1.0f + expf(-gu[0])) * gu[1];
-    } else if (rows == R) {
-        float d[R];
-        warp_rows_dot<T, R, G>(first, row_stride, xv, K, d);
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (lane == r) out[r] = d[r] + (residual ? residual[n + r] : 0.0f);
-    } else {  // the last warp of a matrix whose rows are not a multiple of R
-        for (int r = 0; r < rows; ++r) {
-            float d[1];
-            warp_rows_dot<T, 1, G>(first + r * row_stride, row_stride, xv, K, d);
-            if (lane == 0) out[r] = d[0] + (residual ? residual[n + r] : 0.0f);
-        }
-    }
+    MatvecRows<T, R, G, SWIGLU> m(blockIdx.x, N, K);
+    let_next_start();
+    if (!ids) m.preload(W_base + (long)s * expert_stride_bytes, xv, N, K);
+    wait_for_previous();
+    const char* matrix = matrix_of(W_base, expert_stride_bytes, ids ? ids[s] : s);
+    m.finish(matrix, xv, residual, y + s * y_slot_stride, N, K);
 }
 
-// Entry points: NAME, one row per warp, UNROLL packs per group; NAME_r4, four rows of 3 packs
-// (short rows; mode 0 only).
-#define MATVEC_ENTRY(NAME, T, R, G)                                                             \
-    extern "C" __global__ void __launch_bounds__(MATVEC_MAX_WARPS * WARP)                       \
-        NAME(const char* W, long es, const int* ids, const float* x, long xs, int mode,         \
-             const float* res, float* y, long ys, int N, int K) {                               \
-        matvec_impl<T, R, G>(W, es, ids, x, xs, mode, res, y, ys, N, K);                        \
+// Entry points: NAME, one row per warp, UNROLL packs per group; NAME_glu, the SwiGLU of a gate and
+// an up row per warp; NAME_r4, four rows of 3 packs (short rows). The launch bound asks for one
+// block of MATVEC_MAX_WARPS warps per SM: the compiler then gives these kernels 106 to 114
+// registers (fewer warps resident, each holding its first group across the PDL wait). Held to
+// 3 blocks (at most 80 registers) they were slower on an H200: Qwen3 56.3 against 55.4 us,
+// Mixtral-8x7B 248.8 against 214.8 (docs/cuda-notes.md, step 36).
+#define MATVEC_ENTRY(NAME, T, R, G, SWIGLU)                                                     \
+    extern "C" __global__ void __launch_bounds__(MATVEC_MAX_WARPS * WARP, 1)                    \
+        NAME(const char* W, long es, const int* ids, const float* x, long xs, const float* res, \
+             float* y, long ys, int N, int K) {                                                 \
+        matvec_impl<T, R, G, SWIGLU>(W, es, ids, x, xs, res, y, ys, N, K);                      \
     }
-MATVEC_ENTRY(matvec_bf16, Bf16, 1, UNROLL)
-MATVEC_ENTRY(matvec_f16, F16, 1, UNROLL)
-MATVEC_ENTRY(matvec_f32, F32, 1, UNROLL)
-MATVEC_ENTRY(matvec_bf16_r4, Bf16, 4, 3)
-MATVEC_ENTRY(matvec_f16_r4, F16, 4, 3)
-MATVEC_ENTRY(matvec_f32_r4, F32, 4, 3)
+MATVEC_ENTRY(matvec_bf16, Bf16, 1, UNROLL, false)
+MATVEC_ENTRY(matvec_f16, F16, 1, UNROLL, false)
+MATVEC_ENTRY(matvec_f32, F32, 1, UNROLL, false)
+MATVEC_ENTRY(matvec_bf16_glu, Bf16, 1, UNROLL, true)
+MATVEC_ENTRY(matvec_f16_glu, F16, 1, UNROLL, true)
+MATVEC_ENTRY(matvec_f32_glu, F32, 1, UNROLL, true)
+MATVEC_ENTRY(matvec_bf16_r4, Bf16, 4, 3, false)
+MATVEC_ENTRY(matvec_f16_r4, F16, 4, 3, false)
+MATVEC_ENTRY(matvec_f32_r4, F32, 4, 3, false)
 
 // y = x / sqrt(mean(x^2) + eps) * g, one block per row of length D.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,

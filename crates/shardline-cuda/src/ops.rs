@@ -138,29 +138,32 @@ pub fn matvec(
     n: usize,
     k: usize,
 ) -> Result<(), CudaError> {
-    let (ids, x_stride, mode, y_stride, grid_y) = match slots {
-        Slots::Single => (0u64, 0i64, 0i32, 0i64, 1u32),
+    let (ids, x_stride, swiglu, y_stride, grid_y) = match slots {
+        Slots::Single => (0u64, 0i64, false, 0i64, 1u32),
         Slots::Each {
             ids,
             count,
             x_stride,
             y_stride,
-        } => (ids, x_stride as i64, 0, y_stride as i64, count),
+        } => (ids, x_stride as i64, false, y_stride as i64, count),
         Slots::SwiGlu {
             ids,
             count,
             y_stride,
-        } => (ids, 0, 1, y_stride as i64, count),
+        } => (ids, 0, true, y_stride as i64, count),
     };
     let kern = dev.kernels();
-    let short = mode == 0 && k <= SHORT_ROW_MAX_K;
-    let (f, rows_per_warp) = match (w.dtype, short) {
-        (DType::BF16, false) => (&kern.matvec_bf16, 1),
-        (DType::F16, false) => (&kern.matvec_f16, 1),
-        (DType::F32, false) => (&kern.matvec_f32, 1),
-        (DType::BF16, true) => (&kern.matvec_bf16_r4, SHORT_ROWS_PER_WARP),
-        (DType::F16, true) => (&kern.matvec_f16_r4, SHORT_ROWS_PER_WARP),
-        (DType::F32, true) => (&kern.matvec_f32_r4, SHORT_ROWS_PER_WARP),
+    let short = !swiglu && k <= SHORT_ROW_MAX_K;
+    let (f, rows_per_warp) = match (w.dtype, swiglu, short) {
+        (DType::BF16, true, _) => (&kern.matvec_bf16_glu, 1),
+        (DType::F16, true, _) => (&kern.matvec_f16_glu, 1),
+        (DType::F32, true, _) => (&kern.matvec_f32_glu, 1),
+        (DType::BF16, false, false) => (&kern.matvec_bf16, 1),
+        (DType::F16, false, false) => (&kern.matvec_f16, 1),
+        (DType::F32, false, false) => (&kern.matvec_f32, 1),
+        (DType::BF16, false, true) => (&kern.matvec_bf16_r4, SHORT_ROWS_PER_WARP),
+        (DType::F16, false, true) => (&kern.matvec_f16_r4, SHORT_ROWS_PER_WARP),
+        (DType::F32, false, true) => (&kern.matvec_f32_r4, SHORT_ROWS_PER_WARP),
     };
     let cfg = LaunchConfig {
         grid_dim: ((n as u32).div_ceil(MATVEC_WARPS * rows_per_warp), grid_y, 1),
@@ -173,7 +176,7 @@ pub fn matvec(
         dev,
         f,
         cfg,
-        &mut kernel_args![w.ptr, es, ids, x, x_stride, mode, residual, y, y_stride, n, k],
+        &mut kernel_args![w.ptr, es, ids, x, x_stride, residual, y, y_stride, n, k],
         "matvec",
     )
 }
