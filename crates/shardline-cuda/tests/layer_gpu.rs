@@ -307,6 +307,19 @@ fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
             },
         ),
         (
+            // more experts than a matvec block has threads (each matvec block ranks the
+            // router's logits itself, several experts a thread), not a multiple of 4, top-8
+            "many-experts",
+            attention_shape(64, (4, 2, 16), true, false),
+            FfnShape::Moe {
+                n_experts: 130,
+                top_k: 8,
+                intermediate: 24,
+                renormalize: true,
+                shared_intermediate: None,
+            },
+        ),
+        (
             "llama-like",
             attention_shape(128, (8, 2, 16), false, false),
             FfnShape::Dense { intermediate: 160 },
