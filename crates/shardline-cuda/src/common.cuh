@@ -10,11 +10,12 @@ typedef unsigned int u32;
 
 // Programmatic dependent launch (Hopper on; ops.rs launches every kernel with it when the device
 // allows): a kernel may be started while the kernel before it is still running. Each kernel lets
-// its successor start at once (let_next_start) and waits (wait_for_previous) before it reads or
-// writes anything an earlier kernel touches. Only reads of what no kernel of the step writes go
-// before the wait: weights, and the attention's position and cached rows (through L2: an early
-// start's L1 may still hold an earlier launch's lines). Without the launch attribute, both are
-// no-ops.
+// its successor start at once (let_next_start; a matvec reading expert ids only after its wait)
+// and waits (wait_for_previous) before it reads or writes anything an earlier kernel touches.
+// Only what is complete whenever the kernel starts is read before the wait: weights, the
+// attention's position and cached rows, and the expert ids the previous matvec read after its
+// own wait (all through L2: an early start's L1 may still hold an earlier launch's lines).
+// Without the launch attribute, both are no-ops.
 __device__ __forceinline__ void let_next_start_() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -68,9 +69,11 @@ struct TimelineScope {
                              ((unsigned long long)sm << 48);
     }
 };
-#define let_next_start() TimelineScope<__LINE__> shardline_timeline_scope_; let_next_start_()
+#define timeline_begin() TimelineScope<__LINE__> shardline_timeline_scope_
+#define let_next_start() timeline_begin(); let_next_start_()
 #define wait_for_previous() do { wait_for_previous_(); timeline_mark(2); } while (0)
 #else
+#define timeline_begin() do {} while (0)
 #define let_next_start() let_next_start_()
 #define wait_for_previous() wait_for_previous_()
 #endif

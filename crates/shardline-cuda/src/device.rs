@@ -8,6 +8,8 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 
+use shardline_tensor::DType;
+
 use crate::error::DriverContext;
 use crate::{ptx_cache, CudaError};
 
@@ -22,17 +24,40 @@ const KERNEL_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("ke
 /// not start early beside the matvec before it (docs/cuda-notes.md, step 30).
 const SMEM_CARVEOUT_PERCENT: i32 = 15;
 
+/// The matrix-vector entry points for one weight dtype (`MATVEC_ENTRY` in kernels.cu).
+pub struct MatvecKernels {
+    /// One row per warp, `UNROLL` packs of 8 weights per lane in flight.
+    pub plain: CudaFunction,
+    /// One row per warp, 8 packs per lane in flight: a row of up to 2048 columns in one group.
+    pub plain_g8: CudaFunction,
+    /// The SwiGLU of a gate and an up row per warp, `UNROLL` packs per lane and row.
+    pub glu: CudaFunction,
+    /// As `glu`, 8 packs per lane and row.
+    pub glu_g8: CudaFunction,
+    /// Four short rows per warp.
+    pub r4: CudaFunction,
+}
+
+impl MatvecKernels {
+    fn load(
+        f: impl Fn(&str) -> Result<CudaFunction, CudaError>,
+        dtype: &str,
+    ) -> Result<MatvecKernels, CudaError> {
+        Ok(MatvecKernels {
+            plain: f(&format!("matvec_{dtype}"))?,
+            plain_g8: f(&format!("matvec_{dtype}_g8"))?,
+            glu: f(&format!("matvec_{dtype}_glu"))?,
+            glu_g8: f(&format!("matvec_{dtype}_glu_g8"))?,
+            r4: f(&format!("matvec_{dtype}_r4"))?,
+        })
+    }
+}
+
 /// Handles of every kernel in `kernels.cu`.
 pub struct Kernels {
-    pub matvec_bf16: CudaFunction,
-    pub matvec_f16: CudaFunction,
-    pub matvec_f32: CudaFunction,
-    pub matvec_bf16_glu: CudaFunction,
-    pub matvec_f16_glu: CudaFunction,
-    pub matvec_f32_glu: CudaFunction,
-    pub matvec_bf16_r4: CudaFunction,
-    pub matvec_f16_r4: CudaFunction,
-    pub matvec_f32_r4: CudaFunction,
+    matvec_bf16: MatvecKernels,
+    matvec_f16: MatvecKernels,
+    matvec_f32: MatvecKernels,
     pub rms_norm: CudaFunction,
     pub router_norm_bf16: CudaFunction,
     pub router_norm_f16: CudaFunction,
@@ -60,15 +85,9 @@ impl Kernels {
             Ok::<_, CudaError>(f)
         };
         Ok(Kernels {
-            matvec_bf16: f("matvec_bf16")?,
-            matvec_f16: f("matvec_f16")?,
-            matvec_f32: f("matvec_f32")?,
-            matvec_bf16_glu: f("matvec_bf16_glu")?,
-            matvec_f16_glu: f("matvec_f16_glu")?,
-            matvec_f32_glu: f("matvec_f32_glu")?,
-            matvec_bf16_r4: f("matvec_bf16_r4")?,
-            matvec_f16_r4: f("matvec_f16_r4")?,
-            matvec_f32_r4: f("matvec_f32_r4")?,
+            matvec_bf16: MatvecKernels::load(f, "bf16")?,
+            matvec_f16: MatvecKernels::load(f, "f16")?,
+            matvec_f32: MatvecKernels::load(f, "f32")?,
             rms_norm: f("rms_norm")?,
             router_norm_bf16: f("router_norm_bf16")?,
             router_norm_f16: f("router_norm_f16")?,
@@ -81,6 +100,15 @@ impl Kernels {
             combine_slots_norm: f("combine_slots_norm")?,
             fill_uniform: f("fill_uniform")?,
         })
+    }
+
+    /// The matvec entry points for weights of `dtype`.
+    pub fn matvec(&self, dtype: DType) -> &MatvecKernels {
+        match dtype {
+            DType::BF16 => &self.matvec_bf16,
+            DType::F16 => &self.matvec_f16,
+            DType::F32 => &self.matvec_f32,
+        }
     }
 }
 

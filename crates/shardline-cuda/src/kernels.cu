@@ -185,10 +185,10 @@ struct MatvecRows {
         row_stride = SWIGLU ? (long)N * row_bytes : row_bytes;
     }
 
-    // Loads the first group of matrix `matrix`'s rows into registers and pulls the rest of them
-    // into L2: what can be done before the input is ready.
-    __device__ void preload(const char* matrix, const float* x, int N, int K) {
-        if (n >= N) return;
+    // Loads the first group of matrix `matrix`'s rows into registers and, with `prefetch_rest`,
+    // pulls the rest of them into L2: what can be done before the input is ready.
+    __device__ void preload(const char* matrix, const float* x, int N, int K, bool prefetch_rest) {
+        if (n >= N || !matrix) return;
         const char* first = matrix + (long)n * row_bytes;
         if (rows == RR) {
             load_group<T, RR, G>(w, first, row_stride, threadIdx.x & 31,
@@ -196,7 +196,7 @@ struct MatvecRows {
             first_loaded = true;
         }
         const long skip = first_loaded ? (long)G * WARP * T::PACK_BYTES : 0;
-        if (row_bytes > skip)
+        if (prefetch_rest && row_bytes > skip)
             for (int r = 0; r < rows; ++r) prefetch_l2(first + r * row_stride + skip, row_bytes - skip);
     }
 
@@ -248,33 +248,52 @@ __device__ __forceinline__ const char* matrix_of(const char* W_base, long stride
 // Each warp computes R consecutive output rows (plain) or one (SWIGLU, R = 1), loading G packs
 // of each of its rows per group; blockDim.x / 32 warps per block. A matrix known up front (no
 // ids) does not depend on earlier kernels: before the PDL wait each warp loads its first group
-// into registers and pulls the rest of its rows into L2.
+// into registers and pulls the rest of its rows into L2. Expert ids are read after the wait, and
+// only then is the successor let start, so a successor may read the same ids before its own
+// wait: with ids_early, the ids (through L2) and the first group of the chosen rows (into
+// registers) are loaded before the wait (the experts' down projection after gate/up).
 template <typename T, int R, int G, bool SWIGLU>
 __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_bytes,
-                            const int* __restrict__ ids, const float* __restrict__ x,
-                            long x_slot_stride, const float* __restrict__ residual,
-                            float* __restrict__ y, long y_slot_stride, int N, int K) {
+                            const int* __restrict__ ids, int ids_early,
+                            const float* __restrict__ x, long x_slot_stride,
+                            const float* __restrict__ residual, float* __restrict__ y,
+                            long y_slot_stride, int N, int K) {
     const int s = blockIdx.y;
     const float* xv = x + s * x_slot_stride;
     MatvecRows<T, R, G, SWIGLU> m(blockIdx.x, N, K);
-    let_next_start();
-    if (!ids) m.preload(W_base + (long)s * expert_stride_bytes, xv, N, K);
-    wait_for_previous();
-    const char* matrix = matrix_of(W_base, expert_stride_bytes, ids ? ids[s] : s);
+    const char* matrix;
+    timeline_begin();
+    if (!ids) {
+        let_next_start_();
+        matrix = W_base + (long)s * expert_stride_bytes;
+        m.preload(matrix, xv, N, K, true);
+        wait_for_previous();
+    } else if (ids_early) {
+        let_next_start_();
+        matrix = matrix_of(W_base, expert_stride_bytes, __ldcg(ids + s));
+        m.preload(matrix, xv, N, K, false);
+        wait_for_previous();
+    } else {
+        wait_for_previous();
+        matrix = matrix_of(W_base, expert_stride_bytes, ids[s]);
+        let_next_start_();
+    }
     m.finish(matrix, xv, residual, y + s * y_slot_stride, N, K);
 }
 
 // Entry points: NAME, one row per warp, UNROLL packs per group; NAME_glu, the SwiGLU of a gate and
-// an up row per warp; NAME_r4, four rows of 3 packs (short rows). The launch bound asks for one
-// block of MATVEC_MAX_WARPS warps per SM: the compiler then gives these kernels 106 to 114
-// registers (fewer warps resident, each holding its first group across the PDL wait). Held to
+// an up row per warp; NAME_g8 and NAME_glu_g8, the same with groups of 8 packs (rows of 7 or 8
+// packs per lane in one round trip; ops.rs picks them); NAME_r4, four rows of 3 packs (short
+// rows). The launch bound asks for one block of MATVEC_MAX_WARPS warps per SM: the compiler then
+// gives the 16-bit kernels 96 to 124 registers (fewer warps resident, each holding its first
+// group across the PDL wait). Held to
 // 3 blocks (at most 80 registers) they were slower on an H200: Qwen3 56.3 against 55.4 us,
 // Mixtral-8x7B 248.8 against 214.8 (docs/cuda-notes.md, step 36).
 #define MATVEC_ENTRY(NAME, T, R, G, SWIGLU)                                                     \
     extern "C" __global__ void __launch_bounds__(MATVEC_MAX_WARPS * WARP, 1)                    \
-        NAME(const char* W, long es, const int* ids, const float* x, long xs, const float* res, \
-             float* y, long ys, int N, int K) {                                                 \
-        matvec_impl<T, R, G, SWIGLU>(W, es, ids, x, xs, res, y, ys, N, K);                      \
+        NAME(const char* W, long es, const int* ids, int ids_early, const float* x, long xs,    \
+             const float* res, float* y, long ys, int N, int K) {                               \
+        matvec_impl<T, R, G, SWIGLU>(W, es, ids, ids_early, x, xs, res, y, ys, N, K);           \
     }
 MATVEC_ENTRY(matvec_bf16, Bf16, 1, UNROLL, false)
 MATVEC_ENTRY(matvec_f16, F16, 1, UNROLL, false)
@@ -282,6 +301,12 @@ MATVEC_ENTRY(matvec_f32, F32, 1, UNROLL, false)
 MATVEC_ENTRY(matvec_bf16_glu, Bf16, 1, UNROLL, true)
 MATVEC_ENTRY(matvec_f16_glu, F16, 1, UNROLL, true)
 MATVEC_ENTRY(matvec_f32_glu, F32, 1, UNROLL, true)
+MATVEC_ENTRY(matvec_bf16_g8, Bf16, 1, 8, false)
+MATVEC_ENTRY(matvec_f16_g8, F16, 1, 8, false)
+MATVEC_ENTRY(matvec_f32_g8, F32, 1, 8, false)
+MATVEC_ENTRY(matvec_bf16_glu_g8, Bf16, 1, 8, true)
+MATVEC_ENTRY(matvec_f16_glu_g8, F16, 1, 8, true)
+MATVEC_ENTRY(matvec_f32_glu_g8, F32, 1, 8, true)
 MATVEC_ENTRY(matvec_bf16_r4, Bf16, 4, 3, false)
 MATVEC_ENTRY(matvec_f16_r4, F16, 4, 3, false)
 MATVEC_ENTRY(matvec_f32_r4, F32, 4, 3, false)

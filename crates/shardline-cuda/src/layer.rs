@@ -1175,6 +1175,8 @@ impl LayerStack {
         let down = w.weights(dev, &experts.down, h * i * es);
         let each = Slots::Each {
             ids,
+            // gate/up took the same ids: its successor may read them before its wait
+            ids_early: ids != 0,
             count: k as u32,
             x_stride: i as u64,
             y_stride: h as u64,

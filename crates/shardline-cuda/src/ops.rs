@@ -18,6 +18,12 @@ const MATVEC_WARPS: u32 = 2;
 /// of loads then covers four rows (3 packs of 8 per lane each), not one, so a warp keeps as many
 /// bytes in flight as on a long row.
 const SHORT_ROW_MAX_K: usize = 3 * 8 * 32;
+/// Rows of this many columns take the `_g8` kernels: 8 packs of 8 per lane in flight, the whole
+/// row in one group of loads, where kernels.cu's default `UNROLL` of 6 would take two round trips
+/// (the second of at most 2 packs). Shorter rows fit one group either way and longer ones keep
+/// `UNROLL` (fewer registers, more warps resident): on an H200, the `_g8` kernels for rows of up
+/// to 4096 columns made Mixtral-8x7B 2.3 us slower (docs/cuda-notes.md, step 39).
+const ONE_GROUP_K: std::ops::RangeInclusive<usize> = (6 * 8 * 32 + 1)..=(8 * 8 * 32);
 /// Output rows per warp of the `_r4` kernels.
 const SHORT_ROWS_PER_WARP: u32 = 4;
 /// Warps per attention block; matches `ATTN_WARPS`.
@@ -41,9 +47,13 @@ pub struct Weights {
 pub enum Slots {
     /// One matrix, one output: `y = W x (+ residual)`.
     Single,
-    /// `y[s] = W[ids[s]] x[s] (+ residual)` for `count` slots; `ids` on the device.
+    /// `y[s] = W[ids[s]] x[s] (+ residual)` for `count` slots; `ids` on the device. With
+    /// `ids_early`, the kernel reads the ids (and the first of the chosen rows) before its PDL
+    /// wait: only right after a kernel that took the same ids (the matvec lets its successor
+    /// start only once it has read its ids).
     Each {
         ids: u64,
+        ids_early: bool,
         count: u32,
         x_stride: u64,
         y_stride: u64,
@@ -138,32 +148,43 @@ pub fn matvec(
     n: usize,
     k: usize,
 ) -> Result<(), CudaError> {
-    let (ids, x_stride, swiglu, y_stride, grid_y) = match slots {
-        Slots::Single => (0u64, 0i64, false, 0i64, 1u32),
+    let (ids, ids_early, x_stride, swiglu, y_stride, grid_y) = match slots {
+        Slots::Single => (0u64, false, 0i64, false, 0i64, 1u32),
         Slots::Each {
             ids,
+            ids_early,
             count,
             x_stride,
             y_stride,
-        } => (ids, x_stride as i64, false, y_stride as i64, count),
+        } => (
+            ids,
+            ids_early,
+            x_stride as i64,
+            false,
+            y_stride as i64,
+            count,
+        ),
         Slots::SwiGlu {
             ids,
             count,
             y_stride,
-        } => (ids, 0, true, y_stride as i64, count),
+        } => (ids, false, 0, true, y_stride as i64, count),
     };
-    let kern = dev.kernels();
-    let short = !swiglu && k <= SHORT_ROW_MAX_K;
-    let (f, rows_per_warp) = match (w.dtype, swiglu, short) {
-        (DType::BF16, true, _) => (&kern.matvec_bf16_glu, 1),
-        (DType::F16, true, _) => (&kern.matvec_f16_glu, 1),
-        (DType::F32, true, _) => (&kern.matvec_f32_glu, 1),
-        (DType::BF16, false, false) => (&kern.matvec_bf16, 1),
-        (DType::F16, false, false) => (&kern.matvec_f16, 1),
-        (DType::F32, false, false) => (&kern.matvec_f32, 1),
-        (DType::BF16, false, true) => (&kern.matvec_bf16_r4, SHORT_ROWS_PER_WARP),
-        (DType::F16, false, true) => (&kern.matvec_f16_r4, SHORT_ROWS_PER_WARP),
-        (DType::F32, false, true) => (&kern.matvec_f32_r4, SHORT_ROWS_PER_WARP),
+    let kern = dev.kernels().matvec(w.dtype);
+    let one_group = ONE_GROUP_K.contains(&k);
+    let (f, rows_per_warp) = if swiglu {
+        (if one_group { &kern.glu_g8 } else { &kern.glu }, 1)
+    } else if k <= SHORT_ROW_MAX_K {
+        (&kern.r4, SHORT_ROWS_PER_WARP)
+    } else {
+        (
+            if one_group {
+                &kern.plain_g8
+            } else {
+                &kern.plain
+            },
+            1,
+        )
     };
     let cfg = LaunchConfig {
         grid_dim: ((n as u32).div_ceil(MATVEC_WARPS * rows_per_warp), grid_y, 1),
@@ -171,12 +192,12 @@ pub fn matvec(
         shared_mem_bytes: 0,
     };
     let es = w.matrix_stride_bytes as i64;
-    let (n, k) = (n as i32, k as i32);
+    let (n, k, ids_early) = (n as i32, k as i32, i32::from(ids_early));
     launch(
         dev,
         f,
         cfg,
-        &mut kernel_args![w.ptr, es, ids, x, x_stride, residual, y, y_stride, n, k],
+        &mut kernel_args![w.ptr, es, ids, ids_early, x, x_stride, residual, y, y_stride, n, k],
         "matvec",
     )
 }
