@@ -307,8 +307,8 @@ fn cases() -> Vec<(&'static str, LayerShape, FfnShape)> {
             },
         ),
         (
-            // more experts than a matvec block has threads (each matvec block ranks the
-            // router's logits itself, several experts a thread), not a multiple of 4, top-8
+            // many experts (the top-k block's threads span several warps), a count that is not
+            // a multiple of 4 (the padded ranks), top-8
             "many-experts",
             attention_shape(64, (4, 2, 16), true, false),
             FfnShape::Moe {
