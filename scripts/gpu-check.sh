@@ -1,108 +1,133 @@
 #!/usr/bin/env bash
-# Runs Shardline's GPU tests and GPU benchmarks (with the PyTorch peer, when present) on a machine
-# with an NVIDIA GPU. Builds with cargo when cargo is there; otherwise takes prebuilt binaries from
-# $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda` and the `layer_gpu`, `prefill_gpu`
-# and `nccl_gpu` test binaries (`cargo test -p shardline-cuda --release --no-run`). Results go to
-# $OUT (default gpu-results/). NCCL (libnccl.so.2) is taken from PyTorch's wheel when it is not on
-# the path.
+# Shardline's whole GPU check on a machine with an NVIDIA GPU: the GPU tests, verify on every
+# fixture, and the decode table of the engine path (`bench decode` beside `run` on the same model,
+# and the PyTorch peer when torch is there). Builds with cargo when cargo is there; otherwise takes
+# prebuilt binaries from $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda`, and the
+# test binaries `cuda_backend` (`cargo test -p shardline-model --features cuda --release
+# --no-run`), `nccl_gpu` and `kernels_compile` (`cargo test -p shardline-cuda --release --no-run`).
+# Results go to $OUT (default gpu-results/).
+#
+# STEPS picks the parts (default all): tests verify decode whole prefill. `whole` runs whole
+# models (Qwen3-30B-A3B's 48 layers, about 61 GB in bf16; Mixtral-8x7B's 32, about 93 GB, only on
+# a GPU that holds it). NCCL (libnccl.so.2) and NVRTC come from PyTorch's wheels when they are not
+# on the path (scripts/gpu-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+steps=${STEPS:-tests verify decode whole prefill}
+has() { [[ " $steps " == *" $1 "* ]]; }
 
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
     bin=$SHARDLINE_GPU_BIN
-    test_bins=("$bin/layer_gpu" "$bin/prefill_gpu" "$bin/nccl_gpu")
+    test_bins=("$bin/cuda_backend" "$bin/nccl_gpu" "$bin/kernels_compile")
 else
     cargo build --release -p shardline --features cuda
     bin=target/release
-    mapfile -t test_bins < <(cargo test -p shardline-cuda --release --no-run 2>&1 |
-        grep -o 'target/release/deps/\(layer\|prefill\|nccl\)_gpu-[a-z0-9]*')
+    mapfile -t test_bins < <({
+        cargo test -p shardline-model --features cuda --release --test cuda_backend --no-run
+        cargo test -p shardline-cuda --release --no-run
+    } 2>&1 | grep -o 'target/release/deps/\(cuda_backend\|nccl_gpu\|kernels_compile\)-[a-z0-9]*')
 fi
 # shellcheck source=scripts/gpu-env.sh
 . scripts/gpu-env.sh
+sl="$bin/shardline"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 || echo 0)
 
-echo "== GPU tests"
-for t in "${test_bins[@]}"; do "$t" --test-threads=1 --nocapture; done 2>&1 | tee "$out/gpu_tests.log"
-
-echo "== verify on the GPU: every repo fixture (and ../shared/fixtures when present)"
-for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
-    [ -f "$d/reference.json" ] || continue
-    "$bin/shardline" verify --model "$d" --device cuda ||
-        "$bin/shardline" verify --model "$d" --device cuda --rope-freqs model-dtype ||
-        echo "verify FAILED on the GPU: $d"
-done 2>&1 | tee "$out/gpu_verify.log"
-
-echo "== verify on the GPU summing through a one-rank NCCL communicator"
-for d in fixtures/*/; do
-    "$bin/shardline" verify --model "$d" --device cuda --gpu-comm nccl ||
-        "$bin/shardline" verify --model "$d" --device cuda --gpu-comm nccl --rope-freqs model-dtype ||
-        echo "verify --gpu-comm nccl FAILED on the GPU: $d"
-done 2>&1 | tee "$out/gpu_verify_nccl.log"
-
-echo "== verify split over ranks on the GPU (one GPU per rank: NCCL; ranks sharing one: the host)"
-for d in fixtures/*/; do
-    plans=("--tp 2" "--tp 4")
-    grep -q -e num_local_experts -e num_experts "$d/config.json" && plans+=("--ep 2" "--tp 4 --ep 2")
-    for p in "${plans[@]}"; do
-        # shellcheck disable=SC2086  # the plan is a word list
-        "$bin/shardline" verify --model "$d" --device cuda $p || echo "verify $p FAILED on the GPU: $d"
-    done
-done 2>&1 | tee "$out/gpu_verify_split.log"
-
-echo "== Shardline decode bench on the GPU"
-presets=${PRESETS:-mixtral-8x7b,qwen3-30b-a3b,mixtral-mini}
-: > "$out/shardline_decode_gpu.jsonl"
-for p in ${presets//,/ }; do
-    for exec in split per-op; do
-        "$bin/shardline" bench decode --device cuda --preset "$p" --dtype bf16 --exec "$exec" \
-            --json "$work/decode.jsonl"
-        cat "$work/decode.jsonl" >> "$out/shardline_decode_gpu.jsonl"
-        # Split over the GPUs with NCCL (a one-rank communicator on a one-GPU machine).
-        gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
-        for plan in "--gpu-comm nccl" "--tp 2" "--ep 2"; do
-            [ "$plan" = "--gpu-comm nccl" ] || [ "$gpus" -ge 2 ] || continue
-            # shellcheck disable=SC2086  # the plan is a word list
-            "$bin/shardline" bench decode --device cuda --preset "$p" --dtype bf16 --exec "$exec" \
-                $plan --json "$work/decode.jsonl" &&
-                cat "$work/decode.jsonl" >> "$out/shardline_decode_gpu.jsonl"
-        done
-    done
-done
-
-echo "== Shardline prefill bench on the GPU (GEMM prefill against token by token)"
-: > "$out/shardline_prefill_gpu.jsonl"
-for p in ${presets//,/ }; do
-    "$bin/shardline" bench prefill --preset "$p" --dtype bf16 --rows 512 --json "$work/prefill.jsonl"
-    cat "$work/prefill.jsonl" >> "$out/shardline_prefill_gpu.jsonl"
-done
-
-if [ -f bench/peers/torch_decode.py ] && python3 -c 'import torch' 2>/dev/null; then
-    echo "== PyTorch peer on the GPU"
-    : > "$out/torch_decode_gpu.jsonl"
-    for p in ${presets//,/ }; do
-        for mode in eager compile; do
-            if python3 bench/peers/torch_decode.py --device cuda --preset "$p" --dtype bf16 \
-                --mode "$mode" --json "$work/torch.jsonl"; then
-                cat "$work/torch.jsonl" >> "$out/torch_decode_gpu.jsonl"
-            else
-                echo "torch $p $mode failed"
-            fi
-        done
-    done
-    gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
-    for tp in 1 2; do
-        [ "$tp" -le "$gpus" ] || continue
-        torchrun --nproc-per-node "$tp" bench/peers/torch_nccl_decode.py --preset mixtral-8x7b \
-            --json "$work/torch.jsonl" && cat "$work/torch.jsonl" >> "$out/torch_decode_gpu.jsonl"
-    done
-    if [ -f bench/peers/compare.py ]; then
-        python3 bench/peers/compare.py "$out/shardline_decode_gpu.jsonl" "$out/torch_decode_gpu.jsonl"
-    fi
-else
-    echo "PyTorch peer not run: bench/peers/torch_decode.py or torch is missing"
+if has tests; then
+    echo "== GPU tests"
+    for t in "${test_bins[@]}"; do "$t" --ignored --test-threads=1; done 2>&1 | tee "$out/gpu_tests.log"
 fi
+
+if has verify; then
+    echo "== verify on the GPU: every repo fixture (and ../shared/fixtures when present), one rank,"
+    echo "   through a one-rank NCCL communicator, and split over ranks sharing the GPU (host sums)"
+    for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
+        [ -f "$d/reference.json" ] || continue
+        for plan in "" "--gpu-comm nccl" "--tp 2" "--tp 4" "--ep 2" "--tp 4 --ep 2"; do
+            case "$plan" in *ep*) grep -q -e num_local_experts -e num_experts "$d/config.json" || continue ;; esac
+            # shellcheck disable=SC2086  # the plan is a word list
+            "$sl" verify --model "$d" --device cuda $plan >/dev/null 2>&1 ||
+                "$sl" verify --model "$d" --device cuda $plan --rope-freqs model-dtype ||
+                echo "verify FAILED on the GPU: $d $plan"
+        done
+    done 2>&1 | tee "$out/gpu_verify.log"
+    echo "verify failures: $(grep -c FAILED "$out/gpu_verify.log" || true)"
+fi
+
+# `bench decode` and `run` on one model: the step the bench times and the token `run` makes.
+decode_pair() { # preset layers tag [extra bench args]
+    local p=$1 layers=$2 tag=$3
+    shift 3
+    "$sl" bench decode --device cuda --preset "$p" --layers "$layers" --dtype bf16 "$@" \
+        --json "$out/decode_$tag.jsonl" || echo "bench decode $p $layers FAILED"
+    "$sl" run --device cuda --preset "$p" --layers "$layers" --dtype bf16 --max-tokens 128 \
+        --prompt "The quick brown fox jumps over the lazy dog" --json "$out/run_$tag.json" \
+        >/dev/null || echo "run $p $layers FAILED"
+}
+peer() { # preset layers tag
+    python3 -c 'import torch' 2>/dev/null || return 0
+    python3 bench/peers/torch_step.py --device cuda --preset "$1" --layers "$2" --dtype bf16 \
+        --mode compile --json "$out/torch_$3.jsonl" || echo "torch_step $1 $2 FAILED"
+}
+
+if has decode; then
+    echo "== decode through the engine: bench decode and run, same model, beside PyTorch"
+    for case in qwen3-30b-a3b:8 mixtral-8x7b:4 mixtral-mini:8; do
+        p=${case%%:*} n=${case##*:}
+        decode_pair "$p" "$n" "${p}_$n"
+        "$sl" bench decode --device cuda --preset "$p" --layers "$n" --dtype bf16 --exec per-op \
+            --json "$out/decode_${p}_${n}_perop.jsonl" || echo "bench decode per-op $p FAILED"
+        "$sl" bench decode --device cuda --preset "$p" --layers "$n" --dtype bf16 --gpu-comm nccl \
+            --json "$out/decode_${p}_${n}_nccl.jsonl" || echo "bench decode nccl $p FAILED"
+        peer "$p" "$n" "${p}_$n"
+    done
+fi
+
+if has whole; then
+    echo "== whole models"
+    decode_pair qwen3-30b-a3b 48 qwen3-30b-a3b_48
+    peer qwen3-30b-a3b 48 qwen3-30b-a3b_48
+    if [ "${gpu_mib:-0}" -gt 120000 ]; then
+        decode_pair mixtral-8x7b 32 mixtral-8x7b_32
+        peer mixtral-8x7b 32 mixtral-8x7b_32
+    else
+        echo "Mixtral-8x7B's 32 layers (about 93 GB in bf16) need a larger GPU than this one"
+    fi
+fi
+
+if has prefill; then
+    echo "== prefill through the engine (all rows at once against token by token)"
+    for p in mixtral-8x7b qwen3-30b-a3b mixtral-mini; do
+        "$sl" bench prefill --device cuda --preset "$p" --dtype bf16 --rows 512 --iters 5 \
+            --json "$out/prefill_$p.jsonl" || echo "bench prefill $p FAILED"
+    done
+fi
+
+echo "== summary"
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+def rows(pattern):
+    for path in sorted(glob.glob(os.path.join(out, pattern))):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    yield os.path.basename(path), json.loads(line)
+for name, r in rows("decode_*.jsonl"):
+    tag = name[len("decode_"):-len(".jsonl")]
+    run = os.path.join(out, f"run_{tag}.json")
+    extra = ""
+    if os.path.exists(run):
+        with open(run) as f:
+            ms = json.load(f)["decode_ms_per_token"]
+        extra = f" | run {ms * 1000:.1f} us/token ({ms * 1000 / r['step_us']:.3f}x the step)"
+    print(f"{tag}: step {r['step_us']:.1f} us, head {r['head_us']:.1f} us, "
+          f"per layer {r['median_us']:.1f} us ({r['gbps']:.0f} GB/s){extra}")
+for name, r in rows("torch_*.jsonl"):
+    print(f"{name}: torch {r.get('peer_mode')} step {r.get('step_us')} us, per layer {r.get('median_us')} us")
+for name, r in rows("prefill_*.jsonl"):
+    print(f"{name}: {r['path']} {r['us_per_token']} us/token")
+PY

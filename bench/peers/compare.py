@@ -30,6 +30,11 @@ RESULT_KEYS = {
     "threads",
     "comm_in_graph",
     "nccl",
+    "step_us",
+    "step_p99_us",
+    "head_us",
+    "rss_mb_per_rank",
+    "compile_mode",
 }
 
 

@@ -68,7 +68,8 @@ pub struct Kernels {
     pub router_top_k: CudaFunction,
     pub combine_slots: CudaFunction,
     pub combine_slots_norm: CudaFunction,
-    pub fill_uniform: CudaFunction,
+    pub embed_row: CudaFunction,
+    pub argmax: CudaFunction,
 }
 
 impl Kernels {
@@ -98,7 +99,8 @@ impl Kernels {
             router_top_k: f("router_top_k")?,
             combine_slots: f("combine_slots")?,
             combine_slots_norm: f("combine_slots_norm")?,
-            fill_uniform: f("fill_uniform")?,
+            embed_row: f("embed_row")?,
+            argmax: f("argmax")?,
         })
     }
 

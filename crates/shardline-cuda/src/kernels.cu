@@ -715,28 +715,49 @@ extern "C" __global__ void __launch_bounds__(1024) combine_slots_norm(const floa
     }
 }
 
-// Deterministic pseudo-random fill in [-scale, scale) for benchmark weights (a hash of the index,
-// so any size fills in one pass with no host upload). dtype: 0 f32, 1 f16, 2 bf16.
-__device__ __forceinline__ u32 mix32(u32 x) {
-    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
-    return x;
-}
-extern "C" __global__ void fill_uniform(void* dst, long n, int dtype, u32 seed, float scale) {
+// x = row tokens[0] of the [vocab, D] embedding table, widened to f32 (one block). The token is
+// read from device memory, so a captured step graph takes a new token without being rebuilt.
+// dtype: 0 f32, 1 f16, 2 bf16.
+extern "C" __global__ void embed_row(const void* __restrict__ table, int dtype,
+                                     const int* __restrict__ tokens, float* __restrict__ x, int D) {
     let_next_start();
     wait_for_previous();
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
-        const u32 r = mix32((u32)i * 0x9E3779B9u ^ mix32(seed + (u32)(i >> 32)));
-        const float v = ((float)(r >> 8) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * scale;
-        if (dtype == 0) {
-            ((float*)dst)[i] = v;
-        } else if (dtype == 1) {
-            unsigned short hbits;
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hbits) : "f"(v));
-            ((u16*)dst)[i] = hbits;
-        } else {
-            const u32 bits = __float_as_uint(v);
-            ((u16*)dst)[i] = (u16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    const long base = (long)tokens[0] * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        const long j = base + i;
+        x[i] = dtype == 0 ? F32::one(table, j) : dtype == 1 ? F16::one(table, j) : Bf16::one(table, j);
+    }
+}
+
+// The largest of n values and its index (the lowest index among equal values), by one block:
+// best[0] = the value, best[1] = the index as a float (exact below 2^24, far above any
+// vocabulary). NaN never wins, so a row of NaN gives index 0 and NEG_INF.
+extern "C" __global__ void __launch_bounds__(1024) argmax(const float* __restrict__ x, int n,
+                                                          float* __restrict__ best) {
+    let_next_start();
+    wait_for_previous();
+    __shared__ float part_v[32];
+    __shared__ int part_i[32];
+    float v = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float xi = x[i];
+        if (xi > v) { v = xi; idx = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { part_v[warp] = v; part_i[warp] = idx; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
+            if (part_v[w] > v || (part_v[w] == v && part_i[w] < idx)) { v = part_v[w]; idx = part_i[w]; }
         }
+        best[0] = v;
+        best[1] = (float)(idx == 0x7fffffff ? 0 : idx);
     }
 }

@@ -542,32 +542,54 @@ pub fn combine_slots(
     launch(dev, f, cfg, &mut args[..n_args], what)
 }
 
-/// Fills `n` elements of `dtype` at `dst` with deterministic pseudo-random values in
-/// `[-scale, scale)`.
-pub fn fill_uniform(
-    dev: &CudaDevice,
-    dst: u64,
-    n: usize,
-    dtype: DType,
-    seed: u32,
-    scale: f32,
-) -> Result<(), CudaError> {
-    let cfg = LaunchConfig {
-        grid_dim: (((n as u64).div_ceil(256)).min(65_535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let code: i32 = match dtype {
+/// The code of a weight dtype in the kernels' `dtype` arguments.
+fn dtype_code(dtype: DType) -> i32 {
+    match dtype {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
+    }
+}
+
+/// `x = table[tokens[0]]` as f32: one row of a `[vocab, d]` embedding table of `dtype`, the token
+/// read from device memory (`tokens`, an `i32` already checked against the vocabulary).
+pub fn embed_row(
+    dev: &CudaDevice,
+    table: u64,
+    dtype: DType,
+    tokens: u64,
+    x: u64,
+    d: usize,
+) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (rms_norm_threads(d), 1, 1),
+        shared_mem_bytes: 0,
     };
-    let n = n as i64;
+    let (code, d) = (dtype_code(dtype), d as i32);
     launch(
         dev,
-        &dev.kernels().fill_uniform,
+        &dev.kernels().embed_row,
         cfg,
-        &mut kernel_args![dst, n, code, seed, scale],
-        "fill_uniform",
+        &mut kernel_args![table, code, tokens, x, d],
+        "embed_row",
+    )
+}
+
+/// `best = [max(x), argmax(x)]` over `n` f32 values (the lowest index among equal maxima; the
+/// index as an f32).
+pub fn argmax(dev: &CudaDevice, x: u64, n: usize, best: u64) -> Result<(), CudaError> {
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n = n as i32;
+    launch(
+        dev,
+        &dev.kernels().argmax,
+        cfg,
+        &mut kernel_args![x, n, best],
+        "argmax",
     )
 }

@@ -3,11 +3,13 @@
 //! dispatched the rows to the experts' ranks, a gather of each rank's own rows), the residual
 //! add; then the logits. Prefill passes the whole prompt at once; decode passes one token, whose
 //! FFN needs no dispatch: every rank holds the same row and runs the chosen experts it holds.
+//! Where the backend runs a whole decode step on its device ([`Backend::decodes_whole_steps`]) and
+//! no sum has to pass through the host, a decode token goes to it in one call instead.
 
 use shardline_tensor::kernels::add_assign;
 
-use crate::backend::{Backend, FfnPart, Reduce};
-use crate::dispatch::gather_own_rows;
+use crate::backend::cpu::dispatch::gather_own_rows;
+use crate::backend::{Backend, Decoded, FfnPart, PagedRow, Reduce, Want};
 use crate::error::{ModelError, Result};
 
 /// Which rows of logits a forward pass returns.
@@ -51,30 +53,37 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         self.backend.reset(positions)
     }
 
+    /// Forgets the positions from `len` on: the next token goes to position `len`.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.backend.truncate(len)
+    }
+
     /// Runs `tokens` at the next positions and returns their logits (`[rows, vocab]`).
     pub fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let local = self.forward_local(tokens, which)?;
+        let local = match self.whole_step(tokens, Want::Logits)? {
+            Some(Decoded::Logits(local)) => local,
+            _ => self.forward_local(tokens, which)?,
+        };
         self.gather_logits(&local)
     }
 
     /// Runs `tokens` at the next positions and returns the greedy choice after the last one. Over
     /// several ranks this is a distributed argmax: each rank sends only its best (logit, id).
     pub fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
-        let local = self.forward_local(tokens, Logits::Last)?;
-        let start = self.backend.vocab_rows().start;
-        let (best, value) =
-            local
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                    if v > bv {
-                        (i, v)
-                    } else {
-                        (bi, bv)
-                    }
-                });
+        let (value, id) = match self.whole_step(tokens, Want::Best)? {
+            Some(Decoded::Best { value, id }) => (value, id),
+            _ => {
+                let local = self.forward_local(tokens, Logits::Last)?;
+                let start = self.backend.vocab_rows().start;
+                let (best, value) = local.iter().enumerate().fold(
+                    (0usize, f32::NEG_INFINITY),
+                    |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+                );
+                (value, (start + best) as u32)
+            }
+        };
         // Ids are exact in f32 up to 2^24, far above any vocabulary.
-        let mine = [value, (start + best) as f32];
+        let mine = [value, id as f32];
         let mut all = vec![0.0f32; 2 * self.reduce.world()];
         self.reduce.all_gather(&mine, &mut all)?;
         let (id, _) = all
@@ -90,10 +99,22 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         Ok(id)
     }
 
-    /// This rank's logits (`[rows, vocab_rows.len()]`) for `tokens`.
-    fn forward_local(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    /// A decode token's whole step on the backend's device, where it runs one and no sum has to
+    /// pass through the host; `None` otherwise (the engine drives the segments).
+    fn whole_step(&mut self, tokens: &[u32], want: Want) -> Result<Option<Decoded>> {
+        let on_device = self.backend.decodes_whole_steps()
+            && (self.reduce.world() == 1 || self.backend.sums_across_ranks());
+        if tokens.len() != 1 || !on_device {
+            return Ok(None);
+        }
+        self.check_tokens(tokens)?;
+        self.backend.decode(tokens[0], want).map(Some)
+    }
+
+    /// Checks that `tokens` are in the vocabulary and fit in the KV cache.
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         let spec = self.backend.spec();
-        let (h, vocab) = (spec.hidden, spec.vocab);
+        let vocab = spec.vocab;
         if tokens.is_empty() {
             return Err(ModelError::Invalid("no tokens to run".into()));
         }
@@ -106,12 +127,19 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             return Err(if needed > max {
                 ModelError::TooLong { needed, max }
             } else {
-                ModelError::Invalid(format!(
-                    "the KV cache holds {} positions and {needed} are needed; start the sequence with a larger length",
-                    self.backend.capacity()
-                ))
+                ModelError::KvFull {
+                    needed,
+                    capacity: self.backend.capacity(),
+                }
             });
         }
+        Ok(())
+    }
+
+    /// This rank's logits (`[rows, vocab_rows.len()]`) for `tokens`.
+    fn forward_local(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let h = self.backend.spec().hidden;
         if which == Logits::Last && tokens.len() > PREFILL_CHUNK {
             // Only the last row is wanted: run the prompt in chunks to bound activation memory.
             let (head, tail) = tokens.split_at(tokens.len() - PREFILL_CHUNK);
@@ -161,15 +189,74 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         Ok(logits)
     }
 
+    /// Runs one row per token of `tokens`, row `i` at position `rows[i].pos` of its own sequence
+    /// in the paged KV cache ([`Backend::make_kv_pool`]), and returns the logits (`[sample.len(),
+    /// vocab]`) of the rows `sample` lists. Rows of one sequence may share a step (a prompt
+    /// chunk) in position order: each attends up to its own position.
+    pub fn forward_paged(
+        &mut self,
+        tokens: &[u32],
+        rows: &[PagedRow],
+        sample: &[usize],
+    ) -> Result<Vec<f32>> {
+        let vocab = self.backend.spec().vocab;
+        if tokens.is_empty() || tokens.len() != rows.len() {
+            return Err(ModelError::Invalid(format!(
+                "a paged step of {} tokens and {} rows",
+                tokens.len(),
+                rows.len()
+            )));
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { id, vocab });
+        }
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.pos >= r.blocks.len() * crate::kv_pool::BLOCK_POSITIONS)
+        {
+            return Err(ModelError::Invalid(format!(
+                "position {} is beyond its sequence's {} blocks",
+                r.pos,
+                r.blocks.len()
+            )));
+        }
+        if let Some(&i) = sample.iter().find(|&&i| i >= rows.len()) {
+            return Err(ModelError::Invalid(format!(
+                "row {i} to sample of a step of {} rows",
+                rows.len()
+            )));
+        }
+        let h = self.backend.spec().hidden;
+        let x = self.run_layers_as(tokens, Some(rows))?;
+        let picked: Vec<f32> = sample
+            .iter()
+            .flat_map(|&i| x[i * h..(i + 1) * h].iter().copied())
+            .collect();
+        let mut logits = vec![0.0f32; sample.len() * self.backend.vocab_rows().len()];
+        if !sample.is_empty() {
+            self.backend.logits(&picked, &mut logits)?;
+        }
+        self.gather_logits(&logits)
+    }
+
     /// Embeds `tokens` and runs every layer; returns the final hidden states (before the norm).
     fn run_layers(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.run_layers_as(tokens, None)
+    }
+
+    /// [`Engine::run_layers`], the attention over the contiguous cache at the next positions, or
+    /// over the paged cache at `paged`'s positions.
+    fn run_layers_as(&mut self, tokens: &[u32], paged: Option<&[PagedRow]>) -> Result<Vec<f32>> {
         let (h, n_layers) = (self.backend.spec().hidden, self.backend.spec().n_layers);
         let mut x = vec![0.0f32; tokens.len() * h];
         let mut part = vec![0.0f32; x.len()];
         self.backend.embed(tokens, &mut x)?;
         let host_sum = !self.backend.sums_across_ranks();
         for layer in 0..n_layers {
-            self.backend.attention(layer, &x, &mut part)?;
+            match paged {
+                Some(rows) => self.backend.attention_paged(layer, &x, rows, &mut part)?,
+                None => self.backend.attention(layer, &x, &mut part)?,
+            }
             if host_sum {
                 self.reduce.all_reduce_sum(&mut part)?;
             }
@@ -178,7 +265,7 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                 self.backend.ffn(layer, &x, &mut part)?;
                 FfnPart::Sum
             } else {
-                // Several rows may be dispatched to the experts' ranks (crate::dispatch).
+                // Several rows may be dispatched to the experts' ranks (crate::backend::cpu::dispatch).
                 self.backend
                     .ffn_routed(layer, &x, &mut part, &mut self.reduce)?
             };

@@ -36,6 +36,25 @@ pub enum ModelError {
     TooLong { needed: usize, max: usize },
     #[error("token id {id} is outside the vocabulary (vocab_size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
+    /// A collective across the ranks failed; the source is the transport's own error (a lost
+    /// peer, a timeout), kept for callers that tell them apart.
+    #[error("{op} across the ranks failed on rank {rank}")]
+    Collective {
+        op: &'static str,
+        rank: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the KV cache holds {capacity} positions and {needed} are needed")]
+    KvFull { needed: usize, capacity: usize },
+    /// A device (GPU) call failed.
+    #[cfg(feature = "cuda")]
+    #[error("GPU: {0}")]
+    Device(#[from] shardline_cuda::CudaError),
+    #[error("not supported yet: {0}")]
+    Unsupported(String),
+    #[error("--device cuda needs a shardline built with `--features cuda`")]
+    NoCuda,
     #[error("{0}")]
     Invalid(String),
 }

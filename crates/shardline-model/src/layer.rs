@@ -120,16 +120,39 @@ impl Layer {
     }
 }
 
-/// How a segment's independent decode matvecs are submitted to the worker pool.
+/// How a step's work is submitted to the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Exec {
-    /// Together, one parallel region (q/k/v at once; all chosen experts' gate/up at once, then
-    /// all their downs): the CPU's counterpart of one submission per segment.
+    /// In as few submissions as the device allows: on a GPU the whole decode step replays as one
+    /// CUDA graph; on the CPU a segment's independent matvecs share one parallel region (q/k/v
+    /// at once; all chosen experts' gate/up at once, then all their downs).
     #[default]
     Split,
-    /// One parallel region per matrix, each waited for before the next starts: the CPU's
-    /// counterpart of launching and synchronising op by op.
+    /// Op by op, each waited for before the next starts: one kernel launch, or one parallel
+    /// region per matrix on the CPU.
     PerOp,
+}
+
+impl std::str::FromStr for Exec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Exec, String> {
+        match s {
+            "split" => Ok(Exec::Split),
+            "per-op" => Ok(Exec::PerOp),
+            _ => Err(format!("`{s}`: expected split or per-op")),
+        }
+    }
+}
+
+impl Exec {
+    /// The name benchmarks record (`split`, `per-op`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Exec::Split => "split",
+            Exec::PerOp => "per-op",
+        }
+    }
 }
 
 /// Runs independent matvecs as `exec` says.

@@ -3,18 +3,13 @@
 //! safetensors. A layer runs as two segments (attention, FFN), each followed by a reduce hook, so
 //! the same code runs split over ranks (DESIGN.md, "Model").
 
-pub mod attention;
 pub mod backend;
 pub mod config;
-pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod dispatch;
 pub mod engine;
 pub mod error;
-pub mod ffn;
 pub mod files;
 pub mod generate;
+pub mod kv_pool;
 pub mod layer;
 pub mod load;
 pub mod model;
@@ -25,18 +20,19 @@ pub mod reference;
 pub mod rope;
 pub mod safetensors_dir;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Backend, FfnPart, Pending, Reduce, SingleRank};
+pub use backend::cpu::CpuBackend;
+pub use backend::{Backend, Decoded, FfnPart, PagedRow, Pending, Reduce, SingleRank, Want};
 pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
-pub use cpu::CpuBackend;
 pub use engine::{Engine, Logits};
 pub use error::{ModelError, Result};
 pub use layer::Exec;
 pub use model::{
     builtin, builtin_parts, builtin_parts_for, builtin_spec, load_dir, load_dir_with, load_parts,
-    load_parts_for, load_tokenizer, verify_dir, CpuEngine, Device,
+    load_parts_for, load_tokenizer, verify_dir, CpuEngine,
 };
 pub use plan::Plan;
 pub use reference::{verify, Reference, VerifyReport};

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use shardline_tensor::DType;
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::SingleRank;
 use crate::config::{eos_ids, Arch, ModelSpec, MoeSpec};
-use crate::cpu::CpuBackend;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::files::read_json;
@@ -62,14 +62,6 @@ pub fn load_parts_for(
     let files = SafetensorsDir::open(dir)?;
     let weights = load_model_for(&spec, &files, plan)?;
     Ok((spec, weights))
-}
-
-/// Where a model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    /// The first CUDA GPU (a build with the `cuda` feature).
-    Cuda,
 }
 
 /// Loads `dir/tokenizer.json`.
@@ -134,14 +126,14 @@ pub fn builtin_parts_for(plan: &Plan) -> Result<(ModelSpec, ModelWeights)> {
     Ok((spec, weights))
 }
 
-/// Verifies the model in `dir` against `reference` (default `dir/reference.json`). With
-/// `rope_in_model_dtype`, rope's inverse frequencies are rounded to the config's dtype, as in a
-/// reference computed from a model cast with `model.to(dtype)` (see [`ModelSpec::rope_freq_dtype`]).
+/// Verifies the model in `dir` on the CPU against `reference` (default `dir/reference.json`).
+/// With `rope_in_model_dtype`, rope's inverse frequencies are rounded to the config's dtype, as in
+/// a reference computed from a model cast with `model.to(dtype)` (see
+/// [`ModelSpec::rope_freq_dtype`]).
 pub fn verify_dir(
     dir: &Path,
     reference: Option<&Path>,
     rope_in_model_dtype: bool,
-    device: Device,
 ) -> Result<crate::VerifyReport> {
     let (spec, weights) = load_parts(dir, |spec| {
         if rope_in_model_dtype {
@@ -152,33 +144,6 @@ pub fn verify_dir(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("reference.json"));
     let reference = crate::Reference::from_file(&path, spec.vocab)?;
-    match device {
-        Device::Cpu => {
-            let mut engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
-            crate::verify(&mut engine, &reference)
-        }
-        Device::Cuda => verify_on_gpu(spec, weights, &reference),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn verify_on_gpu(
-    spec: ModelSpec,
-    weights: ModelWeights,
-    reference: &crate::Reference,
-) -> Result<crate::VerifyReport> {
-    let positions = reference.prompt_ids.len() + reference.decode_logits.len();
-    let backend = crate::cuda::CudaBackend::new(spec, weights, 0, positions)?;
-    crate::verify(&mut Engine::new(backend, SingleRank), reference)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn verify_on_gpu(
-    _spec: ModelSpec,
-    _weights: ModelWeights,
-    _reference: &crate::Reference,
-) -> Result<crate::VerifyReport> {
-    Err(crate::ModelError::Invalid(
-        "--device cuda needs a shardline built with `--features cuda`".into(),
-    ))
+    let mut engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
+    crate::verify(&mut engine, &reference)
 }

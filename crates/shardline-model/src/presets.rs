@@ -8,6 +8,16 @@ use crate::rope::RopeScaling;
 /// Names accepted by [`preset`].
 pub const PRESETS: [&str; 3] = ["mixtral-8x7b", "qwen3-30b-a3b", "mixtral-mini"];
 
+/// The layer count of the real model preset `name` stands for.
+pub fn preset_layers(name: &str) -> Option<usize> {
+    match name {
+        "mixtral-8x7b" => Some(32),
+        "qwen3-30b-a3b" => Some(48),
+        "mixtral-mini" => Some(8),
+        _ => None,
+    }
+}
+
 /// The spec of preset `name` with `n_layers` layers and weights of `dtype`.
 pub fn preset(name: &str, n_layers: usize, dtype: DType) -> Option<ModelSpec> {
     // (arch, hidden, heads, kv heads, experts, top-k, expert intermediate, vocab)

@@ -15,6 +15,8 @@ pub fn argmax(logits: &[f32]) -> usize {
 pub struct Sampler {
     temperature: f32,
     top_p: f32,
+    /// At most this many of the most likely tokens are kept (0: no limit).
+    top_k: usize,
     rng: fastrand::Rng,
 }
 
@@ -25,8 +27,15 @@ impl Sampler {
         Sampler {
             temperature: temperature.max(0.0),
             top_p: top_p.clamp(0.0, 1.0),
+            top_k: 0,
             rng: fastrand::Rng::with_seed(seed),
         }
+    }
+
+    /// Also keeps at most the `k` most likely tokens (0: no limit).
+    pub fn with_top_k(mut self, k: usize) -> Sampler {
+        self.top_k = k;
+        self
     }
 
     /// Whether this sampler always picks the most likely token.
@@ -51,7 +60,7 @@ impl Sampler {
         for &(_, p) in &probs {
             kept += 1;
             mass += p / total;
-            if mass >= self.top_p {
+            if mass >= self.top_p || kept == self.top_k {
                 break;
             }
         }

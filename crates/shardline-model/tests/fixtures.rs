@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use shardline_model::{verify_dir, Device};
+use shardline_model::verify_dir;
 
 fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -11,7 +11,7 @@ fn fixtures_dir() -> PathBuf {
 
 fn check(name: &str) {
     let dir = fixtures_dir().join(name);
-    let r = verify_dir(&dir, None, false, Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let r = verify_dir(&dir, None, false).unwrap_or_else(|e| panic!("{name}: {e}"));
     eprintln!("{name}: {r:?}");
     assert!(r.greedy_total >= 2, "{name}: too few greedy steps checked");
     assert!(r.passed(), "{name}: {r:?}");
@@ -81,7 +81,7 @@ fn verify_detects_wrong_logits_and_wrong_greedy_ids() {
         let mut v = original.clone();
         edit(&mut v);
         std::fs::write(&path, v.to_string()).unwrap();
-        verify_dir(&dir, Some(&path), false, Device::Cpu).unwrap()
+        verify_dir(&dir, Some(&path), false).unwrap()
     };
     let bump = |v: &mut serde_json::Value, key: &str, row: usize| {
         let x = &mut v[key][row][17];

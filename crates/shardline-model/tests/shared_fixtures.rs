@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use shardline_model::{verify_dir, Device};
+use shardline_model::verify_dir;
 
 #[test]
 fn verify_shared_fixtures_when_present() {
@@ -35,12 +35,12 @@ fn verify_shared_fixtures_when_present() {
     assert!(!fixtures.is_empty(), "no fixtures under {}", dir.display());
     let mut failures = Vec::new();
     for fixture in &fixtures {
-        let f32_rope = verify_dir(fixture, None, false, Device::Cpu).unwrap();
+        let f32_rope = verify_dir(fixture, None, false).unwrap();
         eprintln!("{} (f32 rope freqs): {f32_rope:?}", fixture.display());
         if f32_rope.passed() {
             continue;
         }
-        let model_rope = verify_dir(fixture, None, true, Device::Cpu).unwrap();
+        let model_rope = verify_dir(fixture, None, true).unwrap();
         eprintln!(
             "{} (rope freqs in model dtype): {model_rope:?}",
             fixture.display()

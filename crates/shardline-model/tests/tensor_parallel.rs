@@ -4,108 +4,19 @@
 //! reduce sums the partials in rank order, so the test checks the sharding itself; the comm
 //! crate's collectives between processes are tested by the CLI's distributed tests.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier, Mutex};
+mod common;
 
-use shardline_model::dispatch::DISPATCH_CHUNK;
+use std::path::{Path, PathBuf};
+
+use common::ThreadReduce;
+
+use shardline_model::backend::cpu::dispatch::DISPATCH_CHUNK;
 use shardline_model::load::load_model_for;
 use shardline_model::safetensors_dir::SafetensorsDir;
-use shardline_model::{
-    verify, CpuBackend, Engine, FfnKind, Logits, ModelError, ModelSpec, Pending, Plan, Reduce,
-    Reference,
-};
+use shardline_model::{verify, CpuBackend, Engine, FfnKind, Logits, ModelSpec, Plan, Reference};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-/// Partials of every rank, summed in rank order by each rank (so every rank gets the same bits).
-struct Slots {
-    parts: Mutex<Vec<Vec<f32>>>,
-    barrier: Barrier,
-}
-
-struct ThreadReduce {
-    rank: usize,
-    shared: Arc<Slots>,
-    /// All-to-all exchanges run (expert dispatch).
-    all_to_alls: usize,
-    /// All-gathers run (logits, and rows after dispatch).
-    all_gathers: usize,
-}
-
-impl ThreadReduce {
-    /// Publishes this rank's `x`, waits for every rank's, and reads them in rank order.
-    fn exchange<T>(&mut self, x: &[f32], read: impl FnOnce(&[Vec<f32>]) -> T) -> T {
-        self.shared.parts.lock().unwrap()[self.rank] = x.to_vec();
-        self.shared.barrier.wait();
-        let r = read(&self.shared.parts.lock().unwrap());
-        self.shared.barrier.wait();
-        r
-    }
-}
-
-impl Reduce for ThreadReduce {
-    fn world(&self) -> usize {
-        self.shared.parts.lock().unwrap().len()
-    }
-
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> shardline_model::Result<()> {
-        self.all_gathers += 1;
-        self.exchange(local, |parts| {
-            for (o, p) in out.chunks_exact_mut(local.len()).zip(parts) {
-                o.copy_from_slice(p);
-            }
-        });
-        Ok(())
-    }
-
-    fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
-        let own = x.to_vec();
-        self.exchange(&own, |parts| {
-            x.fill(0.0);
-            for p in parts {
-                for (o, v) in x.iter_mut().zip(p) {
-                    *o += v;
-                }
-            }
-        });
-        Ok(())
-    }
-
-    /// Each rank publishes its send counts, then its floats; each reads its block of every
-    /// rank's, checked against the count it expects.
-    fn all_to_all_v(
-        &mut self,
-        send: Vec<f32>,
-        send_counts: &[usize],
-        recv_counts: &[usize],
-    ) -> shardline_model::Result<Pending> {
-        self.all_to_alls += 1;
-        let (me, world) = (self.rank, send_counts.len());
-        let mut published: Vec<f32> = send_counts.iter().map(|&n| n as f32).collect();
-        published.extend(send);
-        self.exchange(&published, |parts| {
-            let mut received = Vec::new();
-            for (from, part) in parts.iter().enumerate() {
-                let (counts, data) = part.split_at(world);
-                let start: usize = counts[..me].iter().map(|&c| c as usize).sum();
-                let n = counts[me] as usize;
-                if n != recv_counts[from] {
-                    return Err(ModelError::Invalid(format!(
-                        "rank {from} sent rank {me} {n} floats, {} expected",
-                        recv_counts[from]
-                    )));
-                }
-                received.extend_from_slice(&data[start..start + n]);
-            }
-            Ok(Pending::ready(received))
-        })
-    }
 }
 
 /// Runs `f` on `world` thread-ranks with `ep` expert groups, each with its engine over its slice
@@ -119,30 +30,12 @@ fn on_thread_ranks<T: Send>(
 ) -> Vec<T> {
     let mut spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
     adjust(&mut spec);
-    let shared = Arc::new(Slots {
-        parts: Mutex::new(vec![Vec::new(); world]),
-        barrier: Barrier::new(world),
-    });
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|rank| {
-                let (spec, shared, f) = (spec.clone(), shared.clone(), &f);
-                s.spawn(move || {
-                    let plan = Plan::new(world, ep, rank).unwrap();
-                    let files = SafetensorsDir::open(dir).unwrap();
-                    let weights = load_model_for(&spec, &files, &plan).unwrap();
-                    let backend = CpuBackend::new(spec, weights, 0);
-                    let reduce = ThreadReduce {
-                        rank,
-                        shared,
-                        all_to_alls: 0,
-                        all_gathers: 0,
-                    };
-                    f(&mut Engine::new(backend, reduce))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    common::on_threads(world, |reduce| {
+        let plan = Plan::new(world, ep, reduce.rank).unwrap();
+        let files = SafetensorsDir::open(dir).unwrap();
+        let weights = load_model_for(&spec, &files, &plan).unwrap();
+        let backend = CpuBackend::new(spec.clone(), weights, 0);
+        f(&mut Engine::new(backend, reduce))
     })
 }
 

@@ -4,12 +4,14 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shardline_comm::{Group, ReduceOp};
 use shardline_model::{ModelError, Pending, Plan, Reduce};
 
+use crate::engine::CommTime;
 use crate::gpu_comm::GpuComm;
 
 /// How a command is split over ranks.
@@ -86,28 +88,56 @@ pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
 }
 
 /// The model's collectives over the group: the segments' sum all-reduce, the logits' all-gather,
-/// and expert dispatch's all-to-all(v), on the group's progress thread.
-pub struct GroupReduce(pub Group);
+/// and expert dispatch's all-to-all(v), on the group's progress thread. The time of the
+/// all-reduces and all-gathers adds up in a [`CommTime`].
+pub struct GroupReduce {
+    group: Arc<Group>,
+    time: CommTime,
+}
+
+impl GroupReduce {
+    pub fn new(group: Arc<Group>, time: CommTime) -> GroupReduce {
+        GroupReduce { group, time }
+    }
+}
 
 impl Reduce for GroupReduce {
     fn world(&self) -> usize {
-        self.0.size()
+        self.group.size()
     }
 
     fn rank(&self) -> usize {
-        self.0.rank()
+        self.group.rank()
     }
 
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
-        self.0
-            .all_reduce(x, ReduceOp::Sum)
-            .map_err(|e| ModelError::Invalid(format!("all-reduce failed: {e}")))
+        self.time
+            .add(|| self.group.all_reduce(x, ReduceOp::Sum))
+            .map_err(|e| collective("all-reduce", self.group.rank(), e))
+    }
+
+    fn barrier(&mut self) -> shardline_model::Result<()> {
+        self.group
+            .barrier()
+            .map_err(|e| collective("barrier", self.group.rank(), e))
+    }
+
+    fn broadcast_u32(&mut self, buf: &mut [u32]) -> shardline_model::Result<()> {
+        // The collectives move f32s; a broadcast only copies them, so the bits come through.
+        let mut words: Vec<f32> = buf.iter().map(|&w| f32::from_bits(w)).collect();
+        self.group
+            .broadcast(&mut words, 0)
+            .map_err(|e| collective("broadcast", self.group.rank(), e))?;
+        for (b, w) in buf.iter_mut().zip(words) {
+            *b = w.to_bits();
+        }
+        Ok(())
     }
 
     fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> shardline_model::Result<()> {
-        self.0
-            .all_gather(local, out)
-            .map_err(|e| ModelError::Invalid(format!("all-gather failed: {e}")))
+        self.time
+            .add(|| self.group.all_gather(local, out))
+            .map_err(|e| collective("all-gather", self.group.rank(), e))
     }
 
     fn all_to_all_v(
@@ -116,13 +146,26 @@ impl Reduce for GroupReduce {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> shardline_model::Result<Pending> {
-        let rank = self.0.rank();
-        let handle = self.0.all_to_all_v_async(send, send_counts, recv_counts);
+        let rank = self.group.rank();
+        let handle = self
+            .group
+            .all_to_all_v_async(send, send_counts, recv_counts);
         Ok(Pending::new(move || {
-            handle
-                .wait()
-                .map_err(|e| ModelError::Invalid(format!("all-to-all failed on rank {rank}: {e}")))
+            handle.wait().map_err(|e| collective("all-to-all", rank, e))
         }))
+    }
+}
+
+/// A collective's failure, keeping the transport's error as its source.
+fn collective(
+    op: &'static str,
+    rank: usize,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> ModelError {
+    ModelError::Collective {
+        op,
+        rank,
+        source: Box::new(e),
     }
 }
 

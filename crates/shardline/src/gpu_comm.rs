@@ -178,7 +178,7 @@ pub fn share_id(
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{cuda_backend, device_comm, gpu_ordinal};
+pub use gpu::cuda_backend;
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -188,7 +188,7 @@ mod gpu {
     use shardline_comm::Group;
     use shardline_cuda::nccl::{self, DeviceComm, NcclId};
     use shardline_cuda::CudaDevice;
-    use shardline_model::cuda::CudaBackend;
+    use shardline_model::backend::cuda::CudaBackend;
     use shardline_model::load::ModelWeights;
     use shardline_model::ModelSpec;
 
@@ -212,7 +212,7 @@ mod gpu {
     }
 
     /// The GPU of this rank: its index among the ranks on this host, modulo the GPUs there.
-    pub fn gpu_ordinal(group: Option<&Group>) -> anyhow::Result<usize> {
+    fn gpu_ordinal(group: Option<&Group>) -> anyhow::Result<usize> {
         let count = shardline_cuda::device::device_count()?;
         anyhow::ensure!(count > 0, "no CUDA device found");
         Ok(local_rank(group)? % count)
@@ -221,7 +221,7 @@ mod gpu {
     /// The NCCL communicator of the job's ranks on their GPUs (`dev` is this rank's), when the
     /// ranks choose NCCL under `want`; `None` when they sum through the host. A collective: every
     /// rank calls it.
-    pub fn device_comm(
+    fn device_comm(
         dev: &CudaDevice,
         group: Option<&Group>,
         want: GpuComm,

@@ -25,6 +25,7 @@ enum Command {
 
 mod bench;
 mod dist;
+mod engine;
 // Without the `cuda` feature only its tests use the choice and the id exchange.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod gpu_comm;

@@ -2,28 +2,20 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use shardline_model::generate::generate;
 use shardline_model::sampler::Sampler;
-use shardline_model::tokenizer::TextCodec;
-use shardline_model::{
-    builtin_parts_for, builtin_spec, load_parts_for, load_tokenizer, Backend, CpuBackend, Engine,
-    ModelSpec, Plan, Reduce, SingleRank,
-};
+use shardline_model::{Exec, Plan};
 
-use crate::dist::{self, GroupReduce, ParallelArgs, Role};
-use crate::verify::DeviceArg;
+use crate::dist::{self, ParallelArgs, Role};
+use crate::engine::{self, CommTime, DeviceArg, DynEngine, EngineOptions, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// A model directory in the Hugging Face layout (config.json, model.safetensors or
-    /// model.safetensors.index.json with its shards, tokenizer.json), e.g. one downloaded with
-    /// `huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir DIR`. Without it, a
-    /// built-in small Mixtral-shaped model with deterministic random weights and a byte-level
-    /// tokenizer runs (its text is gibberish, but it needs no download).
-    #[arg(long, env = "SHARDLINE_MODEL")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The prompt text.
     #[arg(long, default_value = "The quick brown fox")]
     prompt: String,
@@ -42,91 +34,43 @@ pub struct RunArgs {
     /// Where the model runs: cpu, or cuda (a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu, env = "SHARDLINE_DEVICE")]
     device: DeviceArg,
+    /// Also write the timings as a JSON object to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
     #[command(flatten)]
     parallel: ParallelArgs,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let source = args.model.source()?;
     let (plan, group) = match dist::role(&args.parallel)? {
         Role::Single => (Plan::single(), None),
-        Role::Launcher => {
-            let spec = match &args.model {
-                Some(dir) => ModelSpec::from_file(&dir.join("config.json"))?,
-                None => builtin_spec(),
-            };
-            return dist::launch_local_checked(&args.parallel, &spec);
-        }
+        Role::Launcher => return dist::launch_local_checked(&args.parallel, &source.spec()?),
         Role::Rank { group, plan } => (plan, Some(group)),
     };
-    let (spec, weights, codec) = match &args.model {
-        Some(dir) => {
-            let (spec, weights) = load_parts_for(dir, |_| {}, &plan)
-                .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-            (spec, weights, load_tokenizer(dir)?)
-        }
-        None => {
-            let (spec, weights) = builtin_parts_for(&plan)?;
-            (spec, weights, TextCodec::Bytes)
-        }
-    };
+    let (spec, weights, codec) = source.load(&plan, |_| {})?;
     let prompt = codec.encode(&args.prompt)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
-    match (args.device, group) {
-        (DeviceArg::Cpu, None) => {
-            let engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
-            stream(engine, &codec, &prompt, &args, true)
-        }
-        (DeviceArg::Cpu, Some(group)) => {
-            // Every rank samples the same tokens from the same logits; rank 0 prints them.
-            let print = group.rank() == 0;
-            let engine = Engine::new(CpuBackend::new(spec, weights, 0), GroupReduce(group));
-            stream(engine, &codec, &prompt, &args, print)
-        }
-        (DeviceArg::Cuda, group) => run_cuda(spec, weights, &codec, &prompt, &args, group),
-    }
+    // Every rank samples the same tokens from the same logits; rank 0 prints them.
+    let print = group.as_ref().is_none_or(|g| g.rank() == 0);
+    let opts = EngineOptions {
+        device: args.device,
+        exec: Exec::Split,
+        positions: prompt.len() + args.max_tokens,
+        gpu_comm: args.parallel.gpu_comm,
+        comm_time: CommTime::default(),
+    };
+    let engine = engine::build(spec, weights, group.map(Arc::new), &opts)?;
+    stream(engine, &codec, &prompt, &args, print)
 }
 
-/// Generates on this rank's GPU; the segments' sums go through NCCL or the host (--gpu-comm).
-#[cfg(feature = "cuda")]
-fn run_cuda(
-    spec: shardline_model::ModelSpec,
-    weights: shardline_model::load::ModelWeights,
-    codec: &TextCodec,
-    prompt: &[u32],
-    args: &RunArgs,
-    group: Option<shardline_comm::Group>,
-) -> anyhow::Result<()> {
-    let positions = prompt.len() + args.max_tokens;
-    let want = args.parallel.gpu_comm;
-    let backend = crate::gpu_comm::cuda_backend(spec, weights, positions, group.as_ref(), want)?;
-    match group {
-        None => stream(Engine::new(backend, SingleRank), codec, prompt, args, true),
-        Some(group) => {
-            let print = group.rank() == 0;
-            let engine = Engine::new(backend, GroupReduce(group));
-            stream(engine, codec, prompt, args, print)
-        }
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(
-    _spec: shardline_model::ModelSpec,
-    _weights: shardline_model::load::ModelWeights,
-    _codec: &TextCodec,
-    _prompt: &[u32],
-    _args: &RunArgs,
-    _group: Option<shardline_comm::Group>,
-) -> anyhow::Result<()> {
-    anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
-}
-
-/// Generates from `prompt`, streaming the text to stdout (when `print`), then the timings.
-fn stream<B: Backend, R: Reduce>(
-    mut engine: Engine<B, R>,
-    codec: &TextCodec,
+/// Generates from `prompt`, streaming the text to stdout (when `print`), then the timings to
+/// stderr (and to `--json`).
+fn stream(
+    mut engine: DynEngine,
+    codec: &shardline_model::tokenizer::TextCodec,
     prompt: &[u32],
     args: &RunArgs,
     print: bool,
@@ -153,18 +97,30 @@ fn stream<B: Backend, R: Reduce>(
         },
     )?;
     writeln!(out)?;
-    writeln!(
-        out,
+    if !print {
+        return Ok(());
+    }
+    let tokens_per_s = if t.decode_ms_per_token > 0.0 {
+        1e3 / t.decode_ms_per_token
+    } else {
+        0.0
+    };
+    eprintln!(
         "[prefill {} tokens: {:.1} ms | decode {} tokens: {:.2} ms/token, {:.1} tokens/s]",
-        t.prompt_tokens,
-        t.prefill_ms,
-        t.generated,
-        t.decode_ms_per_token,
-        if t.decode_ms_per_token > 0.0 {
-            1e3 / t.decode_ms_per_token
-        } else {
-            0.0
-        }
-    )?;
+        t.prompt_tokens, t.prefill_ms, t.generated, t.decode_ms_per_token, tokens_per_s
+    );
+    if let Some(path) = &args.json {
+        let record = serde_json::json!({
+            "bench": "run",
+            "device": match args.device { DeviceArg::Cpu => "cpu", DeviceArg::Cuda => "cuda" },
+            "prompt_tokens": t.prompt_tokens,
+            "prefill_ms": t.prefill_ms,
+            "generated": t.generated,
+            "decode_ms_per_token": t.decode_ms_per_token,
+            "tokens_per_s": tokens_per_s,
+        });
+        std::fs::write(path, format!("{record}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }

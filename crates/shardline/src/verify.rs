@@ -2,14 +2,13 @@
 //! with the reference's (computed by transformers); exits non-zero unless they agree.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
-use shardline_model::{
-    load_parts_for, verify, verify_dir, CpuBackend, Device, Engine, Plan, Reference, SingleRank,
-    VerifyReport,
-};
+use shardline_model::{verify, Exec, Plan, Reference};
 
-use crate::dist::{self, GroupReduce, ParallelArgs, Role};
+use crate::dist::{self, ParallelArgs, Role};
+use crate::engine::{self, CommTime, DeviceArg, EngineOptions, Source};
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -34,12 +33,6 @@ pub struct VerifyArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RopeFreqs {
     F32,
     ModelDtype,
@@ -47,68 +40,43 @@ pub enum RopeFreqs {
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let rope_in_model_dtype = args.rope_freqs == RopeFreqs::ModelDtype;
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda,
-    };
     let context = || format!("cannot verify the model in {}", args.model.display());
-    let role = match dist::role(&args.parallel)? {
-        // One rank on the GPU goes the ranks' way, which can form a one-rank NCCL communicator.
-        Role::Single if device == Device::Cuda => Some((None, Plan::single())),
-        Role::Single => None,
-        Role::Launcher => {
-            let spec = shardline_model::ModelSpec::from_file(&args.model.join("config.json"))?;
-            return dist::launch_local_checked(&args.parallel, &spec);
-        }
-        Role::Rank { group, plan } => Some((Some(group), plan)),
+    let source = Source::Dir {
+        dir: args.model.clone(),
+        layers: None,
     };
-    let r = match role {
-        None => verify_dir(
-            &args.model,
-            args.reference.as_deref(),
-            rope_in_model_dtype,
-            device,
-        )
-        .with_context(context)?,
-        Some((group, plan)) => {
-            let adjust = |spec: &mut shardline_model::ModelSpec| {
-                if rope_in_model_dtype {
-                    spec.rope_freq_dtype = spec.dtype.unwrap_or(shardline_tensor::DType::F32);
-                }
-            };
-            let (spec, weights) =
-                load_parts_for(&args.model, adjust, &plan).with_context(context)?;
-            let path = args
-                .reference
-                .clone()
-                .unwrap_or_else(|| args.model.join("reference.json"));
-            let reference = Reference::from_file(&path, spec.vocab)?;
-            let rank = group.as_ref().map_or(0, |g| g.rank());
-            let r: VerifyReport = match (device, group) {
-                (Device::Cpu, Some(group)) => {
-                    let backend = CpuBackend::new(spec, weights, 0);
-                    verify(&mut Engine::new(backend, GroupReduce(group)), &reference)
-                        .map_err(anyhow::Error::from)
-                }
-                (Device::Cpu, None) => {
-                    let backend = CpuBackend::new(spec, weights, 0);
-                    verify(&mut Engine::new(backend, SingleRank), &reference)
-                        .map_err(anyhow::Error::from)
-                }
-                (Device::Cuda, group) => {
-                    let want = args.parallel.gpu_comm;
-                    verify_rank_on_gpu(spec, weights, group, &reference, want)
-                }
-            }
-            .with_context(context)?;
-            if rank != 0 {
-                // Rank 0 reports; every rank fails on its own if its logits disagree.
-                anyhow::ensure!(r.passed(), "verify FAILED on rank {rank}");
-                return Ok(());
-            }
-            r
+    let (plan, group) = match dist::role(&args.parallel)? {
+        Role::Single => (Plan::single(), None),
+        Role::Launcher => return dist::launch_local_checked(&args.parallel, &source.spec()?),
+        Role::Rank { group, plan } => (plan, Some(group)),
+    };
+    let rank = group.as_ref().map_or(0, |g| g.rank());
+    let adjust = |spec: &mut shardline_model::ModelSpec| {
+        if rope_in_model_dtype {
+            spec.rope_freq_dtype = spec.dtype.unwrap_or(shardline_tensor::DType::F32);
         }
     };
+    let (spec, weights, _) = source.load(&plan, adjust).with_context(context)?;
+    let path = args
+        .reference
+        .clone()
+        .unwrap_or_else(|| args.model.join("reference.json"));
+    let reference = Reference::from_file(&path, spec.vocab)?;
+    let opts = EngineOptions {
+        device: args.device,
+        exec: Exec::Split,
+        positions: reference.prompt_ids.len() + reference.decode_logits.len(),
+        gpu_comm: args.parallel.gpu_comm,
+        comm_time: CommTime::default(),
+    };
+    let mut engine =
+        engine::build(spec, weights, group.map(Arc::new), &opts).with_context(context)?;
+    let r = verify(&mut engine, &reference).with_context(context)?;
+    if rank != 0 {
+        // Rank 0 reports; every rank fails on its own if its logits disagree.
+        anyhow::ensure!(r.passed(), "verify FAILED on rank {rank}");
+        return Ok(());
+    }
     println!(
         "{}: prefill max |diff| {:.3e} (position {}), decode max |diff| {:.3e} (step {}) (tolerance {:.0e} for {} weights); greedy {}/{} agree",
         args.model.display(),
@@ -132,33 +100,4 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     }
     println!("verify passed");
     Ok(())
-}
-
-/// One rank's verify on its GPU (the only rank when `group` is `None`); the segments' sums go
-/// through NCCL or the host as `want` and the placement decide.
-#[cfg(feature = "cuda")]
-fn verify_rank_on_gpu(
-    spec: shardline_model::ModelSpec,
-    weights: shardline_model::load::ModelWeights,
-    group: Option<shardline_comm::Group>,
-    reference: &Reference,
-    want: crate::gpu_comm::GpuComm,
-) -> anyhow::Result<VerifyReport> {
-    let positions = reference.prompt_ids.len() + reference.decode_logits.len();
-    let backend = crate::gpu_comm::cuda_backend(spec, weights, positions, group.as_ref(), want)?;
-    Ok(match group {
-        None => verify(&mut Engine::new(backend, SingleRank), reference)?,
-        Some(group) => verify(&mut Engine::new(backend, GroupReduce(group)), reference)?,
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn verify_rank_on_gpu(
-    _spec: shardline_model::ModelSpec,
-    _weights: shardline_model::load::ModelWeights,
-    _group: Option<shardline_comm::Group>,
-    _reference: &Reference,
-    _want: crate::gpu_comm::GpuComm,
-) -> anyhow::Result<VerifyReport> {
-    anyhow::bail!("--device cuda needs a shardline built with `--features cuda`")
 }

@@ -50,11 +50,8 @@ fn verify_passes_split_over_ranks_on_shm_and_tcp() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "ucx"), ignore = "built without the `ucx` feature")]
 fn verify_passes_split_over_ranks_on_ucx() {
-    if !cfg!(feature = "ucx") {
-        eprintln!("SKIPPED verify_passes_split_over_ranks_on_ucx: built without the `ucx` feature");
-        return;
-    }
     for (name, parallel) in [
         ("qwen2-moe-tiny", ["--tp", "2"]),
         ("mixtral-tiny", ["--tp", "4"]),

@@ -63,6 +63,11 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Forgets the positions from `len` on (no-op when it holds fewer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Appends `T` positions; `k` and `v` are `[T, n_kv_heads * head_dim]`.
     ///
     /// # Panics

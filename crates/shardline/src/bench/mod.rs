@@ -3,8 +3,6 @@
 
 pub mod comm;
 pub mod decode;
-#[cfg(feature = "cuda")]
-pub mod decode_cuda;
 pub mod kernels;
 pub mod prefill;
 pub mod record;
@@ -13,7 +11,8 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Per-layer decode time and weight bandwidth of one MoE layer (presets or a model directory).
+    /// Decode step time through the engine, whole and per layer, and the layers' weight bandwidth
+    /// (presets or a model directory).
     Decode(decode::DecodeArgs),
     /// Latency and bandwidth of shardline-comm collectives and send/recv (spawns its own ranks).
     ///
@@ -26,8 +25,7 @@ pub enum BenchCommand {
     Comm(comm::CommArgs),
     /// CPU kernels at model shapes, and the machine's memory read bandwidth.
     Kernels(kernels::KernelsArgs),
-    /// GPU prefill of a prompt chunk through one preset-shaped layer: cuBLAS GEMMs over all rows
-    /// against the decode segments token by token.
+    /// Prefill of a prompt chunk through the engine, all rows at once against token by token.
     Prefill(prefill::PrefillArgs),
 }
 

@@ -1,35 +1,34 @@
-//! `shardline bench prefill --device cuda`: the time to run a prompt chunk through one
-//! preset-shaped layer with random weights on the GPU, two ways: as one prefill (cuBLAS GEMMs over
-//! all rows) and token by token through the decode segments (what the GPU backend did before it
-//! had a prefill).
+//! `shardline bench prefill`: the time to run a prompt chunk through the engine `run` uses, two
+//! ways: as one prefill (all rows at once: matrix products on the CPU, cuBLAS GEMMs on a GPU) and
+//! token by token through decode steps.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
-use shardline_tensor::DType;
+use serde_json::json;
+use shardline_model::{Exec, Plan};
 
-#[cfg(feature = "cuda")]
 use super::record::{Sink, Stats};
+use crate::engine::{self, CommTime, DeviceArg, EngineOptions, Layers, ModelArgs};
+use crate::gpu_comm::GpuComm;
 
 /// What one iteration measures; shown by `--help`.
 const SEMANTICS: &str = "\
-One decoder layer (attention segment, then FFN segment) over `--rows` prompt tokens that follow\n\
-`--kv-len` positions already in the KV cache, on the GPU, single rank, weights random at the\n\
-preset's real shapes. `path` gemm: the whole chunk at once, as the GPU backend's prefill runs it\n\
-(host rows in, cuBLAS GEMMs, the chosen experts read back once per MoE layer, partial sums out).\n\
-`path` per-token: the same rows one at a time through the decode segments (host copies in and out\n\
-per row and segment, as the GPU backend ran a prompt before it had a prefill). Each iteration\n\
-rewrites the same cache positions; its wall-clock time is the record's; `us_per_token` is the\n\
-median over `--rows`.";
+`--rows` prompt tokens that follow `--kv-len` positions already in the KV cache, through the\n\
+model (a preset's random weights at real shapes, `--layers` of them, default 1; or a model\n\
+directory), one rank, the greedy id of the last row out. `path` prefill: the whole chunk at once,\n\
+as `run` prefills a prompt. `path` per-token: the same rows one decode step at a time. Each\n\
+iteration first truncates the KV cache back to `--kv-len`; its wall-clock time is the record's;\n\
+`us_per_token` is the median over `--rows`.";
 
 #[derive(clap::Args)]
 #[command(after_help = SEMANTICS)]
 pub struct PrefillArgs {
-    /// Random weights at real shapes: mixtral-8x7b, qwen3-30b-a3b or mixtral-mini.
-    #[arg(long, default_value = "mixtral-mini")]
-    preset: String,
-    /// Weight dtype (f32, f16, bf16).
-    #[arg(long, default_value = "bf16")]
-    dtype: DType,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Where the model runs: cpu, or cuda (a build with the `cuda` feature).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// Prompt tokens per iteration.
     #[arg(long, default_value_t = 512)]
     rows: usize,
@@ -44,62 +43,46 @@ pub struct PrefillArgs {
     json: Option<PathBuf>,
 }
 
-#[cfg(not(feature = "cuda"))]
-pub fn run(_args: PrefillArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench prefill needs a shardline built with `--features cuda`")
-}
-
-#[cfg(feature = "cuda")]
-pub fn run(args: PrefillArgs) -> anyhow::Result<()> {
-    use std::time::Instant;
-
-    use anyhow::Context;
-    use serde_json::json;
-    use shardline_cuda::{CudaDevice, DeviceLayer, FfnShape, LayerStack, Prefill};
-    use shardline_model::cuda::layer_shape;
-    use shardline_model::presets::preset;
-
-    let spec = preset(&args.preset, 1, args.dtype)
-        .with_context(|| format!("no preset named {}", args.preset))?;
+pub fn run(mut args: PrefillArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.rows > 0 && args.iters > 0,
         "--rows and --iters must be positive"
     );
-    let ffn = match &spec.moe {
-        Some(m) => FfnShape::Moe {
-            n_experts: m.n_experts,
-            top_k: m.top_k,
-            intermediate: m.intermediate,
-            renormalize: m.renormalize,
-            shared_intermediate: m.shared_intermediate,
-        },
-        None => FfnShape::Dense {
-            intermediate: spec.dense_intermediate,
-        },
+    if args.model.preset.is_some() && args.model.layers.is_none() {
+        args.model.layers = Some(Layers::First(1));
+    }
+    let source = args.model.source()?;
+    let (spec, weights, _) = source.load(&Plan::single(), |_| {})?;
+    let (layers, vocab) = (spec.n_layers, spec.vocab as u32);
+    let dtype = weights.layers.first().map(|l| l.attn.q.dtype());
+    let opts = EngineOptions {
+        device: args.device,
+        exec: Exec::Split,
+        positions: args.kv_len + args.rows,
+        gpu_comm: GpuComm::Auto,
+        comm_time: CommTime::default(),
     };
-    let shape = layer_shape(&spec, args.kv_len + args.rows);
-    let dev = CudaDevice::open(0)?;
-    let layer = DeviceLayer::random(&dev, &shape, &ffn, args.dtype, 0x5EED)
-        .context("building the random layer on the GPU")?;
-    let mut stack = LayerStack::new(&dev, shape.clone(), vec![layer])?;
-    let mut prefill = Prefill::new(&dev)?;
-    let h = shape.hidden;
+    let mut engine = engine::build(spec, weights, None, &opts)?;
     let mut rng = fastrand::Rng::with_seed(7);
-    let x: Vec<f32> = (0..args.rows * h).map(|_| rng.f32() * 2.0 - 1.0).collect();
-    let mut out = vec![0.0f32; x.len()];
+    let tokens: Vec<u32> = (0..args.kv_len + args.rows)
+        .map(|_| rng.u32(..vocab))
+        .collect();
+    let (context, prompt) = tokens.split_at(args.kv_len);
+    engine.start(tokens.len())?;
+    if !context.is_empty() {
+        engine.forward_argmax(context)?;
+    }
     let mut sink = Sink::new(args.json.as_deref())?;
-    for path in ["gemm", "per-token"] {
+    for path in ["prefill", "per-token"] {
         let mut samples = Vec::with_capacity(args.iters);
         for it in 0..2 + args.iters {
+            engine.truncate(args.kv_len)?;
             let t = Instant::now();
-            if path == "gemm" {
-                prefill.attention(&dev, &stack, 0, args.kv_len, &x, &mut out)?;
-                prefill.ffn(&dev, &stack, 0, &x, &mut out)?;
+            if path == "prefill" {
+                engine.forward_argmax(prompt)?;
             } else {
-                for (r, (xr, or)) in x.chunks(h).zip(out.chunks_mut(h)).enumerate() {
-                    stack.set_position(&dev, args.kv_len + r)?;
-                    stack.attention(&dev, 0, xr, or)?;
-                    stack.ffn(&dev, 0, xr, or)?;
+                for &token in prompt {
+                    engine.forward_argmax(&[token])?;
                 }
             }
             if it >= 2 {
@@ -109,12 +92,11 @@ pub fn run(args: PrefillArgs) -> anyhow::Result<()> {
         let stats = Stats::from_samples(&mut samples);
         let us_per_token = stats.median_us / args.rows as f64;
         let fields = json!({
-            "model": args.preset,
-            "device": "cuda",
-            "device_name": dev.name(),
-            "dtype": args.dtype.name(),
+            "model": source.name(),
+            "device": match args.device { DeviceArg::Cpu => "cpu", DeviceArg::Cuda => "cuda" },
+            "dtype": dtype.map_or("none", |d| d.name()),
             "path": path,
-            "layers": 1,
+            "layers": layers,
             "rows": args.rows,
             "kv_len": args.kv_len,
             "us_per_token": (us_per_token * 1000.0).round() / 1000.0,

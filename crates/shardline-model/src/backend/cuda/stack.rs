@@ -1,4 +1,5 @@
-//! Batch-1 decode layers of an MoE or dense transformer on the GPU, run as two segments each.
+//! Batch-1 decode layers of an MoE or dense transformer on the GPU, run as two segments each,
+//! between a token's embedding and its logits.
 //!
 //! Segment "attention": rms_norm -> qkv (+bias) -> attention with (q/k norm) rope and the KV
 //! append fused in -> o_proj. Segment "ffn": rms_norm -> router -> top-k on the device -> chosen
@@ -7,23 +8,26 @@
 //! chosen experts never go back to the host, so the segments are captured once as CUDA graphs
 //! and replayed.
 //!
-//! A [`LayerStack`] runs layers two ways: chained on the device with the residual adds fused
-//! ([`LayerStack::step`], for benchmarks), or one segment at a time returning its partial sum to
-//! the host ([`LayerStack::attention`], [`LayerStack::ffn`]), where a model engine adds residuals
-//! and all-reduces across ranks. With a [`DeviceComm`] ([`LayerStack::set_comm`]) each segment's
-//! partial sum is all-reduced on the device by NCCL: in `step`, inside the step's graph where the
-//! capture takes it (else between the segments' graph launches); in `attention`/`ffn`, before the
-//! copy to the host.
+//! A [`LayerStack`] runs layers two ways: a whole decode step on the device
+//! ([`LayerStack::decode`]: the token's embedding, every layer with the residual adds fused, the
+//! final norm, the logits and their argmax, replayed as one CUDA graph), or one segment at a time
+//! returning its partial sum to the host ([`LayerStack::attention`], [`LayerStack::ffn`]), where
+//! the engine adds residuals and all-reduces across ranks through the host. With a [`DeviceComm`]
+//! ([`LayerStack::set_comm`]) each segment's partial sum is all-reduced on the device by NCCL: in
+//! `decode`, inside the step's graph where the capture takes it (else between the segments' graph
+//! launches); in `attention`/`ffn`, before the copy to the host.
 
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DevicePtr};
+use shardline_cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use shardline_cuda::cudarc::driver::{CudaGraph, CudaSlice};
 use shardline_tensor::DType;
 
-use crate::device::dptr;
-use crate::error::DriverContext;
-use crate::nccl::DeviceComm;
-use crate::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
-use crate::{CudaDevice, CudaError};
+use shardline_cuda::device::dptr;
+use shardline_cuda::error::DriverContext;
+use shardline_cuda::nccl::DeviceComm;
+use shardline_cuda::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
+use shardline_cuda::{CudaDevice, CudaError};
+
+use crate::layer::Exec;
 
 mod prefill;
 pub use prefill::Prefill;
@@ -39,7 +43,6 @@ pub struct LayerShape {
     pub qk_norm: bool,
     /// Biases on q, k and v (Qwen2).
     pub qkv_bias: bool,
-    pub rope_theta: f32,
     pub eps: f32,
     /// Positions the KV cache holds.
     pub capacity: usize,
@@ -107,23 +110,6 @@ impl LayerShape {
             head_dim: self.head_dim,
             capacity: self.capacity,
         }
-    }
-
-    /// Weight bytes one decode step of a layer with `ffn` reads: attention, router, the chosen
-    /// experts and the shared expert.
-    pub fn weight_bytes_read(&self, ffn: &FfnShape, dtype: DType) -> u64 {
-        let h = self.hidden;
-        let mut elems = self.qkv_rows() * h + h * self.q_dim();
-        elems += ffn.slots() * 3 * ffn.intermediate() * h;
-        if let FfnShape::Moe {
-            n_experts,
-            shared_intermediate,
-            ..
-        } = ffn
-        {
-            elems += n_experts * h + shared_intermediate.map_or(0, |i| 3 * i * h + h);
-        }
-        (elems * dtype.size_in_bytes()) as u64
     }
 
     /// Checks what the kernels require, naming the offending setting.
@@ -262,115 +248,6 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<(), CudaError> {
 }
 
 impl DeviceLayer {
-    /// A layer with deterministic pseudo-random weights (scaled like a trained model's, so
-    /// activations stay finite) and norms of one; the KV cache is filled with random keys and
-    /// values so any position can be attended over. Everything is generated on the device.
-    pub fn random(
-        dev: &CudaDevice,
-        shape: &LayerShape,
-        ffn: &FfnShape,
-        dtype: DType,
-        seed: u32,
-    ) -> Result<DeviceLayer, CudaError> {
-        DeviceLayer::random_held(dev, shape, ffn, dtype, seed, None)
-    }
-
-    /// [`DeviceLayer::random`] holding only the experts `held` (expert parallelism; `None`: all).
-    pub fn random_held(
-        dev: &CudaDevice,
-        shape: &LayerShape,
-        ffn: &FfnShape,
-        dtype: DType,
-        seed: u32,
-        held: Option<&[usize]>,
-    ) -> Result<DeviceLayer, CudaError> {
-        shape.validate(ffn)?;
-        let (h, es) = (shape.hidden, dtype.size_in_bytes());
-        let mut salt = 0u32;
-        let mut rand = |rows: usize, cols: usize| -> Result<CudaSlice<u8>, CudaError> {
-            salt += 1;
-            let buf = dev.zeros::<u8>(rows * cols * es)?;
-            let scale = 1.0 / (cols as f32).sqrt();
-            ops::fill_uniform(
-                dev,
-                dptr(dev, &buf),
-                rows * cols,
-                dtype,
-                seed ^ (salt << 8),
-                scale,
-            )?;
-            Ok(buf)
-        };
-        let (e, i) = (
-            held.map_or(ffn.experts(), <[usize]>::len),
-            ffn.intermediate(),
-        );
-        let mut mlp = |count: usize, i: usize| -> Result<DeviceMlp, CudaError> {
-            Ok(DeviceMlp {
-                gate_up: rand(count * 2 * i, h)?,
-                down: rand(count * h, i)?,
-            })
-        };
-        let experts = mlp(e, i)?;
-        let shared = match ffn {
-            FfnShape::Moe {
-                shared_intermediate: Some(si),
-                ..
-            } => Some(mlp(1, *si)?),
-            _ => None,
-        };
-        let ones = |n: usize| dev.upload(&vec![1.0f32; n]);
-        let device_ffn = match ffn {
-            FfnShape::Moe { n_experts, .. } => DeviceFfn::Moe {
-                router: rand(*n_experts, h)?,
-                expert_map: held.map(|h| expert_map(dev, h, *n_experts)).transpose()?,
-                shared: shared
-                    .map(|m| rand(1, h).map(|g| Box::new((m, g))))
-                    .transpose()?,
-                experts,
-            },
-            FfnShape::Dense { .. } => DeviceFfn::Dense(experts),
-        };
-        let cache_len = shape.kv_dim() * shape.capacity;
-        let k_cache = dev.zeros::<f32>(cache_len)?;
-        let v_cache = dev.zeros::<f32>(cache_len)?;
-        ops::fill_uniform(
-            dev,
-            dptr(dev, &k_cache),
-            cache_len,
-            DType::F32,
-            seed ^ 0x51,
-            1.0,
-        )?;
-        ops::fill_uniform(
-            dev,
-            dptr(dev, &v_cache),
-            cache_len,
-            DType::F32,
-            seed ^ 0x52,
-            1.0,
-        )?;
-        let layer = DeviceLayer {
-            dtype,
-            ffn_shape: ffn.clone(),
-            attn_norm: ones(h)?,
-            qkv: rand(shape.qkv_rows(), h)?,
-            qkv_bias: shape
-                .qkv_bias
-                .then(|| dev.upload(&vec![0.01f32; shape.qkv_rows()]))
-                .transpose()?,
-            o: rand(h, shape.q_dim())?,
-            q_norm: shape.qk_norm.then(|| ones(shape.head_dim)).transpose()?,
-            k_norm: shape.qk_norm.then(|| ones(shape.head_dim)).transpose()?,
-            ffn_norm: ones(h)?,
-            ffn: device_ffn,
-            k_cache,
-            v_cache,
-        };
-        dev.synchronize()?;
-        Ok(layer)
-    }
-
     /// A layer holding copies of `w`, with an empty KV cache.
     pub fn upload(
         dev: &CudaDevice,
@@ -523,6 +400,36 @@ impl DeviceHead {
     }
 }
 
+/// The embedding table, for a token's row on the device.
+pub struct DeviceEmbedding {
+    dtype: DType,
+    /// `[vocab, hidden]`
+    table: CudaSlice<u8>,
+    vocab: usize,
+}
+
+impl DeviceEmbedding {
+    pub fn upload(
+        dev: &CudaDevice,
+        hidden: usize,
+        table: &[u8],
+        dtype: DType,
+    ) -> Result<DeviceEmbedding, CudaError> {
+        let row = hidden * dtype.size_in_bytes();
+        if table.is_empty() || !table.len().is_multiple_of(row) {
+            return Err(CudaError::Shape(format!(
+                "embedding table of {} bytes is not whole rows of {hidden} {dtype} values",
+                table.len()
+            )));
+        }
+        Ok(DeviceEmbedding {
+            dtype,
+            table: dev.upload(table)?,
+            vocab: table.len() / row,
+        })
+    }
+}
+
 /// Activations shared by all layers of a stack (one decode token at a time).
 struct Scratch {
     /// The residual stream entering a layer, and where its output lands.
@@ -545,54 +452,27 @@ struct Scratch {
     /// The weight of a dense FFN's one "expert": 1.
     one: CudaSlice<f32>,
     inv_freq: CudaSlice<f32>,
-    pos: CudaSlice<i32>,
+    /// The step's position (its KV slot) and token, read by the kernels so that a captured graph
+    /// replays unchanged.
+    step_in: CudaSlice<i32>,
     vocab_logits: CudaSlice<f32>,
+    /// The logits' largest value and its index (as f32).
+    best: CudaSlice<f32>,
 }
 
 /// What happens after each op is queued.
-enum AfterOp<'a> {
+enum AfterOp {
     /// Nothing: the ops of a segment are queued back to back (and captured as a graph).
     Queue,
     /// The op is waited for (the per-op mode).
     Sync,
-    /// An event is recorded, to time each op.
-    Time(&'a mut Vec<(&'static str, CudaEvent)>),
 }
 
-impl AfterOp<'_> {
-    fn done(&mut self, dev: &CudaDevice, op: &'static str) -> Result<(), CudaError> {
+impl AfterOp {
+    fn done(&mut self, dev: &CudaDevice) -> Result<(), CudaError> {
         match self {
             AfterOp::Queue => Ok(()),
             AfterOp::Sync => dev.synchronize(),
-            AfterOp::Time(events) => {
-                let ev = dev
-                    .stream()
-                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .during("recording an event")?;
-                events.push((op, ev));
-                Ok(())
-            }
-        }
-    }
-}
-
-/// How a step is submitted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExecMode {
-    /// The segments replay as captured graphs: one graph for the whole step (every layer, and
-    /// the all-reduces where the capture takes them), so that each kernel may start while the
-    /// one before it finishes, across segments and layers too; else one graph per segment, with
-    /// the all-reduces between the launches.
-    Split,
-    /// Each op is launched on its own and waited for.
-    PerOp,
-}
-
-impl ExecMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            ExecMode::Split => "split",
-            ExecMode::PerOp => "per-op",
         }
     }
 }
@@ -616,8 +496,9 @@ pub struct LayerStack {
     shape: LayerShape,
     scratch: Scratch,
     layers: Vec<DeviceLayer>,
-    head: Option<DeviceHead>,
-    /// What [`LayerStack::step`] replays, captured on first use.
+    embedding: DeviceEmbedding,
+    head: DeviceHead,
+    /// What [`LayerStack::decode`] replays, captured on first use.
     graphs: Option<StepGraphs>,
     /// Sums each segment's output across the ranks on the device.
     comm: Option<DeviceComm>,
@@ -633,13 +514,23 @@ enum StepGraphs {
 }
 
 impl LayerStack {
-    /// A stack over `layers`, all with the attention geometry `shape`; rope frequencies from
-    /// `shape.rope_theta` until [`LayerStack::set_inv_freq`].
+    /// A stack over `layers`, all with the attention geometry `shape`, rope's `head_dim / 2`
+    /// inverse frequencies `inv_freq` (as the model computes them), between `embedding` and `head`.
     pub fn new(
         dev: &CudaDevice,
         shape: LayerShape,
+        inv_freq: &[f32],
         layers: Vec<DeviceLayer>,
+        embedding: DeviceEmbedding,
+        head: DeviceHead,
     ) -> Result<LayerStack, CudaError> {
+        check_len("inv_freq", inv_freq.len() * 4, shape.head_dim / 2 * 4)?;
+        if embedding.vocab != head.vocab && head.vocab > embedding.vocab {
+            return Err(CudaError::Shape(format!(
+                "the lm_head has {} rows, more than the embedding's vocabulary of {}",
+                head.vocab, embedding.vocab
+            )));
+        }
         for l in &layers {
             shape.validate(l.ffn_shape())?;
         }
@@ -661,13 +552,6 @@ impl LayerStack {
             } => *si,
             _ => 1,
         });
-        let half = shape.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                (1.0 / (shape.rope_theta as f64).powf(2.0 * i as f64 / shape.head_dim as f64))
-                    as f32
-            })
-            .collect();
         let scratch = Scratch {
             x: dev.zeros(shape.hidden)?,
             x_mid: dev.zeros(shape.hidden)?,
@@ -683,26 +567,20 @@ impl LayerStack {
             shared_out: dev.zeros(shape.hidden)?,
             shared_logit: dev.zeros(1)?,
             one: dev.upload(&[1.0f32])?,
-            inv_freq: dev.upload(&inv_freq)?,
-            pos: dev.zeros(1)?,
-            vocab_logits: dev.zeros(1)?,
+            inv_freq: dev.upload(inv_freq)?,
+            step_in: dev.zeros(2)?,
+            vocab_logits: dev.zeros(head.vocab)?,
+            best: dev.zeros(2)?,
         };
         Ok(LayerStack {
             shape,
             scratch,
             layers,
-            head: None,
+            embedding,
+            head,
             graphs: None,
             comm: None,
         })
-    }
-
-    pub fn shape(&self) -> &LayerShape {
-        &self.shape
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
     }
 
     /// Sums every segment's output across the ranks of `comm` from now on (runs one all-reduce
@@ -717,7 +595,7 @@ impl LayerStack {
         self.comm.as_ref()
     }
 
-    /// Whether [`LayerStack::step`]'s graphs hold the all-reduces (`None`: no communicator, or
+    /// Whether [`LayerStack::decode`]'s graphs hold the all-reduces (`None`: no communicator, or
     /// not captured yet).
     pub fn comm_in_graph(&self) -> Option<bool> {
         self.comm.as_ref()?;
@@ -754,28 +632,13 @@ impl LayerStack {
         if matches!(after, AfterOp::Sync) {
             comm.wait(dev)?;
         }
-        after.done(dev, "comm.all_reduce")
+        after.done(dev)
     }
 
     /// Waits, with the communicator's deadline, for the stream's collectives (see
     /// [`DeviceComm::wait`]); without a communicator there is nothing that could hang.
     pub fn wait_comm(&self, dev: &CudaDevice) -> Result<(), CudaError> {
         self.comm.as_ref().map_or(Ok(()), |c| c.wait(dev))
-    }
-
-    /// Uses these rope frequencies (`head_dim / 2` of them, as the model computes them).
-    pub fn set_inv_freq(&mut self, dev: &CudaDevice, inv_freq: &[f32]) -> Result<(), CudaError> {
-        check_len("inv_freq", inv_freq.len() * 4, self.shape.head_dim / 2 * 4)?;
-        self.scratch.inv_freq = dev.upload(inv_freq)?;
-        self.graphs = None;
-        Ok(())
-    }
-
-    /// Adds the final norm and lm_head, for [`LayerStack::logits`].
-    pub fn set_head(&mut self, dev: &CudaDevice, head: DeviceHead) -> Result<(), CudaError> {
-        self.scratch.vocab_logits = dev.zeros(head.vocab)?;
-        self.head = Some(head);
-        Ok(())
     }
 
     /// Sets the residual stream entering the first layer.
@@ -797,22 +660,6 @@ impl LayerStack {
         }
     }
 
-    /// Copies the hidden state from another device buffer (stays on the device).
-    pub fn copy_hidden_from(
-        &mut self,
-        dev: &CudaDevice,
-        src: &impl DevicePtr<f32>,
-    ) -> Result<(), CudaError> {
-        dev.stream()
-            .memcpy_dtod(src, &mut self.scratch.x)
-            .during("copying the hidden state")
-    }
-
-    /// The residual stream after the last layer.
-    pub fn hidden(&self, dev: &CudaDevice) -> Result<Vec<f32>, CudaError> {
-        dev.download(&self.scratch.x)
-    }
-
     /// Sets the position of the next token (its KV slot; it attends over `0..=pos`).
     pub fn set_position(&mut self, dev: &CudaDevice, pos: usize) -> Result<(), CudaError> {
         if pos >= self.shape.capacity {
@@ -822,16 +669,38 @@ impl LayerStack {
             )));
         }
         dev.stream()
-            .memcpy_htod(&[pos as i32], &mut self.scratch.pos)
+            .memcpy_htod(&[pos as i32], &mut self.scratch.step_in)
             .during("setting the position")
     }
 
-    /// Runs every layer once for the current token, residual adds fused (queued; see
-    /// [`CudaDevice::synchronize`]).
-    pub fn step(&mut self, dev: &CudaDevice, mode: ExecMode) -> Result<(), CudaError> {
+    /// Queues one decode step of `token` at position `pos`: its embedding, every layer (residual
+    /// adds fused), the final norm, this rank's logits and their argmax; read them with
+    /// [`LayerStack::best`] or [`LayerStack::vocab_logits`].
+    pub fn decode(
+        &mut self,
+        dev: &CudaDevice,
+        token: u32,
+        pos: usize,
+        mode: Exec,
+    ) -> Result<(), CudaError> {
+        if pos >= self.shape.capacity {
+            return Err(CudaError::Shape(format!(
+                "position {pos} is beyond the KV cache's {} positions",
+                self.shape.capacity
+            )));
+        }
+        if token as usize >= self.embedding.vocab {
+            return Err(CudaError::Shape(format!(
+                "token {token} is outside the embedding's {} rows",
+                self.embedding.vocab
+            )));
+        }
+        dev.stream()
+            .memcpy_htod(&[pos as i32, token as i32], &mut self.scratch.step_in)
+            .during("setting the step's position and token")?;
         match mode {
-            ExecMode::PerOp => self.enqueue_step(dev, &mut AfterOp::Sync),
-            ExecMode::Split => {
+            Exec::PerOp => self.enqueue_step(dev, &mut AfterOp::Sync),
+            Exec::Split => {
                 let graphs = match self.graphs.take() {
                     Some(graphs) => graphs,
                     None => self.capture(dev)?,
@@ -858,28 +727,70 @@ impl LayerStack {
         }
     }
 
-    /// Queues every layer's segments and all-reduces, residual adds fused.
+    /// The step's largest logit on this rank and its vocabulary row (waits for the step).
+    pub fn best(&self, dev: &CudaDevice) -> Result<(f32, u32), CudaError> {
+        self.wait_comm(dev)?;
+        let best = dev.download(&self.scratch.best)?;
+        Ok((best[0], best[1] as u32))
+    }
+
+    /// The step's logits of this rank's vocabulary rows (waits for the step).
+    pub fn vocab_logits(&self, dev: &CudaDevice) -> Result<Vec<f32>, CudaError> {
+        self.wait_comm(dev)?;
+        dev.download(&self.scratch.vocab_logits)
+    }
+
+    /// Queues a whole step: the embedding, every layer's segments and all-reduces (residual adds
+    /// fused), the final norm, the logits and their argmax.
     fn enqueue_step(&self, dev: &CudaDevice, after: &mut AfterOp) -> Result<(), CudaError> {
+        let (s, h) = (&self.scratch, self.shape.hidden);
+        let p = |b: &CudaSlice<f32>| dptr(dev, b);
+        let e = &self.embedding;
+        let token = dptr(dev, &s.step_in) + 4;
+        ops::embed_row(dev, dptr(dev, &e.table), e.dtype, token, p(&s.x), h)?;
+        after.done(dev)?;
         let res = self.chained_residual();
-        // With no all-reduce between a layer's FFN and the next layer, the kernel that combines
-        // the experts also does the next layer's first rms_norm.
+        // With no all-reduce between a layer's FFN and the next layer (or the head), the kernel
+        // that combines the experts also does the next one's first rms_norm.
         let fuse_norms = self.comm.is_none();
         for l in 0..self.layers.len() {
             let normed = fuse_norms && l > 0;
             self.enqueue_attention(dev, l, res, normed, after)?;
             self.enqueue_all_reduce(dev, Segment::Attention, after)?;
-            let next = match self.layers.get(l + 1) {
-                Some(next) if fuse_norms => Some(ops::NextNorm {
-                    g: dptr(dev, &next.attn_norm),
-                    normed: dptr(dev, &self.scratch.normed),
-                    eps: self.shape.eps,
-                }),
-                _ => None,
-            };
+            let g = self
+                .layers
+                .get(l + 1)
+                .map_or(&self.head.norm, |n| &n.attn_norm);
+            let next = fuse_norms.then(|| ops::NextNorm {
+                g: p(g),
+                normed: p(&s.normed),
+                eps: self.shape.eps,
+            });
             self.enqueue_ffn(dev, l, res, next, after)?;
             self.enqueue_all_reduce(dev, Segment::Ffn, after)?;
         }
-        Ok(())
+        if !fuse_norms || self.layers.is_empty() {
+            ops::rms_norm(
+                dev,
+                p(&s.x),
+                p(&self.head.norm),
+                p(&s.normed),
+                1,
+                h,
+                self.shape.eps,
+            )?;
+            after.done(dev)?;
+        }
+        let head = &self.head;
+        let w = Weights {
+            ptr: dptr(dev, &head.lm_head),
+            dtype: head.dtype,
+            matrix_stride_bytes: 0,
+        };
+        ops::linear(dev, w, p(&s.normed), p(&s.vocab_logits), head.vocab, h)?;
+        after.done(dev)?;
+        ops::argmax(dev, p(&s.vocab_logits), head.vocab, p(&s.best))?;
+        after.done(dev)
     }
 
     /// The attention segment of layer `l` for the token `x` at the position set last: appends to
@@ -924,10 +835,7 @@ impl LayerStack {
 
     /// Final norm and lm_head of `x`: the vocabulary's logits.
     pub fn logits(&mut self, dev: &CudaDevice, x: &[f32]) -> Result<Vec<f32>, CudaError> {
-        let head = self
-            .head
-            .as_ref()
-            .ok_or_else(|| CudaError::Shape("no lm_head was uploaded".into()))?;
+        let head = &self.head;
         self.check_hidden(x.len())?;
         let s = &mut self.scratch;
         dev.stream()
@@ -998,33 +906,6 @@ impl LayerStack {
         Ok(graph)
     }
 
-    /// Runs one fused step op by op and returns each op's device time in microseconds, summed
-    /// over the layers, in the order the ops run.
-    pub fn profile_step(
-        &mut self,
-        dev: &CudaDevice,
-    ) -> Result<Vec<(&'static str, f64)>, CudaError> {
-        let mut events = Vec::new();
-        let start = dev
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .during("recording an event")?;
-        self.enqueue_step(dev, &mut AfterOp::Time(&mut events))?;
-        self.wait_comm(dev)?;
-        dev.synchronize()?;
-        let mut totals: Vec<(&'static str, f64)> = Vec::new();
-        let mut prev = &start;
-        for (op, ev) in &events {
-            let us = prev.elapsed_ms(ev).during("reading an event")? as f64 * 1000.0;
-            match totals.iter_mut().find(|(name, _)| name == op) {
-                Some(t) => t.1 += us,
-                None => totals.push((op, us)),
-            }
-            prev = ev;
-        }
-        Ok(totals)
-    }
-
     /// x -> x_mid: with `Fused`, x_mid = x + attention(x); with `Partial`, x_mid = attention(x).
     /// `normed`: the previous layer's combine already wrote this layer's rms_norm of x.
     fn enqueue_attention(
@@ -1048,7 +929,7 @@ impl LayerStack {
                 sh.hidden,
                 sh.eps,
             )?;
-            after.done(dev, "attn.rms_norm")?;
+            after.done(dev)?;
         }
         let qkv = w.weights(dev, &w.qkv, 0);
         let (rows, h, q) = (sh.qkv_rows(), sh.hidden, sh.q_dim());
@@ -1063,7 +944,7 @@ impl LayerStack {
             rows,
             h,
         )?;
-        after.done(dev, "attn.qkv")?;
+        after.done(dev)?;
         // The qkv bias was added by the matvec; rope and the KV append run inside attention.
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         let (kc, vc) = (p(&w.k_cache), p(&w.v_cache));
@@ -1074,11 +955,11 @@ impl LayerStack {
             self.head_rope(dev, w),
             kc,
             vc,
-            dptr(dev, &s.pos),
+            dptr(dev, &s.step_in),
             p(&s.attn),
             scale,
         )?;
-        after.done(dev, "attn.rope_attention")?;
+        after.done(dev)?;
         let o = w.weights(dev, &w.o, 0);
         let res = if residual == Residual::Fused {
             p(&s.x)
@@ -1086,7 +967,7 @@ impl LayerStack {
             0
         };
         ops::matvec(dev, o, Slots::Single, p(&s.attn), res, p(&s.x_mid), h, q)?;
-        after.done(dev, "attn.o_proj")
+        after.done(dev)
     }
 
     /// Layer `w`'s q/k norms and the rope frequencies.
@@ -1117,7 +998,7 @@ impl LayerStack {
         let es = w.dtype.size_in_bytes();
         let norm = |after: &mut AfterOp| {
             ops::rms_norm(dev, p(&s.x_mid), p(&w.ffn_norm), p(&s.normed), 1, h, sh.eps)?;
-            after.done(dev, "ffn.rms_norm")
+            after.done(dev)
         };
         let (experts, ids, weights, shared) = match (&w.ffn, &w.ffn_shape) {
             (
@@ -1139,16 +1020,16 @@ impl LayerStack {
                 if ops::router_norm_takes(h) {
                     let (x, g) = (p(&s.x_mid), p(&w.ffn_norm));
                     ops::router_norm(dev, r, x, g, sh.eps, normed, logits, *n_experts, h)?;
-                    after.done(dev, "ffn.norm_router")?;
+                    after.done(dev)?;
                 } else {
                     norm(after)?;
                     ops::linear(dev, r, normed, logits, *n_experts, h)?;
-                    after.done(dev, "ffn.router")?;
+                    after.done(dev)?;
                 }
                 let (ids, wts) = (dptr(dev, &s.expert_ids), p(&s.expert_weights));
                 let map = expert_map.as_ref().map_or(0, |m| dptr(dev, m));
                 ops::router_top_k(dev, 1, logits, *n_experts, k, *renormalize, map, ids, wts)?;
-                after.done(dev, "ffn.router_top_k")?;
+                after.done(dev)?;
                 let shared = match (shared, shared_intermediate) {
                     (Some(shared), Some(si)) => {
                         let (mlp, gate) = &**shared;
@@ -1171,7 +1052,7 @@ impl LayerStack {
             y_stride: i as u64,
         };
         ops::matvec(dev, gate_up, swiglu, p(&s.normed), 0, p(&s.act), i, h)?;
-        after.done(dev, "ffn.gate_up_swiglu")?;
+        after.done(dev)?;
         let down = w.weights(dev, &experts.down, h * i * es);
         let each = Slots::Each {
             ids,
@@ -1182,7 +1063,7 @@ impl LayerStack {
             y_stride: h as u64,
         };
         ops::matvec(dev, down, each, p(&s.act), 0, p(&s.expert_out), h, i)?;
-        after.done(dev, "ffn.down")?;
+        after.done(dev)?;
         let res = if residual == Residual::Fused {
             p(&s.x_mid)
         } else {
@@ -1190,14 +1071,7 @@ impl LayerStack {
         };
         let out = p(&s.expert_out);
         ops::combine_slots(dev, out, weights, k, res, shared, p(&s.x), h, next)?;
-        after.done(
-            dev,
-            if next.is_some() {
-                "ffn.combine_next_norm"
-            } else {
-                "ffn.combine"
-            },
-        )
+        after.done(dev)
     }
 
     /// Queues the shared expert of a Qwen2-MoE layer: its output and its gate's logit.
@@ -1233,7 +1107,7 @@ impl LayerStack {
         ops::linear(dev, down, p(&s.shared_act), p(&s.shared_out), h, si)?;
         let g = w.weights(dev, gate, 0);
         ops::linear(dev, g, p(&s.normed), p(&s.shared_logit), 1, h)?;
-        after.done(dev, "ffn.shared_expert")?;
+        after.done(dev)?;
         Ok(SharedExpert {
             out: p(&s.shared_out),
             logit: p(&s.shared_logit),

@@ -12,16 +12,17 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use shardline_cuda::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+
+use shardline_cuda::device::dptr;
+use shardline_cuda::error::DriverContext;
+use shardline_cuda::gemm::Gemm;
+use shardline_cuda::ops::{self, KvAppend, SharedExpert, Weights};
+use shardline_cuda::prefill_ops::PrefillKernels;
+use shardline_cuda::{CudaDevice, CudaError};
+use shardline_tensor::DType;
 
 use super::{DeviceFfn, DeviceLayer, DeviceMlp, FfnShape, LayerStack};
-use crate::device::dptr;
-use crate::error::DriverContext;
-use crate::gemm::Gemm;
-use crate::ops::{self, KvAppend, SharedExpert, Weights};
-use crate::prefill_ops::PrefillKernels;
-use crate::{CudaDevice, CudaError};
-use shardline_tensor::DType;
 
 /// Rows one call takes at most (a CUDA grid's y dimension).
 const MAX_ROWS: usize = 65_535;

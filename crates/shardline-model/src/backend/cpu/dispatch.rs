@@ -21,9 +21,9 @@ use std::ops::Range;
 
 use shardline_tensor::kernels::axpy;
 
+use super::ffn::Routing;
 use crate::backend::{FfnPart, Pending, Reduce};
 use crate::error::{ModelError, Result};
-use crate::ffn::Routing;
 use crate::layer::{Exec, FfnWeights, Layer, MoeWeights};
 use crate::plan::Plan;
 

@@ -1,22 +1,27 @@
-//! [`CudaBackend`]: the segments run on an NVIDIA GPU through `shardline-cuda`: one token through
-//! the decode layers (graph-per-segment kernels), several at once (a prompt) through
-//! [`Prefill`]'s cuBLAS GEMMs, on the same KV caches; the embedding lookup stays on the host, the
-//! logits are computed on the device. With an NCCL communicator ([`CudaBackend::set_device_comm`])
-//! the segments' partial sums are summed across the ranks on the GPUs before they come back to
-//! the host.
+//! [`CudaBackend`]: the model on an NVIDIA GPU through `shardline-cuda`. A decode token runs as
+//! one whole step on the device ([`LayerStack::decode`]: embedding, every layer, final norm,
+//! logits and argmax, replayed as one CUDA graph); several tokens at once (a prompt) run through
+//! [`Prefill`]'s cuBLAS GEMMs segment by segment, on the same KV caches. With an NCCL communicator
+//! ([`CudaBackend::set_device_comm`]) the segments' partial sums are summed across the ranks on the
+//! GPUs; without one, over several ranks, decode too goes segment by segment through the host's
+//! all-reduce.
+
+mod stack;
 
 use shardline_cuda::nccl::DeviceComm;
-use shardline_cuda::{
-    CudaDevice, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights, HostMlp, LayerShape,
-    LayerStack, Prefill,
-};
+use shardline_cuda::CudaDevice;
+
 use shardline_tensor::kernels::embedding;
 use shardline_tensor::{DType, Tensor};
+use stack::{
+    DeviceEmbedding, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights, HostMlp,
+    LayerShape, LayerStack, Prefill,
+};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Decoded, Want};
 use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
-use crate::layer::{FfnWeights, Layer, Mlp};
+use crate::layer::{Exec, FfnWeights, Layer, Mlp};
 use crate::load::ModelWeights;
 use crate::weights::Weight;
 
@@ -34,10 +39,9 @@ pub struct CudaBackend {
     capacity: usize,
     /// Prefill's kernels, cuBLAS handle and buffers, made at the first segment of several rows.
     prefill: Option<Prefill>,
-}
-
-fn device_error(e: shardline_cuda::CudaError) -> ModelError {
-    ModelError::Invalid(format!("GPU: {e}"))
+    exec: Exec,
+    /// Ranks the weights are split over.
+    world: usize,
 }
 
 /// The bytes of `w` as `dtype` (converted when the model mixes dtypes within a layer).
@@ -192,7 +196,7 @@ fn upload_layer(
 }
 
 /// The GPU attention geometry of `spec`, with KV caches of `capacity` positions.
-pub fn layer_shape(spec: &ModelSpec, capacity: usize) -> LayerShape {
+fn layer_shape(spec: &ModelSpec, capacity: usize) -> LayerShape {
     LayerShape {
         hidden: spec.hidden,
         n_heads: spec.n_heads,
@@ -200,7 +204,6 @@ pub fn layer_shape(spec: &ModelSpec, capacity: usize) -> LayerShape {
         head_dim: spec.head_dim,
         qk_norm: spec.qk_norm,
         qkv_bias: spec.qkv_bias,
-        rope_theta: spec.rope_theta as f32,
         eps: spec.rms_eps,
         capacity,
     }
@@ -215,7 +218,7 @@ impl CudaBackend {
         ordinal: usize,
         capacity: usize,
     ) -> Result<CudaBackend> {
-        let dev = CudaDevice::open(ordinal).map_err(device_error)?;
+        let dev = CudaDevice::open(ordinal)?;
         let capacity = capacity.clamp(1, spec.max_positions.max(1));
         // The weights may be one rank's slices (tensor parallelism): its head counts are theirs.
         let mut shape = layer_shape(&spec, capacity);
@@ -229,10 +232,13 @@ impl CudaBackend {
             .enumerate()
             .map(|(i, l)| upload_layer(&dev, &shape, l, i))
             .collect::<Result<Vec<_>>>()?;
-        let mut stack = LayerStack::new(&dev, shape, layers).map_err(device_error)?;
-        stack
-            .set_inv_freq(&dev, &crate::rope::inv_freq(&spec))
-            .map_err(device_error)?;
+        let embed_dtype = weights.embed.dtype();
+        let embedding = DeviceEmbedding::upload(
+            &dev,
+            spec.hidden,
+            &bytes_as(&weights.embed, embed_dtype)?,
+            embed_dtype,
+        )?;
         let lm_head = weights.lm_head();
         let head_dtype = lm_head.dtype();
         let head = DeviceHead::upload(
@@ -241,9 +247,9 @@ impl CudaBackend {
             &weights.final_norm,
             &bytes_as(lm_head, head_dtype)?,
             head_dtype,
-        )
-        .map_err(device_error)?;
-        stack.set_head(&dev, head).map_err(device_error)?;
+        )?;
+        let inv_freq = crate::rope::inv_freq(&spec);
+        let stack = LayerStack::new(&dev, shape, &inv_freq, layers, embedding, head)?;
         let weight_dtype = weights.layers.first().map_or(DType::F32, layer_dtype);
         Ok(CudaBackend {
             spec,
@@ -255,6 +261,8 @@ impl CudaBackend {
             position: 0,
             capacity,
             prefill: None,
+            exec: Exec::Split,
+            world: weights.plan.world(),
         })
     }
 
@@ -271,7 +279,25 @@ impl CudaBackend {
     /// Sums the segments' outputs across the ranks of `comm` on the GPU from now on (a
     /// collective: every rank of `comm` calls it).
     pub fn set_device_comm(&mut self, comm: DeviceComm) -> Result<()> {
-        self.stack.set_comm(&self.dev, comm).map_err(device_error)
+        if comm.world() != self.world {
+            return Err(ModelError::Invalid(format!(
+                "a communicator of {} ranks for weights split over {}",
+                comm.world(),
+                self.world
+            )));
+        }
+        Ok(self.stack.set_comm(&self.dev, comm)?)
+    }
+
+    /// Replays whole decode steps as one graph (the default) or launches and waits op by op.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// Whether the decode step's graph holds the NCCL all-reduces (`None`: no communicator, or
+    /// no step yet).
+    pub fn comm_in_graph(&self) -> Option<bool> {
+        self.stack.comm_in_graph()
     }
 
     fn rows<'a>(&self, x: &'a [f32]) -> std::slice::ChunksExact<'a, f32> {
@@ -283,7 +309,7 @@ impl CudaBackend {
 fn prefill_state<'a>(slot: &'a mut Option<Prefill>, dev: &CudaDevice) -> Result<&'a mut Prefill> {
     Ok(match slot {
         Some(p) => p,
-        empty => empty.insert(Prefill::new(dev).map_err(device_error)?),
+        empty => empty.insert(Prefill::new(dev)?),
     })
 }
 
@@ -306,13 +332,57 @@ impl Backend for CudaBackend {
 
     fn reset(&mut self, capacity: usize) -> Result<()> {
         if capacity > self.capacity {
-            return Err(ModelError::Invalid(format!(
-                "the GPU KV cache holds {} positions and {capacity} are needed",
-                self.capacity
-            )));
+            return Err(ModelError::KvFull {
+                needed: capacity,
+                capacity: self.capacity,
+            });
         }
         self.position = 0;
         Ok(())
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.position {
+            return Err(ModelError::Invalid(format!(
+                "cannot truncate the KV cache to {len} positions: it holds {}",
+                self.position
+            )));
+        }
+        self.position = len;
+        Ok(())
+    }
+
+    fn decodes_whole_steps(&self) -> bool {
+        true
+    }
+
+    fn decode(&mut self, token: u32, want: Want) -> Result<Decoded> {
+        if token as usize >= self.spec.vocab {
+            return Err(ModelError::TokenOutOfRange {
+                id: token,
+                vocab: self.spec.vocab,
+            });
+        }
+        if self.position >= self.capacity {
+            return Err(ModelError::KvFull {
+                needed: self.position + 1,
+                capacity: self.capacity,
+            });
+        }
+        let dev = &self.dev;
+        self.stack.decode(dev, token, self.position, self.exec)?;
+        let out = match want {
+            Want::Best => {
+                let (value, row) = self.stack.best(dev)?;
+                Decoded::Best {
+                    value,
+                    id: self.vocab_rows.start as u32 + row,
+                }
+            }
+            Want::Logits => Decoded::Logits(self.stack.vocab_logits(dev)?),
+        };
+        self.position += 1;
+        Ok(out)
     }
 
     fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
@@ -325,17 +395,18 @@ impl Backend for CudaBackend {
     fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         let h = self.spec.hidden;
         if x.len() > h {
-            prefill_state(&mut self.prefill, &self.dev)?
-                .attention(&self.dev, &self.stack, layer, self.position, x, out)
-                .map_err(device_error)?;
+            prefill_state(&mut self.prefill, &self.dev)?.attention(
+                &self.dev,
+                &self.stack,
+                layer,
+                self.position,
+                x,
+                out,
+            )?;
         } else {
             for (t, (xr, or)) in self.rows(x).zip(out.chunks_exact_mut(h)).enumerate() {
-                self.stack
-                    .set_position(&self.dev, self.position + t)
-                    .map_err(device_error)?;
-                self.stack
-                    .attention(&self.dev, layer, xr, or)
-                    .map_err(device_error)?;
+                self.stack.set_position(&self.dev, self.position + t)?;
+                self.stack.attention(&self.dev, layer, xr, or)?;
             }
         }
         // The last layer's attention has appended every row: the positions are taken.
@@ -348,14 +419,16 @@ impl Backend for CudaBackend {
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         let h = self.spec.hidden;
         if x.len() > h {
-            return prefill_state(&mut self.prefill, &self.dev)?
-                .ffn(&self.dev, &self.stack, layer, x, out)
-                .map_err(device_error);
+            return Ok(prefill_state(&mut self.prefill, &self.dev)?.ffn(
+                &self.dev,
+                &self.stack,
+                layer,
+                x,
+                out,
+            )?);
         }
         for (xr, or) in self.rows(x).zip(out.chunks_exact_mut(h)) {
-            self.stack
-                .ffn(&self.dev, layer, xr, or)
-                .map_err(device_error)?;
+            self.stack.ffn(&self.dev, layer, xr, or)?;
         }
         Ok(())
     }
@@ -376,7 +449,7 @@ impl Backend for CudaBackend {
             .chunks_exact(self.spec.hidden)
             .zip(out.chunks_exact_mut(vocab))
         {
-            let logits = self.stack.logits(&self.dev, xr).map_err(device_error)?;
+            let logits = self.stack.logits(&self.dev, xr)?;
             or.copy_from_slice(&logits);
         }
         Ok(())

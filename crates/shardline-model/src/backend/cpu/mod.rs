@@ -1,9 +1,14 @@
 //! [`CpuBackend`]: the segments run on the host with `shardline-tensor`'s kernels.
 
+mod attention;
+pub mod dispatch;
+mod ffn;
+mod paged;
+
 use shardline_tensor::kernels::{embedding, rms_norm, KvCache, Rope};
 use shardline_tensor::DType;
 
-use crate::backend::{Backend, FfnPart, Reduce};
+use crate::backend::{Backend, FfnPart, PagedRow, Reduce};
 use crate::config::ModelSpec;
 use crate::error::Result;
 use crate::layer::{linear, Exec};
@@ -14,6 +19,8 @@ pub struct CpuBackend {
     spec: ModelSpec,
     weights: ModelWeights,
     caches: Vec<KvCache>,
+    /// The paged KV cache of every layer (batched serving), once made.
+    paged: Vec<paged::PagedLayer>,
     rope: Rope,
     exec: Exec,
 }
@@ -24,6 +31,7 @@ impl CpuBackend {
         let mut b = CpuBackend {
             rope: rope_table(&spec, 0),
             caches: Vec::new(),
+            paged: Vec::new(),
             spec,
             weights,
             exec: Exec::default(),
@@ -85,11 +93,23 @@ impl Backend for CpuBackend {
     }
 
     fn capacity(&self) -> usize {
-        self.caches.first().map_or(0, KvCache::capacity)
+        // A model without layers has no cache to fill: any length fits.
+        self.caches.first().map_or(usize::MAX, KvCache::capacity)
     }
 
     fn reset(&mut self, capacity: usize) -> Result<()> {
         self.make_room(capacity);
+        Ok(())
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        let position = self.position();
+        if len > position {
+            return Err(crate::ModelError::Invalid(format!(
+                "cannot truncate the KV cache to {len} positions: it holds {position}"
+            )));
+        }
+        self.caches.iter_mut().for_each(|c| c.truncate(len));
         Ok(())
     }
 
@@ -107,13 +127,51 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn make_kv_pool(&mut self, blocks: usize) -> Result<()> {
+        let positions = (blocks * crate::kv_pool::BLOCK_POSITIONS).min(self.spec.max_positions);
+        if self.rope.max_positions() < positions {
+            self.rope = rope_table(&self.spec, positions);
+        }
+        self.paged = self
+            .weights
+            .layers
+            .iter()
+            .map(|l| paged::PagedLayer::new(blocks, l.attn.n_kv_heads, self.spec.head_dim))
+            .collect();
+        Ok(())
+    }
+
+    fn attention_paged(
+        &mut self,
+        layer: usize,
+        x: &[f32],
+        rows: &[PagedRow],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let reach = self.rope.max_positions();
+        if let Some(row) = rows.iter().find(|r| r.pos >= reach) {
+            return Err(crate::ModelError::TooLong {
+                needed: row.pos + 1,
+                max: reach,
+            });
+        }
+        let cache = self
+            .paged
+            .get_mut(layer)
+            .ok_or_else(|| crate::ModelError::Invalid("the paged KV cache was not made".into()))?;
+        let l = &self.weights.layers[layer];
+        l.attn
+            .forward_paged(x, rows, l.rms_eps, cache, &self.rope, self.exec, out);
+        Ok(())
+    }
+
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         self.weights.layers[layer].ffn_forward(x, self.exec, out);
         Ok(())
     }
 
     /// With the experts split into groups over several ranks, the rows are dispatched to the
-    /// ranks that hold their experts (see [`crate::dispatch`]).
+    /// ranks that hold their experts (see [`dispatch`]).
     fn ffn_routed(
         &mut self,
         layer: usize,

@@ -1,0 +1,270 @@
+//! Batched steps over the paged KV cache give each sequence what it gets alone: sequences of
+//! different lengths, prompt chunks and decode rows mixed in one step, on the built-in model.
+
+use shardline_model::kv_pool::{BlockTable, KvPool};
+use shardline_model::{builtin, Backend, Logits, PagedRow};
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Each sequence's logits after its prompt and after each of `steps` greedy tokens, run alone.
+fn alone(prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut engine = builtin().unwrap();
+    engine.start(prompt.len() + steps).unwrap();
+    let mut out = vec![engine.forward(prompt, Logits::Last).unwrap()];
+    for _ in 0..steps {
+        let next = shardline_model::sampler::argmax(out.last().unwrap()) as u32;
+        out.push(engine.forward(&[next], Logits::Last).unwrap());
+    }
+    out
+}
+
+#[test]
+fn mixed_steps_of_several_sequences_match_each_sequence_alone() {
+    let prompts: [Vec<u32>; 3] = [
+        (0..5).map(|i| 10 + i).collect(),
+        (0..21).map(|i| (i * 7 % 250) as u32).collect(),
+        vec![42],
+    ];
+    let steps = 6;
+    let expected: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| alone(p, steps)).collect();
+
+    let mut engine = builtin().unwrap();
+    let mut pool = KvPool::new(16);
+    engine.backend.make_kv_pool(pool.total()).unwrap();
+    let mut tables: Vec<BlockTable> = vec![BlockTable::default(); prompts.len()];
+    for (t, p) in tables.iter_mut().zip(&prompts) {
+        pool.reserve(t, p.len() + steps).unwrap();
+    }
+    // Step 1: sequence 0's whole prompt and sequence 1's first 8 prompt tokens.
+    // Step 2: the rest of sequence 1's prompt, sequence 0's first decode row, sequence 2's prompt.
+    // Then decode rows of all three together.
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    let mut pos = [0usize; 3];
+    let mut next = [0u32; 3];
+    let run = |engine: &mut shardline_model::CpuEngine,
+               parts: &[(usize, Vec<u32>, bool)],
+               pos: &mut [usize; 3]| {
+        let mut tokens = Vec::new();
+        let mut seqs = Vec::new();
+        let mut sample = Vec::new();
+        for (s, toks, last) in parts {
+            for t in toks {
+                tokens.push(*t);
+                seqs.push((*s, pos[*s]));
+                pos[*s] += 1;
+            }
+            if *last {
+                sample.push((tokens.len() - 1, *s));
+            }
+        }
+        let rows: Vec<PagedRow> = seqs
+            .iter()
+            .map(|&(s, p)| PagedRow {
+                pos: p,
+                blocks: &tables[s].blocks,
+            })
+            .collect();
+        let idx: Vec<usize> = sample.iter().map(|&(i, _)| i).collect();
+        let logits = engine.forward_paged(&tokens, &rows, &idx).unwrap();
+        let vocab = logits.len() / idx.len().max(1);
+        sample
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(&(_, s), l)| (s, l.to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let record =
+        |got: &mut Vec<Vec<Vec<f32>>>, outs: Vec<(usize, Vec<f32>)>, next: &mut [u32; 3]| {
+            for (s, l) in outs {
+                next[s] = shardline_model::sampler::argmax(&l) as u32;
+                got[s].push(l);
+            }
+        };
+    let outs = run(
+        &mut engine,
+        &[
+            (0, prompts[0].clone(), true),
+            (1, prompts[1][..8].to_vec(), false),
+        ],
+        &mut pos,
+    );
+    record(&mut got, outs, &mut next);
+    let outs = run(
+        &mut engine,
+        &[
+            (1, prompts[1][8..].to_vec(), true),
+            (0, vec![next[0]], true),
+            (2, prompts[2].clone(), true),
+        ],
+        &mut pos,
+    );
+    record(&mut got, outs, &mut next);
+    while got.iter().any(|g| g.len() < steps + 1) {
+        let parts: Vec<(usize, Vec<u32>, bool)> = (0..3)
+            .filter(|&s| got[s].len() < steps + 1)
+            .map(|s| (s, vec![next[s]], true))
+            .collect();
+        let outs = run(&mut engine, &parts, &mut pos);
+        record(&mut got, outs, &mut next);
+    }
+    for (s, (g, e)) in got.iter().zip(&expected).enumerate() {
+        for (step, (a, b)) in g.iter().zip(e).enumerate() {
+            let d = max_diff(a, b);
+            assert!(d < 1e-4, "sequence {s} step {step}: logits differ by {d}");
+            assert_eq!(
+                shardline_model::sampler::argmax(a),
+                shardline_model::sampler::argmax(b),
+                "sequence {s} step {step}: greedy choice"
+            );
+        }
+    }
+    for t in &mut tables {
+        pool.release(t);
+    }
+    assert_eq!(pool.free(), pool.total());
+}
+
+#[test]
+fn a_row_beyond_its_blocks_is_an_error() {
+    let mut engine = builtin().unwrap();
+    engine.backend.make_kv_pool(2).unwrap();
+    let blocks = [0u32];
+    let rows = [PagedRow {
+        pos: 16,
+        blocks: &blocks,
+    }];
+    let err = engine.forward_paged(&[1], &rows, &[0]).unwrap_err();
+    assert!(err.to_string().contains("beyond"), "{err}");
+}
+
+/// Greedy ids of `prompt` generating `n` tokens alone.
+fn greedy_alone(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut engine = builtin().unwrap();
+    engine.start(prompt.len() + n).unwrap();
+    let mut ids = vec![engine.forward_argmax(prompt).unwrap()];
+    while ids.len() < n {
+        ids.push(engine.forward_argmax(&[*ids.last().unwrap()]).unwrap());
+    }
+    ids
+}
+
+#[test]
+fn the_scheduler_batches_sequences_that_join_mid_flight_as_if_each_ran_alone() {
+    use shardline_model::scheduler::{
+        FinishReason, GenParams, Scheduler, SchedulerConfig, SeqEvent, StepPlan,
+    };
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|s| {
+            (0..3 + 9 * s)
+                .map(|i| ((i * 31 + s * 7) % 250) as u32)
+                .collect()
+        })
+        .collect();
+    let n = 7;
+    let params = GenParams {
+        max_tokens: n,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        stop_ids: Vec::new(),
+    };
+    let mut engine = builtin().unwrap();
+    let cfg = SchedulerConfig {
+        kv_blocks: 12,
+        step_tokens: 16,
+        max_running: 4,
+        max_positions: 4096,
+    };
+    engine.backend.make_kv_pool(cfg.kv_blocks).unwrap();
+    let mut sched = Scheduler::new(cfg);
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut finished = vec![None; prompts.len()];
+    let mut added = 0;
+    let mut steps = 0;
+    while finished.iter().any(Option::is_none) {
+        // Two sequences join every other step.
+        if steps % 2 == 0 {
+            for _ in 0..2 {
+                if added < prompts.len() {
+                    sched
+                        .add(added as u64, prompts[added].clone(), params.clone())
+                        .unwrap();
+                    added += 1;
+                }
+            }
+        }
+        let plan = sched.plan();
+        assert!(plan.tokens.len() <= cfg.step_tokens);
+        assert_eq!(StepPlan::decode(&plan.encode()).unwrap(), plan);
+        if !plan.is_empty() {
+            let logits = plan.run(&mut engine).unwrap();
+            for ev in sched.finish_step(&plan, &logits) {
+                match ev {
+                    SeqEvent::Token { seq, token } => got[seq as usize].push(token),
+                    SeqEvent::Finished { seq, reason } => finished[seq as usize] = Some(reason),
+                }
+            }
+        }
+        steps += 1;
+        assert!(steps < 500, "the scheduler made no progress");
+    }
+    for (s, p) in prompts.iter().enumerate() {
+        assert_eq!(got[s], greedy_alone(p, n), "sequence {s}");
+        assert_eq!(finished[s], Some(FinishReason::Length));
+    }
+    assert_eq!(sched.kv_blocks().0, 0, "every block is back in the pool");
+    assert_eq!((sched.running(), sched.waiting()), (0, 0));
+}
+
+#[test]
+fn a_cancelled_sequence_gives_its_blocks_back_and_impossible_ones_are_refused() {
+    use shardline_model::scheduler::{GenParams, Scheduler, SchedulerConfig};
+    let params = GenParams {
+        max_tokens: 40,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        stop_ids: Vec::new(),
+    };
+    let mut sched = Scheduler::new(SchedulerConfig {
+        kv_blocks: 4,
+        step_tokens: 8,
+        max_running: 2,
+        max_positions: 128,
+    });
+    sched.add(1, vec![5; 20], params.clone()).unwrap();
+    let plan = sched.plan();
+    assert_eq!(
+        plan.tokens.len(),
+        8,
+        "a chunk of the prompt, within the step's budget"
+    );
+    assert_eq!(sched.kv_blocks().0, 4);
+    // A step's plan is finished before anything is cancelled.
+    let vocab = 256;
+    let _ = sched.finish_step(&plan, &vec![0.0; plan.sample.len() * vocab]);
+    assert!(sched.cancel(1));
+    assert_eq!(sched.kv_blocks().0, 0);
+    assert!(
+        sched.add(2, vec![1; 100], params.clone()).is_err(),
+        "past the context"
+    );
+    assert!(
+        sched.add(3, Vec::new(), params.clone()).is_err(),
+        "no prompt"
+    );
+    let huge = GenParams {
+        max_tokens: 100,
+        ..params
+    };
+    assert!(
+        sched.add(4, vec![1; 20], huge).is_err(),
+        "more positions than the whole pool"
+    );
+}

@@ -1,0 +1,299 @@
+//! Building what a command runs, in one place for `run`, `verify` and the benches: this rank's
+//! weights (a Hugging Face directory, a preset's random weights at a real model's shapes, or the
+//! built-in demo model) and the [`Engine`] over them on the chosen device, with this rank's
+//! collectives.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use shardline_comm::Group;
+use shardline_model::load::{load_model_for, ModelWeights};
+use shardline_model::presets::{preset, preset_layers, PRESETS};
+use shardline_model::random::RandomWeights;
+use shardline_model::tokenizer::TextCodec;
+use shardline_model::{
+    builtin_parts_for, builtin_spec, load_parts_for, load_tokenizer, Backend, CpuBackend, Engine,
+    Exec, ModelSpec, Plan, Reduce, SingleRank,
+};
+use shardline_tensor::DType;
+
+use crate::dist::GroupReduce;
+use crate::gpu_comm::GpuComm;
+
+/// The seed of a preset's random weights.
+const PRESET_SEED: u64 = 0x5eed;
+
+/// Which model a command runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A model directory in the Hugging Face layout (config.json, model.safetensors or
+    /// model.safetensors.index.json with its shards, tokenizer.json), e.g. one downloaded with
+    /// `huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir DIR`. Without it (and
+    /// without --preset), a built-in small Mixtral-shaped model with deterministic random weights
+    /// and a byte-level tokenizer runs (its text is gibberish, but it needs no download).
+    #[arg(long, env = "SHARDLINE_MODEL", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// Deterministic random weights at a real model's shapes, made in memory (no download; the
+    /// text is gibberish, the speed is the real model's): mixtral-8x7b, qwen3-30b-a3b or
+    /// mixtral-mini. Byte-level tokenizer.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Decoder layers to run: N, or `all` (the real model's count, the default): a preset's, or
+    /// the first N of a model directory's.
+    #[arg(long)]
+    pub layers: Option<Layers>,
+    /// Weight dtype of a preset: f32, f16 or bf16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: DType,
+}
+
+/// `--layers`: a count, or all of the model's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layers {
+    All,
+    First(usize),
+}
+
+impl std::str::FromStr for Layers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Layers, String> {
+        match s {
+            "all" => Ok(Layers::All),
+            n => match n.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Layers::First(n)),
+                _ => Err(format!(
+                    "`{s}`: expected a positive number of layers or `all`"
+                )),
+            },
+        }
+    }
+}
+
+impl Layers {
+    /// The count out of a model's `total`.
+    fn of(self, total: usize) -> usize {
+        match self {
+            Layers::All => total,
+            Layers::First(n) => n,
+        }
+    }
+}
+
+/// Where a model's weights come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A Hugging Face directory, with only its first `layers` layers when given.
+    Dir {
+        dir: PathBuf,
+        layers: Option<Layers>,
+    },
+    Preset {
+        name: String,
+        layers: usize,
+        dtype: DType,
+    },
+    Builtin,
+}
+
+impl ModelArgs {
+    pub fn source(&self) -> anyhow::Result<Source> {
+        Ok(match (&self.model, &self.preset) {
+            (Some(dir), _) => Source::Dir {
+                dir: dir.clone(),
+                layers: self.layers,
+            },
+            (None, Some(name)) => {
+                let total = preset_layers(name).with_context(|| unknown_preset(name))?;
+                let layers = self.layers.unwrap_or(Layers::All).of(total);
+                Source::Preset {
+                    name: name.clone(),
+                    layers,
+                    dtype: self.dtype,
+                }
+            }
+            (None, None) => {
+                anyhow::ensure!(
+                    self.layers.is_none(),
+                    "--layers needs --model or --preset (the built-in model has its own)"
+                );
+                Source::Builtin
+            }
+        })
+    }
+}
+
+fn unknown_preset(name: &str) -> String {
+    format!("unknown preset `{name}` (known: {})", PRESETS.join(", "))
+}
+
+impl Source {
+    /// The model's spec, read before any weight (to check a plan, or size a benchmark).
+    pub fn spec(&self) -> anyhow::Result<ModelSpec> {
+        match self {
+            Source::Dir { dir, layers } => {
+                let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
+                if let Some(layers) = *layers {
+                    let n = layers.of(spec.n_layers);
+                    anyhow::ensure!(
+                        n <= spec.n_layers,
+                        "--layers {n}: {} has {} layers",
+                        dir.display(),
+                        spec.n_layers
+                    );
+                    spec.n_layers = n;
+                }
+                Ok(spec)
+            }
+            Source::Preset {
+                name,
+                layers,
+                dtype,
+            } => preset(name, *layers, *dtype).with_context(|| unknown_preset(name)),
+            Source::Builtin => Ok(builtin_spec()),
+        }
+    }
+
+    /// A name for records and messages.
+    pub fn name(&self) -> String {
+        match self {
+            Source::Dir { dir, .. } => dir.display().to_string(),
+            Source::Preset { name, .. } => name.clone(),
+            Source::Builtin => "builtin".into(),
+        }
+    }
+
+    /// This rank's weights under `plan`, with the spec `adjust`ed first, and the tokenizer.
+    pub fn load(
+        &self,
+        plan: &Plan,
+        adjust: impl FnOnce(&mut ModelSpec),
+    ) -> anyhow::Result<(ModelSpec, ModelWeights, TextCodec)> {
+        match self {
+            Source::Dir { dir, layers } => {
+                let first = self.spec()?.n_layers;
+                let adjust = |spec: &mut ModelSpec| {
+                    if layers.is_some() {
+                        spec.n_layers = first;
+                    }
+                    adjust(spec)
+                };
+                let (spec, weights) = load_parts_for(dir, adjust, plan)
+                    .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+                Ok((spec, weights, load_tokenizer(dir)?))
+            }
+            Source::Preset { dtype, .. } => {
+                let mut spec = self.spec()?;
+                adjust(&mut spec);
+                let weights = load_model_for(&spec, &Source::random_tensors(*dtype), plan)?;
+                Ok((spec, weights, TextCodec::Bytes))
+            }
+            Source::Builtin => {
+                let (mut spec, weights) = builtin_parts_for(plan)?;
+                adjust(&mut spec);
+                Ok((spec, weights, TextCodec::Bytes))
+            }
+        }
+    }
+}
+
+impl Source {
+    /// Where a preset's or the built-in model's weights come from (random, deterministic).
+    pub fn random_tensors(dtype: DType) -> RandomWeights {
+        RandomWeights::new(PRESET_SEED, dtype)
+    }
+}
+
+/// `--device`: where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    /// The rank's CUDA GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+/// An engine whose device and ranks are chosen at run time.
+pub type DynEngine = Engine<Box<dyn Backend>, Box<dyn Reduce>>;
+
+/// How an engine is built, besides its weights.
+pub struct EngineOptions {
+    pub device: DeviceArg,
+    pub exec: Exec,
+    /// Positions the KV cache must hold (the GPU's is fixed when it is made).
+    pub positions: usize,
+    /// With `--device cuda` over ranks: how the segments are summed (read only by a build with
+    /// the `cuda` feature).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub gpu_comm: GpuComm,
+    /// Where the time of the host's collectives adds up.
+    pub comm_time: CommTime,
+}
+
+/// The engine of this rank over `weights` (the whole model with no `group`), as `opts` say. A
+/// collective when there is a group: every rank calls it.
+pub fn build(
+    spec: ModelSpec,
+    weights: ModelWeights,
+    group: Option<Arc<Group>>,
+    opts: &EngineOptions,
+) -> anyhow::Result<DynEngine> {
+    let backend: Box<dyn Backend> = match opts.device {
+        DeviceArg::Cpu => {
+            let mut b = CpuBackend::new(spec, weights, opts.positions);
+            b.set_exec(opts.exec);
+            Box::new(b)
+        }
+        DeviceArg::Cuda => cuda_backend(spec, weights, group.as_deref(), opts)?,
+    };
+    let reduce: Box<dyn Reduce> = match group {
+        Some(g) => Box::new(GroupReduce::new(g, opts.comm_time.clone())),
+        None => Box::new(SingleRank),
+    };
+    Ok(Engine::new(backend, reduce))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend(
+    spec: ModelSpec,
+    weights: ModelWeights,
+    group: Option<&Group>,
+    opts: &EngineOptions,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let mut b = crate::gpu_comm::cuda_backend(spec, weights, opts.positions, group, opts.gpu_comm)?;
+    b.set_exec(opts.exec);
+    Ok(Box::new(b))
+}
+
+/// Without the `cuda` feature there is no GPU backend: one clear error, wherever one is asked for.
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(
+    _spec: ModelSpec,
+    _weights: ModelWeights,
+    _group: Option<&Group>,
+    _opts: &EngineOptions,
+) -> anyhow::Result<Box<dyn Backend>> {
+    Err(shardline_model::ModelError::NoCuda.into())
+}
+
+/// Time spent in the host's collectives, for benchmarks (shared with [`GroupReduce`]).
+#[derive(Clone, Default)]
+pub struct CommTime(Arc<AtomicU64>);
+
+impl CommTime {
+    /// Runs `f`, adding its time.
+    pub fn add<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.0
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Microseconds so far, and the counter reset.
+    pub fn take_us(&self) -> f64 {
+        self.0.swap(0, Ordering::Relaxed) as f64 / 1e3
+    }
+}
