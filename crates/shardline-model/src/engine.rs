@@ -161,7 +161,8 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
     /// Every rank's slice of the logits put together: `[rows, vocab]`.
     fn gather_logits(&mut self, local: &[f32]) -> Result<Vec<f32>> {
         let world = self.reduce.world();
-        if world == 1 {
+        // No rows (a step of prompt chunks only): every rank has none, so nothing to gather.
+        if world == 1 || local.is_empty() {
             return Ok(local.to_vec());
         }
         let vocab = self.backend.spec().vocab;

@@ -86,7 +86,7 @@ pub fn generate<B: Backend, R: Reduce>(
 /// only the ids since the last piece, with the piece before them as context (a tokenizer's
 /// decode of a token can depend on its neighbour: leading spaces, bytes of one character).
 #[derive(Default)]
-struct TextStream {
+pub struct TextStream {
     /// Start of the context window.
     prefix: usize,
     /// End of what has been emitted.
@@ -94,8 +94,13 @@ struct TextStream {
 }
 
 impl TextStream {
+    /// A stream at the start of a generation.
+    pub fn new() -> TextStream {
+        TextStream::default()
+    }
+
     /// The new text that `ids` (the list so far) adds, if it ends on a whole character.
-    fn next(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<Option<String>> {
+    pub fn next(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<Option<String>> {
         let before = codec.decode(&ids[self.prefix..self.read])?;
         let now = codec.decode(&ids[self.prefix..])?;
         if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
@@ -105,6 +110,17 @@ impl TextStream {
         self.prefix = self.read;
         self.read = ids.len();
         Ok(piece)
+    }
+
+    /// The text of `ids` (the whole list, at the end of a generation) not yet returned by
+    /// [`TextStream::next`]: the ids it held back, a character split at the end as U+FFFD.
+    pub fn finish(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<String> {
+        let before = codec.decode(&ids[self.prefix..self.read])?;
+        let now = codec.decode(&ids[self.prefix..])?;
+        let rest = now.get(before.len()..).unwrap_or_default().to_string();
+        self.prefix = ids.len();
+        self.read = ids.len();
+        Ok(rest)
     }
 }
 
@@ -138,5 +154,25 @@ mod tests {
         );
         assert_eq!(streamed(&hf, &ids), hf.decode(&ids).unwrap());
         assert_eq!(hf.decode(&ids).unwrap(), text);
+    }
+
+    #[test]
+    fn finish_returns_the_held_back_tail() {
+        let bytes = TextCodec::Bytes;
+        let ids = bytes.encode("aé").unwrap();
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        for n in 1..ids.len() {
+            if let Some(piece) = stream.next(&bytes, &ids[..n]).unwrap() {
+                text.push_str(&piece);
+            }
+        }
+        assert_eq!(text, "a", "half of é is held back");
+        assert_eq!(stream.finish(&bytes, &ids[..2]).unwrap(), "\u{FFFD}");
+        assert_eq!(
+            stream.finish(&bytes, &ids[..2]).unwrap(),
+            "",
+            "nothing twice"
+        );
     }
 }

@@ -86,6 +86,14 @@ impl Layer {
     /// Weight bytes one decode step reads: attention, norms, router, `top_k` routed experts (the
     /// largest, should they differ) and the shared expert.
     pub fn decode_bytes(&self) -> usize {
+        self.step_bytes(1)
+    }
+
+    /// Weight bytes a step of `rows` decode rows reads, each weight once for all rows: as
+    /// [`Layer::decode_bytes`], with the routed experts the rows choose between them. For several
+    /// rows that is the expected number of distinct experts under uniform routing,
+    /// `n (1 - (1 - top_k / n)^rows)` of this rank's `n`, at their mean size.
+    pub fn step_bytes(&self, rows: usize) -> usize {
         let attn = self.attn.bytes() + 4 * self.post_norm.len();
         let ffn = match &self.ffn {
             FfnWeights::Dense(m) => m.bytes(),
@@ -96,7 +104,16 @@ impl Layer {
                     .shared
                     .as_ref()
                     .map_or(0, |(m, g)| m.bytes() + g.byte_len());
-                moe.router.byte_len() + sizes.iter().take(moe.top_k).sum::<usize>() + shared
+                let routed = if rows <= 1 {
+                    sizes.iter().take(moe.top_k).sum::<usize>()
+                } else {
+                    let n = moe.experts.len() as f64;
+                    let held = sizes.len() as f64 / n;
+                    let chosen = n * (1.0 - (1.0 - moe.top_k as f64 / n).powi(rows as i32));
+                    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len().max(1) as f64;
+                    (chosen * held * mean) as usize
+                };
+                moe.router.byte_len() + routed + shared
             }
         };
         attn + ffn

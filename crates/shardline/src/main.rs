@@ -21,6 +21,8 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Start a command's ranks on several hosts over ssh.
     Launch(launch::LaunchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, batching many clients.
+    Serve(serve::ServeArgs),
 }
 
 mod bench;
@@ -31,6 +33,7 @@ mod engine;
 mod gpu_comm;
 mod launch;
 mod run;
+mod serve;
 mod verify;
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Launch(args) => launch::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

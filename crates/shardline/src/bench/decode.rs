@@ -23,8 +23,13 @@ const TOKEN_POOL: usize = 16;
 
 /// What one iteration measures; shown by `--help` (bench/peers/torch_decode.py matches it).
 const SEMANTICS: &str = "\
-One decode step (batch 1) of the model at KV length `--kv-len`, through the same engine as `run`:\n\
-a token in, its embedding, every layer, the final norm, the logits and the greedy id out.\n\
+One decode step of the model at KV length `--kv-len`, through the same engine as `run`: a token\n\
+in, its embedding, every layer, the final norm, the logits and the greedy id out. With `--batch\n\
+B`, B rows of B sequences at once in the paged KV cache, as `serve` runs them (each weight read\n\
+once for all rows): `tokens_per_s` = B / step; `step_bytes` = the weights the step reads (the\n\
+layers' attention and the experts the rows choose, the expected number of distinct ones under\n\
+uniform routing; the lm_head) plus the KV it reads; on the CPU `floor_us` = step_bytes over\n\
+`mem_read_gbps`, this machine's parallel read bandwidth measured in the same run.\n\
 \n\
 The model is a preset's random weights at real shapes (`--layers` of them; by default enough\n\
 layers that a step reads at least 256 MB of weights, so none stay in a cache between steps) or a\n\
@@ -50,6 +55,10 @@ pub struct DecodeArgs {
     /// Positions already in the KV cache.
     #[arg(long, default_value_t = 128)]
     kv_len: usize,
+    /// Decode rows per step, each its own sequence at `--kv-len` in the paged KV cache (as a
+    /// server batches them); 1 times the single-sequence step `run` takes.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Timed iterations (after 10% warm-up, at least 5).
     #[arg(long, default_value_t = 200)]
     iters: usize,
@@ -106,6 +115,10 @@ fn sized_source(args: &DecodeArgs, plan: &Plan) -> anyhow::Result<Source> {
 
 pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
+    anyhow::ensure!(
+        (1..=4096).contains(&args.batch),
+        "--batch must be between 1 and 4096"
+    );
     let (plan, group) = match dist::role(&args.parallel)? {
         Role::Single => (Plan::single(), None),
         Role::Launcher => {
@@ -145,8 +158,19 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         .sum::<usize>()
         / layers.max(1);
     let dtype = weights.layers[0].attn.q.dtype();
+    let step_bytes = weights
+        .layers
+        .iter()
+        .map(|l| l.step_bytes(args.batch))
+        .sum::<usize>()
+        + weights.lm_head().byte_len()
+        + args.batch * (args.kv_len + 1) * 2 * 4 * spec.kv_width() / plan.world().max(1) * layers;
     let mut engine = engine::build(spec.clone(), weights, group, &opts)?;
-    let steps = time_steps(&mut engine, args.kv_len, &args, warmup, &comm_time)?;
+    let steps = if args.batch == 1 {
+        time_steps(&mut engine, args.kv_len, &args, warmup, &comm_time)?
+    } else {
+        time_batch_steps(&mut engine, &args, warmup, &comm_time)?
+    };
 
     // An iteration takes as long as its slowest rank; rank 0 reports.
     let steps = slowest(&mut engine, &steps.samples)?;
@@ -182,10 +206,23 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         "gbps": round3(gbps),
         "comm_us_per_layer": round3(comm as f64),
         "rss_mb_per_rank": rss.round(),
+        "batch": args.batch,
+        "tokens_per_s": round3(args.batch as f64 * 1e6 / step.median_us),
+        "step_bytes": step_bytes,
     })
     .as_object()
     .cloned()
     .unwrap_or_default();
+    let mut fields = fields;
+    if args.device == DeviceArg::Cpu && args.batch > 1 {
+        // The floor of a batched step: its bytes at this machine's read bandwidth.
+        let gbps = memory_read_gbps();
+        fields.insert("mem_read_gbps".into(), round3(gbps).into());
+        fields.insert(
+            "floor_us".into(),
+            round3(step_bytes as f64 / (gbps * 1e3)).into(),
+        );
+    }
     Sink::new(args.json.as_deref())?.write("decode", stats, fields)
 }
 
@@ -241,6 +278,76 @@ fn time_steps(
         stats: Stats::from_samples(&mut all),
         samples,
     })
+}
+
+/// Times `--iters` steps of `--batch` decode rows (after `warmup` untimed ones): row `b` is
+/// sequence `b`'s token at position `--kv-len` of the paged cache. The cached positions hold
+/// zeros (attention costs the same whatever the keys are); every row's logits come back, as a
+/// server samples each.
+fn time_batch_steps(
+    engine: &mut DynEngine,
+    args: &DecodeArgs,
+    warmup: usize,
+    comm_time: &CommTime,
+) -> anyhow::Result<Timed> {
+    use shardline_model::kv_pool::blocks_for;
+    use shardline_model::PagedRow;
+    let per_seq = blocks_for(args.kv_len + 1);
+    engine.backend.make_kv_pool(args.batch * per_seq)?;
+    let tables: Vec<Vec<u32>> = (0..args.batch)
+        .map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect())
+        .collect();
+    let rows: Vec<PagedRow> = tables
+        .iter()
+        .map(|t| PagedRow {
+            pos: args.kv_len,
+            blocks: t,
+        })
+        .collect();
+    let sample: Vec<usize> = (0..args.batch).collect();
+    let vocab = engine.backend.spec().vocab as u32;
+    let mut rng = fastrand::Rng::with_seed(42);
+    let pool: Vec<u32> = (0..TOKEN_POOL * args.batch)
+        .map(|_| rng.u32(..vocab))
+        .collect();
+    let mut samples = Vec::with_capacity(args.iters);
+    for it in 0..warmup + args.iters {
+        let start = (it % TOKEN_POOL) * args.batch;
+        let tokens = &pool[start..start + args.batch];
+        engine.reduce.barrier()?;
+        if it == warmup {
+            comm_time.take_us();
+        }
+        let t = Instant::now();
+        let logits = engine.forward_paged(tokens, &rows, &sample)?;
+        let width = logits.len() / args.batch;
+        let ids: Vec<usize> = logits
+            .chunks_exact(width)
+            .map(shardline_model::sampler::argmax)
+            .collect();
+        std::hint::black_box(ids);
+        if it >= warmup {
+            samples.push((t.elapsed().as_secs_f64() * 1e6) as f32);
+        }
+    }
+    let mut all: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
+    Ok(Timed {
+        stats: Stats::from_samples(&mut all),
+        samples,
+    })
+}
+
+/// This machine's memory read bandwidth, GB/s: the best of a few parallel sums of 512 MiB.
+fn memory_read_gbps() -> f64 {
+    let buf = vec![1.0f32; (512 << 20) / 4];
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(shardline_tensor::kernels::sum(std::hint::black_box(&buf)));
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    (buf.len() * 4) as f64 / best / 1e9
 }
 
 /// The host collectives' time per layer and timed step since the timing began.

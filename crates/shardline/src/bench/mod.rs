@@ -6,6 +6,7 @@ pub mod decode;
 pub mod kernels;
 pub mod prefill;
 pub mod record;
+pub mod serve;
 
 use clap::Subcommand;
 
@@ -27,6 +28,9 @@ pub enum BenchCommand {
     Kernels(kernels::KernelsArgs),
     /// Prefill of a prompt chunk through the engine, all rows at once against token by token.
     Prefill(prefill::PrefillArgs),
+    /// Load on an OpenAI-compatible server (`shardline serve`): streamed completions, N in
+    /// flight; time to first token, inter-token latency, request latency and throughput.
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -35,5 +39,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Comm(args) => comm::run(args),
         BenchCommand::Kernels(args) => kernels::run(args),
         BenchCommand::Prefill(args) => prefill::run(args),
+        BenchCommand::Serve(args) => serve::run(args),
     }
 }
