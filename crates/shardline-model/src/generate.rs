@@ -93,17 +93,24 @@ pub struct TextStream {
     read: usize,
 }
 
+/// Ids a stream holds back at most waiting for a character to be whole (UTF-8 takes at most 4
+/// bytes, and byte-level tokens carry at least one).
+const MAX_HELD: usize = 4;
+
 impl TextStream {
     /// A stream at the start of a generation.
     pub fn new() -> TextStream {
         TextStream::default()
     }
 
-    /// The new text that `ids` (the list so far) adds, if it ends on a whole character.
+    /// The new text that `ids` (the list so far) adds, if it ends on a whole character. A
+    /// character's bytes come in at most [`MAX_HELD`] ids: past that the text goes out with its
+    /// invalid bytes as U+FFFD, so a model emitting invalid UTF-8 still streams.
     pub fn next(&mut self, codec: &TextCodec, ids: &[u32]) -> Result<Option<String>> {
         let before = codec.decode(&ids[self.prefix..self.read])?;
         let now = codec.decode(&ids[self.prefix..])?;
-        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+        let split = now.ends_with('\u{FFFD}') && ids.len() - self.read < MAX_HELD;
+        if now.len() <= before.len() || split {
             return Ok(None);
         }
         let piece = now.get(before.len()..).map(str::to_string);

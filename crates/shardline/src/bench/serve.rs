@@ -33,7 +33,8 @@ in flight at a time: one client per slot, each with its own HTTP/1.1 connection,
 request as soon as its last one has finished. A prompt is `--prompt-len` token ids drawn from\n\
 0..`--prompt-vocab` (seeded by `--seed`, so runs send the same prompts); each request asks for\n\
 `--output-len` tokens with temperature 0, ignore_eos and stream, so that every request generates\n\
-exactly that many.\n\
+exactly that many, and return_token_ids, so that a server that supports it (shardline, vLLM)\n\
+sends a chunk per token even while a character's bytes are incomplete.\n\
 The model name comes from `--model`, else from GET /v1/models (the first listed).\n\
 \n\
 Per request, timed from before it is sent: the time to first token (`ttft_ms_*`, the arrival of\n\
@@ -424,6 +425,8 @@ async fn bench(args: ServeArgs, target: Arc<Target>) -> anyhow::Result<()> {
                     "ignore_eos": true,
                     "stream": true,
                     "stream_options": {"include_usage": true},
+                    // A chunk per token, even where its text is not whole yet (vLLM's option).
+                    "return_token_ids": true,
                 });
                 Bytes::from(body.to_string())
             })

@@ -443,16 +443,9 @@ fn finish_reason(f: Option<FinishReason>) -> Value {
 }
 
 /// The vocabulary a prompt's ids must fall in: the tokenizer's (the model's is at least as big).
-fn vocab(codec: &TextCodec) -> usize {
-    match codec {
-        TextCodec::Hf(t) => t.get_vocab_size(true),
-        TextCodec::Bytes => 256,
-    }
-}
-
-/// Checks `ids` (a prompt of ids) against the vocabulary.
+/// Checks `ids` (a prompt of ids) against the model's vocabulary.
 fn prompt_ids(state: &AppState, ids: &[u64]) -> Result<Vec<u32>, ApiError> {
-    let vocab = vocab(&state.codec);
+    let vocab = state.vocab;
     match ids.iter().find(|&&t| t >= vocab as u64) {
         Some(t) => Err(ApiError::invalid(
             format!("token id {t} is out of the vocabulary ({vocab} tokens)"),
@@ -656,12 +649,14 @@ async fn generate(
     sampling: &Sampling,
 ) -> Result<Response, ApiError> {
     let (params, stops) = gen_params(&state, api, prompt.len(), sampling)?;
-    let mut gen = Generation::start(state.clone(), prompt, params, stops)?;
+    let stream = sampling.stream.unwrap_or(false);
+    let every_token = stream && sampling.return_token_ids.unwrap_or(false);
+    let mut gen = Generation::start(state.clone(), prompt, params, stops, every_token)?;
     let answer = Answer::new(api, gen.id, &state.model_name, sampling);
     // The first piece comes before the answer starts, so a request the engine refuses gets
     // its status (400, 500) even when it streams.
     let first = gen.next().await?;
-    if sampling.stream.unwrap_or(false) {
+    if stream {
         return Ok(Sse::new(event_stream(gen, answer, first)).into_response());
     }
     let mut piece = first;
@@ -767,6 +762,9 @@ struct Generation {
     hold: usize,
     /// The engine is done with the request (or never took it).
     engine_done: bool,
+    /// A piece for every token, its text possibly empty (a stream that returns token ids, as
+    /// vLLM's does), rather than only when new text is whole.
+    every_token: bool,
 }
 
 impl Generation {
@@ -775,6 +773,7 @@ impl Generation {
         prompt: Vec<u32>,
         params: GenParams,
         stops: Vec<String>,
+        every_token: bool,
     ) -> Result<Generation, ApiError> {
         let (tx, events) = unbounded_channel();
         let id = state.engine.submit(prompt.clone(), params, tx)?;
@@ -792,6 +791,7 @@ impl Generation {
             stops,
             hold,
             engine_done: false,
+            every_token,
         })
     }
 
@@ -815,8 +815,8 @@ impl Generation {
                     while !self.text.is_char_boundary(safe) {
                         safe -= 1;
                     }
-                    if safe > self.text_out {
-                        return Ok(self.take(safe, None));
+                    if safe > self.text_out || self.every_token {
+                        return Ok(self.take(safe.max(self.text_out), None));
                     }
                 }
                 Some(Event::Finished(reason)) => {

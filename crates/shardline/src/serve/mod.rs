@@ -60,6 +60,8 @@ pub struct AppState {
     pub model_name: String,
     /// The model's context: prompt + max_tokens may not exceed it.
     pub max_positions: usize,
+    /// The model's vocabulary: token ids in a prompt are below it.
+    pub vocab: usize,
     pub eos_ids: Vec<u32>,
     /// The chat template of `tokenizer_config.json`, when the model has one.
     pub chat: chat::ChatTemplate,
@@ -74,7 +76,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let rank = group.as_ref().map_or(0, |g| g.rank());
     let (spec, weights, codec) = source.load(&plan, |_| {})?;
-    let (max_positions, eos_ids) = (spec.max_positions, spec.eos_ids.clone());
+    let (max_positions, vocab, eos_ids) = (spec.max_positions, spec.vocab, spec.eos_ids.clone());
     let kv_blocks = args.kv_positions.div_ceil(BLOCK_POSITIONS);
     let opts = EngineOptions {
         device: args.device,
@@ -117,6 +119,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         codec,
         model_name,
         max_positions,
+        vocab,
         eos_ids,
         chat,
     });
