@@ -20,7 +20,7 @@ from benchlib import Sink, gbps, measure
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 MATVEC_SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 3584), (3584, 1024)]
-MATMUL_SHAPES = [(16, 4096, 4096), (128, 4096, 4096)]  # (m, rows, cols)
+MATMUL_SHAPES = [(m, 4096, 4096) for m in (2, 4, 8, 16, 128)]  # (m, rows, cols)
 
 
 def cold_copies(one, cold_bytes):

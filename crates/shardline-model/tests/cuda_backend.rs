@@ -419,11 +419,7 @@ fn bad_input_is_an_error() {
     }
     // The backend checks it too (its embedding row would be read past the table).
     let decoded = gpu.backend.decode(vocab, Want::Best);
-    assert_refused(
-        "a token out of range",
-        decoded,
-        mentions("outside the embedding"),
-    );
+    assert_refused("a token out of range", decoded, out_of_range);
     assert_eq!(gpu.backend.position(), 0, "a refused token took a position");
 
     gpu.forward(&PROMPT, Logits::Last).unwrap();

@@ -22,7 +22,11 @@ fn check_matvec(isa: Isa, dtype: DType, n: usize, k: usize, seed: u64, offset: u
 }
 
 fn check_matmul(isa: Isa, dtype: DType, m: usize, n: usize, k: usize, seed: u64) {
-    let w = Weight::new(dtype, n, k, seed, 1);
+    check_matmul_at(isa, dtype, m, n, k, seed, 1);
+}
+
+fn check_matmul_at(isa: Isa, dtype: DType, m: usize, n: usize, k: usize, seed: u64, offset: usize) {
+    let w = Weight::new(dtype, n, k, seed, offset);
     let x = values(m * k, seed + 1);
     let mut y = vec![f32::NAN; m * n];
     matmul_on(isa, &w.view(), &x, m, &mut y);
@@ -145,6 +149,33 @@ fn matmul_shapes() {
     }
 }
 
+/// Batched decode's row counts on both sides of where matmul changes method (2 rows for scalar
+/// code; 8 and 16 for f32 weights on AVX2 and AVX-512; 32 for f16/bf16), with partial register
+/// tiles of x rows and weight rows and partial vectors.
+#[test]
+fn matmul_decode_rows() {
+    for isa in isas() {
+        for dtype in DType::ALL {
+            for m in [2, 3, 5, 8, 9, 16, 17, 31, 32, 33] {
+                check_matmul(isa, dtype, m, 7, 45, m as u64);
+            }
+        }
+    }
+}
+
+/// A few rows of x against a weight large enough to be split over the worker pool, in chunks of
+/// weight rows whose outputs are columns of every row of y; the last chunk partial.
+#[test]
+fn matmul_decode_rows_parallel() {
+    for isa in isas() {
+        for dtype in DType::ALL {
+            for m in [2, 4, 7] {
+                check_matmul_at(isa, dtype, m, 301, 1003, 21, 3);
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -154,6 +185,18 @@ proptest! {
     ) {
         for isa in isas() {
             check_matvec(isa, DType::ALL[d], n, k, seed, offset);
+        }
+    }
+
+    /// Batched decode: 1 to 16 rows of x, odd weight shapes (tails everywhere), unaligned
+    /// weights.
+    #[test]
+    fn matmul_few_rows_matches_reference(
+        m in 1usize..=16, half_n in 0usize..20, half_k in 0usize..150, d in 0usize..3,
+        seed in any::<u64>(), offset in 0usize..4,
+    ) {
+        for isa in isas() {
+            check_matmul_at(isa, DType::ALL[d], m, 2 * half_n + 1, 2 * half_k + 1, seed, offset);
         }
     }
 

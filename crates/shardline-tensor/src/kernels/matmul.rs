@@ -1,17 +1,19 @@
-//! Prefill matrix product `Y = X W^T` for a small number of rows M (a prompt's tokens).
+//! Matrix product `Y = X W^T` for a number of rows M: a prompt's tokens (prefill), or one token
+//! of each of several sequences (batched decode).
 //!
-//! Each weight row is read from memory once for all M rows: a block of W rows (widened to f32
-//! once, when stored as f16/bf16) stays in the L2 cache while register tiles of 4 weight rows by
-//! 4 (AVX-512) or 2 (AVX2, scalar) activation rows run over it, one panel of columns at a time
-//! so that the activation rows of a tile stay in L1. At M = 128 this runs near the FMA units'
-//! peak; it is a dot-product formulation, not a packed GEMM, which would need a transposed copy
-//! of the weights.
+//! Up to a few dozen rows ([`decode_rows`]), the product streams the weights once in their own
+//! dtype with matvec's loops ([`matvec_rows_on`]). Above, each weight row is read from memory
+//! once for all M rows: a block of W rows (widened to f32 once, when stored as f16/bf16) stays in
+//! the L2 cache while register tiles of 4 weight rows by 4 (AVX-512) or 2 (AVX2, scalar)
+//! activation rows run over it, one panel of columns at a time so that the activation rows of a
+//! tile stay in L1. At M = 128 this runs near the FMA units' peak; it is a dot-product
+//! formulation, not a packed GEMM, which would need a transposed copy of the weights.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::kernels::matvec_on;
+use crate::kernels::matvec::matvec_rows_on;
 use crate::pool;
 use crate::simd::lanes::Simd;
 use crate::simd::tile::dot_tile;
@@ -52,8 +54,11 @@ pub fn matmul_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
     let (n, k) = (dims[0], dims[1]);
     assert_eq!(x.len(), m * k, "matmul: x length");
     assert_eq!(y.len(), m * n, "matmul: y length");
-    if m <= 1 {
-        return matvec_on(isa, w, x, y);
+    if m == 0 {
+        return;
+    }
+    if m <= decode_rows(isa, w.dtype()) {
+        return matvec_rows_on(isa, w, x, m, y);
     }
     let block = (BLOCK_BYTES / (4 * k).max(1))
         .clamp(RN, MAX_BLOCK_ROWS)
@@ -80,6 +85,22 @@ pub fn matmul_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
             )
         })
     });
+}
+
+/// Most rows of x for which [`matvec_rows_on`] beats the blocked product, as measured on a
+/// 2-core Zen 4 with 4096x4096 and 4096x14336 weights. It widens f16/bf16 weights again for every
+/// register tile of x rows, which costs vector code little, and reads every row of x from L2 for
+/// each four weight rows: f16 and bf16 still gained at 32 rows (or broke even, AVX2 at K =
+/// 14336), f32 weights (no widening to save) broke even at four register tiles of x rows (16 on
+/// AVX-512, 8 on AVX2) and lost beyond. Scalar code gained only while one tile (two rows)
+/// covers x.
+fn decode_rows(isa: Isa, dtype: DType) -> usize {
+    match (isa, dtype) {
+        (Isa::Scalar, _) => 2,
+        (Isa::Avx2, DType::F32) => 8,
+        (Isa::Avx512, DType::F32) => 16,
+        _ => 32,
+    }
 }
 
 /// The output matrix, shared by the workers; each block writes only its own columns.

@@ -1,9 +1,14 @@
-//! Decode matrix-vector product `y = W x`, W row-major `[N, K]`.
+//! Decode matrix-vector product `y = W x`, W row-major `[N, K]`, and its batched form
+//! `y[r, :] = W x[r, :]` for a few activation rows (a server stepping several sequences at once,
+//! or the tokens a MoE expert gets in one step).
 //!
-//! Decode reads every weight once per token, so this kernel is bound by memory bandwidth: it
-//! streams four rows at once (independent accumulators), prefetches the next four rows into L2,
-//! widens f16/bf16 in registers (bf16 a whole vector at a time, even and odd elements apart),
-//! and splits the rows into a few chunks per worker so that work stealing evens out the threads.
+//! Decode reads every weight once per step, so these kernels are bound by memory bandwidth: they
+//! stream four weight rows at once (independent accumulators), prefetch the next four rows into
+//! L2, widen f16/bf16 in registers (for one activation row, bf16 a whole vector at a time, even
+//! and odd elements apart), and split the rows into a few chunks per worker so that work stealing evens out the threads.
+//! With several activation rows, each weight vector loaded is multiplied by up to four of them
+//! (two on 16-register ISAs); more rows run over the same four weight rows again, which by then
+//! are in the cache, so the weights still come from memory once.
 
 use rayon::prelude::*;
 
@@ -14,7 +19,7 @@ use crate::simd::weight::{with_weight, Weight};
 use crate::simd::{run, Isa, WithSimd};
 use crate::{DType, TensorView};
 
-/// Rows computed together by one inner loop.
+/// Weight rows computed together by one inner loop.
 const ROWS: usize = 4;
 /// Below this many weight bytes the product runs on the calling thread: waking workers would
 /// cost more than it saves.
@@ -67,57 +72,194 @@ pub fn matvec_many_on(isa: Isa, jobs: &mut [MatvecJob]) {
             "matvec job {j}: weight shape vs x/y lengths"
         );
     }
-    let total: usize = jobs.iter().map(|j| j.w.bytes().len()).sum();
+    let mut products: Vec<Product> = jobs
+        .iter_mut()
+        .map(|job| Product {
+            w: job.w,
+            x: job.x,
+            m: 1,
+            y: job.y,
+        })
+        .collect();
+    products_on(isa, &mut products);
+}
+
+/// `y[r, n] = sum_k x[r, k] * W[n, k]` for the `m` rows of `x` (`[m, K]`, `y` is `[m, N]`),
+/// reading each weight from memory once: [`crate::kernels::matmul_on`] for a few rows.
+///
+/// # Panics
+/// When the CPU does not support `isa`; the caller checked the shapes.
+pub(crate) fn matvec_rows_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
+    products_on(isa, &mut [Product { w: *w, x, m, y }]);
+}
+
+/// `y[r, :] = w x[r, :]` for `r < m`; `w` is `[N, K]`, `x` is `[m, K]`, `y` is `[m, N]`.
+struct Product<'a, 'y> {
+    w: TensorView<'a>,
+    x: &'a [f32],
+    m: usize,
+    y: &'y mut [f32],
+}
+
+/// Runs the products, on the calling thread when they are small, else cut into chunks of
+/// weight rows shared out over the worker pool.
+fn products_on(isa: Isa, products: &mut [Product]) {
+    let total: usize = products.iter().map(|p| p.w.bytes().len()).sum();
     let threads = pool::num_threads();
-    if total < SERIAL_BYTES || threads == 1 {
-        for job in jobs.iter_mut() {
-            rows(isa, job.w.dtype(), job.w.bytes(), job.x, job.y);
-        }
-        return;
-    }
-    // Cut every weight into chunks of about the same number of bytes.
+    let parallel = total >= SERIAL_BYTES && threads > 1;
     let chunk_bytes = total.div_ceil(threads * CHUNKS_PER_THREAD);
     let mut tasks = Vec::new();
-    for job in jobs.iter_mut() {
-        let row_bytes = job.w.bytes().len() / job.y.len().max(1);
-        let chunk = (chunk_bytes / row_bytes.max(1))
-            .next_multiple_of(ROWS)
-            .max(ROWS);
-        let (dtype, bytes, x) = (job.w.dtype(), job.w.bytes(), job.x);
-        for (c, yc) in job.y.chunks_mut(chunk).enumerate() {
-            let start = c * chunk * row_bytes;
-            tasks.push((dtype, &bytes[start..start + yc.len() * row_bytes], x, yc));
+    for p in products.iter_mut() {
+        let (n, k) = (p.w.shape().dims()[0], p.w.shape().dims()[1]);
+        let row_bytes = k * p.w.dtype().size_in_bytes();
+        // Chunks of about the same number of bytes in every weight; one chunk when serial.
+        let chunk = if parallel {
+            (chunk_bytes / row_bytes.max(1))
+                .next_multiple_of(ROWS)
+                .max(ROWS)
+        } else {
+            n.max(1)
+        };
+        let acts = Acts { x: p.x, m: p.m, k };
+        let y = Out(p.y.as_mut_ptr());
+        for n0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - n0);
+            tasks.push(Task {
+                dtype: p.w.dtype(),
+                w: &p.w.bytes()[n0 * row_bytes..(n0 + rows) * row_bytes],
+                rows,
+                acts,
+                // SAFETY: n0 < n, and y holds m rows of n.
+                y: Out(unsafe { y.0.add(n0) }),
+                y_stride: n,
+            });
         }
     }
-    pool::install(|| {
-        tasks
-            .into_par_iter()
-            .for_each(|(dtype, bytes, x, y)| rows(isa, dtype, bytes, x, y))
-    });
+    if parallel {
+        pool::install(|| tasks.into_par_iter().for_each(|t| run(isa, t)));
+    } else {
+        tasks.into_iter().for_each(|t| run(isa, t));
+    }
 }
 
-/// `y = W' x` for the rows of W in `bytes` (`y.len()` rows of `x.len()` elements).
-fn rows(isa: Isa, dtype: DType, bytes: &[u8], x: &[f32], y: &mut [f32]) {
-    assert_eq!(bytes.len(), y.len() * x.len() * dtype.size_in_bytes());
-    run(isa, Rows { dtype, bytes, x, y })
-}
-
-struct Rows<'a> {
-    dtype: DType,
-    bytes: &'a [u8],
+/// The activation rows of a product: `m` rows of `k` values.
+#[derive(Clone, Copy)]
+struct Acts<'a> {
     x: &'a [f32],
-    y: &'a mut [f32],
+    m: usize,
+    k: usize,
 }
 
-impl WithSimd for Rows<'_> {
+/// Where a task writes: column `j` of its output row `r` is at `self.0 + r * y_stride + j`.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task of a product writes its own columns of y, so no element is written twice,
+// and products_on holds the &mut borrow of y until every task is done.
+unsafe impl Send for Out {}
+
+/// `rows` weight rows of a product against all its activation rows.
+struct Task<'a> {
+    dtype: DType,
+    w: &'a [u8],
+    rows: usize,
+    acts: Acts<'a>,
+    y: Out,
+    y_stride: usize,
+}
+
+impl WithSimd for Task<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        // SAFETY: `rows` checked that bytes holds y.len() rows of x.len() elements.
+        let a = self.acts;
+        assert_eq!(self.w.len(), self.rows * a.k * self.dtype.size_in_bytes());
+        assert_eq!(a.x.len(), a.m * a.k);
+        // SAFETY: w holds `rows` rows of k elements and x m rows of k values (checked above); y
+        // has m rows of y_stride >= rows columns from the task's first (products_on made the
+        // tasks so).
         with_weight!(self.dtype, W => unsafe {
-            rows_body::<S, W>(self.bytes.as_ptr(), self.x, self.y)
+            rows_body_m::<S, W>(self.w.as_ptr(), self.rows, a, self.y.0, self.y_stride)
         })
     }
+}
+
+/// `y[r * y_stride + j] = x[r] . W[j]` for the `rows` rows of W at `w` and every row `r` of x.
+///
+/// # Safety
+/// `w` points to `rows * a.k` readable elements of type `W`; x holds `a.m` rows of `a.k`; `y`
+/// points to `a.m` rows of `rows` writable f32, `y_stride` apart.
+#[inline(always)]
+unsafe fn rows_body_m<S: Simd, W: Weight>(
+    w: *const u8,
+    rows: usize,
+    a: Acts,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    if a.m == 1 {
+        // A matvec, bound by memory bandwidth: bf16 is read in pairs. With several rows of x
+        // the FMAs become the limit, and the plain widening loads (no reordered copy of every
+        // row of x) measured no slower at 2 rows and 5-10% faster at 8 and 16.
+        return rows_body::<S, W>(w, a.x, std::slice::from_raw_parts_mut(y, rows));
+    }
+    let stride = a.k * W::BYTES;
+    let mut j = 0;
+    while j + ROWS <= rows {
+        row_group::<S, W, ROWS>(w.add(j * stride), a, y.add(j), y_stride);
+        j += ROWS;
+    }
+    while j < rows {
+        row_group::<S, W, 1>(w.add(j * stride), a, y.add(j), y_stride);
+        j += 1;
+    }
+}
+
+/// `RN` weight rows at `w` against every row of x, in register tiles of up to four rows of x
+/// where 32 vector registers hold their accumulators, else up to two. Each tile runs over the
+/// whole rows: the first brings the weight rows from memory (prefetched while the rows before
+/// were computed), the others find them in L1 or L2. (Running the tiles over L1-sized panels of
+/// columns in turn, with their accumulators kept in memory between panels, measured no faster.)
+///
+/// # Safety
+/// As [`rows_body_m`] with `rows = RN`.
+#[inline(always)]
+unsafe fn row_group<S: Simd, W: Weight, const RN: usize>(
+    w: *const u8,
+    a: Acts,
+    y: *mut f32,
+    y_stride: usize,
+) {
+    let mut i = 0;
+    while i < a.m {
+        i += match (a.m - i, S::MANY_REGS) {
+            (4.., true) => tile::<S, W, RN, 4>(w, a, i, y, y_stride),
+            (3, true) => tile::<S, W, RN, 3>(w, a, i, y, y_stride),
+            (2.., _) => tile::<S, W, RN, 2>(w, a, i, y, y_stride),
+            _ => tile::<S, W, RN, 1>(w, a, i, y, y_stride),
+        };
+    }
+}
+
+/// `RN` weight rows at `w` against rows `i..i + RM` of x; returns `RM`.
+///
+/// # Safety
+/// As [`row_group`], and `i + RM <= a.m`.
+#[inline(always)]
+unsafe fn tile<S: Simd, W: Weight, const RN: usize, const RM: usize>(
+    w: *const u8,
+    a: Acts,
+    i: usize,
+    y: *mut f32,
+    y_stride: usize,
+) -> usize {
+    let x = a.x.as_ptr().add(i * a.k);
+    let out = dot_tile::<S, W, RN, RM, true>(w, a.k * W::BYTES, x, a.k, a.k);
+    for (r, o) in out.iter().enumerate() {
+        for (m, v) in o.iter().enumerate() {
+            *y.add((i + m) * y_stride + r) = *v;
+        }
+    }
+    RM
 }
 
 /// `y = W x` for `y.len()` rows of `x.len()` elements of W at `w`, inside a body running on `S`.

@@ -20,7 +20,8 @@ plus isa and threads; extra keys per case are named below):
   mem_read    f32  rows=1 cols=268435456 (1 GiB, summed by all threads)
   matvec      f32|f16|bf16  W [rows, cols] = 14336x4096, 4096x14336, 4096x4096, 1024x3584,
               3584x1024; x and y in f32
-  matmul      f32|f16|bf16  rows=4096 cols=4096, m=16 and m=128 (x is [m, cols])
+  matmul      f32|f16|bf16  rows=4096 cols=4096, m=2, 4, 8, 16 (batched decode) and m=128
+              (prefill); x is [m, cols]
   rms_norm    f32  rows=1 cols=4096
   rope        f32  rows=1 cols=4096 (32 heads x 128, theta 1e6, position 1000)
   attention   f32  rows=4096 (context) cols=4096 (32 heads x 128), kv_heads=8, tokens=1
@@ -65,7 +66,9 @@ const MATVEC_SHAPES: [(usize, usize); 5] = [
     (3584, 1024),
 ];
 const MATMUL_SHAPE: (usize, usize) = (4096, 4096);
-const MATMUL_MS: [usize; 2] = [16, 128];
+/// Batched decode (a few rows per weight: 2..16 sequences, or a MoE expert's share of them)
+/// and prefill.
+const MATMUL_MS: [usize; 5] = [2, 4, 8, 16, 128];
 /// Every kernel name a case can have (for `--only`).
 const KERNELS: [&str; 13] = [
     "mem_read",
