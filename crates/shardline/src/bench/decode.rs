@@ -214,7 +214,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     .cloned()
     .unwrap_or_default();
     let mut fields = fields;
-    if args.device == DeviceArg::Cpu && args.batch > 1 {
+    if args.device == DeviceArg::Cpu {
         // The floor of a batched step: its bytes at this machine's read bandwidth.
         let gbps = memory_read_gbps();
         fields.insert("mem_read_gbps".into(), round3(gbps).into());

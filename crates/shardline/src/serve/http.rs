@@ -707,7 +707,8 @@ fn event_stream(
                 return Some((events, None));
             }
         };
-        if !piece.text.is_empty() {
+        // A piece of ids without text yet is sent when the request asked for token ids.
+        if !piece.text.is_empty() || (s.answer.token_ids && !piece.token_ids.is_empty()) {
             let chunk = s
                 .answer
                 .chunk(&piece.text, &piece.token_ids, None, !s.started);
