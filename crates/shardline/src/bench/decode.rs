@@ -243,6 +243,16 @@ struct Timed {
     stats: Stats,
 }
 
+impl Timed {
+    fn new(samples: Vec<f32>) -> Timed {
+        let mut all: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
+        Timed {
+            stats: Stats::from_samples(&mut all),
+            samples,
+        }
+    }
+}
+
 /// Prefills `kv_len` random tokens, then times `--iters` single-token steps (after `warmup`
 /// untimed ones), each from the same KV length.
 fn time_steps(
@@ -273,11 +283,7 @@ fn time_steps(
             samples.push((t.elapsed().as_secs_f64() * 1e6) as f32);
         }
     }
-    let mut all: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
-    Ok(Timed {
-        stats: Stats::from_samples(&mut all),
-        samples,
-    })
+    Ok(Timed::new(samples))
 }
 
 /// Times `--iters` steps of `--batch` decode rows (after `warmup` untimed ones): row `b` is
@@ -330,11 +336,7 @@ fn time_batch_steps(
             samples.push((t.elapsed().as_secs_f64() * 1e6) as f32);
         }
     }
-    let mut all: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
-    Ok(Timed {
-        stats: Stats::from_samples(&mut all),
-        samples,
-    })
+    Ok(Timed::new(samples))
 }
 
 /// This machine's memory read bandwidth, GB/s: the best of a few parallel sums of 512 MiB.
