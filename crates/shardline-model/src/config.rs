@@ -252,6 +252,28 @@ impl ModelSpec {
             rope_freq_dtype: DType::F32,
             eos_ids,
         };
+        // Numbers that would only show up as NaN or empty text later.
+        if !(spec.rms_eps.is_finite() && spec.rms_eps > 0.0) {
+            return Err(c.err(format!(
+                "rms_norm_eps is {}; it must be a positive number",
+                spec.rms_eps
+            )));
+        }
+        if !(spec.rope_theta.is_finite() && spec.rope_theta > 0.0) {
+            return Err(c.err(format!(
+                "rope_theta is {}; it must be a positive number",
+                spec.rope_theta
+            )));
+        }
+        for (key, v) in [
+            ("num_hidden_layers", spec.n_layers),
+            ("vocab_size", spec.vocab),
+            ("max_position_embeddings", spec.max_positions),
+        ] {
+            if v == 0 {
+                return Err(c.err(format!("{key} is 0")));
+            }
+        }
         Ok(spec)
     }
 

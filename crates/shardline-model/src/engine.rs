@@ -64,7 +64,20 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             Some(Decoded::Logits(local)) => local,
             _ => self.forward_local(tokens, which)?,
         };
+        self.check_finite(&local)?;
         self.gather_logits(&local)
+    }
+
+    /// Fails when this rank's logits hold a NaN or an infinity (bad weights or config numbers
+    /// would otherwise come out as text of NUL characters), naming the position.
+    fn check_finite(&self, logits: &[f32]) -> Result<()> {
+        if logits.iter().all(|v| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(ModelError::NonFinite {
+                position: self.backend.position(),
+            })
+        }
     }
 
     /// Runs `tokens` at the next positions and returns the greedy choice after the last one. Over
@@ -79,9 +92,17 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                     (0usize, f32::NEG_INFINITY),
                     |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
                 );
+                self.check_finite(&local)?;
                 (value, (start + best) as u32)
             }
         };
+        // On the device only the best logit comes back: a NaN never wins there, so a row of
+        // them gives no finite best.
+        if !value.is_finite() {
+            return Err(ModelError::NonFinite {
+                position: self.backend.position(),
+            });
+        }
         // Ids are exact in f32 up to 2^24, far above any vocabulary.
         let mine = [value, id as f32];
         let mut all = vec![0.0f32; 2 * self.reduce.world()];
@@ -237,6 +258,7 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         if !sample.is_empty() {
             self.backend.logits(&picked, &mut logits)?;
         }
+        self.check_finite(&logits)?;
         self.gather_logits(&logits)
     }
 

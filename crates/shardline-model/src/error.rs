@@ -51,6 +51,8 @@ pub enum ModelError {
     #[cfg(feature = "cuda")]
     #[error("GPU: {0}")]
     Device(#[from] shardline_cuda::CudaError),
+    #[error("the model produced non-finite logits (NaN or infinity) at position {position}: check the weights and the config's numbers")]
+    NonFinite { position: usize },
     #[error("not supported yet: {0}")]
     Unsupported(String),
     #[error("--device cuda needs a shardline built with `--features cuda`")]

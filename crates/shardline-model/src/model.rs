@@ -9,7 +9,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::SingleRank;
 use crate::config::{eos_ids, Arch, ModelSpec, MoeSpec};
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::files::read_json;
 use crate::load::{load_model_for, ModelWeights};
 use crate::plan::Plan;
@@ -17,6 +17,7 @@ use crate::random::RandomWeights;
 use crate::rope::RopeScaling;
 use crate::safetensors_dir::SafetensorsDir;
 use crate::tokenizer::TextCodec;
+use crate::weights::TensorSource;
 
 /// A single-rank engine on the CPU.
 pub type CpuEngine = Engine<CpuBackend, SingleRank>;
@@ -58,8 +59,20 @@ pub fn load_parts_for(
             }
         }
     }
-    adjust(&mut spec);
     let files = SafetensorsDir::open(dir)?;
+    // The config's layer count must be the weights' (a smaller one would run part of the model
+    // without a word); `adjust` may still ask for fewer.
+    let extra = format!("model.layers.{}.input_layernorm.weight", spec.n_layers);
+    if files.contains(&extra) {
+        return Err(ModelError::config(
+            dir.join("config.json"),
+            format!(
+                "num_hidden_layers is {}, but the weights hold more layers (`{extra}` is there)",
+                spec.n_layers
+            ),
+        ));
+    }
+    adjust(&mut spec);
     let weights = load_model_for(&spec, &files, plan)?;
     Ok((spec, weights))
 }

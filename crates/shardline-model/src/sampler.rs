@@ -21,6 +21,22 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler after checking its settings: `temperature` finite and not negative, `top_p` in
+    /// (0, 1]; the error names the setting.
+    pub fn checked(temperature: f32, top_p: f32, seed: u64) -> crate::Result<Sampler> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(crate::ModelError::Invalid(format!(
+                "temperature {temperature}: it must be a finite number, 0 (greedy) or more"
+            )));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(crate::ModelError::Invalid(format!(
+                "top_p {top_p}: it must be more than 0 and at most 1"
+            )));
+        }
+        Ok(Sampler::new(temperature, top_p, seed))
+    }
+
     /// Greedy when `temperature` is 0; otherwise sample from the smallest set of tokens whose
     /// probability reaches `top_p` (1.0 keeps them all), reproducibly for a given `seed`.
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Sampler {

@@ -22,9 +22,19 @@ impl TextCodec {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// The ids of a rendered chat template, which holds its special tokens already (as
+    /// transformers encodes it: no BOS added).
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         match self {
             TextCodec::Hf(t) => t
-                .encode(text, true)
+                .encode(text, add_special)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| ModelError::Invalid(format!("cannot tokenize the prompt: {e}"))),
             TextCodec::Bytes => Ok(text.bytes().map(u32::from).collect()),

@@ -234,3 +234,56 @@ fn sequence_longer_than_an_enabled_sliding_window() {
     let err = engine.start(17).unwrap_err().to_string();
     assert_mentions(&err, &["sliding_window (16)", "17"]);
 }
+
+#[test]
+fn config_numbers_that_mean_nothing_are_refused() {
+    for (key, value, says) in [
+        ("rms_norm_eps", serde_json::json!(-1e-5), "rms_norm_eps"),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 0.0, "rope_type": "default"}),
+            "rope_theta",
+        ),
+        (
+            "num_hidden_layers",
+            serde_json::json!(0),
+            "num_hidden_layers is 0",
+        ),
+    ] {
+        let dir = copy_fixture();
+        edit_config(dir.path(), |c| {
+            c.insert(key.into(), value.clone());
+        });
+        assert_mentions(&load_err(dir.path()), &["config.json", says]);
+    }
+}
+
+#[test]
+fn fewer_layers_in_the_config_than_in_the_weights_is_refused() {
+    let dir = copy_fixture();
+    edit_config(dir.path(), |c| {
+        c.insert("num_hidden_layers".into(), 1.into());
+    });
+    assert_mentions(
+        &load_err(dir.path()),
+        &["num_hidden_layers is 1", "model.layers.1."],
+    );
+}
+
+#[test]
+fn nan_weights_fail_naming_the_position_instead_of_printing_nothing() {
+    let dir = copy_fixture();
+    edit_weights(dir.path(), |(name, dtype, _, bytes)| {
+        if name == Q {
+            assert_eq!(*dtype, Dtype::F32);
+            for v in bytes.chunks_exact_mut(4) {
+                v.copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+        }
+        true
+    });
+    let mut engine = load_dir(dir.path()).unwrap();
+    engine.start(8).unwrap();
+    let err = engine.forward_argmax(&[1, 2, 3]).unwrap_err().to_string();
+    assert_mentions(&err, &["non-finite", "position"]);
+}

@@ -35,6 +35,10 @@ pub struct ParallelArgs {
     /// LD_LIBRARY_PATH, or at SHARDLINE_NCCL_LIB.
     #[arg(long, value_enum, default_value_t = GpuComm::Auto, env = "SHARDLINE_GPU_COMM")]
     pub gpu_comm: GpuComm,
+    /// CPU worker threads of each rank (default: the cores, shared out among the ranks this
+    /// host starts).
+    #[arg(short = 't', long, env = "SHARDLINE_THREADS")]
+    pub threads: Option<usize>,
 }
 
 impl ParallelArgs {
@@ -72,6 +76,10 @@ fn started_as_rank() -> bool {
 /// This process's role; a rank joins its group here (the plan is checked by the loader before
 /// any weight is read).
 pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
+    if let Some(threads) = p.threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        shardline_tensor::pool::init(threads)?;
+    }
     let ep = p.ep();
     if started_as_rank() {
         let group = Group::from_env().context("cannot join the job's ranks")?;

@@ -34,7 +34,7 @@ pub struct ModelArgs {
     /// `huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir DIR`. Without it (and
     /// without --preset), a built-in small Mixtral-shaped model with deterministic random weights
     /// and a byte-level tokenizer runs (its text is gibberish, but it needs no download).
-    #[arg(long, env = "SHARDLINE_MODEL", conflicts_with = "preset")]
+    #[arg(short = 'm', long, env = "SHARDLINE_MODEL", conflicts_with = "preset")]
     pub model: Option<PathBuf>,
     /// Deterministic random weights at a real model's shapes, made in memory (no download; the
     /// text is gibberish, the speed is the real model's): mixtral-8x7b, qwen3-30b-a3b or

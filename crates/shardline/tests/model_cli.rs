@@ -188,3 +188,52 @@ fn bench_decode_runs_op_by_op_on_the_cpu() {
     assert_eq!(rec["exec"], "per-op", "{rec}");
     assert!(rec["median_us"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn run_chat_answers_each_line_and_ends_at_end_of_input() {
+    use std::io::Write;
+    let dir = fixture("qwen2-moe-tiny");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardline"))
+        .args([
+            "run",
+            "--chat",
+            "--max-tokens",
+            "5",
+            "--model",
+            dir.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\nand again\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        2,
+        "one reply line per message: {}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn run_refuses_sampling_settings_that_mean_nothing() {
+    for (flag, value, says) in [
+        ("--temperature", "-1", "temperature -1"),
+        ("--temperature", "NaN", "temperature NaN"),
+        ("--top-p", "2", "top_p 2"),
+        ("--top-p", "0", "top_p 0"),
+    ] {
+        let out = shardline(&["run", "--max-tokens", "2", flag, value]);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+    }
+}

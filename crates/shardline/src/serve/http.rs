@@ -456,13 +456,10 @@ fn prompt_ids(state: &AppState, ids: &[u64]) -> Result<Vec<u32>, ApiError> {
 }
 
 fn tokenize(codec: &TextCodec, text: &str, special: bool) -> Result<Vec<u32>, ApiError> {
-    let ids = match codec {
-        // A rendered chat template holds its special tokens already (as transformers encodes it).
-        TextCodec::Hf(t) if !special => t
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string()),
-        _ => codec.encode(text).map_err(|e| e.to_string()),
+    let ids = if special {
+        codec.encode(text)
+    } else {
+        codec.encode_rendered(text)
     };
     ids.map_err(|e| ApiError::invalid(format!("cannot tokenize the prompt: {e}"), None))
 }
