@@ -3,7 +3,7 @@
 //! Head and expert counts here are what *this* rank holds: the layer code never assumes it has
 //! whole matrices, so a tensor-parallel plan only changes what the loader slices.
 
-use shardline_tensor::kernels::{matmul, matvec, matvec_many, MatvecJob};
+use shardline_tensor::kernels::{matmul, matmul_many, matvec, matvec_many, MatmulJob, MatvecJob};
 use shardline_tensor::TensorView;
 
 use crate::weights::Weight;
@@ -141,8 +141,9 @@ impl Layer {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Exec {
     /// In as few submissions as the device allows: on a GPU the whole decode step replays as one
-    /// CUDA graph; on the CPU a segment's independent matvecs share one parallel region (q/k/v
-    /// at once; all chosen experts' gate/up at once, then all their downs).
+    /// CUDA graph; on the CPU a segment's independent products share one parallel region (q/k/v
+    /// at once; all chosen experts' gate/up at once, then all their downs, for one row or for
+    /// the rows each expert gets in a batched step).
     #[default]
     Split,
     /// Op by op, each waited for before the next starts: one kernel launch, or one parallel
@@ -179,6 +180,19 @@ pub fn run_matvecs(exec: Exec, jobs: &mut [MatvecJob]) {
         Exec::PerOp => {
             for job in jobs {
                 matvec(&job.w, job.x, job.y);
+            }
+        }
+    }
+}
+
+/// Runs independent matrix products of a few rows each (a step's experts over their rows) as
+/// `exec` says.
+pub fn run_matmuls(exec: Exec, jobs: &mut [MatmulJob]) {
+    match exec {
+        Exec::Split => matmul_many(jobs),
+        Exec::PerOp => {
+            for job in jobs {
+                matmul(&job.w, job.x, job.m, job.y);
             }
         }
     }

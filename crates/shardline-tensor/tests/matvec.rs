@@ -5,7 +5,9 @@ mod common;
 
 use common::{abs_dot, assert_close, isas, sum_tol, values, Weight};
 use proptest::prelude::*;
-use shardline_tensor::kernels::{matmul_on, matvec_many_on, matvec_on, MatvecJob};
+use shardline_tensor::kernels::{
+    matmul_many_on, matmul_on, matvec_many_on, matvec_on, MatmulJob, MatvecJob,
+};
 use shardline_tensor::{reference, DType, Isa};
 
 fn check_matvec(isa: Isa, dtype: DType, n: usize, k: usize, seed: u64, offset: usize) {
@@ -174,6 +176,83 @@ fn matmul_decode_rows_parallel() {
             }
         }
     }
+}
+
+/// Products of 0 to 20 rows (on both sides of where matmul changes method on every path) of
+/// every dtype and odd shapes in one call, small (on the calling thread) and large (shared over
+/// the pool): each bit for bit equal to its own matmul.
+#[test]
+fn matmul_many_matches_single_products() {
+    for isa in isas() {
+        for scale in [1, 60] {
+            let ms: Vec<usize> = (0..=20).rev().collect();
+            let shapes: Vec<(usize, usize)> = ms
+                .iter()
+                .map(|&m| ((2 * m + 3) * scale + m % 4, [45, 17, 130, 1, 33][m % 5]))
+                .collect();
+            let weights: Vec<Weight> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, k))| Weight::new(DType::ALL[i % 3], n, k, i as u64, i % 4))
+                .collect();
+            let xs: Vec<Vec<f32>> = ms
+                .iter()
+                .zip(&shapes)
+                .map(|(&m, &(_, k))| values(m * k, (m * k) as u64))
+                .collect();
+            let mut ys: Vec<Vec<f32>> = ms
+                .iter()
+                .zip(&shapes)
+                .map(|(&m, &(n, _))| vec![f32::NAN; m * n])
+                .collect();
+            let views: Vec<_> = weights.iter().map(|w| w.view()).collect();
+            let mut jobs: Vec<MatmulJob> = views
+                .iter()
+                .zip(&ms)
+                .zip(&xs)
+                .zip(ys.iter_mut())
+                .map(|(((w, &m), x), y)| MatmulJob { w: *w, x, m, y })
+                .collect();
+            matmul_many_on(isa, &mut jobs);
+            for (i, ((w, &m), (x, y))) in views.iter().zip(&ms).zip(xs.iter().zip(&ys)).enumerate()
+            {
+                let mut want = vec![f32::NAN; y.len()];
+                matmul_on(isa, w, x, m, &mut want);
+                let (got, want): (Vec<u32>, Vec<u32>) = (
+                    y.iter().map(|v| v.to_bits()).collect(),
+                    want.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert_eq!(
+                    got,
+                    want,
+                    "{isa} job {i} ({m} rows, {}) of scale {scale}",
+                    w.dtype()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "matmul job 1: y length")]
+fn matmul_many_names_the_bad_job() {
+    let w = Weight::new(DType::F32, 4, 8, 1, 0);
+    let (x, mut y0, mut y1) = ([0.0; 16], [0.0; 8], [0.0; 7]);
+    let mut jobs = [
+        MatmulJob {
+            w: w.view(),
+            x: &x,
+            m: 2,
+            y: &mut y0,
+        },
+        MatmulJob {
+            w: w.view(),
+            x: &x,
+            m: 2,
+            y: &mut y1,
+        },
+    ];
+    matmul_many_on(Isa::Scalar, &mut jobs);
 }
 
 proptest! {

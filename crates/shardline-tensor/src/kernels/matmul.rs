@@ -2,7 +2,8 @@
 //! of each of several sequences (batched decode).
 //!
 //! Up to a few dozen rows ([`decode_rows`]), the product streams the weights once in their own
-//! dtype with matvec's loops ([`matvec_rows_on`]). Above, each weight row is read from memory
+//! dtype with matvec's loops ([`matvec_rows_on`]); [`matmul_many`] runs several such products
+//! (a batched step's experts) in one parallel region. Above, each weight row is read from memory
 //! once for all M rows: a block of W rows (widened to f32 once, when stored as f16/bf16) stays in
 //! the L2 cache while register tiles of 4 weight rows by 4 (AVX-512) or 2 (AVX2, scalar)
 //! activation rows run over it, one panel of columns at a time so that the activation rows of a
@@ -13,7 +14,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::kernels::matvec::matvec_rows_on;
+use crate::kernels::matvec::{matvec_rows_many_on, matvec_rows_on};
 use crate::pool;
 use crate::simd::lanes::Simd;
 use crate::simd::tile::dot_tile;
@@ -60,6 +61,56 @@ pub fn matmul_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
     if m <= decode_rows(isa, w.dtype()) {
         return matvec_rows_on(isa, w, x, m, y);
     }
+    blocked_on(isa, w, x, m, y);
+}
+
+/// One product of [`matmul_many`]: `y = x w^T` for the `m` rows of `x` (`[m, K]`; `y` is
+/// `[m, N]`, `w` is `[N, K]`).
+pub struct MatmulJob<'a> {
+    pub w: TensorView<'a>,
+    pub x: &'a [f32],
+    pub m: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Several independent products of a few rows each (for example the experts of a MoE layer in
+/// batched decode, each over the rows routed to it) in one parallel region: the workers are woken
+/// once and share out the weight rows of all of them, each weight streamed once for its rows.
+/// Every output element is computed as [`matmul`] computes it. Jobs with more rows than
+/// [`matmul`] streams run one after another on the blocked product.
+///
+/// # Panics
+/// When a job's shapes disagree (the message names the job).
+pub fn matmul_many(jobs: &mut [MatmulJob]) {
+    matmul_many_on(Isa::active(), jobs)
+}
+
+/// [`matmul_many`] on a given instruction set.
+///
+/// # Panics
+/// When a job's shapes disagree or the CPU does not support `isa`.
+pub fn matmul_many_on(isa: Isa, jobs: &mut [MatmulJob]) {
+    for (j, job) in jobs.iter().enumerate() {
+        let dims = job.w.shape().dims();
+        assert_eq!(dims.len(), 2, "matmul job {j}: weight must be 2-D");
+        assert_eq!(job.x.len(), job.m * dims[1], "matmul job {j}: x length");
+        assert_eq!(job.y.len(), job.m * dims[0], "matmul job {j}: y length");
+    }
+    let streamed = |job: &MatmulJob| job.m <= decode_rows(isa, job.w.dtype());
+    matvec_rows_many_on(
+        isa,
+        jobs.iter_mut()
+            .filter(|job| job.m > 0 && streamed(job))
+            .map(|job| (job.w, job.x, job.m, &mut *job.y)),
+    );
+    for job in jobs.iter_mut().filter(|job| !streamed(job)) {
+        blocked_on(isa, &job.w, job.x, job.m, job.y);
+    }
+}
+
+/// The blocked product for more rows than [`matvec_rows_on`] takes; shapes checked.
+fn blocked_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     let block = (BLOCK_BYTES / (4 * k).max(1))
         .clamp(RN, MAX_BLOCK_ROWS)
         .next_multiple_of(RN);

@@ -93,6 +93,20 @@ pub(crate) fn matvec_rows_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &
     products_on(isa, &mut [Product { w: *w, x, m, y }]);
 }
 
+/// Several products as [`matvec_rows_on`], `(w, x, m, y)` each, in one parallel region.
+///
+/// # Panics
+/// When the CPU does not support `isa`; the caller checked the shapes.
+pub(crate) fn matvec_rows_many_on<'a, 'y>(
+    isa: Isa,
+    jobs: impl Iterator<Item = (TensorView<'a>, &'a [f32], usize, &'y mut [f32])>,
+) {
+    let mut products: Vec<Product> = jobs.map(|(w, x, m, y)| Product { w, x, m, y }).collect();
+    if !products.is_empty() {
+        products_on(isa, &mut products);
+    }
+}
+
 /// `y[r, :] = w x[r, :]` for `r < m`; `w` is `[N, K]`, `x` is `[m, K]`, `y` is `[m, N]`.
 struct Product<'a, 'y> {
     w: TensorView<'a>,
@@ -107,14 +121,21 @@ fn products_on(isa: Isa, products: &mut [Product]) {
     let total: usize = products.iter().map(|p| p.w.bytes().len()).sum();
     let threads = pool::num_threads();
     let parallel = total >= SERIAL_BYTES && threads > 1;
-    let chunk_bytes = total.div_ceil(threads * CHUNKS_PER_THREAD);
+    // A chunk's work grows with its rows of x too (past one row the FMAs are the limit), so
+    // products of different row counts are cut into chunks of about the same weight bytes times
+    // rows of x.
+    let total_work: usize = products
+        .iter()
+        .map(|p| p.w.bytes().len() * p.m.max(1))
+        .sum();
+    let chunk_work = total_work.div_ceil(threads * CHUNKS_PER_THREAD);
     let mut tasks = Vec::new();
     for p in products.iter_mut() {
         let (n, k) = (p.w.shape().dims()[0], p.w.shape().dims()[1]);
         let row_bytes = k * p.w.dtype().size_in_bytes();
-        // Chunks of about the same number of bytes in every weight; one chunk when serial.
+        // Chunks of about the same work in every weight; one chunk when serial.
         let chunk = if parallel {
-            (chunk_bytes / row_bytes.max(1))
+            (chunk_work / (row_bytes * p.m.max(1)).max(1))
                 .next_multiple_of(ROWS)
                 .max(ROWS)
         } else {

@@ -23,7 +23,7 @@ pub use activation::silu_mul;
 pub use attention::{attention, attention_on, KvCache};
 pub use elementwise::{add_assign, axpy, scale};
 pub use embedding::embedding;
-pub use matmul::{matmul, matmul_on};
+pub use matmul::{matmul, matmul_many, matmul_many_on, matmul_on, MatmulJob};
 pub use matvec::{matvec, matvec_many, matvec_many_on, matvec_on, MatvecJob};
 pub use norm::rms_norm;
 pub use rope::Rope;

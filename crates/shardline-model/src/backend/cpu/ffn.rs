@@ -1,9 +1,13 @@
 //! The FFN segment on the CPU: rms_norm -> dense SwiGLU, or router -> selected experts ->
 //! weighted sum (+ sigmoid-gated shared expert). Its output is this rank's partial sum.
 
-use shardline_tensor::kernels::{axpy, rms_norm, silu_mul, softmax, top_k, MatvecJob};
+use shardline_tensor::kernels::{axpy, rms_norm, silu_mul, softmax, top_k, MatmulJob, MatvecJob};
 
-use crate::layer::{linear, run_matvecs, Exec, FfnWeights, Layer, Mlp, MoeWeights};
+use crate::layer::{linear, run_matmuls, run_matvecs, Exec, FfnWeights, Layer, Mlp, MoeWeights};
+
+/// Most token rows whose experts run together in a step of several rows: batched decode's rows
+/// all fit, while a long prompt's experts go in groups so that their buffers stay small.
+const GROUP_ROWS: usize = 256;
 
 impl Mlp {
     /// `out = down(silu(gate x) * up x)` for `rows` rows of `x`.
@@ -133,18 +137,27 @@ impl MoeWeights {
             }
         }
         // Experts of other expert groups add nothing here: their ranks add them in the reduce.
-        for (expert, assigned) in self.experts.iter().zip(&by_expert) {
-            let Some(expert) = expert else { continue };
-            if assigned.is_empty() {
-                continue;
-            }
-            let xs = assigned
+        let chosen: Vec<(&Mlp, &[(usize, f32)])> = self
+            .experts
+            .iter()
+            .zip(&by_expert)
+            .filter_map(|(e, rows)| Some((e.as_ref()?, rows.as_slice())))
+            .filter(|(_, rows)| !rows.is_empty())
+            .collect();
+        let mut rest = &chosen[..];
+        while !rest.is_empty() {
+            let mut total = 0;
+            let n = rest
                 .iter()
-                .map(|&(r, _)| &xn[r * hidden..(r + 1) * hidden]);
-            expert.forward_gathered(xs, |i, y| {
-                let (r, w) = assigned[i];
-                axpy(w, y, &mut out[r * hidden..(r + 1) * hidden]);
-            });
+                .take_while(|(_, rows)| {
+                    total += rows.len();
+                    total <= GROUP_ROWS
+                })
+                .count()
+                .max(1);
+            let (group, tail) = rest.split_at(n);
+            run_experts(group, xn, hidden, exec, out);
+            rest = tail;
         }
         self.add_shared(xn, rows, out);
     }
@@ -165,6 +178,77 @@ impl MoeWeights {
             .zip(g)
         {
             axpy(1.0 / (1.0 + (-g).exp()), y, o);
+        }
+    }
+}
+
+/// Runs each expert over its token rows, `(row, routing weight)` each, and adds its output rows,
+/// times their weights, to those rows of `out` (expert by expert, in order): every gate/up in one
+/// parallel region, SwiGLU, every down in another. Each expert's products are computed as
+/// [`Mlp::forward`] computes them.
+fn run_experts(
+    experts: &[(&Mlp, &[(usize, f32)])],
+    xn: &[f32],
+    hidden: usize,
+    exec: Exec,
+    out: &mut [f32],
+) {
+    let xs: Vec<Vec<f32>> = experts
+        .iter()
+        .map(|(_, rows)| {
+            rows.iter()
+                .flat_map(|&(r, _)| &xn[r * hidden..(r + 1) * hidden])
+                .copied()
+                .collect()
+        })
+        .collect();
+    let mut gu: Vec<Vec<f32>> = experts
+        .iter()
+        .map(|(m, rows)| vec![0.0; rows.len() * 2 * m.intermediate])
+        .collect();
+    let mut jobs: Vec<MatmulJob> = experts
+        .iter()
+        .zip(&xs)
+        .zip(gu.iter_mut())
+        .map(|(((mlp, rows), x), y)| MatmulJob {
+            w: mlp.gate_up.view(),
+            x,
+            m: rows.len(),
+            y,
+        })
+        .collect();
+    run_matmuls(exec, &mut jobs);
+    let act: Vec<Vec<f32>> = experts
+        .iter()
+        .zip(&gu)
+        .map(|((mlp, rows), g)| {
+            let i = mlp.intermediate;
+            let mut h = vec![0.0f32; rows.len() * i];
+            for (g, hr) in g.chunks_exact(2 * i).zip(h.chunks_exact_mut(i)) {
+                silu_mul(&g[..i], &g[i..], hr);
+            }
+            h
+        })
+        .collect();
+    let mut ys: Vec<Vec<f32>> = experts
+        .iter()
+        .map(|(_, rows)| vec![0.0; rows.len() * hidden])
+        .collect();
+    let mut jobs: Vec<MatmulJob> = experts
+        .iter()
+        .zip(&act)
+        .zip(ys.iter_mut())
+        .map(|(((mlp, rows), x), y)| MatmulJob {
+            w: mlp.down.view(),
+            x,
+            m: rows.len(),
+            y,
+        })
+        .collect();
+    run_matmuls(exec, &mut jobs);
+    for ((_, rows), y) in experts.iter().zip(&ys) {
+        for (&(r, w), yr) in rows.iter().zip(y.chunks_exact(hidden)) {
+            axpy(w, yr, &mut out[r * hidden..(r + 1) * hidden]);
         }
     }
 }
