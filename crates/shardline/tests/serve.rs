@@ -47,8 +47,9 @@ struct Server {
 }
 
 impl Server {
-    /// Serves the model in `dir` with `extra` arguments; returns once `/health` answers.
-    fn start_dir(dir: &Path, extra: &[&str]) -> Server {
+    /// Serves the model in `dir` with `extra` arguments and `envs` set; returns once `/health`
+    /// answers.
+    fn start_dir(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_shardline"))
@@ -59,6 +60,7 @@ impl Server {
             .env_remove("SHARDLINE_TP")
             .env_remove("SHARDLINE_EP")
             .env_remove("SHARDLINE_DEVICE")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
@@ -86,7 +88,7 @@ impl Server {
     }
 
     fn start(extra: &[&str]) -> Server {
-        Server::start_dir(&fixture(FIXTURE), extra)
+        Server::start_dir(&fixture(FIXTURE), extra, &[])
     }
 
     fn log(&self) -> String {
@@ -648,7 +650,7 @@ fn chat_prompts_are_rendered_with_the_model_template() {
     let template = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
     let config = json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template});
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-    let server = Server::start_dir(dir.path(), &[]);
+    let server = Server::start_dir(dir.path(), &[], &[]);
     let (status, answer) = chat_prompt(
         &server,
         json!([
@@ -710,4 +712,18 @@ fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     };
     assert!(status.success(), "{status}: {}", server.log());
     assert!(TcpStream::connect(("127.0.0.1", server.port)).is_err());
+}
+
+#[test]
+fn an_idle_server_over_two_ranks_outlives_the_collective_deadline() {
+    // The other rank waits for each step with the group's deadline (1 s here): rank 0 must keep
+    // it alive while no request comes.
+    let server = Server::start_dir(
+        &fixture(FIXTURE),
+        &["--tp", "2"],
+        &[("SHARDLINE_TIMEOUT", "1")],
+    );
+    std::thread::sleep(Duration::from_millis(3000));
+    let body = server.complete(&json!({"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}));
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
 }

@@ -146,6 +146,7 @@ fn run(mut engine: DynEngine, batcher: Batcher, stop: &AtomicBool) -> anyhow::Re
     } = batcher;
     let vocab = engine.backend.spec().vocab;
     let mut live: Vec<Live> = Vec::new();
+    let mut last_sent = Instant::now();
     loop {
         let idle = sched.running() == 0 && sched.waiting() == 0;
         if idle && stop.load(Ordering::Relaxed) {
@@ -206,8 +207,15 @@ fn run(mut engine: DynEngine, batcher: Batcher, stop: &AtomicBool) -> anyhow::Re
         let plan = sched.plan();
         metrics.set_load(sched.running(), sched.waiting(), sched.kv_blocks().0);
         if plan.is_empty() {
+            // The other ranks wait for plans with the group's deadline: an idle server tells
+            // them it is alive.
+            if last_sent.elapsed() >= KEEPALIVE {
+                keep_alive(&mut engine)?;
+                last_sent = Instant::now();
+            }
             continue;
         }
+        last_sent = Instant::now();
         let out = broadcast_plan(&mut engine, &plan).and_then(|()| Ok(plan.run(&mut engine)?));
         let logits = match out {
             Ok(l) => l,
@@ -248,6 +256,18 @@ fn run(mut engine: DynEngine, batcher: Batcher, stop: &AtomicBool) -> anyhow::Re
     broadcast_plan(&mut engine, &StepPlan::default())
 }
 
+/// How often an idle rank 0 tells the other ranks it is there (well inside any collective
+/// deadline: `SHARDLINE_TIMEOUT` is whole seconds).
+const KEEPALIVE: Duration = Duration::from_millis(250);
+
+/// Tells the other ranks that there is no step yet: a plan length of 0.
+fn keep_alive(engine: &mut DynEngine) -> anyhow::Result<()> {
+    if engine.reduce.world() > 1 {
+        engine.reduce.broadcast_u32(&mut [0])?;
+    }
+    Ok(())
+}
+
 /// Sends `plan` from rank 0 to the other ranks (nothing on one rank). An empty plan means stop.
 fn broadcast_plan(engine: &mut DynEngine, plan: &StepPlan) -> anyhow::Result<()> {
     if engine.reduce.world() == 1 {
@@ -261,11 +281,16 @@ fn broadcast_plan(engine: &mut DynEngine, plan: &StepPlan) -> anyhow::Result<()>
     Ok(())
 }
 
-/// A rank other than 0 while serving: runs every plan rank 0 sends until an empty one.
+/// A rank other than 0 while serving: runs every plan rank 0 sends until an empty one (a plan
+/// of length 0 is rank 0 saying it is idle).
 pub fn follow(mut engine: DynEngine) -> anyhow::Result<()> {
     loop {
         let mut len = [0u32];
         engine.reduce.broadcast_u32(&mut len)?;
+        if len[0] == 0 {
+            // Rank 0 is idle, and alive.
+            continue;
+        }
         // A plan is a few words per row and block; bound what one may claim.
         anyhow::ensure!(
             len[0] <= 1 << 24,
