@@ -8,8 +8,9 @@
 # Results go to $OUT (default gpu-results/).
 #
 # STEPS picks the parts (default all): tests verify decode whole prefill. `whole` runs whole
-# models (Qwen3-30B-A3B's 48 layers, about 61 GB in bf16; Mixtral-8x7B's 32, about 93 GB, only on
-# a GPU that holds it). NCCL (libnccl.so.2) and NVRTC come from PyTorch's wheels when they are not
+# models, WHOLE="preset:layers ..." (default Qwen3-30B-A3B's 48 layers, about 61 GB in bf16, and
+# Mixtral-8x7B's 32, about 93 GB, only on a GPU that holds it); adding `nopeer` or `nobench` to
+# STEPS leaves out the PyTorch peer or Shardline's own runs there. NCCL (libnccl.so.2) and NVRTC come from PyTorch's wheels when they are not
 # on the path (scripts/gpu-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,14 +89,15 @@ fi
 
 if has whole; then
     echo "== whole models"
-    decode_pair qwen3-30b-a3b 48 qwen3-30b-a3b_48
-    peer qwen3-30b-a3b 48 qwen3-30b-a3b_48
-    if [ "${gpu_mib:-0}" -gt 120000 ]; then
-        decode_pair mixtral-8x7b 32 mixtral-8x7b_32
-        peer mixtral-8x7b 32 mixtral-8x7b_32
-    else
-        echo "Mixtral-8x7B's 32 layers (about 93 GB in bf16) need a larger GPU than this one"
-    fi
+    for case in ${WHOLE:-qwen3-30b-a3b:48 mixtral-8x7b:32}; do
+        p=${case%%:*} n=${case##*:}
+        if [ "$p" = mixtral-8x7b ] && [ "${gpu_mib:-0}" -lt 120000 ]; then
+            echo "Mixtral-8x7B's 32 layers (about 93 GB in bf16) need a larger GPU than this one"
+            continue
+        fi
+        has nobench || decode_pair "$p" "$n" "${p}_$n"
+        has nopeer || peer "$p" "$n" "${p}_$n"
+    done
 fi
 
 if has prefill; then

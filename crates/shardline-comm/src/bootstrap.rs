@@ -165,14 +165,12 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => eprintln!("shardline-comm: bootstrap accept failed: {e}"),
+            Err(e) => tracing::warn!("bootstrap accept failed: {e}"),
         }
         match rx.recv_timeout(Duration::from_millis(2).min(left)) {
             Ok((stream, from, Ok((rank, mut ep)))) => {
                 if joined[rank].is_some() {
-                    eprintln!(
-                        "shardline-comm: bootstrap refused {from}: rank {rank} has already joined"
-                    );
+                    tracing::warn!("bootstrap refused {from}: rank {rank} has already joined");
                     continue;
                 }
                 ep.tcp = SocketAddr::new(from.ip(), ep.tcp.parse().unwrap_or(0)).to_string();
@@ -180,7 +178,7 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
                 missing -= 1;
             }
             Ok((_, from, Err(why))) => {
-                eprintln!("shardline-comm: bootstrap refused a connection from {from}: {why}")
+                tracing::warn!("bootstrap refused a connection from {from}: {why}")
             }
             Err(_) => {}
         }

@@ -7,6 +7,7 @@ use crate::config::{Arch, FfnKind, ModelSpec};
 use crate::error::Result;
 use crate::layer::{AttentionWeights, FfnWeights, Layer, Mlp, MoeWeights};
 use crate::plan::Plan;
+use crate::progress::Step;
 use crate::weights::{stack_rows, TensorSource, Weight};
 
 /// Every weight of a model.
@@ -46,9 +47,15 @@ pub fn load_model_for(
     plan.check(spec)?;
     let (v, h) = (spec.vocab, spec.hidden);
     let embed = src.get("model.embed_tokens.weight", &[v, h])?;
+    let step = Step::begin("loading layers", spec.n_layers as u64);
     let layers = (0..spec.n_layers)
-        .map(|i| load_layer_for(spec, src, i, plan))
+        .map(|i| {
+            let layer = load_layer_for(spec, src, i, plan);
+            step.advance();
+            layer
+        })
         .collect::<Result<Vec<_>>>()?;
+    drop(step);
     let final_norm = src.get("model.norm.weight", &[h])?.to_f32_vec();
     // A tied model may still ship an lm_head copy; it is identical, so the embedding serves.
     let lm_head = if spec.tie_embeddings {

@@ -1,21 +1,24 @@
 //! Putting a model together: a Hugging Face directory (config, safetensors, tokenizer) or the
-//! built-in demo model with deterministic random weights, as a single-rank CPU [`Engine`].
+//! built-in demo model with deterministic random weights, as a single-rank CPU [`Engine`]; and
+//! [`Model`], the engine with its tokenizer, which turns prompts into text.
 
 use std::path::Path;
 
 use shardline_tensor::DType;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::SingleRank;
+use crate::backend::{Backend, Reduce, SingleRank};
 use crate::config::{eos_ids, Arch, ModelSpec, MoeSpec};
 use crate::engine::Engine;
 use crate::error::{ModelError, Result};
 use crate::files::read_json;
+use crate::generate::{generate, Timings};
 use crate::load::{load_model_for, ModelWeights};
 use crate::plan::Plan;
 use crate::random::RandomWeights;
 use crate::rope::RopeScaling;
 use crate::safetensors_dir::SafetensorsDir;
+use crate::sampler::Sampler;
 use crate::tokenizer::TextCodec;
 use crate::weights::TensorSource;
 
@@ -159,4 +162,118 @@ pub fn verify_dir(
     let reference = crate::Reference::from_file(&path, spec.vocab)?;
     let mut engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
     crate::verify(&mut engine, &reference)
+}
+
+/// A model ready to write text: its engine (weights on a device, KV cache) and its tokenizer.
+/// The library's front door, running the same engine and generation loop as `shardline run`.
+///
+/// ```
+/// use shardline_model::{GenerateOptions, Model};
+///
+/// let mut model = Model::builtin()?; // or Model::open(Path::new("path/to/hf-model-dir"))?
+/// let out = model.generate("Hello", &GenerateOptions { max_tokens: 8, ..Default::default() })?;
+/// assert_eq!(out.tokens.len(), 8); // the built-in model has no end-of-sequence token
+/// # Ok::<(), shardline_model::ModelError>(())
+/// ```
+pub struct Model<B: Backend = CpuBackend, R: Reduce = SingleRank> {
+    engine: Engine<B, R>,
+    codec: TextCodec,
+}
+
+/// How [`Model::generate`] writes: how many tokens at most and how each is chosen.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// New tokens at most (fewer when the model ends the text).
+    pub max_tokens: usize,
+    /// 0 is greedy (the most likely token every time); higher samples more freely.
+    pub temperature: f32,
+    /// Sample from the smallest set of tokens whose probability reaches this (1.0: all).
+    pub top_p: f32,
+    /// Keep at most this many of the most likely tokens (0: no limit).
+    pub top_k: usize,
+    /// The sampler's seed (the same seed, prompt and settings give the same text).
+    pub seed: u64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// What [`Model::generate`] wrote.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// The new text (the prompt not included).
+    pub text: String,
+    /// The new tokens' ids.
+    pub tokens: Vec<u32>,
+    /// How long the prompt and each new token took.
+    pub timings: Timings,
+}
+
+impl Model {
+    /// The Hugging Face model directory `dir` (config.json, safetensors, tokenizer.json), on the
+    /// CPU.
+    pub fn open(dir: &Path) -> Result<Model> {
+        let (spec, weights) = load_parts(dir, |_| {})?;
+        let engine = Engine::new(CpuBackend::new(spec, weights, 0), SingleRank);
+        Ok(Model::new(engine, load_tokenizer(dir)?))
+    }
+
+    /// The built-in demo model (random weights, byte-level tokenizer: its text is gibberish).
+    pub fn builtin() -> Result<Model> {
+        Ok(Model::new(builtin()?, TextCodec::Bytes))
+    }
+}
+
+impl<B: Backend, R: Reduce> Model<B, R> {
+    /// A model over an engine built by hand (another device, or one rank of a group).
+    pub fn new(engine: Engine<B, R>, codec: TextCodec) -> Model<B, R> {
+        Model { engine, codec }
+    }
+
+    /// What the model is: shapes, vocabulary, end-of-sequence ids.
+    pub fn spec(&self) -> &ModelSpec {
+        self.engine.backend.spec()
+    }
+
+    /// Text after `prompt`, as `opts` say.
+    pub fn generate(&mut self, prompt: &str, opts: &GenerateOptions) -> Result<Generation> {
+        self.generate_streaming(prompt, opts, |_| {})
+    }
+
+    /// [`Model::generate`], calling `emit` with each new piece of text as it is written.
+    pub fn generate_streaming(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        emit: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let mut sampler =
+            Sampler::checked(opts.temperature, opts.top_p, opts.seed)?.with_top_k(opts.top_k);
+        let ids = self.codec.encode(prompt)?;
+        let eos = self.spec().eos_ids.clone();
+        let (tokens, timings) = generate(
+            &mut self.engine,
+            &self.codec,
+            &ids,
+            opts.max_tokens,
+            &mut sampler,
+            &eos,
+            emit,
+        )?;
+        let text = self.codec.decode(&tokens)?;
+        Ok(Generation {
+            text,
+            tokens,
+            timings,
+        })
+    }
 }

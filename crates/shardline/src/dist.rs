@@ -2,6 +2,7 @@
 //! once per rank on this host, with the `SHARDLINE_*` environment), and the model's all-reduce
 //! through a `shardline-comm` group.
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -83,6 +84,14 @@ pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
     let ep = p.ep();
     if started_as_rank() {
         let group = Group::from_env().context("cannot join the job's ranks")?;
+        if let Some(tp) = p.tp {
+            anyhow::ensure!(
+                tp == group.size(),
+                "--tp {tp} asks for {tp} ranks, but this job has {} (SHARDLINE_WORLD_SIZE; \
+                 `launch` starts --ranks-per-host ranks on each host)",
+                group.size()
+            );
+        }
         let plan = Plan::new(group.size(), ep, group.rank())?;
         return Ok(Role::Rank { group, plan });
     }
@@ -245,10 +254,12 @@ impl JobEnv {
 }
 
 /// Starts `world` processes (`command(rank)`) and waits for them: rank 0's output is shown, the
-/// others' standard output is dropped (their errors are shown). Fails, naming the rank, when any
-/// rank fails; no rank is left running.
+/// others' standard output is dropped. The ranks' log lines are passed on as they come; their
+/// error reports are held back, so that a failed job is reported once, by the first rank that
+/// failed ([`JobFailed`]). No rank is left running.
 pub fn start_ranks(world: usize, command: impl Fn(usize) -> Command) -> anyhow::Result<()> {
     let mut children: Vec<Child> = Vec::with_capacity(world);
+    let mut relays = Vec::with_capacity(world);
     for rank in 0..world {
         let child = command(rank)
             .stdin(Stdio::null())
@@ -257,16 +268,118 @@ pub fn start_ranks(world: usize, command: impl Fn(usize) -> Command) -> anyhow::
             } else {
                 Stdio::null()
             })
+            .stderr(Stdio::piped())
             .spawn();
         match child {
-            Ok(c) => children.push(c),
+            Ok(mut c) => {
+                relays.push(c.stderr.take().map(relay_stderr));
+                children.push(c);
+            }
             Err(e) => {
                 kill_all(&mut children);
                 return Err(e).context(format!("cannot start rank {rank}"));
             }
         }
     }
-    wait_all(children)
+    let outcome = wait_all(children);
+    // Every rank has exited (or was killed), so its pipe is closed and its relay ends.
+    let reports: Vec<Vec<String>> = relays
+        .into_iter()
+        .map(|r| r.and_then(|h| h.join().ok()).unwrap_or_default())
+        .collect();
+    match outcome? {
+        None => Ok(()),
+        Some((rank, status, later)) => Err(JobFailed {
+            rank,
+            status,
+            report: reports[rank].clone(),
+            others: later
+                .into_iter()
+                .filter_map(|r| Some((r, summary(&reports[r])?)))
+                .collect(),
+        }
+        .into()),
+    }
+}
+
+/// A rank's report in one line: its headline, and its innermost cause when there is one (the
+/// cause is where a survivor names the peer it lost).
+fn summary(report: &[String]) -> Option<String> {
+    let headline = report.first()?;
+    Some(match report.last() {
+        Some(root) if report.len() > 1 => format!("{headline}: {root}"),
+        _ => headline.clone(),
+    })
+}
+
+/// A failed job: the rank that failed first (by time), how it ended and the error it reported
+/// (headline, then causes); and a line from each rank that failed after it.
+#[derive(Debug)]
+pub struct JobFailed {
+    pub rank: usize,
+    pub status: String,
+    pub report: Vec<String>,
+    pub others: Vec<(usize, String)>,
+}
+
+impl std::fmt::Display for JobFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.report.first() {
+            Some(headline) => write!(f, "rank {} failed: {headline}", self.rank),
+            None => write!(f, "rank {} failed ({})", self.rank, self.status),
+        }
+    }
+}
+
+impl std::error::Error for JobFailed {}
+
+impl JobFailed {
+    /// The report's lines after the headline: the first rank's causes, then what the others said.
+    pub fn detail_lines(&self) -> Vec<String> {
+        let causes = self
+            .report
+            .iter()
+            .skip(1)
+            .map(|c| format!("  caused by: {c}"));
+        let others = self
+            .others
+            .iter()
+            .map(|(r, h)| format!("  then rank {r} failed: {h}"));
+        causes.chain(others).collect()
+    }
+}
+
+/// Passes a rank's stderr on line by line, keeping back its error report (`error: ...` and the
+/// `caused by: ...` lines under it, as [`crate::log`] prints them), which it returns without
+/// their prefixes.
+fn relay_stderr(pipe: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut report = Vec::new();
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let body = strip_rank_prefix(&line);
+            if let Some(headline) = body.strip_prefix("error: ") {
+                if report.is_empty() {
+                    report.push(headline.to_string());
+                    continue;
+                }
+            } else if let Some(cause) = body.strip_prefix("  caused by: ") {
+                if !report.is_empty() {
+                    report.push(cause.to_string());
+                    continue;
+                }
+            }
+            eprintln!("{line}");
+        }
+        report
+    })
+}
+
+/// `line` without the `rank N: ` that a rank of several puts before its lines.
+fn strip_rank_prefix(line: &str) -> &str {
+    line.strip_prefix("rank ")
+        .and_then(|rest| rest.split_once(": "))
+        .filter(|(n, _)| n.parse::<usize>().is_ok())
+        .map_or(line, |(_, body)| body)
 }
 
 fn kill_all(children: &mut [Child]) {
@@ -276,16 +389,21 @@ fn kill_all(children: &mut [Child]) {
     }
 }
 
+/// The rank that failed first, how it ended, and the ranks that failed after it (in order).
+type Failure = (usize, String, Vec<usize>);
+
 /// Waits for every rank; after the first failure the others get [`GRACE`] to exit on their own.
-fn wait_all(mut children: Vec<Child>) -> anyhow::Result<()> {
+fn wait_all(mut children: Vec<Child>) -> anyhow::Result<Option<Failure>> {
     let mut status: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
-    let mut first_failure: Option<(usize, Instant)> = None;
+    let mut failed: Vec<usize> = Vec::new();
+    let mut first_failure: Option<Instant> = None;
     loop {
         for (rank, c) in children.iter_mut().enumerate() {
             if status[rank].is_none() {
                 if let Some(s) = c.try_wait().context("cannot wait for a rank")? {
-                    if !s.success() && first_failure.is_none() {
-                        first_failure = Some((rank, Instant::now()));
+                    if !s.success() {
+                        failed.push(rank);
+                        first_failure.get_or_insert_with(Instant::now);
                     }
                     status[rank] = Some(s);
                 }
@@ -294,19 +412,50 @@ fn wait_all(mut children: Vec<Child>) -> anyhow::Result<()> {
         if status.iter().all(Option::is_some) {
             break;
         }
-        if let Some((_, since)) = first_failure {
-            if since.elapsed() > GRACE {
-                kill_all(&mut children);
-                break;
-            }
+        if first_failure.is_some_and(|since| since.elapsed() > GRACE) {
+            kill_all(&mut children);
+            break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    match first_failure {
-        None => Ok(()),
-        Some((rank, _)) => {
-            let s = status[rank].map_or("killed".to_string(), |s| s.to_string());
-            anyhow::bail!("rank {rank} failed ({s})")
-        }
+    Ok(failed.split_first().map(|(&rank, later)| {
+        let s = status[rank].map_or("killed".to_string(), |s| s.to_string());
+        (rank, s, later.to_vec())
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_prefix_is_taken_off_only_when_it_is_one() {
+        assert_eq!(strip_rank_prefix("rank 3: error: x"), "error: x");
+        assert_eq!(strip_rank_prefix("error: x"), "error: x");
+        assert_eq!(strip_rank_prefix("rank x: y"), "rank x: y");
+    }
+
+    #[test]
+    fn a_failed_job_reports_the_first_rank_then_the_others() {
+        let job = JobFailed {
+            rank: 1,
+            status: "exit status: 1".into(),
+            report: vec!["cannot load the model".into(), "no such file".into()],
+            others: vec![(0, "peer rank 1 is gone".into())],
+        };
+        assert_eq!(job.to_string(), "rank 1 failed: cannot load the model");
+        assert_eq!(
+            job.detail_lines(),
+            [
+                "  caused by: no such file",
+                "  then rank 0 failed: peer rank 1 is gone"
+            ]
+        );
+        let killed = JobFailed {
+            report: vec![],
+            status: "signal: 9 (SIGKILL)".into(),
+            ..job
+        };
+        assert_eq!(killed.to_string(), "rank 1 failed (signal: 9 (SIGKILL))");
     }
 }

@@ -31,7 +31,8 @@ const PRESET_SEED: u64 = 0x5eed;
 pub struct ModelArgs {
     /// A model directory in the Hugging Face layout (config.json, model.safetensors or
     /// model.safetensors.index.json with its shards, tokenizer.json), e.g. one downloaded with
-    /// `huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir DIR`. Without it (and
+    /// `huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir DIR`; or a repository
+    /// id (`ORG/NAME`) whose snapshot is in the local Hugging Face cache. Without it (and
     /// without --preset), a built-in small Mixtral-shaped model with deterministic random weights
     /// and a byte-level tokenizer runs (its text is gibberish, but it needs no download).
     #[arg(short = 'm', long, env = "SHARDLINE_MODEL", conflicts_with = "preset")]
@@ -103,7 +104,7 @@ impl ModelArgs {
     pub fn source(&self) -> anyhow::Result<Source> {
         Ok(match (&self.model, &self.preset) {
             (Some(dir), _) => Source::Dir {
-                dir: dir.clone(),
+                dir: crate::hub::resolve_model(dir)?,
                 layers: self.layers,
             },
             (None, Some(name)) => {

@@ -249,7 +249,7 @@ mod gpu {
             .context("cannot form the NCCL communicator")?;
         if rank == 0 {
             if let Ok((major, minor, patch)) = loads {
-                eprintln!(
+                tracing::info!(
                     "gpu-comm: NCCL {major}.{minor}.{patch}, {world} rank(s), all-reduce on the GPUs"
                 );
             }

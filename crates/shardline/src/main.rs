@@ -1,5 +1,7 @@
 //! The `shardline` command line.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 /// Shardline: fast Mixture-of-Experts inference over processes, GPUs and machines.
@@ -8,6 +10,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    verbosity: log::Verbosity,
 }
 
 #[derive(Subcommand)]
@@ -31,18 +35,28 @@ mod engine;
 // Without the `cuda` feature only its tests use the choice and the id exchange.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod gpu_comm;
+mod hub;
 mod launch;
+mod log;
 mod run;
 mod serve;
 mod verify;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    log::init(cli.verbosity);
+    let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Run(args) => run::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Launch(args) => launch::run(args),
         Command::Serve(args) => serve::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::print_error(&e, cli.verbosity);
+            ExitCode::FAILURE
+        }
     }
 }

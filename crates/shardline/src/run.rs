@@ -210,9 +210,13 @@ fn stream(
     } else {
         0.0
     };
-    eprintln!(
+    tracing::info!(
         "[prefill {} tokens: {:.1} ms | decode {} tokens: {:.2} ms/token, {:.1} tokens/s]",
-        t.prompt_tokens, t.prefill_ms, t.generated, t.decode_ms_per_token, tokens_per_s
+        t.prompt_tokens,
+        t.prefill_ms,
+        t.generated,
+        t.decode_ms_per_token,
+        tokens_per_s
     );
     if let Some(path) = &args.json {
         let record = serde_json::json!({

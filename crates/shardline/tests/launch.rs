@@ -94,4 +94,21 @@ fn launch_fails_naming_the_rank_that_failed() {
         stderr.contains("rank 0 failed") || stderr.contains("rank 1 failed"),
         "{stderr}"
     );
+    // The error is printed once, by the launcher.
+    assert_eq!(stderr.matches("error: ").count(), 1, "{stderr}");
+
+    // Two hosts of one rank each cannot run --tp 4: refused, not run as 2 ranks.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen3-moe-tiny");
+    let out = launch(
+        &hosts,
+        &ssh,
+        "1",
+        &["verify", "--model", model.to_str().unwrap(), "--tp", "4"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--tp 4 asks for 4 ranks, but this job has 2"),
+        "{stderr}"
+    );
 }

@@ -105,10 +105,10 @@ impl Transport for TcpTransport {
                     ));
                 }
                 Ok((_, rank)) => {
-                    eprintln!("shardline-comm: refused a tcp connection from {from}: unexpected rank {rank}")
+                    tracing::warn!("refused a tcp connection from {from}: unexpected rank {rank}")
                 }
                 Err(why) => {
-                    eprintln!("shardline-comm: refused a tcp connection from {from}: {why}")
+                    tracing::warn!("refused a tcp connection from {from}: {why}")
                 }
             }
         }

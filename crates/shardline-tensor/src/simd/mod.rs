@@ -84,16 +84,16 @@ impl Isa {
             match Isa::ALL.into_iter().find(|i| i.name() == name.trim()) {
                 Some(isa) if isa.is_supported() => isa,
                 Some(isa) => {
-                    eprintln!(
-                        "shardline: SHARDLINE_ISA={} is not supported by this CPU; using {}",
+                    tracing::warn!(
+                        "SHARDLINE_ISA={} is not supported by this CPU; using {}",
                         isa.name(),
                         best.name()
                     );
                     best
                 }
                 None => {
-                    eprintln!(
-                        "shardline: SHARDLINE_ISA={name:?} is not one of avx512, avx2, scalar; \
+                    tracing::warn!(
+                        "SHARDLINE_ISA={name:?} is not one of avx512, avx2, scalar; \
                          using {}",
                         best.name()
                     );

@@ -474,7 +474,7 @@ async fn bench(args: ServeArgs, target: Arc<Target>) -> anyhow::Result<()> {
                 target.url
             );
         }
-        eprintln!(
+        tracing::warn!(
             "bench serve: {} of {} requests failed; the first: {first}",
             failures.len(),
             args.requests

@@ -58,8 +58,8 @@ pub fn serve(addr: SocketAddr, state: Arc<AppState>, stop: Arc<AtomicBool>) -> a
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        eprintln!(
-            "shardline: serving {} on http://{}",
+        tracing::info!(
+            "serving {} on http://{}",
             state.model_name,
             listener.local_addr()?
         );
@@ -71,11 +71,11 @@ pub fn serve(addr: SocketAddr, state: Arc<AppState>, stop: Arc<AtomicBool>) -> a
         };
         tokio::spawn(async move {
             tokio::select! {
-                () = signals.recv() => eprintln!(
-                    "shardline: shutting down once the requests in flight finish \
+                () = signals.recv() => tracing::info!(
+                    "shutting down once the requests in flight finish \
                      (signal again to stop now)"
                 ),
-                () = engine_stopped => eprintln!("shardline: the engine stopped; shutting down"),
+                () = engine_stopped => tracing::warn!("the engine stopped; shutting down"),
             }
             let _ = tx.send(Shutdown::Graceful);
             signals.recv().await;
@@ -97,7 +97,7 @@ pub fn serve(addr: SocketAddr, state: Arc<AppState>, stop: Arc<AtomicBool>) -> a
                 let _ = tokio::time::timeout(SHUTDOWN_GRACE, now.wait_for(|s| *s == Shutdown::Now))
                     .await;
             } => {
-                eprintln!("shardline: stopping with requests still in flight");
+                tracing::warn!("stopping with requests still in flight");
                 Ok(())
             }
         }

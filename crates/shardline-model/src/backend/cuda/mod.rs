@@ -23,6 +23,7 @@ use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
 use crate::layer::{Exec, FfnWeights, Layer, Mlp};
 use crate::load::ModelWeights;
+use crate::progress::Step;
 use crate::weights::Weight;
 
 /// One rank's weights and KV caches on a GPU.
@@ -226,12 +227,18 @@ impl CudaBackend {
             shape.n_heads = first.attn.n_heads;
             shape.n_kv_heads = first.attn.n_kv_heads;
         }
+        let step = Step::begin("uploading layers", weights.layers.len() as u64);
         let layers = weights
             .layers
             .iter()
             .enumerate()
-            .map(|(i, l)| upload_layer(&dev, &shape, l, i))
+            .map(|(i, l)| {
+                let layer = upload_layer(&dev, &shape, l, i);
+                step.advance();
+                layer
+            })
             .collect::<Result<Vec<_>>>()?;
+        drop(step);
         let embed_dtype = weights.embed.dtype();
         let embedding = DeviceEmbedding::upload(
             &dev,

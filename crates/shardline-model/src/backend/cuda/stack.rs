@@ -867,8 +867,8 @@ impl LayerStack {
         dev.synchronize()?;
         match self.capture_one(dev, |s| s.enqueue_step(dev, &mut AfterOp::Queue)) {
             Ok(graph) => return Ok(StepGraphs::Whole(graph)),
-            Err(e) if self.comm.is_some() => eprintln!(
-                "note: the NCCL all-reduce could not be captured in a graph ({e}); it runs \
+            Err(e) if self.comm.is_some() => tracing::warn!(
+                "the NCCL all-reduce could not be captured in a graph ({e}); it runs \
                  between the segments' graph launches"
             ),
             Err(e) => return Err(e),
