@@ -6,6 +6,7 @@ pub mod dtype;
 pub mod error;
 pub mod kernels;
 pub mod pool;
+pub mod quant;
 pub mod reference;
 pub mod shape;
 pub mod simd;
