@@ -59,6 +59,10 @@ pub enum ModelError {
     NoCuda,
     #[error("{0}")]
     Invalid(String),
+    /// A GGUF file or split set that cannot be used; the error names the file and the field, key
+    /// or tensor at fault.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod gguf;
 pub mod kv_pool;
 pub mod layer;
 pub mod load;
