@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `shardline bench decode --tp 2` with its two ranks on two "hosts": network namespaces joined by
-# a veth pair, talking over tcp (DESIGN.md's multi-host path, on one machine). Needs root and
-# iproute2. Runs split and per-op; rank 0's records go to $OUT/decode-netns.jsonl and the table.
+# a veth pair, talking over tcp: ranks started by hand as on several hosts (docs/architecture.md,
+# "Bootstrap and launch"), on one machine. Needs root and iproute2. Runs split and per-op; rank
+# 0's records go to $OUT/decode-netns.jsonl and the table.
 # Env: PRESET (mixtral-mini), DTYPE (bf16), ITERS (300), DELAY (netem delay on each link, e.g.
 #      1ms; empty: none; refused where the kernel has no netem), OUT.
 # shellcheck source=lib.sh source-path=SCRIPTDIR

@@ -43,8 +43,9 @@ if has tests; then
 fi
 
 if has verify; then
-    echo "== verify on the GPU: every repo fixture (and ../shared/fixtures when present), one rank,"
-    echo "   through a one-rank NCCL communicator, and split over ranks sharing the GPU (host sums)"
+    echo "== verify on the GPU: every repo fixture (and those in an extra fixtures directory,"
+    echo "   \$SHARED_FIXTURES, when present), one rank, through a one-rank NCCL communicator, and"
+    echo "   split over ranks sharing the GPU (host sums)"
     for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
         [ -f "$d/reference.json" ] || continue
         for plan in "" "--gpu-comm nccl" "--tp 2" "--tp 4" "--ep 2" "--tp 4 --ep 2"; do

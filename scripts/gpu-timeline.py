@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Prints the kernel timeline that the CUDA kernels' probe recorded (docs/cuda-notes.md).
+"""Prints the kernel timeline that the CUDA kernels' probe recorded (docs/architecture.md, "GPU
+kernel design notes", Timeline probe; docs/performance.md, "Where a layer's time goes").
 
-Usage:
-    SHARDLINE_NVRTC_OPTIONS=-DSHARDLINE_TIMELINE SHARDLINE_TIMELINE_OUT=t.bin \
-        shardline bench decode --device cuda --preset qwen3-30b-a3b --dtype bf16
-    python3 scripts/gpu-timeline.py t.bin
+Usage: python3 scripts/gpu-timeline.py FILE
+
+FILE holds the bytes that `CudaDevice::timeline()` returns after steps run with kernels compiled
+with SHARDLINE_NVRTC_OPTIONS=-DSHARDLINE_TIMELINE. No shardline command writes this file: the
+program that ran the steps saves those bytes itself. Kernel names come from the source lines of
+crates/shardline-cuda/src/common.cuh and kernels.cu in this checkout, so the kernels must have
+been compiled from the same source.
 
 The file holds four little-endian u64s per warp (grid id | source line << 32 | SM << 48; start;
 PDL wait returned; end; in ns of %globaltimer). One line per kernel launch of the last step, in
@@ -58,7 +62,7 @@ def launches(data):
 
 def main():
     if len(sys.argv) != 2:
-        sys.exit("usage: gpu-timeline.py TIMELINE_FILE")
+        sys.exit("usage: gpu-timeline.py FILE")
     data = Path(sys.argv[1]).read_bytes()
     names = kernel_names(Path(__file__).resolve().parent.parent)
     steps = launches(data)

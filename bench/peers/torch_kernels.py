@@ -4,7 +4,8 @@
 matvec is `y = W x` for W [rows, cols] row-major, done as models do it (`F.linear(x[1, cols], W)`);
 matmul is `Y = X W^T` with X [m, cols]. Weights are kept out of cache by cycling over copies of W
 whose total is at least --cold-bytes. gbps counts the bytes of W read per call (x and y are tiny).
-mem_read sums a large f32 buffer. One JSON object per line, keys as DESIGN.md plus "peer": "torch".
+mem_read sums a large f32 buffer. One JSON object per line, with the keys `shardline bench kernels`
+writes (README.md, "Benchmarks") plus "peer": "torch".
 
 Usage: python3 bench/peers/torch_kernels.py [--threads N] [--dtypes f32,f16,bf16] [--json FILE]
 """

@@ -13,7 +13,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Everything `Group::init` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// This process's rank in the world group, `0..world_size`.
     pub rank: usize,
+    /// Number of ranks in the job; 1 needs no coordinator.
     pub world_size: usize,
     /// host:port where rank 0 listens for the rendezvous.
     pub coordinator: String,
@@ -21,6 +23,7 @@ pub struct Config {
     pub token: String,
     /// Deadline of every blocking call (bootstrap and each collective).
     pub timeout: Duration,
+    /// Which transport connects this rank to its peers (`SHARDLINE_TRANSPORT`).
     pub transport: TransportChoice,
 }
 

@@ -11,8 +11,11 @@ use half::{bf16, f16};
 pub enum DType {
     /// Raw bytes (internal: bootstrap records, barrier).
     U8 = 0,
+    /// IEEE-754 binary32.
     F32 = 1,
+    /// IEEE-754 binary16 (`half::f16`).
     F16 = 2,
+    /// bfloat16 (`half::bf16`): f32's exponent with an 8-bit significand.
     Bf16 = 3,
 }
 
@@ -51,7 +54,10 @@ impl DType {
 /// Reduction of an all_reduce or reduce_scatter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
+    /// Element-wise sum. Every rank gets the same bits: with more than two ranks the terms are
+    /// added in rank order.
     Sum,
+    /// Element-wise maximum.
     Max,
 }
 
@@ -64,9 +70,11 @@ mod sealed {
 
 /// A type the collectives accept: `f32`, `half::f16` or `half::bf16`.
 pub trait Elem: bytemuck::Pod + Send + Sync + PartialEq + std::fmt::Debug + sealed::Sealed {
+    /// The tag that frame headers carry for buffers of this type.
     const DTYPE: DType;
     /// Nearest value of this type.
     fn from_f32(v: f32) -> Self;
+    /// The value widened to f32 (exact for every implementing type).
     fn to_f32(self) -> f32;
 }
 

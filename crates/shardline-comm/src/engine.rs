@@ -25,6 +25,8 @@ pub enum Algo {
 }
 
 impl Algo {
+    /// Parses a `SHARDLINE_ALLREDUCE_ALGO` value: `auto` or empty (`None`: chosen by size against
+    /// [`DIRECT_MAX_BYTES`]), `direct` or `ring`; anything else is a [`CommError::Config`].
     pub fn parse(s: &str) -> Result<Option<Algo>> {
         match s {
             "auto" | "" => Ok(None),

@@ -14,23 +14,45 @@ pub enum CommError {
     InvalidArgument(String),
     /// A peer died or closed its connection.
     #[error("peer rank {rank} is gone: {detail}")]
-    PeerLost { rank: usize, detail: String },
+    PeerLost {
+        /// World rank of the lost peer.
+        rank: usize,
+        /// How the loss showed (closed connection, exited process, transport error).
+        detail: String,
+    },
     /// A deadline passed.
     #[error("timed out after {secs:.1} s {what}")]
-    Timeout { what: String, secs: f64 },
+    Timeout {
+        /// The wait that ran out, with the ranks still pending where they are known.
+        what: String,
+        /// The deadline it ran under, in seconds.
+        secs: f64,
+    },
     /// A peer sent bytes that are not a valid frame.
     #[error("malformed frame from rank {rank}: {detail}")]
-    Protocol { rank: usize, detail: String },
+    Protocol {
+        /// World rank of the peer that sent the bytes.
+        rank: usize,
+        /// What is wrong with them.
+        detail: String,
+    },
     /// A peer called a different collective, dtype or length than this rank.
     #[error("mismatch with rank {rank}: {detail}")]
-    Mismatch { rank: usize, detail: String },
+    Mismatch {
+        /// World rank of the peer whose frame disagreed.
+        rank: usize,
+        /// What this rank expected and what the peer sent.
+        detail: String,
+    },
     /// The rendezvous failed.
     #[error("bootstrap: {0}")]
     Bootstrap(String),
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
+        /// What this rank was doing when the call failed.
         context: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },

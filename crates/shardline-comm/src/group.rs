@@ -106,12 +106,12 @@ impl Group {
         }
     }
 
-    /// This rank in the group.
     /// How long a collective may take before it fails (`SHARDLINE_TIMEOUT`).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
+    /// This rank in the group, `0..size()`.
     pub fn rank(&self) -> usize {
         self.rank
     }

@@ -1,7 +1,9 @@
+#![warn(missing_docs)]
+
 //! Shardline's communication layer: transports (shared memory and TCP) that connect pairs of
 //! ranks, a bootstrap rendezvous that forms a [`Group`], and collectives over it (all_reduce,
 //! all_gather, reduce_scatter, broadcast, all_to_all(v), barrier, send/recv) on f32, f16 and bf16
-//! slices. See DESIGN.md, "Communication".
+//! slices. See docs/architecture.md, "Collectives and transports" and "Bootstrap and launch".
 //!
 //! ```no_run
 //! use shardline_comm::{Group, ReduceOp};

@@ -32,9 +32,10 @@ __device__ __forceinline__ void wait_for_previous_() {
 // (%globaltimer, ns) in a slot fixed by its launch (%gridid) and its warp index: no atomics and
 // no registers held, so kernels keep their register counts and (nearly) their timing. A graph's
 // kernel nodes keep their grid ids from one replay to the next, so the slots end up holding the
-// last replay of up to TIMELINE_LAUNCHES kernels. CudaDevice::write_timeline saves them and
-// scripts/gpu-timeline.py prints them per kernel (docs/cuda-notes.md, session 6). Without the
-// define, the hooks are the plain PDL calls.
+// last replay of up to TIMELINE_LAUNCHES kernels. CudaDevice::timeline copies them out and
+// scripts/gpu-timeline.py prints them per kernel (docs/architecture.md, "GPU kernel design
+// notes", Timeline probe; a layer read this way is in docs/performance.md, "Where a layer's time
+// goes"). Without the define, the hooks are the plain PDL calls.
 #ifdef SHARDLINE_TIMELINE
 #define TIMELINE_LAUNCHES 32
 #define TIMELINE_WARPS 8192

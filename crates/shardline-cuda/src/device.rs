@@ -21,7 +21,8 @@ const KERNEL_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("ke
 /// kernel's needs at the presets' sizes). One setting for all: an SM takes blocks of a kernel that
 /// needs more shared memory than its current split only once it is empty and reconfigured, so
 /// under the driver's own choice (the least each kernel needs) a kernel with shared memory could
-/// not start early beside the matvec before it (docs/cuda-notes.md, step 30).
+/// not start early beside the matvec before it (docs/architecture.md, "GPU kernel design notes",
+/// Shared-memory carveout).
 const SMEM_CARVEOUT_PERCENT: i32 = 15;
 
 /// The matrix-vector entry points for one weight dtype (`MATVEC_ENTRY` in kernels.cu).
@@ -53,22 +54,42 @@ impl MatvecKernels {
     }
 }
 
-/// Handles of every kernel in `kernels.cu`.
+/// Handles of every decode kernel (`kernels.cu` and the shared `common.cuh`), loaded with the
+/// device's shared-memory carveout set.
 pub struct Kernels {
     matvec_bf16: MatvecKernels,
     matvec_f16: MatvecKernels,
     matvec_f32: MatvecKernels,
+    /// `y = rms_norm(x) * g`, one block per row ([`crate::ops::rms_norm`]).
     pub rms_norm: CudaFunction,
+    /// The FFN's rms_norm fused with the router matvec, for bf16 router weights
+    /// ([`crate::ops::router_norm`]).
     pub router_norm_bf16: CudaFunction,
+    /// As `router_norm_bf16`, for f16 router weights.
     pub router_norm_f16: CudaFunction,
+    /// As `router_norm_bf16`, for f32 router weights.
     pub router_norm_f32: CudaFunction,
+    /// Bias, q/k norm, rope and KV append for several rows at once, from `common.cuh`
+    /// ([`crate::ops::rope_kv_append`]); decode does this inside its attention kernel.
     pub rope_kv_append: CudaFunction,
+    /// Decode attention of one token with rope and the KV append fused in, for heads of up to
+    /// 256 elements (8 per lane) ([`crate::ops::attention_decode`]).
     pub attention_decode: CudaFunction,
+    /// As `attention_decode`, for heads of up to 128 elements (4 per lane, half the registers).
     pub attention_decode_d128: CudaFunction,
+    /// Softmax, top-k and optional renormalisation of each row of router logits, from
+    /// `common.cuh` ([`crate::ops::router_top_k`]).
     pub router_top_k: CudaFunction,
+    /// The weighted sum of the chosen experts' slots in slot order, plus the residual and a gated
+    /// shared expert ([`crate::ops::combine_slots`]).
     pub combine_slots: CudaFunction,
+    /// `combine_slots` followed by the next layer's rms_norm, in one block.
     pub combine_slots_norm: CudaFunction,
+    /// One row of the embedding table widened to f32, the token read from device memory
+    /// ([`crate::ops::embed_row`]).
     pub embed_row: CudaFunction,
+    /// The largest of a row of f32 values and its lowest index, by one block
+    /// ([`crate::ops::argmax`]).
     pub argmax: CudaFunction,
 }
 
@@ -185,10 +206,13 @@ impl CudaDevice {
         Ok(bytes)
     }
 
+    /// The device's name as the driver reports it (such as "NVIDIA H100 80GB HBM3").
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The one stream every launch, copy and NCCL call of this device is queued on, in order;
+    /// the model's CUDA backend captures its graphs on it.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -200,10 +224,13 @@ impl CudaDevice {
         self.pdl
     }
 
+    /// The decode kernels, compiled (or loaded from the cache) when the device was opened.
     pub fn kernels(&self) -> &Kernels {
         &self.kernels
     }
 
+    /// The device's driver context, for calls this type does not wrap (binding it to another
+    /// thread, reading the GPU's UUID).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

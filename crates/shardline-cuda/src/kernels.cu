@@ -287,8 +287,8 @@ __device__ void matvec_impl(const char* __restrict__ W_base, long expert_stride_
 // rows). The launch bound asks for one block of MATVEC_MAX_WARPS warps per SM: the compiler then
 // gives the 16-bit kernels 96 to 124 registers (fewer warps resident, each holding its first
 // group across the PDL wait). Held to 3 blocks (at most 80 registers) they were slower on an
-// H200: Qwen3 56.3 against 55.4 us, Mixtral-8x7B 248.8 against 214.8 (docs/cuda-notes.md,
-// step 36).
+// H200: Qwen3 56.3 against 55.4 us, Mixtral-8x7B 248.8 against 214.8 (docs/architecture.md,
+// "GPU kernel design notes": forced occupancy, under "Tried and not kept").
 #define MATVEC_ENTRY(NAME, T, R, G, SWIGLU)                                                     \
     extern "C" __global__ void __launch_bounds__(MATVEC_MAX_WARPS * WARP, 1)                    \
         NAME(const char* W, long es, const int* ids, int ids_early, const float* x, long xs,    \

@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! Shardline's CUDA device library: a device context with one stream, kernels compiled at run time
 //! with NVRTC (and cached on disk), typed launches of those kernels (decode: [`ops`]; prefill:
 //! [`prefill_ops`]), cuBLAS GEMMs ([`gemm`]) and NCCL ([`nccl`]). It knows nothing of models: the

@@ -182,6 +182,7 @@ impl NcclId {
 
 /// An element type NCCL sums natively.
 pub trait NcclElem: DeviceRepr {
+    /// The element type NCCL is told the buffer holds.
     const DTYPE: DType;
 }
 
@@ -288,7 +289,7 @@ impl DeviceComm {
             Ok(joined) => joined?.0,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 return Err(CudaError::Nccl(format!(
-                    "{what}: not every rank joined within {:.0} s; another rank is gone or                      stuck",
+                    "{what}: not every rank joined within {:.0} s; another rank is gone or stuck",
                     timeout.as_secs_f64()
                 )))
             }
@@ -375,10 +376,12 @@ impl DeviceComm {
         }
     }
 
+    /// This rank in the communicator, `0..world()`.
     pub fn rank(&self) -> usize {
         self.rank
     }
 
+    /// Number of ranks in the communicator.
     pub fn world(&self) -> usize {
         self.world
     }

@@ -12,7 +12,8 @@ use crate::{CudaDevice, CudaError};
 
 /// Warps per matvec block (at most `MATVEC_MAX_WARPS` in kernels.cu). Small blocks balance the
 /// SMs' share of a matrix best at its end, and let the next kernel's blocks start sooner: on an
-/// H200, 2 warps beat 4 and 8 on every preset (docs/cuda-notes.md, step 19).
+/// H200, 2 warps beat 4 and 8 on every preset (docs/architecture.md, "GPU kernel design
+/// notes", Matvec).
 const MATVEC_WARPS: u32 = 2;
 /// Rows of at most this many columns are computed four to a warp (the `_r4` kernels): one group
 /// of loads then covers four rows (3 packs of 8 per lane each), not one, so a warp keeps as many
@@ -22,7 +23,8 @@ const SHORT_ROW_MAX_K: usize = 3 * 8 * 32;
 /// row in one group of loads, where kernels.cu's default `UNROLL` of 6 would take two round trips
 /// (the second of at most 2 packs). Shorter rows fit one group either way and longer ones keep
 /// `UNROLL` (fewer registers, more warps resident): on an H200, the `_g8` kernels for rows of up
-/// to 4096 columns made Mixtral-8x7B 2.3 us slower (docs/cuda-notes.md, step 39).
+/// to 4096 columns made Mixtral-8x7B 2.3 us slower (docs/architecture.md, "GPU kernel design
+/// notes", Matvec).
 const ONE_GROUP_K: std::ops::RangeInclusive<usize> = (6 * 8 * 32 + 1)..=(8 * 8 * 32);
 /// Output rows per warp of the `_r4` kernels.
 const SHORT_ROWS_PER_WARP: u32 = 4;
@@ -36,7 +38,9 @@ const SMALL_HEAD_DIM: usize = 128;
 /// Weights of one or more same-shaped `[n, k]` matrices laid out back to back.
 #[derive(Clone, Copy, Debug)]
 pub struct Weights {
+    /// Device address of the first matrix, row-major.
     pub ptr: u64,
+    /// Element type of the weights; picks the kernel.
     pub dtype: DType,
     /// Bytes from one matrix (expert) to the next.
     pub matrix_stride_bytes: u64,
@@ -52,15 +56,28 @@ pub enum Slots {
     /// wait: only right after a kernel that took the same ids (the matvec lets its successor
     /// start only once it has read its ids).
     Each {
+        /// Device address of `count` `i32` matrix indices; a negative one (an expert another
+        /// rank holds) gives zeros. 0: slot `s` uses matrix `s`.
         ids: u64,
+        /// Whether the ids are read before the PDL wait; safe only under the condition above.
         ids_early: bool,
+        /// Number of slots (the launch's grid height).
         count: u32,
+        /// f32 elements from one slot's input to the next.
         x_stride: u64,
+        /// f32 elements from one slot's output to the next.
         y_stride: u64,
     },
     /// Each matrix is `[gate (n rows); up (n rows)]`:
     /// `y[s] = silu(gate[ids[s]] x) * (up[ids[s]] x)` for `count` slots sharing one `x`.
-    SwiGlu { ids: u64, count: u32, y_stride: u64 },
+    SwiGlu {
+        /// Device address of `count` `i32` matrix indices, as in [`Slots::Each`].
+        ids: u64,
+        /// Number of slots.
+        count: u32,
+        /// f32 elements from one slot's output (`n` values) to the next.
+        y_stride: u64,
+    },
 }
 
 /// Kernel arguments as the driver takes them: a pointer to each value, in the kernel's order.
@@ -298,8 +315,11 @@ pub fn router_norm(
 /// Geometry of the attention part of a layer.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionDims {
+    /// Query heads this rank computes.
     pub n_heads: usize,
+    /// KV heads this rank holds; each serves `n_heads / n_kv_heads` query heads.
     pub n_kv_heads: usize,
+    /// Elements per head, at most [`MAX_HEAD_DIM`].
     pub head_dim: usize,
     /// Positions the KV cache holds.
     pub capacity: usize,
@@ -320,7 +340,9 @@ impl AttentionDims {
 /// The rows of the KV cache and where they go.
 #[derive(Clone, Copy, Debug)]
 pub struct KvAppend {
+    /// Device address of the f32 key cache, `[n_kv_heads, capacity, head_dim]`.
     pub k_cache: u64,
+    /// Device address of the f32 value cache, laid out as the key cache.
     pub v_cache: u64,
     /// The position of the first row.
     pub first: usize,
@@ -330,9 +352,13 @@ pub struct KvAppend {
 /// are non-zero, with `eps`) and rope with the `head_dim / 2` frequencies at `inv_freq`.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadRope {
+    /// Device address of the `head_dim` f32 weights of the query heads' RMSNorm; 0: none.
     pub q_norm: u64,
+    /// Device address of the `head_dim` f32 weights of the key heads' RMSNorm; 0: none.
     pub k_norm: u64,
+    /// The q/k RMSNorm's epsilon.
     pub eps: f32,
+    /// Device address of the `head_dim / 2` f32 rope inverse frequencies.
     pub inv_freq: u64,
 }
 
@@ -469,7 +495,9 @@ pub fn router_top_k(
 /// A sigmoid-gated shared expert's output and its gate logit (both on the device).
 #[derive(Clone, Copy, Debug)]
 pub struct SharedExpert {
+    /// Device address of the shared expert's `n` f32 outputs.
     pub out: u64,
+    /// Device address of the one f32 logit whose sigmoid scales `out`.
     pub logit: u64,
 }
 
@@ -477,8 +505,11 @@ pub struct SharedExpert {
 /// the normalised row goes.
 #[derive(Clone, Copy, Debug)]
 pub struct NextNorm {
+    /// Device address of the next layer's `n` f32 rms_norm gains.
     pub g: u64,
+    /// Device address of the `n` f32 values that receive the normalised row.
     pub normed: u64,
+    /// The rms_norm's epsilon.
     pub eps: f32,
 }
 

@@ -1,7 +1,7 @@
 //! Shardline's model engine: one decoder for Mixtral, Qwen2-MoE, Qwen3-MoE and Llama, driven by a
 //! [`ModelSpec`] read from `config.json`, with weights used in place from memory-mapped
 //! safetensors. A layer runs as two segments (attention, FFN), each followed by a reduce hook, so
-//! the same code runs split over ranks (DESIGN.md, "Model").
+//! the same code runs split over ranks (docs/architecture.md, "The model").
 
 pub mod backend;
 pub mod config;

@@ -1,6 +1,6 @@
-//! `verify` on the independent fixtures in `../shared/fixtures` beside the checkout (or
-//! `$SHARDLINE_SHARED_FIXTURES`)
-//! when that directory exists on this machine; says clearly that it skipped otherwise.
+//! `verify` on the fixtures of an extra fixtures directory, `$SHARDLINE_SHARED_FIXTURES`
+//! (default `shared/fixtures` beside the checkout), when that directory exists on this machine;
+//! says clearly that it skipped otherwise.
 //!
 //! Their `mixtral-tiny-bf16` reference was computed with rope inverse frequencies rounded to bf16
 //! (a model cast with its buffers), unlike the repo's fixtures; so each fixture must pass under

@@ -1,5 +1,5 @@
 //! `shardline bench comm` end to end: it spawns its ranks, and every JSON record has the keys
-//! DESIGN.md lists for the comm bench.
+//! README.md lists for the comm bench ("Benchmarks").
 
 use std::process::Command;
 use std::time::{Duration, Instant};

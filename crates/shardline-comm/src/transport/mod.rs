@@ -32,16 +32,23 @@ pub trait Pair: Send {
 /// What a transport needs to connect a group: this rank, everyone's endpoints, the job's token
 /// and the group's nonce, and the deadline.
 pub struct Setup<'a> {
+    /// This rank's index into `table` (its rank in the group being connected).
     pub me: usize,
+    /// Every rank's endpoint, indexed by group rank.
     pub table: &'a [Endpoint],
+    /// The job's shared secret (`SHARDLINE_JOB_TOKEN`); a tcp hello with another one is refused.
     pub token: &'a str,
+    /// Names this group: the job's nonce from the rendezvous, or one derived from it for a
+    /// subgroup of `split`, so that connections meant for another job or group are refused.
     pub nonce: u64,
+    /// When connecting must have finished; past it `connect` fails with a timeout.
     pub deadline: Instant,
 }
 
 /// A way to connect pairs (NCCL style: it says whether it can reach a peer, then connects; the
 /// group above sees only the [`Pair`]s).
 pub trait Transport {
+    /// Short name (`shm`, `tcp`, `ucx`) for error messages.
     fn name(&self) -> &'static str;
     /// Whether this transport can connect `me` and `peer`.
     fn reaches(&self, me: &Endpoint, peer: &Endpoint) -> bool;
@@ -66,6 +73,8 @@ pub enum TransportChoice {
 }
 
 impl TransportChoice {
+    /// Parses `auto`, `shm`, `tcp` or `ucx` (a `SHARDLINE_TRANSPORT` or `--transport` value);
+    /// `ucx` in a build without the `ucx` feature, or any other name, is a [`CommError::Config`].
     pub fn parse(s: &str) -> Result<TransportChoice> {
         match s {
             "auto" => Ok(TransportChoice::Auto),
@@ -91,6 +100,8 @@ pub struct Endpoint {
     pub world_rank: usize,
     /// Host identity (hostname and boot id): equal means shared memory can reach.
     pub host: String,
+    /// Process id; peers on the same host watch it (pidfd, else `kill(pid, 0)`) to notice when
+    /// the process exits.
     pub pid: u32,
     /// Where this rank's TCP listener is.
     pub tcp: String,

@@ -1,5 +1,5 @@
 //! `shardline bench kernels`: the CPU kernels at real model shapes, and the machine's memory read
-//! bandwidth in the same run, one JSON record per case (keys in DESIGN.md, "Benchmarks").
+//! bandwidth in the same run, one JSON record per case (keys in README.md, "Benchmarks").
 
 use std::hint::black_box;
 use std::path::PathBuf;

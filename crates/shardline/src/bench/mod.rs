@@ -1,5 +1,5 @@
-//! `shardline bench ...`: measurements written as JSON lines (DESIGN.md, "Benchmarks"). A bench
-//! measures and reports; it never asserts.
+//! `shardline bench ...`: measurements written as JSON lines (keys in README.md, "Benchmarks",
+//! and each bench's `--help`). A bench measures and reports; it never asserts.
 
 pub mod comm;
 pub mod decode;

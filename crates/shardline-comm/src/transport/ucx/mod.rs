@@ -55,6 +55,8 @@ pub struct UcxTransport {
 }
 
 impl UcxTransport {
+    /// Creates a UCP context and worker with the stream feature, reading UCX's own settings
+    /// (`UCX_*`) from the environment; a failing UCP call is a [`CommError::Config`] naming it.
     pub fn new() -> Result<UcxTransport> {
         // SAFETY: plain UCP set-up calls with zero-initialised, correctly sized parameter structs.
         unsafe {

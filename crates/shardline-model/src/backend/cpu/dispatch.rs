@@ -1,5 +1,5 @@
 //! Expert dispatch for several rows (prefill, batches) when the experts are split into groups
-//! (`--ep` > 1), as in DESIGN.md: each rank routes its own contiguous share of the rows, sends
+//! (`--ep` > 1), as docs/architecture.md describes: each rank routes its own contiguous share of the rows, sends
 //! each row to every rank that holds a shard of a chosen expert (all-to-all(v)), runs its experts
 //! on what it received (one matmul per expert), sends the results back (all-to-all(v)), and adds
 //! them, weighted, into its own rows. The rows go in chunks of [`DISPATCH_CHUNK`] own rows: chunk
