@@ -1,26 +1,35 @@
 //! The rendezvous: rank 0 listens at the coordinator address; every other rank connects and sends
 //! its rank, the job token and its endpoint; rank 0 answers everyone with the full table (and a
-//! nonce naming this job). Each incoming connection is read on its own thread under its own short
-//! deadline, so garbage, short reads, wrong tokens and silent clients are logged and dropped
-//! without holding up the others. Every message is length-prefixed and the length is checked
-//! before anything is allocated.
+//! nonce naming this job). Rank 0 reads the hellos on its own thread, all at once, through an
+//! [`Acceptor`]: each connection gets one deadline for its whole hello, only a few KiB are read
+//! before the token is checked, and the connections still saying hello are capped, so garbage,
+//! short reads, wrong tokens, trickling and silent clients are logged and dropped without
+//! holding up the others or growing rank 0. Every message is length-prefixed and the length is
+//! checked before anything is allocated.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::mpsc;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{CommError, Result};
-use crate::transport::{remaining, take, take_u32, take_u64, tcp::dial, Endpoint};
+use crate::transport::accept::{read_exact_by, token_eq, Acceptor, Need};
+use crate::transport::{remaining, take_u32, take_u64, tcp::dial, Endpoint};
 
 const HELLO_MAGIC: u32 = 0x4842_4c53; // "SLBH"
 const TABLE_MAGIC: u32 = 0x5442_4c53; // "SLBT"
 const VERSION: u32 = 1;
-/// Largest bootstrap message accepted (a table of thousands of ranks fits).
+/// Largest table accepted from rank 0 (a table of thousands of ranks fits).
 const MAX_MESSAGE: usize = 4 << 20;
-/// How long one connection may take to deliver its hello.
+/// Largest hello rank 0 accepts once its token checked out (an endpoint's four fields of at
+/// most 64 KiB each fit).
+const MAX_HELLO: usize = 512 << 10;
+/// Longest job token.
+pub(crate) const MAX_TOKEN: usize = 1024;
+/// How long one connection may take to deliver its whole hello.
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// The fixed head of a hello after its length: magic, version, world, rank, token length.
+const HELLO_HEAD: usize = 18;
 
 /// Result of the rendezvous.
 pub(crate) struct Table {
@@ -28,13 +37,15 @@ pub(crate) struct Table {
     pub nonce: u64,
 }
 
-/// Runs the rendezvous for `cfg`; `me.tcp` holds only this rank's listener port, and the table
-/// comes back with full `ip:port` addresses (each rank's IP as rank 0 saw it).
+/// Runs the rendezvous for `cfg`; `me.tcp` holds this rank's listener address, or only its port
+/// when it listens on every address (then the table has the IP rank 0 saw this rank come from).
 pub(crate) fn rendezvous(cfg: &Config, me: Endpoint) -> Result<Table> {
     let deadline = Instant::now() + cfg.timeout;
     if cfg.world_size == 1 {
         let mut me = me;
-        me.tcp = format!("127.0.0.1:{}", me.tcp);
+        if let Ok(port) = me.tcp.parse::<u16>() {
+            me.tcp = format!("127.0.0.1:{port}");
+        }
         return Ok(Table {
             endpoints: vec![me],
             nonce: fresh_nonce(),
@@ -45,6 +56,66 @@ pub(crate) fn rendezvous(cfg: &Config, me: Endpoint) -> Result<Table> {
     } else {
         join(cfg, me, deadline)
     }
+}
+
+/// The address this rank's data listener binds: `cfg.listen` when given; for rank 0 the
+/// coordinator's address; for the others the address they reach the coordinator from (the
+/// address rank 0 will see and tell the peers about), so that a job on one host listens on
+/// loopback only. Every address (0.0.0.0) where that cannot be found.
+pub(crate) fn listen_ip(cfg: &Config) -> Result<IpAddr> {
+    if let Some(ip) = cfg.listen {
+        return Ok(ip);
+    }
+    if cfg.world_size == 1 {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    let at = resolve(&cfg.coordinator)?;
+    if cfg.rank == 0 {
+        return Ok(at.ip());
+    }
+    // A connected UDP socket sends nothing; it only asks the kernel for the route's source.
+    let unspecified: IpAddr = match at {
+        SocketAddr::V4(_) => [0, 0, 0, 0].into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let source = UdpSocket::bind((unspecified, 0))
+        .and_then(|s| s.connect(at).map(|_| s))
+        .and_then(|s| s.local_addr());
+    Ok(match source {
+        Ok(a) => a.ip(),
+        Err(e) => {
+            tracing::debug!("no route to the coordinator {at} yet ({e}); listening everywhere");
+            unspecified
+        }
+    })
+}
+
+/// Refuses, before anything listens, a job without a token whose listeners would be reachable
+/// from beyond this host (the token is what keeps other users and hosts out).
+pub(crate) fn check_exposure(cfg: &Config, listen: IpAddr) -> Result<()> {
+    if cfg.world_size == 1 || !cfg.token.is_empty() {
+        return Ok(());
+    }
+    let mut exposed = Vec::new();
+    if !listen.is_loopback() {
+        exposed.push(format!("its peer listener on {listen}"));
+    }
+    if cfg.rank == 0 {
+        let at = resolve(&cfg.coordinator)?;
+        if !at.ip().is_loopback() {
+            exposed.push(format!("the rendezvous on {at}"));
+        }
+    }
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    Err(CommError::Config(format!(
+        "SHARDLINE_JOB_TOKEN is not set, and rank {} would open {} beyond loopback: a job \
+         without a token runs on loopback only. Set SHARDLINE_JOB_TOKEN to the same secret on \
+         every rank (`shardline launch` and the local launcher make one)",
+        cfg.rank,
+        exposed.join(" and ")
+    )))
 }
 
 fn fresh_nonce() -> u64 {
@@ -62,21 +133,19 @@ fn write_message(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
     stream.write_all(&msg)
 }
 
-fn read_message(stream: &mut TcpStream) -> std::result::Result<Vec<u8>, String> {
+/// Reads one length-prefixed message (at most [`MAX_MESSAGE`] bytes) by `deadline`.
+fn read_message(stream: &mut TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
-    stream
-        .read_exact(&mut len)
-        .map_err(|e| format!("no message ({e})"))?;
+    read_exact_by(stream, &mut len, deadline)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_MESSAGE {
-        return Err(format!(
-            "message length {len} is over the {MAX_MESSAGE}-byte limit"
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message length {len} is over the {MAX_MESSAGE}-byte limit"),
         ));
     }
     let mut body = vec![0u8; len];
-    stream
-        .read_exact(&mut body)
-        .map_err(|e| format!("short message ({e})"))?;
+    read_exact_by(stream, &mut body, deadline)?;
     Ok(body)
 }
 
@@ -89,7 +158,55 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
         })
 }
 
-/// Parses a hello; returns the sender's rank and endpoint.
+/// How much of a hello (length prefix included) `buf` still lacks; the token is checked as soon
+/// as it is in, before the rest (the endpoint) is read.
+fn hello_need(buf: &[u8], cfg: &Config) -> std::result::Result<Need, String> {
+    let more = |upto, authenticated| {
+        Ok(Need::More {
+            upto,
+            authenticated,
+        })
+    };
+    if buf.len() < 4 {
+        return more(4, false);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+    if len > MAX_HELLO {
+        return Err(format!(
+            "a hello of {len} bytes is over the {MAX_HELLO}-byte limit"
+        ));
+    }
+    if len < HELLO_HEAD {
+        return Err(format!("a hello of {len} bytes is too short"));
+    }
+    if buf.len() < 4 + HELLO_HEAD {
+        return more(4 + HELLO_HEAD, false);
+    }
+    let mut b = &buf[4..];
+    if take_u32(&mut b)? != HELLO_MAGIC || take_u32(&mut b)? != VERSION {
+        return Err("not a shardline hello (bad magic or version)".into());
+    }
+    let tlen = u16::from_le_bytes([buf[20], buf[21]]) as usize;
+    if tlen > MAX_TOKEN || HELLO_HEAD + tlen > len {
+        return Err(format!("bad token length {tlen}"));
+    }
+    if buf.len() < 4 + HELLO_HEAD + tlen {
+        return more(4 + HELLO_HEAD + tlen, false);
+    }
+    if !token_eq(
+        &buf[4 + HELLO_HEAD..4 + HELLO_HEAD + tlen],
+        cfg.token.as_bytes(),
+    ) {
+        let rank = u32::from_le_bytes(buf[16..20].try_into().unwrap());
+        return Err(format!("bad job token (claimed rank {rank})"));
+    }
+    if buf.len() < 4 + len {
+        return more(4 + len, true);
+    }
+    Ok(Need::Done)
+}
+
+/// Parses a whole hello (after its length prefix); returns the sender's rank and endpoint.
 fn parse_hello(body: &[u8], cfg: &Config) -> std::result::Result<(usize, Endpoint), String> {
     let mut b = body;
     if take_u32(&mut b)? != HELLO_MAGIC || take_u32(&mut b)? != VERSION {
@@ -97,9 +214,9 @@ fn parse_hello(body: &[u8], cfg: &Config) -> std::result::Result<(usize, Endpoin
     }
     let world = take_u32(&mut b)? as usize;
     let rank = take_u32(&mut b)? as usize;
-    let tlen = take(&mut b, 2)?;
-    let token = take(&mut b, u16::from_le_bytes([tlen[0], tlen[1]]) as usize)?;
-    if token != cfg.token.as_bytes() {
+    let tlen = crate::transport::take(&mut b, 2)?;
+    let token = crate::transport::take(&mut b, u16::from_le_bytes([tlen[0], tlen[1]]) as usize)?;
+    if !token_eq(token, cfg.token.as_bytes()) {
         return Err(format!("bad job token (claimed rank {rank})"));
     }
     if world != cfg.world_size || rank == 0 || rank >= world {
@@ -118,6 +235,16 @@ fn parse_hello(body: &[u8], cfg: &Config) -> std::result::Result<(usize, Endpoin
     Ok((rank, ep))
 }
 
+/// `ranks` as `1, 2, 5` (the first 16, then a count).
+fn rank_list(ranks: impl Iterator<Item = usize>) -> String {
+    let all: Vec<usize> = ranks.collect();
+    let mut s: Vec<String> = all.iter().take(16).map(|r| r.to_string()).collect();
+    if all.len() > 16 {
+        s.push(format!("and {} more", all.len() - 16));
+    }
+    s.join(", ")
+}
+
 fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table> {
     let at = resolve(&cfg.coordinator)?;
     let listener = TcpListener::bind(at).map_err(|e| {
@@ -129,65 +256,58 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::io("coordinator set_nonblocking", e))?;
-    let (tx, rx) = mpsc::channel::<(
-        TcpStream,
-        SocketAddr,
-        std::result::Result<(usize, Endpoint), String>,
-    )>();
+    let mut acceptor = Acceptor::new(
+        &listener,
+        "bootstrap",
+        cfg.world_size - 1,
+        HELLO_DEADLINE,
+        4 + MAX_HELLO,
+    );
     let mut joined: Vec<Option<(TcpStream, Endpoint)>> =
         (0..cfg.world_size).map(|_| None).collect();
     let mut missing = cfg.world_size - 1;
     let mut my_ip = (!at.ip().is_unspecified()).then(|| at.ip());
     let total = cfg.timeout.as_secs_f64();
+    let parse = |buf: &[u8]| hello_need(buf, cfg);
     while missing > 0 {
-        let left = remaining(
-            deadline,
-            &format!("rank 0 waiting for {missing} rank(s) to join"),
-            total,
-        )?;
-        match listener.accept() {
-            Ok((stream, from)) => {
-                if my_ip.is_none() {
-                    my_ip = stream.local_addr().ok().map(|a| a.ip());
-                }
-                let tx = tx.clone();
-                let cfg = cfg.clone();
-                let limit = HELLO_DEADLINE.min(left);
-                std::thread::spawn(move || {
-                    let mut stream = stream;
-                    let parsed = stream
-                        .set_nonblocking(false)
-                        .and_then(|_| stream.set_read_timeout(Some(limit)))
-                        .map_err(|e| e.to_string())
-                        .and_then(|_| read_message(&mut stream))
-                        .and_then(|body| parse_hello(&body, &cfg));
-                    let _ = tx.send((stream, from, parsed));
-                });
+        let what = || {
+            let absent = (1..cfg.world_size).filter(|&r| joined[r].is_none());
+            format!(
+                "rank 0 waiting at {at} for {missing} rank(s) to join (missing: rank {})",
+                rank_list(absent)
+            )
+        };
+        let hello = acceptor.next(&parse, deadline, &what, total)?;
+        let (stream, from) = (hello.stream, hello.from);
+        let (rank, mut ep) = match parse_hello(&hello.bytes[4..], cfg) {
+            Ok(x) => x,
+            Err(why) => {
+                tracing::warn!("bootstrap refused a connection from {from}: {why}");
+                continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => tracing::warn!("bootstrap accept failed: {e}"),
+        };
+        if joined[rank].is_some() {
+            tracing::warn!("bootstrap refused {from}: rank {rank} has already joined");
+            continue;
         }
-        match rx.recv_timeout(Duration::from_millis(2).min(left)) {
-            Ok((stream, from, Ok((rank, mut ep)))) => {
-                if joined[rank].is_some() {
-                    tracing::warn!("bootstrap refused {from}: rank {rank} has already joined");
-                    continue;
-                }
-                ep.tcp = SocketAddr::new(from.ip(), ep.tcp.parse().unwrap_or(0)).to_string();
-                joined[rank] = Some((stream, ep));
-                missing -= 1;
-            }
-            Ok((_, from, Err(why))) => {
-                tracing::warn!("bootstrap refused a connection from {from}: {why}")
-            }
-            Err(_) => {}
+        if let Err(e) = stream.set_nonblocking(false) {
+            tracing::warn!("bootstrap dropped rank {rank} from {from}: {e}");
+            continue;
         }
+        if my_ip.is_none() {
+            my_ip = stream.local_addr().ok().map(|a| a.ip());
+        }
+        if let Ok(port) = ep.tcp.parse::<u16>() {
+            ep.tcp = SocketAddr::new(from.ip(), port).to_string();
+        }
+        joined[rank] = Some((stream, ep));
+        missing -= 1;
     }
-    me.tcp = SocketAddr::new(
-        my_ip.unwrap_or([127, 0, 0, 1].into()),
-        me.tcp.parse().unwrap_or(0),
-    )
-    .to_string();
+    drop(acceptor);
+    drop(listener);
+    if let Ok(port) = me.tcp.parse::<u16>() {
+        me.tcp = SocketAddr::new(my_ip.unwrap_or([127, 0, 0, 1].into()), port).to_string();
+    }
     let nonce = fresh_nonce();
     let mut endpoints = vec![me];
     endpoints.extend(
@@ -205,7 +325,11 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
     }
     for (rank, j) in joined.iter_mut().enumerate().skip(1) {
         let (stream, _) = j.as_mut().expect("all joined");
-        let left = remaining(deadline, "rank 0 sending the table", total)?;
+        let left = remaining(
+            deadline,
+            &format!("rank 0 sending the table to rank {rank}"),
+            total,
+        )?;
         stream
             .set_write_timeout(Some(left))
             .and_then(|_| write_message(stream, &body))
@@ -220,6 +344,12 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
 fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
     let at = resolve(&cfg.coordinator)?;
     let mut stream = dial(&at.to_string(), deadline, 0)?;
+    if cfg.token.len() > MAX_TOKEN {
+        return Err(CommError::Config(format!(
+            "SHARDLINE_JOB_TOKEN has {} bytes; the most is {MAX_TOKEN}",
+            cfg.token.len()
+        )));
+    }
     let mut body = Vec::new();
     body.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
     body.extend_from_slice(&VERSION.to_le_bytes());
@@ -229,19 +359,35 @@ fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
     body.extend_from_slice(cfg.token.as_bytes());
     me.encode(&mut body);
     let total = cfg.timeout.as_secs_f64();
-    let left = remaining(deadline, "joining the rendezvous", total)?;
+    let started = Instant::now();
+    let left = remaining(
+        deadline,
+        &format!("rank {} joining the rendezvous at {at}", cfg.rank),
+        total,
+    )?;
     stream
         .set_write_timeout(Some(left))
         .and_then(|_| write_message(&mut stream, &body))
         .map_err(|e| CommError::Bootstrap(format!("sending the hello to rank 0 at {at}: {e}")))?;
-    let left = remaining(deadline, "waiting for the table from rank 0", total)?;
-    stream
-        .set_read_timeout(Some(left))
-        .map_err(|e| CommError::io("set_read_timeout", e))?;
-    let body = read_message(&mut stream).map_err(|why| {
-        CommError::Bootstrap(format!(
-            "no table from rank 0 at {at}: {why} (refused for a wrong job token or world size? see rank 0's log)"
-        ))
+    let body = read_message(&mut stream, deadline).map_err(|e| match e.kind() {
+        std::io::ErrorKind::TimedOut => CommError::Timeout {
+            what: format!(
+                "rank {} waiting for the table from rank 0 at {at} (its hello was sent {:.1} s \
+                 ago; rank 0 sends the table once every rank has joined: is one of them missing? \
+                 see rank 0's log)",
+                cfg.rank,
+                started.elapsed().as_secs_f64()
+            ),
+            secs: total,
+        },
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            CommError::Bootstrap(format!(
+                "rank 0 at {at} closed the connection without sending the table: it refused \
+                 rank {} (a wrong job token, world size or rank? see rank 0's log) or it failed",
+                cfg.rank
+            ))
+        }
+        _ => CommError::Bootstrap(format!("no table from rank 0 at {at}: {e}")),
     })?;
     let parse = || -> std::result::Result<Table, String> {
         let mut b: &[u8] = &body;

@@ -1,7 +1,8 @@
-//! Settings of a job: rank, world size, coordinator, token, timeout and transport. Built by hand
+//! Settings of a job: rank, world size, coordinator, token, timeout, transport and listen address. Built by hand
 //! (from command-line flags) or from the environment: SHARDLINE_* variables first, then what
 //! mpirun (OMPI_COMM_WORLD_*), PMI launchers (PMI_*) and srun (SLURM_*) set.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::error::{CommError, Result};
@@ -19,12 +20,17 @@ pub struct Config {
     pub world_size: usize,
     /// host:port where rank 0 listens for the rendezvous.
     pub coordinator: String,
-    /// Shared secret every rank must present.
+    /// Shared secret every rank must present. Without one (empty), a job of several ranks may
+    /// only listen on loopback.
     pub token: String,
     /// Deadline of every blocking call (bootstrap and each collective).
     pub timeout: Duration,
     /// Which transport connects this rank to its peers (`SHARDLINE_TRANSPORT`).
     pub transport: TransportChoice,
+    /// Where this rank's peer listener binds (`SHARDLINE_LISTEN_ADDR`, an IP such as `0.0.0.0`).
+    /// By default the address its peers are told about: the coordinator's for rank 0, the one
+    /// each other rank reaches the coordinator from (loopback for a job on one host).
+    pub listen: Option<IpAddr>,
 }
 
 impl Config {
@@ -42,6 +48,7 @@ impl Config {
             token: token.into(),
             timeout: DEFAULT_TIMEOUT,
             transport: TransportChoice::Auto,
+            listen: None,
         }
     }
 
@@ -115,6 +122,14 @@ impl Config {
             None => TransportChoice::Auto,
             Some(v) => TransportChoice::parse(v.trim())?,
         };
+        let listen = match get("SHARDLINE_LISTEN_ADDR") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<IpAddr>().map_err(|_| {
+                CommError::Config(format!(
+                    "SHARDLINE_LISTEN_ADDR='{v}' is not an IP address (e.g. 0.0.0.0 or 10.0.0.5)"
+                ))
+            })?),
+        };
         let cfg = Config {
             rank,
             world_size,
@@ -122,6 +137,7 @@ impl Config {
             token: get("SHARDLINE_JOB_TOKEN").unwrap_or_default(),
             timeout,
             transport,
+            listen,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -198,5 +214,11 @@ mod tests {
         assert!(e.contains("SHARDLINE_COORDINATOR"), "{e}");
         let e = cfg(&[("SHARDLINE_TIMEOUT", "-1")]).unwrap_err().to_string();
         assert!(e.contains("SHARDLINE_TIMEOUT"), "{e}");
+        let e = cfg(&[("SHARDLINE_LISTEN_ADDR", "everywhere")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SHARDLINE_LISTEN_ADDR"), "{e}");
+        let c = cfg(&[("SHARDLINE_LISTEN_ADDR", "0.0.0.0")]).unwrap();
+        assert_eq!(c.listen, Some(IpAddr::from([0, 0, 0, 0])));
     }
 }

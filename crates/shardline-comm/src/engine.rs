@@ -109,6 +109,8 @@ pub(crate) struct Identity {
     pub token: String,
     pub nonce: u64,
     pub choice: TransportChoice,
+    /// Where this rank's peer listeners bind (subgroups bind there too).
+    pub listen: IpAddr,
 }
 
 pub(crate) struct Engine {
@@ -133,8 +135,9 @@ pub(crate) struct Local {
 static SEGMENTS: AtomicU64 = AtomicU64::new(0);
 
 impl Local {
-    /// Binds this rank's transports (a UCP worker only when `choice` is UCX).
-    pub fn bind(slots: usize, choice: TransportChoice) -> Result<Local> {
+    /// Binds this rank's transports (a UCP worker only when `choice` is UCX); the tcp listener
+    /// on `listen`.
+    pub fn bind(slots: usize, choice: TransportChoice, listen: IpAddr) -> Result<Local> {
         #[cfg(not(feature = "ucx"))]
         let _ = choice; // only UCX is created on demand
         let ring = match std::env::var("SHARDLINE_SHM_RING_BYTES") {
@@ -156,7 +159,7 @@ impl Local {
             .unwrap_or(0);
         let hint = SEGMENTS.fetch_add(1, Ordering::Relaxed) ^ (now << 8);
         Ok(Local {
-            tcp: TcpTransport::bind(IpAddr::from([0, 0, 0, 0]))?,
+            tcp: TcpTransport::bind(listen)?,
             shm: ShmTransport::create(slots, ring, hint)?,
             #[cfg(feature = "ucx")]
             ucx: match choice {
@@ -183,20 +186,21 @@ impl Local {
         }
     }
 
-    /// This rank's endpoint; `tcp` holds only the port (the bootstrap fills in the address).
+    /// This rank's endpoint; `tcp` is the listener's address, or only its port when it listens on
+    /// every address (the bootstrap fills in the IP).
     pub fn endpoint(&self, world_rank: usize) -> Endpoint {
-        let port = self
-            .tcp
-            .address()
-            .rsplit(':')
-            .next()
-            .unwrap_or("0")
-            .to_string();
+        let at = self.tcp.socket_addr();
+        // A listener on every address publishes its port only: the bootstrap fills in the IP.
+        let tcp = if at.ip().is_unspecified() {
+            at.port().to_string()
+        } else {
+            at.to_string()
+        };
         Endpoint {
             world_rank,
             host: crate::transport::host_identity(),
             pid: std::process::id(),
-            tcp: port,
+            tcp,
             shm: self.shm.address(),
             #[cfg(feature = "ucx")]
             ucx: self.ucx.as_ref().map(|u| u.address()).unwrap_or_default(),

@@ -74,13 +74,16 @@ impl Group {
     /// Joins the job described by `cfg` (rendezvous, then a connection to every peer).
     pub fn init(cfg: &Config) -> Result<Group> {
         cfg.validate()?;
-        let local = Local::bind(cfg.world_size, cfg.transport)?;
+        let listen = crate::bootstrap::listen_ip(cfg)?;
+        crate::bootstrap::check_exposure(cfg, listen)?;
+        let local = Local::bind(cfg.world_size, cfg.transport, listen)?;
         let table = rendezvous(cfg, local.endpoint(cfg.rank))?;
         let id = Identity {
             endpoints: table.endpoints,
             token: cfg.token.clone(),
             nonce: table.nonce,
             choice: cfg.transport,
+            listen,
         };
         Ok(Group::wrap(Engine::connect(
             cfg.rank,
@@ -411,18 +414,21 @@ fn split(e: &mut Engine, color: Option<u32>, key: i64) -> Result<Option<Engine>>
     members.sort_by_key(|&r| (entry(r).1, r));
     // Members bind fresh transports and publish their endpoints through the parent.
     let local = match color {
-        Some(_) => Some(Local::bind(members.len(), e.id.choice)?),
+        Some(_) => Some(Local::bind(members.len(), e.id.choice, e.id.listen)?),
         None => None,
     };
     let mut record = Vec::new();
     if let Some(l) = &local {
         let mut ep = l.endpoint(e.world_rank());
-        let ip = e.id.endpoints[e.rank]
-            .tcp
-            .rsplit_once(':')
-            .map(|x| x.0.to_string())
-            .unwrap_or_default();
-        ep.tcp = format!("{ip}:{}", ep.tcp);
+        if let Ok(port) = ep.tcp.parse::<u16>() {
+            // Listening everywhere: at the IP the parent's table has for this rank.
+            let ip = e.id.endpoints[e.rank]
+                .tcp
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .unwrap_or([127, 0, 0, 1].into());
+            ep.tcp = std::net::SocketAddr::new(ip, port).to_string();
+        }
         ep.encode(&mut record);
     }
     let mut lens = vec![0u8; 4 * size];
@@ -465,6 +471,7 @@ fn split(e: &mut Engine, color: Option<u32>, key: i64) -> Result<Option<Engine>>
         token: e.id.token.clone(),
         nonce: e.id.nonce ^ (split_tag << 32) ^ salt.rotate_left(17) ^ color.map_or(0, u64::from),
         choice: e.id.choice,
+        listen: e.id.listen,
     };
     Engine::connect(rank, local, id, e.links.timeout).map(Some)
 }

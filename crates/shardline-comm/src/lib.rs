@@ -18,6 +18,9 @@
 //!   `SLURM_PROCID/NTASKS`), `SHARDLINE_COORDINATOR` (host:port of rank 0),
 //!   `SHARDLINE_JOB_TOKEN`, `SHARDLINE_TIMEOUT` (seconds, default 60): see [`Config`].
 //! - `SHARDLINE_TRANSPORT`: `auto` (shm on one host, tcp across hosts), `shm`, `tcp` or `ucx`.
+//! - `SHARDLINE_LISTEN_ADDR`: the IP a rank's peer listener binds (default: the address its peers
+//!   are told about, loopback for a job on one host). A job without a token may only listen on
+//!   loopback.
 //! - `SHARDLINE_ALLREDUCE_ALGO`: `auto` (direct up to [`DIRECT_MAX_BYTES`], ring above),
 //!   `direct` or `ring`.
 //! - `SHARDLINE_SHM_RING_BYTES` (default 2 MiB per peer), `SHARDLINE_SPIN_US` (default 20; no

@@ -48,7 +48,10 @@ fn abusive_clients_are_refused_and_the_job_still_forms() {
     // A rank with the wrong token is refused (it sees the connection closed without a table).
     let bad = Group::init(&cfg(1, &addr, "wrong", 3));
     match bad {
-        Err(CommError::Bootstrap(why)) => assert!(why.contains("no table"), "{why}"),
+        Err(CommError::Bootstrap(why)) => assert!(
+            why.contains("without sending the table") && why.contains("job token"),
+            "{why}"
+        ),
         Err(e) => panic!("the wrong token failed oddly: {e}"),
         Ok(_) => panic!("a rank with the wrong token joined"),
     }
@@ -94,4 +97,68 @@ fn a_missing_rank_times_out_naming_what_was_awaited() {
         "{e}"
     );
     assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn a_job_without_a_token_listens_on_loopback_only() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    // Rank 0 with the rendezvous on every address, and a rank listening everywhere: refused
+    // before anything listens, naming the variable.
+    let port = addr.rsplit(':').next().unwrap();
+    let everywhere = cfg(0, &format!("0.0.0.0:{port}"), "", 5);
+    let e = Group::init(&everywhere).err().expect("refused");
+    assert!(
+        matches!(e, CommError::Config(_)) && e.to_string().contains("SHARDLINE_JOB_TOKEN"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("0.0.0.0"), "{e}");
+    let mut wide = cfg(1, &addr, "", 5);
+    wide.listen = Some([0, 0, 0, 0].into());
+    let e = Group::init(&wide).err().expect("refused");
+    assert!(e.to_string().contains("SHARDLINE_JOB_TOKEN"), "{e}");
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "something listened"
+    );
+    // On loopback a job without a token still forms.
+    let c1 = cfg(1, &addr, "", 10);
+    let rank1 = std::thread::spawn(move || Group::init(&c1));
+    let g0 = Group::init(&cfg(0, &addr, "", 10)).expect("rank 0 on loopback");
+    let g1 = rank1.join().unwrap().expect("rank 1 on loopback");
+    let closing = std::thread::spawn(move || drop(g1));
+    drop(g0);
+    closing.join().unwrap();
+}
+
+#[test]
+fn a_joined_rank_waiting_for_the_table_times_out_naming_rank_0_and_the_wait() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let three = |rank, secs| {
+        let mut c = cfg(rank, &addr, "good", secs);
+        c.world_size = 3;
+        c
+    };
+    let c0 = three(0, 3);
+    let rank0 = std::thread::spawn(move || Group::init(&c0));
+    // Rank 2 never comes: rank 1 waits for the table, rank 0 for rank 2.
+    let e = Group::init(&three(1, 1))
+        .err()
+        .expect("no table without rank 2");
+    let msg = e.to_string();
+    assert!(matches!(e, CommError::Timeout { .. }), "{msg}");
+    assert!(
+        msg.contains("rank 1 waiting for the table from rank 0") && msg.contains("1.0 s"),
+        "{msg}"
+    );
+    assert!(!msg.contains("os error") && !msg.contains("token"), "{msg}");
+    let e = rank0.join().unwrap().err().expect("rank 2 never joined");
+    assert!(e.to_string().contains("missing: rank 2"), "{e}");
 }

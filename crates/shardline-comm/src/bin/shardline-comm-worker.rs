@@ -250,6 +250,22 @@ fn kill(g: &Group) -> Check {
     }
 }
 
+/// One all_reduce and a barrier, then this rank's peak resident memory (VmHWM) on stdout.
+fn smoke(g: &Group) -> Check {
+    let mut buf = vec![1.0f32; 1000];
+    ctx("all_reduce", g.all_reduce(&mut buf, ReduceOp::Sum))?;
+    expect_eq("all_reduce", &buf, |_| g.size() as f32)?;
+    ctx("barrier", g.barrier())?;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap_or("?")
+        .trim();
+    println!("rank {}: ok, peak RSS {peak}", g.rank());
+    Ok(())
+}
+
 /// Rank 0 passes one element more than the others: every rank must get a mismatch error.
 fn mismatch(g: &Group) -> Check {
     let mut buf = vec![1.0f32; if g.rank() == 0 { 11 } else { 10 }];
@@ -298,6 +314,7 @@ fn main() {
                 identical_everywhere(&g)?;
                 split_and_async(&g)
             }
+            "smoke" => smoke(&g),
             "kill" => kill(&g),
             "mismatch" => mismatch(&g),
             other => Err(format!("unknown scenario '{other}'")),

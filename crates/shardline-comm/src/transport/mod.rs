@@ -2,6 +2,7 @@
 //! non-blocking, ordered byte stream in both directions. The group and the collectives above only
 //! ever see `Pair`s and never know which transport carries them (NCCL/gloo style).
 
+pub(crate) mod accept;
 pub(crate) mod liveness;
 pub mod shm;
 pub mod tcp;

@@ -1,21 +1,26 @@
 //! TCP transport: one socket per pair, TCP_NODELAY, non-blocking. Reads go through a per-pair
 //! buffer so that one `recv` can pick up several frames, and the progress engine polls instead of
 //! blocking per message (a blocking read costs tens of microseconds of wake-up). Writes use
-//! `sendmsg` with `MSG_NOSIGNAL` so a dead peer is an error, never a SIGPIPE.
+//! `sendmsg` with `MSG_NOSIGNAL` so a dead peer is an error, never a SIGPIPE. The listener binds
+//! the address the peers are told about (loopback for a job on one host) and reads the hellos of
+//! all connecting peers at once through an [`Acceptor`].
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use super::accept::{token_eq, Acceptor, Need};
 use super::{remaining, take, take_u32, take_u64, Endpoint, Pair, Setup, Transport};
+use crate::bootstrap::MAX_TOKEN;
 use crate::error::{CommError, Result};
 
 const HELLO_MAGIC: u32 = 0x4854_4c53; // "SLTH"
-const MAX_TOKEN: usize = 1024;
+/// Magic, nonce, rank and token length.
+const HELLO_HEAD: usize = 18;
 /// Bytes read ahead per pair; frames larger than this stream through it.
 const READ_BUF: usize = 256 * 1024;
-/// How long one accepted connection may take to say hello before it is dropped.
+/// How long one accepted connection may take to say its whole hello before it is dropped.
 const HELLO_DEADLINE: Duration = Duration::from_secs(2);
 
 /// A bound, not yet connected TCP transport.
@@ -41,6 +46,11 @@ impl TcpTransport {
     /// The address published in the table.
     pub fn address(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The address the listener is bound to.
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
@@ -82,34 +92,32 @@ impl Transport for TcpTransport {
         let total = deadline
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
+        let parse = |buf: &[u8]| hello_need(buf, token, nonce);
+        let mut acceptor = Acceptor::new(
+            &self.listener,
+            "tcp",
+            waiting.len(),
+            HELLO_DEADLINE,
+            HELLO_HEAD + MAX_TOKEN,
+        );
         while !waiting.is_empty() {
-            let wait = remaining(
-                deadline,
-                &format!("waiting for ranks {waiting:?} to connect over tcp"),
-                total,
-            )?;
-            let (stream, from) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1).min(wait));
-                    continue;
-                }
-                Err(e) => return Err(CommError::io("accepting a peer connection", e)),
+            let what = || {
+                let ranks: Vec<usize> = waiting.iter().map(|&p| table[p].world_rank).collect();
+                format!("waiting for ranks {ranks:?} to connect over tcp")
             };
-            match read_hello(stream, token, nonce, HELLO_DEADLINE.min(wait)) {
-                Ok((stream, rank)) if waiting.contains(&rank) => {
-                    waiting.retain(|&r| r != rank);
-                    out.push((
-                        rank,
-                        Box::new(TcpPair::new(stream, table[rank].world_rank)?),
-                    ));
-                }
-                Ok((_, rank)) => {
-                    tracing::warn!("refused a tcp connection from {from}: unexpected rank {rank}")
-                }
-                Err(why) => {
-                    tracing::warn!("refused a tcp connection from {from}: {why}")
-                }
+            let hello = acceptor.next(&parse, deadline, &what, total)?;
+            let rank = u32::from_le_bytes(hello.bytes[12..16].try_into().unwrap()) as usize;
+            if waiting.contains(&rank) {
+                waiting.retain(|&r| r != rank);
+                out.push((
+                    rank,
+                    Box::new(TcpPair::new(hello.stream, table[rank].world_rank)?),
+                ));
+            } else {
+                tracing::warn!(
+                    "refused a tcp connection from {}: unexpected rank {rank}",
+                    hello.from
+                );
             }
         }
         Ok(out)
@@ -150,41 +158,39 @@ pub(crate) fn dial(addr: &str, deadline: Instant, rank: usize) -> Result<TcpStre
     }
 }
 
-/// Reads and checks a hello within `limit`; returns the stream and the dialer's rank.
-fn read_hello(
-    mut stream: TcpStream,
-    token: &str,
-    nonce: u64,
-    limit: Duration,
-) -> std::result::Result<(TcpStream, usize), String> {
-    stream
-        .set_read_timeout(Some(limit.max(Duration::from_millis(1))))
-        .map_err(|e| e.to_string())?;
-    let mut fixed = [0u8; 18];
-    stream
-        .read_exact(&mut fixed)
-        .map_err(|e| format!("no complete hello ({e})"))?;
-    let mut b: &[u8] = &fixed;
+/// How much of a hello `buf` still lacks (see [`Need`]): magic, this group's nonce, the dialer's
+/// rank and the job token.
+fn hello_need(buf: &[u8], token: &str, nonce: u64) -> std::result::Result<Need, String> {
+    if buf.len() < HELLO_HEAD {
+        return Ok(Need::More {
+            upto: HELLO_HEAD,
+            authenticated: false,
+        });
+    }
+    let mut b = buf;
     if take_u32(&mut b)? != HELLO_MAGIC {
         return Err("not a shardline hello (bad magic)".into());
     }
-    if take_u64(&mut b)? != nonce {
-        return Err("hello for another group".into());
-    }
-    let rank = take_u32(&mut b)? as usize;
+    let theirs = take_u64(&mut b)?;
+    let _rank = take_u32(&mut b)?;
     let len = take(&mut b, 2)?;
     let len = u16::from_le_bytes([len[0], len[1]]) as usize;
     if len > MAX_TOKEN {
         return Err(format!("token length {len} is too long"));
     }
-    let mut got = vec![0u8; len];
-    stream
-        .read_exact(&mut got)
-        .map_err(|e| format!("short hello ({e})"))?;
-    if got != token.as_bytes() {
+    if buf.len() < HELLO_HEAD + len {
+        return Ok(Need::More {
+            upto: HELLO_HEAD + len,
+            authenticated: false,
+        });
+    }
+    if !token_eq(&buf[HELLO_HEAD..], token.as_bytes()) {
         return Err("bad job token".into());
     }
-    Ok((stream, rank))
+    if theirs != nonce {
+        return Err("hello for another group".into());
+    }
+    Ok(Need::Done)
 }
 
 /// One peer over TCP.

@@ -1,6 +1,9 @@
 //! Spawns the ranks of a test job (the `shardline-comm-worker` binary) and collects their
 //! outcome, killing every child on a deadline so a hang fails the test instead of stalling it.
 
+// Each test binary uses its own part of these helpers.
+#![allow(dead_code)]
+
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +19,111 @@ pub struct Outcome {
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
+}
+
+/// Starts one rank of a `world`-rank job of `scenario` meeting at `addr`, its output piped; with
+/// `shell`, the worker runs after that shell line (e.g. `ulimit -v 300000`).
+pub fn spawn_rank(
+    scenario: &str,
+    rank: usize,
+    world: usize,
+    addr: &str,
+    extra: &[(&str, &str)],
+    shell: Option<&str>,
+) -> Child {
+    let worker = env!("CARGO_BIN_EXE_shardline-comm-worker");
+    let mut cmd = match shell {
+        Some(line) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("{line} && exec \"$0\" \"$1\""))
+                .arg(worker)
+                .arg(scenario);
+            c
+        }
+        None => {
+            let mut c = Command::new(worker);
+            c.arg(scenario);
+            c
+        }
+    };
+    cmd.env("SHARDLINE_RANK", rank.to_string())
+        .env("SHARDLINE_WORLD_SIZE", world.to_string())
+        .env("SHARDLINE_COORDINATOR", addr)
+        .env("SHARDLINE_JOB_TOKEN", "test-token")
+        .env("SHARDLINE_TRANSPORT", "tcp")
+        .env("SHARDLINE_TIMEOUT", "20")
+        .env("SHARDLINE_SHM_RING_BYTES", "262144")
+        .env_remove("SHARDLINE_ALLREDUCE_ALGO")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("cannot start the worker")
+}
+
+/// Waits for `child` at most `limit`, killing it past that; returns whether it succeeded and
+/// its output.
+pub fn finish(child: &mut Child, limit: Duration) -> (bool, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return (s.success(), read_all(child));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (
+                false,
+                format!("killed after {limit:?}: {}", read_all(child)),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A field of /proc/PID/status in kB (`VmRSS`, `VmHWM`), while the process lives.
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The TCP sockets process `pid` listens on (from /proc/net/tcp and its descriptors).
+pub fn listening(pid: u32) -> Vec<std::net::SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address, state 0A (LISTEN), inode
+            if f.len() < 10 || f[3] != "0A" || !inodes.iter().any(|i| i == f[9]) {
+                return None;
+            }
+            let (ip, port) = f[1].split_once(':')?;
+            let ip = u32::from_str_radix(ip, 16).ok()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some(std::net::SocketAddr::from((ip.to_le_bytes(), port)))
+        })
+        .collect()
 }
 
 /// Runs `scenario` on `world` ranks over `transport`; `extra` adds environment variables.
