@@ -327,19 +327,35 @@ impl Group {
             }
         });
         let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
-        let w = worker.get_or_insert_with(|| {
+        if worker.is_none() {
             let (jobs, queue) = mpsc::channel::<Job>();
             let engine = self.engine.clone();
-            let thread = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("shardline-comm-progress".into())
                 .spawn(move || {
                     for job in queue {
                         job(&mut engine.lock().unwrap_or_else(|p| p.into_inner()));
                     }
-                })
-                .expect("cannot start the progress thread");
-            Worker { jobs, thread }
-        });
+                });
+            match spawned {
+                Ok(thread) => *worker = Some(Worker { jobs, thread }),
+                Err(e) => {
+                    // Out of threads or memory: this call fails, the group stays usable.
+                    drop(job);
+                    if self.inflight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let _g = self.inflight.lock.lock().unwrap_or_else(|p| p.into_inner());
+                        self.inflight.zero.notify_all();
+                    }
+                    let (tx, rx) = mpsc::channel();
+                    let _ = tx.send(Err(CommError::io("cannot start the progress thread", e)));
+                    return Handle {
+                        rx,
+                        timeout: self.timeout,
+                    };
+                }
+            }
+        }
+        let w = worker.as_ref().expect("started above");
         w.jobs
             .send(job)
             .expect("the progress thread is running while the group lives");
