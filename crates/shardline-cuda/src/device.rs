@@ -131,6 +131,9 @@ impl Kernels {
             DType::BF16 => &self.matvec_bf16,
             DType::F16 => &self.matvec_f16,
             DType::F32 => &self.matvec_f32,
+            DType::Quant(_) => {
+                unreachable!("quantized weights are dequantized before they reach the device")
+            }
         }
     }
 }

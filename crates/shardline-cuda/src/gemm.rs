@@ -88,6 +88,9 @@ impl Gemm {
                 self.gemm(w.ptr, t, hi, y, dims, 0.0)?;
                 self.gemm(w.ptr, t, lo, y, dims, 1.0)
             }
+            DType::Quant(_) => {
+                unreachable!("quantized weights are dequantized before they reach the device")
+            }
         }
     }
 

@@ -203,6 +203,7 @@ fn nccl_type(dtype: DType) -> ncclDataType_t {
         DType::F32 => ncclDataType_t::ncclFloat32,
         DType::F16 => ncclDataType_t::ncclFloat16,
         DType::BF16 => ncclDataType_t::ncclBfloat16,
+        DType::Quant(_) => unreachable!("NCCL sums float activations only"),
     }
 }
 

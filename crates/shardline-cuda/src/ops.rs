@@ -295,6 +295,9 @@ pub fn router_norm(
         DType::BF16 => &kern.router_norm_bf16,
         DType::F16 => &kern.router_norm_f16,
         DType::F32 => &kern.router_norm_f32,
+        DType::Quant(_) => {
+            unreachable!("quantized weights are dequantized before they reach the device")
+        }
     };
     const WARPS: u32 = 8;
     let cfg = LaunchConfig {
@@ -579,6 +582,9 @@ fn dtype_code(dtype: DType) -> i32 {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
+        DType::Quant(_) => {
+            unreachable!("quantized weights are dequantized before they reach the device")
+        }
     }
 }
 

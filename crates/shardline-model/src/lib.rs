@@ -17,6 +17,7 @@ pub mod model;
 pub mod plan;
 pub mod presets;
 pub mod progress;
+pub mod quantize;
 pub mod random;
 pub mod reference;
 pub mod rope;
@@ -34,7 +35,8 @@ pub use error::{ModelError, Result};
 pub use layer::Exec;
 pub use model::{
     builtin, builtin_parts, builtin_parts_for, builtin_spec, load_dir, load_dir_with, load_parts,
-    load_parts_for, load_tokenizer, verify_dir, CpuEngine, GenerateOptions, Generation, Model,
+    load_parts_for, load_parts_quantized_for, load_tokenizer, verify_dir, CpuEngine,
+    GenerateOptions, Generation, Model,
 };
 pub use plan::Plan;
 pub use reference::{verify, Reference, VerifyReport};

@@ -110,7 +110,8 @@ pub fn load_layer_for(
         q: get("self_attn.q_proj.weight", &[qw, h])?.rows(q_rows.clone()),
         k: get("self_attn.k_proj.weight", &[kw, h])?.rows(kv_rows.clone()),
         v: get("self_attn.v_proj.weight", &[kw, h])?.rows(kv_rows.clone()),
-        o: get("self_attn.o_proj.weight", &[h, qw])?.cols(q_rows.clone()),
+        o: get("self_attn.o_proj.weight", &[h, qw])?
+            .cols("self_attn.o_proj.weight", q_rows.clone())?,
         qkv_bias: if spec.qkv_bias {
             Some([
                 vec("self_attn.q_proj.bias", qw)?[q_rows.clone()].to_vec(),
@@ -215,7 +216,7 @@ fn load_mlp(
         down: if rows.len() == intermediate {
             down
         } else {
-            down.cols(rows.clone())
+            down.cols("down_proj.weight", rows.clone())?
         },
         intermediate: rows.len(),
     })

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::DType;
 
 use crate::backend::cpu::CpuBackend;
@@ -15,6 +16,7 @@ use crate::files::read_json;
 use crate::generate::{generate, Timings};
 use crate::load::{load_model_for, ModelWeights};
 use crate::plan::Plan;
+use crate::quantize::Quantizing;
 use crate::random::RandomWeights;
 use crate::rope::RopeScaling;
 use crate::safetensors_dir::SafetensorsDir;
@@ -51,6 +53,17 @@ pub fn load_parts_for(
     adjust: impl FnOnce(&mut ModelSpec),
     plan: &Plan,
 ) -> Result<(ModelSpec, ModelWeights)> {
+    load_parts_quantized_for(dir, adjust, plan, None)
+}
+
+/// [`load_parts_for`], with the float matrices quantized to `quantize` as they load
+/// ([`crate::quantize`]).
+pub fn load_parts_quantized_for(
+    dir: &Path,
+    adjust: impl FnOnce(&mut ModelSpec),
+    plan: &Plan,
+    quantize: Option<QuantFormat>,
+) -> Result<(ModelSpec, ModelWeights)> {
     let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
     // Chat models often list more end tokens in generation_config.json than in config.json.
     let generation = dir.join("generation_config.json");
@@ -76,7 +89,10 @@ pub fn load_parts_for(
         ));
     }
     adjust(&mut spec);
-    let weights = load_model_for(&spec, &files, plan)?;
+    let weights = match quantize {
+        Some(format) => load_model_for(&spec, &Quantizing::new(files, format), plan)?,
+        None => load_model_for(&spec, &files, plan)?,
+    };
     Ok((spec, weights))
 }
 

@@ -36,6 +36,11 @@ fn name_hash(name: &str) -> u64 {
 
 impl TensorSource for RandomWeights {
     fn get(&self, name: &str, expected: &[usize]) -> Result<Weight> {
+        if let DType::Quant(format) = self.dtype {
+            // The same values as f32 weights, quantized as a quantized model's would be.
+            let dense = RandomWeights::new(self.seed, DType::F32).get(name, expected)?;
+            return crate::quantize::quantized(name, dense, format);
+        }
         let mut t = Tensor::zeros(self.dtype, expected)
             .map_err(|e| ModelError::Invalid(format!("random tensor `{name}`: {e}")))?;
         let (center, half_width) = match expected {
@@ -57,6 +62,7 @@ impl TensorSource for RandomWeights {
                             DType::F32 => el.copy_from_slice(&v.to_le_bytes()),
                             DType::F16 => el.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
                             DType::BF16 => el.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                            DType::Quant(_) => unreachable!("made from f32 weights above"),
                         }
                     }
                 })

@@ -101,7 +101,7 @@ pub fn inv_freq(spec: &ModelSpec) -> Vec<f32> {
             match spec.rope_freq_dtype {
                 DType::BF16 => half::bf16::from_f32(f).to_f32(),
                 DType::F16 => half::f16::from_f32(f).to_f32(),
-                DType::F32 => f,
+                DType::F32 | DType::Quant(_) => f,
             }
         })
         .collect()

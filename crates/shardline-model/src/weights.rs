@@ -49,8 +49,7 @@ impl Weight {
     pub fn rows(&self, rows: Range<usize>) -> Weight {
         let v = self.view();
         let dims = v.shape().dims();
-        let row_elems: usize = dims[1..].iter().product();
-        let row_bytes = row_elems * v.dtype().size_in_bytes();
+        let row_bytes = v.bytes().len() / dims[0].max(1);
         let mut shape = dims.to_vec();
         shape[0] = rows.len();
         let (a, b) = (rows.start * row_bytes, rows.end * row_bytes);
@@ -70,20 +69,29 @@ impl Weight {
         }
     }
 
-    /// Columns `cols` of a 2-D weight, copied (a column slice is not contiguous).
-    pub fn cols(&self, cols: Range<usize>) -> Weight {
+    /// Columns `cols` of a 2-D weight, copied (a column slice is not contiguous). A block
+    /// format is cut only between blocks; `name` names the weight in the error otherwise.
+    pub fn cols(&self, name: &str, cols: Range<usize>) -> Result<Weight> {
         let v = self.view();
-        let dims = v.shape().dims();
-        let es = v.dtype().size_in_bytes();
-        let row_bytes = dims[1] * es;
-        let mut bytes = Vec::with_capacity(dims[0] * cols.len() * es);
+        let (dtype, dims) = (v.dtype(), v.shape().dims());
+        let block = dtype.block_size();
+        let (Some(a), Some(b), Some(row_bytes)) = (
+            dtype.row_bytes(cols.start),
+            dtype.row_bytes(cols.end),
+            dtype.row_bytes(dims[1]),
+        ) else {
+            return Err(ModelError::Invalid(format!(
+                "`{name}`: this split takes its columns {cols:?}, which cuts its {dtype} blocks of \
+                 {block} columns; choose fewer ranks, or a model in another format"
+            )));
+        };
+        let mut bytes = Vec::with_capacity(dims[0] * (b - a));
         for row in v.bytes().chunks_exact(row_bytes) {
-            bytes.extend_from_slice(&row[cols.start * es..cols.end * es]);
+            bytes.extend_from_slice(&row[a..b]);
         }
-        Weight::Owned(
-            Tensor::from_bytes(v.dtype(), [dims[0], cols.len()], &bytes)
-                .expect("a column range of a checked tensor"),
-        )
+        Tensor::from_bytes(dtype, [dims[0], cols.len()], &bytes)
+            .map(Weight::Owned)
+            .map_err(|e| ModelError::Invalid(format!("`{name}`: {e}")))
     }
 
     /// The elements widened to f32 (norm weights and biases are kept this way).

@@ -470,15 +470,22 @@ fn hostile_headers_are_refused_by_name() {
 #[test]
 fn quantized_and_missing_tensors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
+    // A Q8_0 output matrix (2 rows of one 32-element block, 34 bytes each) is read as Q8_0.
     let mut b = tiny_llama();
-    // A Q8_0 output matrix: 2 rows of one 32-element block, 34 bytes each.
     b.tensor("output.weight", &[32, 2], 8, &[0; 68]);
     let p = write(tmp.path(), "q8.gguf", &b.bytes());
+    let model = GgufModel::open(&p).unwrap();
+    let w = model.tensors.get("lm_head.weight", &[2, 32]).unwrap();
+    assert_eq!(w.dtype().name(), "q8_0");
+    // A Q4_1 one (20 bytes a block) is a type Shardline does not read: named.
+    let mut b = tiny_llama();
+    b.tensor("output.weight", &[32, 2], 3, &[0; 40]);
+    let p = write(tmp.path(), "q4_1.gguf", &b.bytes());
     let model = GgufModel::open(&p).unwrap();
     let e = model.tensors.get("lm_head.weight", &[2, 32]).unwrap_err();
     let msg = e.to_string();
     assert!(
-        msg.contains("output.weight") && msg.contains("Q8_0"),
+        msg.contains("output.weight") && msg.contains("Q4_1"),
         "{msg}"
     );
     assert!(matches!(

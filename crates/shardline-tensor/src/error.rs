@@ -4,7 +4,7 @@ use crate::{DType, Shape};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TensorError {
-    #[error("unknown dtype `{0}` (expected f32, f16 or bf16)")]
+    #[error("unknown dtype `{0}` (expected f32, f16, bf16, q4_0, q8_0, q4_k, q5_k or q6_k)")]
     UnknownDType(String),
     #[error("shape {shape} of {dtype} needs {expected} bytes, got {actual}")]
     ByteLength {
@@ -20,4 +20,16 @@ pub enum TensorError {
     },
     #[error("shape {shape} has too many elements to address")]
     Overflow { shape: Shape },
+    #[error(
+        "shape {shape} does not fit {dtype}: its rows must be whole blocks of {block} elements"
+    )]
+    PartialBlock {
+        shape: Shape,
+        dtype: DType,
+        block: usize,
+    },
+    #[error("weights cannot be quantized to {0} here (q8_0 and q4_k can)")]
+    CannotQuantize(crate::quant::QuantFormat),
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
 }

@@ -10,14 +10,16 @@ use std::time::Instant;
 
 use anyhow::Context;
 use shardline_comm::Group;
+use shardline_model::gguf::{self, GgufModel};
 use shardline_model::load::{load_model_for, ModelWeights};
 use shardline_model::presets::{preset, preset_layers, PRESETS};
 use shardline_model::random::RandomWeights;
 use shardline_model::tokenizer::TextCodec;
 use shardline_model::{
-    builtin_parts_for, builtin_spec, load_parts_for, load_tokenizer, Backend, CpuBackend, Engine,
-    Exec, ModelSpec, Plan, Reduce, SingleRank,
+    builtin_parts_for, builtin_spec, load_parts_quantized_for, load_tokenizer, Backend, CpuBackend,
+    Engine, Exec, ModelSpec, Plan, Reduce, SingleRank,
 };
+use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::DType;
 
 use crate::dist::GroupReduce;
@@ -46,9 +48,21 @@ pub struct ModelArgs {
     /// the first N of a model directory's.
     #[arg(long)]
     pub layers: Option<Layers>,
-    /// Weight dtype of a preset: f32, f16 or bf16.
+    /// Weight dtype of a preset: f32, f16, bf16, or q8_0 / q4_k (quantized as they load).
     #[arg(long, default_value = "bf16")]
     pub dtype: DType,
+    /// Quantize a model directory's float weights while loading: q8_0 or q4_k (ggml's block
+    /// formats; the matrices but the MoE routers, as llama.cpp quantizes them).
+    #[arg(long, value_parser = parse_quantize)]
+    pub quantize: Option<QuantFormat>,
+}
+
+/// `--quantize`: a block format weights can be made in.
+pub fn parse_quantize(s: &str) -> Result<QuantFormat, String> {
+    match s.parse::<DType>() {
+        Ok(DType::Quant(q @ (QuantFormat::Q8_0 | QuantFormat::Q4K))) => Ok(q),
+        _ => Err(format!("`{s}`: --quantize takes q8_0 or q4_k")),
+    }
 }
 
 /// `--layers`: a count, or all of the model's.
@@ -87,9 +101,17 @@ impl Layers {
 /// Where a model's weights come from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// A Hugging Face directory, with only its first `layers` layers when given.
+    /// A Hugging Face directory, with only its first `layers` layers when given, and its
+    /// float weights quantized to `quantize` when asked.
     Dir {
         dir: PathBuf,
+        layers: Option<Layers>,
+        quantize: Option<QuantFormat>,
+    },
+    /// A GGUF file (or the first shard of a split set), with only its first `layers` layers
+    /// when given.
+    Gguf {
+        path: PathBuf,
         layers: Option<Layers>,
     },
     Preset {
@@ -103,10 +125,25 @@ pub enum Source {
 impl ModelArgs {
     pub fn source(&self) -> anyhow::Result<Source> {
         Ok(match (&self.model, &self.preset) {
+            (Some(path), _) if gguf::is_gguf(path) => {
+                anyhow::ensure!(
+                    self.quantize.is_none(),
+                    "--quantize applies to float weights; {} is a GGUF file, already in its format",
+                    path.display()
+                );
+                Source::Gguf {
+                    path: path.clone(),
+                    layers: self.layers,
+                }
+            }
             (Some(dir), _) => Source::Dir {
                 dir: crate::hub::resolve_model(dir)?,
                 layers: self.layers,
+                quantize: self.quantize,
             },
+            (None, _) if self.quantize.is_some() => {
+                anyhow::bail!("--quantize needs --model (a preset takes --dtype q8_0 or q4_k)")
+            }
             (None, Some(name)) => {
                 let total = preset_layers(name).with_context(|| unknown_preset(name))?;
                 let layers = self.layers.unwrap_or(Layers::All).of(total);
@@ -127,6 +164,25 @@ impl ModelArgs {
     }
 }
 
+/// `spec` cut to its first `layers` (those of the model at `path`), when given.
+fn first_layers(
+    mut spec: ModelSpec,
+    layers: Option<Layers>,
+    path: &std::path::Path,
+) -> anyhow::Result<ModelSpec> {
+    if let Some(layers) = layers {
+        let n = layers.of(spec.n_layers);
+        anyhow::ensure!(
+            n <= spec.n_layers,
+            "--layers {n}: {} has {} layers",
+            path.display(),
+            spec.n_layers
+        );
+        spec.n_layers = n;
+    }
+    Ok(spec)
+}
+
 fn unknown_preset(name: &str) -> String {
     format!("unknown preset `{name}` (known: {})", PRESETS.join(", "))
 }
@@ -135,20 +191,12 @@ impl Source {
     /// The model's spec, read before any weight (to check a plan, or size a benchmark).
     pub fn spec(&self) -> anyhow::Result<ModelSpec> {
         match self {
-            Source::Dir { dir, layers } => {
-                let mut spec = ModelSpec::from_file(&dir.join("config.json"))?;
-                if let Some(layers) = *layers {
-                    let n = layers.of(spec.n_layers);
-                    anyhow::ensure!(
-                        n <= spec.n_layers,
-                        "--layers {n}: {} has {} layers",
-                        dir.display(),
-                        spec.n_layers
-                    );
-                    spec.n_layers = n;
-                }
-                Ok(spec)
-            }
+            Source::Dir { dir, layers, .. } => first_layers(
+                ModelSpec::from_file(&dir.join("config.json"))?,
+                *layers,
+                dir,
+            ),
+            Source::Gguf { path, layers } => first_layers(gguf::read_spec(path)?, *layers, path),
             Source::Preset {
                 name,
                 layers,
@@ -161,7 +209,7 @@ impl Source {
     /// A name for records and messages.
     pub fn name(&self) -> String {
         match self {
-            Source::Dir { dir, .. } => dir.display().to_string(),
+            Source::Dir { dir: path, .. } | Source::Gguf { path, .. } => path.display().to_string(),
             Source::Preset { name, .. } => name.clone(),
             Source::Builtin => "builtin".into(),
         }
@@ -174,7 +222,11 @@ impl Source {
         adjust: impl FnOnce(&mut ModelSpec),
     ) -> anyhow::Result<(ModelSpec, ModelWeights, TextCodec)> {
         match self {
-            Source::Dir { dir, layers } => {
+            Source::Dir {
+                dir,
+                layers,
+                quantize,
+            } => {
                 let first = self.spec()?.n_layers;
                 let adjust = |spec: &mut ModelSpec| {
                     if layers.is_some() {
@@ -182,9 +234,23 @@ impl Source {
                     }
                     adjust(spec)
                 };
-                let (spec, weights) = load_parts_for(dir, adjust, plan)
+                let (spec, weights) = load_parts_quantized_for(dir, adjust, plan, *quantize)
                     .with_context(|| format!("cannot load the model in {}", dir.display()))?;
                 Ok((spec, weights, load_tokenizer(dir)?))
+            }
+            Source::Gguf { path, layers } => {
+                let first = self.spec()?.n_layers;
+                let adjust = |spec: &mut ModelSpec| {
+                    if layers.is_some() {
+                        spec.n_layers = first;
+                    }
+                    adjust(spec)
+                };
+                let model = GgufModel::open(path)?;
+                let (spec, weights) = model
+                    .weights_for(adjust, plan)
+                    .with_context(|| format!("cannot load the model in {}", path.display()))?;
+                Ok((spec, weights, model.tokenizer))
             }
             Source::Preset { dtype, .. } => {
                 let mut spec = self.spec()?;

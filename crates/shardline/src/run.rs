@@ -116,10 +116,7 @@ fn chat(
     mut sampler: Sampler,
     args: &RunArgs,
 ) -> anyhow::Result<()> {
-    let template = match source {
-        Source::Dir { dir, .. } => ChatTemplate::from_dir(dir)?,
-        _ => ChatTemplate::fallback(),
-    };
+    let template = ChatTemplate::for_source(source)?;
     let eos = spec.eos_ids.clone();
     let positions = spec.max_positions.min(CHAT_POSITIONS);
     let opts = EngineOptions {

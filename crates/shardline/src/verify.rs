@@ -12,13 +12,20 @@ use crate::engine::{self, CommTime, DeviceArg, EngineOptions, Source};
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
-    /// The model directory (config.json, safetensors weights).
-    #[arg(long, env = "SHARDLINE_MODEL")]
+    /// The model directory (config.json, safetensors weights), or a GGUF file.
+    #[arg(short = 'm', long, env = "SHARDLINE_MODEL")]
     model: PathBuf,
     /// The reference file (prompt_ids, prefill_logits, greedy_ids, decode_logits);
-    /// default MODEL/reference.json.
+    /// default MODEL/reference.json (beside a GGUF file).
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// Quantize the model's float weights while loading (q8_0 or q4_k), as `run --quantize`
+    /// does; the tolerance is then the quantized one.
+    #[arg(long, value_parser = engine::parse_quantize)]
+    quantize: Option<shardline_tensor::quant::QuantFormat>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Precision of rope's inverse frequencies: `f32`, as transformers computes them when it
     /// loads a model; `model-dtype` rounds them to the config's dtype, as in a reference computed
     /// from a model cast to bf16/f16 with its buffers (`model.to(dtype)`) and then upcast.
@@ -41,9 +48,23 @@ pub enum RopeFreqs {
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let rope_in_model_dtype = args.rope_freqs == RopeFreqs::ModelDtype;
     let context = || format!("cannot verify the model in {}", args.model.display());
-    let source = Source::Dir {
-        dir: args.model.clone(),
-        layers: None,
+    let gguf = shardline_model::gguf::is_gguf(&args.model);
+    anyhow::ensure!(
+        !(gguf && args.quantize.is_some()),
+        "--quantize applies to float weights; {} is a GGUF file, already in its format",
+        args.model.display()
+    );
+    let source = if gguf {
+        Source::Gguf {
+            path: args.model.clone(),
+            layers: None,
+        }
+    } else {
+        Source::Dir {
+            dir: args.model.clone(),
+            layers: None,
+            quantize: args.quantize,
+        }
     };
     let (plan, group) = match dist::role(&args.parallel)? {
         Role::Single => (Plan::single(), None),
@@ -57,10 +78,14 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         }
     };
     let (spec, weights, _) = source.load(&plan, adjust).with_context(context)?;
-    let path = args
-        .reference
-        .clone()
-        .unwrap_or_else(|| args.model.join("reference.json"));
+    let path = args.reference.clone().unwrap_or_else(|| {
+        let dir = if gguf {
+            args.model.parent().unwrap_or(std::path::Path::new("."))
+        } else {
+            &args.model
+        };
+        dir.join("reference.json")
+    });
     let reference = Reference::from_file(&path, spec.vocab)?;
     let opts = EngineOptions {
         device: args.device,
@@ -89,6 +114,20 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         r.greedy_agree,
         r.greedy_total
     );
+    if let Some(json) = &args.json {
+        let record = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "passed": r.passed(),
+            "prefill_max_diff": r.prefill_max_diff,
+            "decode_max_diff": r.decode_max_diff,
+            "tolerance": r.tolerance,
+            "weight_dtype": r.weight_dtype.name(),
+            "greedy_agree": r.greedy_agree,
+            "greedy_total": r.greedy_total,
+        });
+        std::fs::write(json, format!("{record}\n"))
+            .with_context(|| format!("cannot write {}", json.display()))?;
+    }
     if !r.passed() {
         let hint = if r.weight_dtype != shardline_tensor::DType::F32 && !rope_in_model_dtype {
             " (if the reference came from a model cast with `.to(dtype)`, its rope frequencies \

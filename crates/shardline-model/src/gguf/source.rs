@@ -12,6 +12,7 @@
 //!   are put back in Hugging Face order, which Shardline's rope expects (owned copies).
 //! - F32, F16 and BF16 tensors are served; a quantized one is refused naming tensor and type.
 
+use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::{DType, Shape, Tensor};
 
 use super::container::{GgmlType, GgufErrorKind, GgufFile, GgufFiles, TensorInfo};
@@ -53,11 +54,17 @@ impl GgufTensors {
     }
 }
 
+/// The dtype a tensor of ggml type `t` is read as, where Shardline reads that type.
 fn dtype_of(t: GgmlType) -> Option<DType> {
     match t {
         GgmlType::F32 => Some(DType::F32),
         GgmlType::F16 => Some(DType::F16),
         GgmlType::BF16 => Some(DType::BF16),
+        GgmlType::Q4_0 => Some(DType::Quant(QuantFormat::Q4_0)),
+        GgmlType::Q8_0 => Some(DType::Quant(QuantFormat::Q8_0)),
+        GgmlType::Q4_K => Some(DType::Quant(QuantFormat::Q4K)),
+        GgmlType::Q5_K => Some(DType::Quant(QuantFormat::Q5K)),
+        GgmlType::Q6_K => Some(DType::Quant(QuantFormat::Q6K)),
         _ => None,
     }
 }

@@ -115,7 +115,7 @@ fn blocked_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
         .clamp(RN, MAX_BLOCK_ROWS)
         .next_multiple_of(RN);
     let out = OutPtr(y.as_mut_ptr());
-    let row_bytes = k * w.dtype().size_in_bytes();
+    let row_bytes = k * w.dtype().size_in_bytes(); // a float dtype: quantized ones are streamed
     let bytes = w.bytes();
     pool::install(|| {
         (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
@@ -147,6 +147,8 @@ fn blocked_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
 /// covers x.
 fn decode_rows(isa: Isa, dtype: DType) -> usize {
     match (isa, dtype) {
+        // Quantized weights have only the streamed product.
+        (_, DType::Quant(_)) => usize::MAX,
         (Isa::Scalar, _) => 2,
         (Isa::Avx2, DType::F32) => 8,
         (Isa::Avx512, DType::F32) => 16,

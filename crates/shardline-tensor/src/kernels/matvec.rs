@@ -9,10 +9,15 @@
 //! With several activation rows, each weight vector loaded is multiplied by up to four of them
 //! (two on 16-register ISAs); more rows run over the same four weight rows again, which by then
 //! are in the cache, so the weights still come from memory once.
+//!
+//! Quantized weights (ggml block formats) meet their activation rows quantized per block, as
+//! llama.cpp does, through integer dot products ([`crate::quant::dot_rows`]), a few weight rows
+//! at a time against every activation row.
 
 use rayon::prelude::*;
 
 use crate::pool;
+use crate::quant::{dot_rows, QuantFormat, QuantizedRow};
 use crate::simd::lanes::Simd;
 use crate::simd::tile::{dot_rows_bf16_pairs, dot_tile, pair_order};
 use crate::simd::weight::{with_weight, Weight};
@@ -129,10 +134,28 @@ fn products_on(isa: Isa, products: &mut [Product]) {
         .map(|p| p.w.bytes().len() * p.m.max(1))
         .sum();
     let chunk_work = total_work.div_ceil(threads * CHUNKS_PER_THREAD);
+    // A quantized weight meets its activation rows quantized once, up front (rows that cannot
+    // be quantized, holding NaN or infinity, give NaN outputs for the model's finite check).
+    let quantized: Vec<Vec<Option<QuantizedRow>>> = products
+        .iter()
+        .map(|p| match p.w.dtype() {
+            DType::Quant(q) => {
+                let k = p.w.shape().dims()[1];
+                p.x.chunks_exact(k.max(1))
+                    .take(p.m)
+                    .map(|row| QuantizedRow::for_weights(q, row).ok())
+                    .collect()
+            }
+            _ => Vec::new(),
+        })
+        .collect();
     let mut tasks = Vec::new();
-    for p in products.iter_mut() {
+    for (p, quantized) in products.iter_mut().zip(&quantized) {
         let (n, k) = (p.w.shape().dims()[0], p.w.shape().dims()[1]);
-        let row_bytes = k * p.w.dtype().size_in_bytes();
+        let row_bytes =
+            p.w.dtype()
+                .row_bytes(k)
+                .expect("rows of whole blocks, checked by the view");
         // Chunks of about the same work in every weight; one chunk when serial.
         let chunk = if parallel {
             (chunk_work / (row_bytes * p.m.max(1)).max(1))
@@ -145,21 +168,82 @@ fn products_on(isa: Isa, products: &mut [Product]) {
         let y = Out(p.y.as_mut_ptr());
         for n0 in (0..n).step_by(chunk) {
             let rows = chunk.min(n - n0);
-            tasks.push(Task {
-                dtype: p.w.dtype(),
-                w: &p.w.bytes()[n0 * row_bytes..(n0 + rows) * row_bytes],
-                rows,
-                acts,
-                // SAFETY: n0 < n, and y holds m rows of n.
-                y: Out(unsafe { y.0.add(n0) }),
-                y_stride: n,
+            let w = &p.w.bytes()[n0 * row_bytes..(n0 + rows) * row_bytes];
+            // SAFETY: n0 < n, and y holds m rows of n.
+            let y = Out(unsafe { y.0.add(n0) });
+            tasks.push(match p.w.dtype() {
+                DType::Quant(format) => Work::Quant(QuantTask {
+                    format,
+                    w,
+                    row_bytes,
+                    acts: quantized,
+                    y,
+                    y_stride: n,
+                }),
+                dtype => Work::Float(Task {
+                    dtype,
+                    w,
+                    rows,
+                    acts,
+                    y,
+                    y_stride: n,
+                }),
             });
         }
     }
+    let work = |t: Work| match t {
+        Work::Float(t) => run(isa, t),
+        Work::Quant(t) => t.run(isa),
+    };
     if parallel {
-        pool::install(|| tasks.into_par_iter().for_each(|t| run(isa, t)));
+        pool::install(|| tasks.into_par_iter().for_each(work));
     } else {
-        tasks.into_iter().for_each(|t| run(isa, t));
+        tasks.into_iter().for_each(work);
+    }
+}
+
+/// A task of [`products_on`]: float weights widened in SIMD registers, or quantized weights
+/// against quantized activations.
+enum Work<'a> {
+    Float(Task<'a>),
+    Quant(QuantTask<'a>),
+}
+
+/// Weight rows at a time of a quantized task: a few KiB, so that they stay in L1 while every
+/// activation row meets them.
+const QUANT_ROWS: usize = 8;
+
+/// Whole rows of a quantized weight against all the activation rows of its product.
+struct QuantTask<'a> {
+    format: QuantFormat,
+    w: &'a [u8],
+    row_bytes: usize,
+    /// Each activation row quantized, `None` where it held a non-finite value.
+    acts: &'a [Option<QuantizedRow>],
+    y: Out,
+    y_stride: usize,
+}
+
+impl QuantTask<'_> {
+    fn run(self, isa: Isa) {
+        for (g, w) in self.w.chunks(QUANT_ROWS * self.row_bytes).enumerate() {
+            let rows = w.len() / self.row_bytes;
+            for (r, act) in self.acts.iter().enumerate() {
+                // SAFETY: the task owns columns [0, its rows) of each of y's m rows (products_on
+                // made it so); these are g * QUANT_ROWS.. of row r.
+                let y = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        self.y.0.add(r * self.y_stride + g * QUANT_ROWS),
+                        rows,
+                    )
+                };
+                match act {
+                    Some(a) => dot_rows(isa, self.format, w, a.activations(), y)
+                        .expect("whole rows of the activations' length, checked by the view"),
+                    None => y.fill(f32::NAN),
+                }
+            }
+        }
     }
 }
 
@@ -193,7 +277,10 @@ impl WithSimd for Task<'_> {
     #[inline(always)]
     fn run<S: Simd>(self) {
         let a = self.acts;
-        assert_eq!(self.w.len(), self.rows * a.k * self.dtype.size_in_bytes());
+        assert_eq!(
+            Some(self.w.len()),
+            self.dtype.row_bytes(a.k).map(|b| b * self.rows)
+        );
         assert_eq!(a.x.len(), a.m * a.k);
         // SAFETY: w holds `rows` rows of k elements and x m rows of k values (checked above); y
         // has m rows of y_stride >= rows columns from the task's first (products_on made the

@@ -27,7 +27,7 @@ impl Activations<'_> {
         }
     }
 
-    fn elements(&self) -> Result<usize, QuantError> {
+    pub(super) fn elements(&self) -> Result<usize, QuantError> {
         match self {
             Activations::Q8_0(bytes) => QuantFormat::Q8_0.elements_in(bytes.len()),
             Activations::Q8K(blocks) => Ok(blocks.len() * 256),
@@ -77,7 +77,7 @@ pub fn dot(
 
 /// The kernels one call runs: checked to be supported by this CPU when made.
 #[derive(Clone, Copy)]
-enum Path {
+pub(super) enum Path {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -117,7 +117,35 @@ path_kernels!(
 );
 
 impl Path {
-    fn for_isa(isa: Isa) -> Result<Path, QuantError> {
+    /// The dot product of `format` weight rows with `act` on this path, as a function of the
+    /// weight row (whose length the caller checked against `act`).
+    pub(super) fn kernel<'a>(
+        self,
+        format: QuantFormat,
+        act: Activations<'a>,
+    ) -> Result<impl Fn(&[u8]) -> f32 + 'a, QuantError> {
+        let wrong = |expected| QuantError::ActivationKind {
+            format,
+            expected,
+            actual: act.kind(),
+        };
+        // Checked here, so that the returned closure only dispatches.
+        match (act, format) {
+            (Activations::Q8_0(_), QuantFormat::Q8_0 | QuantFormat::Q4_0) => {}
+            (Activations::Q8_0(_), _) => return Err(wrong("Q8_K")),
+            (Activations::Q8K(_), QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K) => {}
+            (Activations::Q8K(_), _) => return Err(wrong("Q8_0")),
+        }
+        Ok(move |w: &[u8]| match (act, format) {
+            (Activations::Q8_0(a), QuantFormat::Q8_0) => self.q8_0(w, a),
+            (Activations::Q8_0(a), _) => self.q4_0(w, a),
+            (Activations::Q8K(a), QuantFormat::Q4K) => self.q4_k(w, a),
+            (Activations::Q8K(a), QuantFormat::Q5K) => self.q5_k(w, a),
+            (Activations::Q8K(a), _) => self.q6_k(w, a),
+        })
+    }
+
+    pub(super) fn for_isa(isa: Isa) -> Result<Path, QuantError> {
         if !isa.is_supported() {
             return Err(QuantError::UnsupportedIsa(isa));
         }

@@ -21,6 +21,17 @@ pub enum QuantFormat {
 }
 
 impl QuantFormat {
+    /// The name in lower case, as `--dtype` and `--quantize` take it (`q4_0`, `q4_k`, ...).
+    pub const fn lower_name(self) -> &'static str {
+        match self {
+            QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4K => "q4_k",
+            QuantFormat::Q5K => "q5_k",
+            QuantFormat::Q6K => "q6_k",
+        }
+    }
+
     /// Every format, in ggml type id order.
     pub const ALL: [QuantFormat; 5] = [
         QuantFormat::Q4_0,

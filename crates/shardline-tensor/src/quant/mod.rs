@@ -3,7 +3,8 @@
 //! ([`dequantize_row`]), quantization of weights to Q8_0 and Q4_K and of activations to Q8_0 and
 //! Q8_K ([`quantize_row_q8_0`], [`quantize_row_q4_k`], [`quantize_row_q8_k`]), and dot products of
 //! a quantized weight row with a quantized activation row on scalar, AVX2 and AVX-512 VNNI paths
-//! ([`dot`]).
+//! ([`dot`]), and the same over many weight rows with an activation row quantized once
+//! ([`dot_rows`], [`QuantizedRow`]), as the matrix kernels use them.
 //!
 //! Every function checks its lengths and returns a [`QuantError`] rather than panicking.
 
@@ -22,6 +23,7 @@ mod layout;
 mod q4_k;
 mod q8_0;
 mod q8_k;
+mod rows;
 
 pub use dequantize::dequantize_row;
 pub use dot::{dot, Activations};
@@ -30,3 +32,4 @@ pub use format::QuantFormat;
 pub use q4_k::quantize_row_q4_k;
 pub use q8_0::quantize_row_q8_0;
 pub use q8_k::{quantize_row_q8_k, BlockQ8K};
+pub use rows::{dot_rows, QuantizedRow};

@@ -60,6 +60,9 @@ macro_rules! with_weight {
                 type $w = $crate::simd::weight::BF16;
                 $body
             }
+            $crate::DType::Quant(_) => {
+                unreachable!("quantized weights take the quantized kernels")
+            }
         }
     };
 }

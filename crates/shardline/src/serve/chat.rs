@@ -128,6 +128,28 @@ impl ChatTemplate {
         }
     }
 
+    /// The template of the model `source` runs: a directory's ([`ChatTemplate::from_dir`]), a
+    /// GGUF file's `tokenizer.chat_template`, else [`ChatTemplate::fallback`].
+    pub fn for_source(source: &crate::engine::Source) -> anyhow::Result<ChatTemplate> {
+        use crate::engine::Source;
+        match source {
+            Source::Dir { dir, .. } => ChatTemplate::from_dir(dir),
+            Source::Gguf { path, .. } => {
+                let m = shardline_model::gguf::GgufModel::open(path)?;
+                match m.chat_template {
+                    Some(t) => ChatTemplate::new(
+                        t,
+                        m.bos_token.unwrap_or_default(),
+                        m.eos_token.unwrap_or_default(),
+                    )
+                    .with_context(|| format!("the chat template of {}", path.display())),
+                    None => Ok(ChatTemplate::fallback()),
+                }
+            }
+            Source::Preset { .. } | Source::Builtin => Ok(ChatTemplate::fallback()),
+        }
+    }
+
     /// The plain format for a model without a template: each message as `<|ROLE|>\nCONTENT\n`,
     /// then `<|assistant|>\n` when the reply is asked for.
     pub fn fallback() -> ChatTemplate {

@@ -101,15 +101,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let (handle, batcher) = batcher::start(scheduler, batcher::BatcherConfig { queue: args.queue });
-    let chat = match &source {
-        Source::Dir { dir, .. } => chat::ChatTemplate::from_dir(dir)?,
-        _ => chat::ChatTemplate::fallback(),
-    };
+    let chat = chat::ChatTemplate::for_source(&source)?;
     let model_name = args
         .served_model_name
         .clone()
         .unwrap_or_else(|| match &source {
-            Source::Dir { dir, .. } => dir
+            Source::Dir { dir: path, .. } | Source::Gguf { path, .. } => path
                 .file_name()
                 .map_or_else(|| source.name(), |n| n.to_string_lossy().into_owned()),
             _ => source.name(),

@@ -84,6 +84,7 @@ impl Backend for CpuBackend {
                 DType::F32 => 0,
                 DType::F16 => 1,
                 DType::BF16 => 2,
+                DType::Quant(_) => 3,
             })
             .unwrap_or(DType::F32)
     }

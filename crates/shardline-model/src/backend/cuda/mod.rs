@@ -56,6 +56,16 @@ fn bytes_as(w: &Weight, dtype: DType) -> Result<Vec<u8>> {
         .map_err(|e| ModelError::Invalid(e.to_string()))
 }
 
+/// The dtype weights of `dtype` are uploaded in: their own, or bf16 for a quantized block
+/// format (the GPU kernels read float weights; quantized ones are dequantized on the way).
+fn device_dtype(dtype: DType) -> DType {
+    if dtype.is_quantized() {
+        DType::BF16
+    } else {
+        dtype
+    }
+}
+
 /// The dtype a layer is uploaded in: its weights' dtype, or f32 where they differ.
 fn layer_dtype(layer: &Layer) -> DType {
     let a = &layer.attn;
@@ -79,7 +89,9 @@ fn layer_dtype(layer: &Layer) -> DType {
             .flat_map(|m| [m.gate_up.dtype(), m.down.dtype()]),
     );
     if dtypes.iter().all(|d| *d == dtypes[0]) {
-        dtypes[0]
+        device_dtype(dtypes[0])
+    } else if dtypes.iter().all(|d| d.is_quantized() || *d == DType::BF16) {
+        DType::BF16
     } else {
         DType::F32
     }
@@ -239,7 +251,7 @@ impl CudaBackend {
             })
             .collect::<Result<Vec<_>>>()?;
         drop(step);
-        let embed_dtype = weights.embed.dtype();
+        let embed_dtype = device_dtype(weights.embed.dtype());
         let embedding = DeviceEmbedding::upload(
             &dev,
             spec.hidden,
@@ -247,7 +259,7 @@ impl CudaBackend {
             embed_dtype,
         )?;
         let lm_head = weights.lm_head();
-        let head_dtype = lm_head.dtype();
+        let head_dtype = device_dtype(lm_head.dtype());
         let head = DeviceHead::upload(
             &dev,
             spec.hidden,
