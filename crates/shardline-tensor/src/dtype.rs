@@ -7,8 +7,11 @@ use crate::quant::QuantFormat;
 /// these, including ggml's quantized block formats, whose rows are whole blocks of elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE 754 single precision, 4 bytes per element.
     F32,
+    /// IEEE 754 half precision, 2 bytes per element.
     F16,
+    /// bfloat16 (the upper half of an `f32`), 2 bytes per element.
     BF16,
     /// A quantized block format (weights only: read by the matrix kernels and the embedding).
     Quant(QuantFormat),
@@ -53,7 +56,8 @@ impl DType {
         matches!(self, DType::Quant(_))
     }
 
-    /// The lower-case name used in configs and benchmark records (`f32`, `f16`, `bf16`).
+    /// The lower-case name used in configs and benchmark records (`f32`, `f16`, `bf16`, `q8_0`,
+    /// `q4_k`, ...).
     pub const fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",

@@ -5,14 +5,17 @@
 pub struct Shape(pub Vec<usize>);
 
 impl Shape {
+    /// A shape of `dims`, outermost first.
     pub fn new(dims: impl Into<Vec<usize>>) -> Shape {
         Shape(dims.into())
     }
 
+    /// The dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         &self.0
     }
 
+    /// The number of dimensions.
     pub fn rank(&self) -> usize {
         self.0.len()
     }

@@ -34,18 +34,22 @@ impl<'a> TensorView<'a> {
         })
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The shape.
     pub fn shape(&self) -> &'a Shape {
         self.shape
     }
 
+    /// The little-endian element bytes (whole blocks for a block format).
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
     }
 
+    /// The number of elements.
     pub fn elem_count(&self) -> usize {
         self.shape.elem_count()
     }
@@ -198,18 +202,22 @@ impl Tensor {
         })
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The shape.
     pub fn shape(&self) -> &Shape {
         &self.shape
     }
 
+    /// The little-endian element bytes (whole blocks for a block format).
     pub fn bytes(&self) -> &[u8] {
         self.data.as_slice()
     }
 
+    /// The element bytes, writable.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         self.data.as_mut_slice()
     }
@@ -232,6 +240,7 @@ impl Tensor {
         })
     }
 
+    /// Every element widened (or dequantized) to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         self.view().to_f32_vec()
     }

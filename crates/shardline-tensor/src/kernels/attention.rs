@@ -38,22 +38,27 @@ impl KvCache {
         }
     }
 
+    /// Positions held.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether no position is held.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The most positions the cache can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
+    /// Key/value heads per position.
     pub fn n_kv_heads(&self) -> usize {
         self.n_kv_heads
     }
 
+    /// Elements per head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }

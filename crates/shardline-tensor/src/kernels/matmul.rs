@@ -67,9 +67,13 @@ pub fn matmul_on(isa: Isa, w: &TensorView, x: &[f32], m: usize, y: &mut [f32]) {
 /// One product of [`matmul_many`]: `y = x w^T` for the `m` rows of `x` (`[m, K]`; `y` is
 /// `[m, N]`, `w` is `[N, K]`).
 pub struct MatmulJob<'a> {
+    /// The weight, `[N, K]`.
     pub w: TensorView<'a>,
+    /// The activation rows, `[m, K]`.
     pub x: &'a [f32],
+    /// Rows of `x` and `y`.
     pub m: usize,
+    /// The output rows, `[m, N]`.
     pub y: &'a mut [f32],
 }
 

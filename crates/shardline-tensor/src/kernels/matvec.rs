@@ -51,8 +51,11 @@ pub fn matvec_on(isa: Isa, w: &TensorView, x: &[f32], y: &mut [f32]) {
 
 /// One product of [`matvec_many`]: `y = w x`, `w` of shape `[y.len(), x.len()]`.
 pub struct MatvecJob<'a> {
+    /// The weight, `[y.len(), x.len()]`.
     pub w: TensorView<'a>,
+    /// The input vector.
     pub x: &'a [f32],
+    /// The output vector.
     pub y: &'a mut [f32],
 }
 

@@ -47,10 +47,12 @@ impl Rope {
         }
     }
 
+    /// Elements per head the tables rotate.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
 
+    /// Positions the tables cover (`0..max_positions`).
     pub fn max_positions(&self) -> usize {
         self.max_positions
     }

@@ -10,40 +10,59 @@ pub enum QuantError {
     /// A row of `elements` values that does not end on a block boundary.
     #[error("{format} stores whole blocks of {block_size} elements; {elements} is not a multiple of {block_size}")]
     PartialBlock {
+        /// The format's name.
         format: &'static str,
+        /// Elements in the row.
         elements: usize,
+        /// Elements per block of the format.
         block_size: usize,
     },
     /// Quantized data whose length is not a whole number of blocks.
     #[error("{format} data is whole blocks of {block_bytes} bytes; {bytes} bytes is not")]
     PartialBlockBytes {
+        /// The block format.
         format: QuantFormat,
+        /// Length of the data.
         bytes: usize,
+        /// Bytes per block of the format.
         block_bytes: usize,
     },
     /// A row too long for its byte size to be addressed.
     #[error("a {format} row of {elements} elements is too long to address")]
     Overflow {
+        /// The block format.
         format: QuantFormat,
+        /// Elements in the row.
         elements: usize,
     },
     /// A buffer of the wrong length for the values on the other side.
     #[error("{what}: expected {expected}, got {actual}")]
     Length {
+        /// Which buffer, and in what unit its length is counted.
         what: &'static str,
+        /// The length the other arguments call for.
         expected: usize,
+        /// The length given.
         actual: usize,
     },
     /// An activation row of a kind the weight format does not pair with.
     #[error("{format} weights take {expected} activations, not {actual}")]
     ActivationKind {
+        /// The weights' block format.
         format: QuantFormat,
+        /// The activation kind the format pairs with.
         expected: &'static str,
+        /// The activation kind given.
         actual: &'static str,
     },
     /// A NaN or infinite input to a quantizer.
     #[error("element {index} is {value}: only finite values can be quantized")]
-    NonFinite { index: usize, value: f32 },
+    NonFinite {
+        /// Position of the first non-finite element.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
     /// A ggml type id this crate has no block format for.
     #[error("ggml type {0} is not a block format this crate reads (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)")]
     UnknownTypeId(u32),
