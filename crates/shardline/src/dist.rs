@@ -2,9 +2,11 @@
 //! once per rank on this host, with the `SHARDLINE_*` environment), and the model's all-reduce
 //! through a `shardline-comm` group.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,45 @@ pub enum Role {
     Rank { group: Group, plan: Plan },
 }
 
+/// Set by `shardline launch` for the ranks it starts over ssh: the rank exits when its standard
+/// input ends, that is when its ssh connection (and so the launcher) is gone.
+pub const WATCH_STDIN: &str = "SHARDLINE_WATCH_STDIN";
+
+/// With [`WATCH_STDIN`] set, a thread that waits for the end of standard input (nothing is ever
+/// sent on it) and then ends this process.
+fn watch_stdin() -> anyhow::Result<()> {
+    if std::env::var_os(WATCH_STDIN).is_none() {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("launcher-watch".into())
+        .spawn(|| {
+            let mut buf = [0u8; 512];
+            loop {
+                // SAFETY: reads into a live buffer of the length given.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    continue;
+                }
+                if n < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                    continue;
+                }
+                break;
+            }
+            // Not through `tracing`: with the launcher gone stderr is likely a broken pipe, and
+            // a failed write there must not stop this thread before it ends the process.
+            let _ = writeln!(
+                std::io::stderr(),
+                "the launcher's connection closed; this rank stops"
+            );
+            std::process::exit(1);
+        })
+        .context("cannot start the thread that watches the launcher")?;
+    Ok(())
+}
+
 /// Whether this process was started as a rank (by the launcher, mpirun or srun).
 fn started_as_rank() -> bool {
     [
@@ -83,6 +124,7 @@ pub fn role(p: &ParallelArgs) -> anyhow::Result<Role> {
     }
     let ep = p.ep();
     if started_as_rank() {
+        watch_stdin()?;
         let group = Group::from_env().context("cannot join the job's ranks")?;
         if let Some(tp) = p.tp {
             anyhow::ensure!(
@@ -219,7 +261,10 @@ fn launch_local(world: usize, transport: &str) -> anyhow::Result<()> {
         for (k, v) in job.vars(rank) {
             c.env(k, v);
         }
-        c
+        RankCommand {
+            command: c,
+            stdin: None,
+        }
     })
 }
 
@@ -253,16 +298,93 @@ impl JobEnv {
     }
 }
 
+/// How to start one rank: the command, and what to write on its standard input (which then stays
+/// open, a pipe, until the rank exits or the launcher dies; without it, standard input is empty).
+pub struct RankCommand {
+    pub command: Command,
+    pub stdin: Option<String>,
+}
+
+/// The signal (SIGINT or SIGTERM) the launcher got and has not passed on yet; 0 for none.
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    SIGNALLED.store(sig, Ordering::Relaxed);
+}
+
+/// From now on SIGINT and SIGTERM are noted for [`wait_all`] to pass on to the ranks, instead of
+/// ending the launcher.
+fn catch_stop_signals() -> anyhow::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with a handler that only stores to an atomic, an emptied mask
+        // and SA_RESTART; installing it has no other effect on this process.
+        let r = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot catch SIGINT and SIGTERM");
+        }
+    }
+    Ok(())
+}
+
+/// Makes `c` start in process group `group` (a new one, led by this child, for 0) and die by
+/// SIGKILL when the launcher dies, whatever ends it.
+fn tie_to_launcher(c: &mut Command, group: i32) {
+    let launcher = std::process::id() as libc::pid_t;
+    c.process_group(group);
+    // SAFETY: runs in the child between fork and exec and calls only prctl, getppid and raise,
+    // which are async-signal-safe; it touches no memory of the parent. The parent-death signal
+    // fires when the thread that spawned the child ends; the launcher spawns its ranks from the
+    // thread that then waits for them, so it lasts as long as they do.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died before the signal was armed: then no one reaps us.
+            if libc::getppid() != launcher {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts `world` processes (`command(rank)`) and waits for them: rank 0's output is shown, the
 /// others' standard output is dropped. The ranks' log lines are passed on as they come; their
 /// error reports are held back, so that a failed job is reported once, by the first rank that
-/// failed ([`JobFailed`]). No rank is left running.
-pub fn start_ranks(world: usize, command: impl Fn(usize) -> Command) -> anyhow::Result<()> {
+/// failed ([`JobFailed`]). No rank is left running: the ranks share a process group of their
+/// own and die with the launcher (a parent-death signal), SIGINT and SIGTERM to the launcher are
+/// passed on to them (a second one kills them), and a rank that fails gives the others
+/// [`GRACE`] before they are killed.
+pub fn start_ranks(world: usize, command: impl Fn(usize) -> RankCommand) -> anyhow::Result<()> {
+    catch_stop_signals()?;
     let mut children: Vec<Child> = Vec::with_capacity(world);
+    let mut stdins: Vec<Option<ChildStdin>> = Vec::with_capacity(world);
     let mut relays = Vec::with_capacity(world);
+    let mut group = 0;
     for rank in 0..world {
-        let child = command(rank)
-            .stdin(Stdio::null())
+        let RankCommand { mut command, stdin } = command(rank);
+        tie_to_launcher(&mut command, group);
+        let child = command
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(if rank == 0 {
                 Stdio::inherit()
             } else {
@@ -272,7 +394,16 @@ pub fn start_ranks(world: usize, command: impl Fn(usize) -> Command) -> anyhow::
             .spawn();
         match child {
             Ok(mut c) => {
+                if group == 0 {
+                    group = c.id() as i32;
+                }
                 relays.push(c.stderr.take().map(relay_stderr));
+                let mut pipe = c.stdin.take();
+                if let (Some(p), Some(text)) = (pipe.as_mut(), &stdin) {
+                    // A rank that is already gone shows in its exit status.
+                    let _ = p.write_all(text.as_bytes()).and_then(|_| p.flush());
+                }
+                stdins.push(pipe);
                 children.push(c);
             }
             Err(e) => {
@@ -281,13 +412,21 @@ pub fn start_ranks(world: usize, command: impl Fn(usize) -> Command) -> anyhow::
             }
         }
     }
-    let outcome = wait_all(children);
+    let outcome = wait_all(children, group, stdins);
     // Every rank has exited (or was killed), so its pipe is closed and its relay ends.
     let reports: Vec<Vec<String>> = relays
         .into_iter()
         .map(|r| r.and_then(|h| h.join().ok()).unwrap_or_default())
         .collect();
-    match outcome? {
+    let Outcome {
+        failure,
+        stopped_by,
+        all_succeeded,
+    } = outcome?;
+    if let Some(sig) = stopped_by.filter(|_| !all_succeeded) {
+        anyhow::bail!("stopped by {} (passed on to the ranks)", signal_name(sig));
+    }
+    match failure {
         None => Ok(()),
         Some((rank, status, later)) => Err(JobFailed {
             rank,
@@ -389,14 +528,57 @@ fn kill_all(children: &mut [Child]) {
     }
 }
 
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// Sends `sig` to the ranks' process group, or to each rank still running if that fails.
+fn signal_ranks(
+    children: &[Child],
+    status: &[Option<std::process::ExitStatus>],
+    group: i32,
+    sig: i32,
+) {
+    // SAFETY: kill(2) on the process group this launcher made for its ranks.
+    if group > 0 && unsafe { libc::kill(-group, sig) } == 0 {
+        return;
+    }
+    for (c, s) in children.iter().zip(status) {
+        if s.is_none() {
+            // SAFETY: kill(2) on a child not yet reaped (so its pid is still its own).
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+}
+
 /// The rank that failed first, how it ended, and the ranks that failed after it (in order).
 type Failure = (usize, String, Vec<usize>);
 
+/// How the ranks of a job ended.
+struct Outcome {
+    failure: Option<Failure>,
+    /// The signal that stopped the job (passed on to the ranks), if one did.
+    stopped_by: Option<i32>,
+    /// Whether every rank exited with success (none was killed).
+    all_succeeded: bool,
+}
+
 /// Waits for every rank; after the first failure the others get [`GRACE`] to exit on their own.
-fn wait_all(mut children: Vec<Child>) -> anyhow::Result<Option<Failure>> {
+/// A SIGINT or SIGTERM to the launcher is passed on to the ranks (a second one kills them);
+/// A rank's standard input is closed once it has exited.
+fn wait_all(
+    mut children: Vec<Child>,
+    group: i32,
+    mut stdins: Vec<Option<ChildStdin>>,
+) -> anyhow::Result<Outcome> {
     let mut status: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
     let mut failed: Vec<usize> = Vec::new();
     let mut first_failure: Option<Instant> = None;
+    let mut stopped_by: Option<i32> = None;
     loop {
         for (rank, c) in children.iter_mut().enumerate() {
             if status[rank].is_none() {
@@ -406,22 +588,44 @@ fn wait_all(mut children: Vec<Child>) -> anyhow::Result<Option<Failure>> {
                         first_failure.get_or_insert_with(Instant::now);
                     }
                     status[rank] = Some(s);
+                    stdins[rank] = None;
                 }
             }
         }
         if status.iter().all(Option::is_some) {
             break;
         }
+        let sig = SIGNALLED.swap(0, Ordering::Relaxed);
+        if sig != 0 {
+            if stopped_by.is_none() {
+                tracing::warn!(
+                    "{} received: passing it on to the ranks (again to kill them)",
+                    signal_name(sig)
+                );
+                stopped_by = Some(sig);
+                signal_ranks(&children, &status, group, sig);
+            } else {
+                signal_ranks(&children, &status, group, libc::SIGKILL);
+                kill_all(&mut children);
+                break;
+            }
+        }
         if first_failure.is_some_and(|since| since.elapsed() > GRACE) {
+            signal_ranks(&children, &status, group, libc::SIGKILL);
             kill_all(&mut children);
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(failed.split_first().map(|(&rank, later)| {
+    let failure = failed.split_first().map(|(&rank, later)| {
         let s = status[rank].map_or("killed".to_string(), |s| s.to_string());
         (rank, s, later.to_vec())
-    }))
+    });
+    Ok(Outcome {
+        failure,
+        stopped_by,
+        all_succeeded: status.iter().all(|s| s.is_some_and(|s| s.success())),
+    })
 }
 
 #[cfg(test)]

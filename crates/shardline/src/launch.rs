@@ -1,7 +1,16 @@
 //! `shardline launch`: starts a job's ranks on several hosts over ssh, with the `SHARDLINE_*`
 //! environment and a fresh job token, shows rank 0's output, and fails (naming the rank) when
-//! any rank fails. Ctrl-C reaches the ssh clients (same process group), which end their remote
-//! commands.
+//! any rank fails.
+//!
+//! Each rank is `ssh [OPTIONS] -- HOST 'sh -s'`, and the launcher writes the rank's script on the
+//! ssh client's standard input: `export` lines with its `SHARDLINE_*` variables (the job token
+//! among them, so it never shows in `ps` on this host or the remote one), then `exec` of the
+//! shardline binary. The pipe stays open and nothing more is sent on it: the remote rank, told so
+//! by `SHARDLINE_WATCH_STDIN=1`, exits when its standard input ends, which happens when its ssh
+//! connection drops (the ssh client or the launcher dies, or the network goes). No pseudo-terminal
+//! is needed for that (`ssh -tt` would mangle the output and SIGHUP is not sent without one). The
+//! ssh clients are ranks of [`dist::start_ranks`]: they die with the launcher, and SIGINT or
+//! SIGTERM to the launcher is passed on to them.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,7 +45,8 @@ pub struct LaunchArgs {
     /// Path of the shardline binary on the hosts (default: this binary's path).
     #[arg(long, env = "SHARDLINE_REMOTE_BIN")]
     remote_bin: Option<String>,
-    /// How to run a command on a host: this program, then the host, then the command line.
+    /// How to run a command on a host: this program and its options; `launch` adds `--`, the
+    /// host and `sh -s`, and writes the rank's script on its standard input.
     #[arg(long, default_value = "ssh -o BatchMode=yes", env = "SHARDLINE_SSH")]
     ssh: String,
     /// The shardline command every rank runs, after `--` (e.g. `-- verify --model DIR --tp 4`).
@@ -88,34 +98,74 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     let ssh_program = ssh.next().context("--ssh is empty")?.to_string();
     let ssh_args: Vec<&str> = ssh.collect();
     let job = JobEnv::new(world, coordinator, &args.transport);
-    let command: Vec<String> = args.command.iter().map(|w| quote(w)).collect();
     dist::start_ranks(world, |rank| {
-        let env: Vec<String> = job
-            .vars(rank)
-            .iter()
-            .map(|(k, v)| format!("{k}={}", quote(v)))
-            .collect();
-        let line = format!(
-            "env {} {} {}",
-            env.join(" "),
-            quote(&bin),
-            command.join(" ")
-        );
         let mut c = Command::new(&ssh_program);
         c.args(&ssh_args)
+            .arg("--")
             .arg(&hosts[rank / args.ranks_per_host])
-            .arg(line);
-        c
+            .arg("sh -s");
+        dist::RankCommand {
+            command: c,
+            stdin: Some(script(&job.vars(rank), &bin, &args.command)),
+        }
     })
+}
+
+/// The script a remote `sh -s` runs for one rank: its variables, then the shardline binary in
+/// the shell's place (so that it inherits the ssh connection as its standard input).
+fn script(vars: &[(&str, String)], bin: &str, command: &[String]) -> String {
+    let mut out = String::from("export");
+    for (k, v) in vars {
+        out.push_str(&format!(" {k}={}", quote(v)));
+    }
+    out.push_str(&format!(" {}=1\nexec {}", dist::WATCH_STDIN, quote(bin)));
+    for w in command {
+        out.push(' ');
+        out.push_str(&quote(w));
+    }
+    out.push('\n');
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::quote;
+    use super::{quote, script};
 
     #[test]
     fn quoting_survives_the_shell() {
         assert_eq!(quote("a b"), "'a b'");
         assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn a_script_sets_the_variables_then_runs_the_binary_in_the_shells_place() {
+        let vars = [
+            ("SHARDLINE_RANK", "1".to_string()),
+            ("SHARDLINE_JOB_TOKEN", "s3cr'et".to_string()),
+        ];
+        let text = script(
+            &vars,
+            "/opt/shard line",
+            &["run".into(), "-p".into(), "a b".into()],
+        );
+        assert_eq!(
+            text,
+            "export SHARDLINE_RANK='1' SHARDLINE_JOB_TOKEN='s3cr'\\''et' SHARDLINE_WATCH_STDIN=1\n\
+             exec '/opt/shard line' 'run' '-p' 'a b'\n"
+        );
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &text.replace(
+                    "exec '/opt/shard line'",
+                    "printenv SHARDLINE_JOB_TOKEN; echo",
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "s3cr'et\nrun -p a b\n"
+        );
     }
 }

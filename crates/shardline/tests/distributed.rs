@@ -180,6 +180,79 @@ fn a_killed_rank_fails_the_job_promptly_naming_it() {
     );
 }
 
+/// Starts a long `run --tp 2`, waits for both ranks, sends `signal` to the launcher; returns how
+/// long the ranks took to be gone (checked in /proc) and the launcher's stderr.
+fn stop_launcher(signal: i32) -> (std::time::Duration, String) {
+    use std::time::{Duration, Instant};
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_shardline"))
+        .args(["run", "--prompt", "x", "--max-tokens", "4000", "--tp", "2"])
+        .env_remove("SHARDLINE_RANK")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let ranks = loop {
+        let r = ranks_of(launcher.id());
+        if r.len() == 2 {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the ranks did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the launcher this test started.
+    unsafe { libc::kill(launcher.id() as i32, signal) };
+    let sent = Instant::now();
+    let alive = || {
+        ranks
+            .iter()
+            .filter(|(pid, _)| {
+                // A zombie (state Z) has exited; only its parent has not reaped it yet.
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| !r.trim_start().starts_with('Z'))
+                })
+            })
+            .count()
+    };
+    while alive() > 0 {
+        if sent.elapsed() > Duration::from_secs(8) {
+            for (pid, _) in &ranks {
+                // SAFETY: kill(2) on a rank this test's launcher started.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+            panic!(
+                "{} rank(s) still running 8 s after signal {signal} to the launcher",
+                alive()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = sent.elapsed();
+    let _ = launcher.wait();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (took, stderr)
+}
+
+#[test]
+fn killing_the_launcher_stops_its_ranks() {
+    use std::time::Duration;
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL] {
+        let (took, stderr) = stop_launcher(signal);
+        println!("signal {signal} to the launcher: its ranks were gone after {took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}: {stderr}");
+        if signal != libc::SIGKILL {
+            assert!(stderr.contains("stopped by SIG"), "{stderr}");
+        }
+    }
+}
+
 #[test]
 fn bench_decode_over_two_ranks_reports_the_communication() {
     let json = std::env::temp_dir().join(format!("sl-bench-tp-{}.jsonl", std::process::id()));
