@@ -3,6 +3,13 @@
 //! sender writes straight into its slot of the receiver's segment and the receiver reduces or
 //! copies straight out of it, so a payload is copied once on its way. A peer's liveness is
 //! watched through a pidfd (it becomes readable when the process exits, even before it is reaped).
+//!
+//! A segment's name lives only as long as it must, so that a rank killed at any point leaves
+//! (almost) nothing in /dev/shm: the file is made only when the group connects (after the
+//! rendezvous), under a temporary name that is renamed once its header is complete; the header
+//! says how many peers will map it, each peer counts itself in once mapped, and the peer that
+//! completes the count removes the name at once (the mappings stay valid). The owner removes it
+//! too when it is done connecting or dropped, whichever comes first.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,28 +20,49 @@ use std::sync::Arc;
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::liveness::PidWatch;
-use super::{Endpoint, Pair, Setup, Transport};
+use super::{remaining, Endpoint, Pair, Setup, Transport};
 use crate::error::{CommError, Result};
 
-const SEG_MAGIC: u64 = 0x3147_4553_4c53_4853; // "SHSLSEG1"
+const SEG_MAGIC: u64 = 0x3247_4553_4c53_4853; // "SHSLSEG2"
 const PAGE: usize = 4096;
 /// Default bytes of each ring (override with SHARDLINE_SHM_RING_BYTES).
 pub const DEFAULT_RING_BYTES: usize = 2 << 20;
 
+/// Words of the header page: magic, owner's pid, slots, ring bytes, how many peers will map the
+/// segment, and how many have.
+const H_MAGIC: usize = 0;
+const H_PID: usize = 1;
+const H_SLOTS: usize = 2;
+const H_CAP: usize = 3;
+const H_EXPECTED: usize = 4;
+const H_MAPPED: usize = 5;
+
 /// This rank's segment: rings in which the peers write to this rank.
 pub struct ShmTransport {
-    map: Arc<MmapRaw>,
+    /// The mapping, once the segment is made (by `connect`).
+    map: Option<Arc<MmapRaw>>,
     path: PathBuf,
+    slots: usize,
     cap: usize,
-    unlinked: bool,
+    /// Whether the name at `path` may still exist and be ours to remove.
+    named: bool,
 }
 
 fn segment_len(slots: usize, cap: usize) -> usize {
     PAGE + slots * (PAGE + cap)
 }
 
+/// Header word `i` of a mapped segment.
+///
+/// # Safety
+/// `map` must be at least one page long.
+unsafe fn word(map: &MmapRaw, i: usize) -> &AtomicU64 {
+    &*(map.as_ptr() as *const AtomicU64).add(i)
+}
+
 impl ShmTransport {
-    /// Creates a segment with `slots` rings of `cap` bytes (rounded to pages).
+    /// Names a segment with `slots` rings of `cap` bytes (rounded to pages). Nothing is created
+    /// until `connect` needs it.
     pub fn create(slots: usize, cap: usize, name_hint: u64) -> Result<ShmTransport> {
         let cap = cap.max(PAGE).div_ceil(PAGE) * PAGE;
         let dir = if std::path::Path::new("/dev/shm").is_dir() {
@@ -43,35 +71,66 @@ impl ShmTransport {
             std::env::temp_dir()
         };
         let path = dir.join(format!("shardline-{}-{name_hint:016x}", std::process::id()));
+        Ok(ShmTransport {
+            map: None,
+            path,
+            slots,
+            cap,
+            named: false,
+        })
+    }
+
+    /// Makes the segment for `expected` peers: a file under a temporary name, sized and mapped,
+    /// its header written, then renamed to the published path, so a peer that opens it finds a
+    /// complete header.
+    fn make(&mut self, expected: usize) -> Result<Arc<MmapRaw>> {
+        if let Some(map) = &self.map {
+            return Ok(map.clone());
+        }
+        let path = &self.path;
         let ctx = |e| {
             CommError::io(
                 format!("creating shared-memory segment {}", path.display()),
                 e,
             )
         };
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".new");
+        let tmp = PathBuf::from(tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)
+            .open(&tmp)
             .map_err(ctx)?;
-        file.set_len(segment_len(slots, cap) as u64).map_err(ctx)?;
-        let map = MmapOptions::new().map_raw(&file).map_err(ctx)?;
-        // SAFETY: the header page is ours; nobody else knows the path yet.
+        let made = file
+            .set_len(segment_len(self.slots, self.cap) as u64)
+            .and_then(|_| MmapOptions::new().map_raw(&file));
+        let map = match made {
+            Ok(map) => map,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(ctx(e));
+            }
+        };
+        // SAFETY: the header page is ours; nobody else knows the temporary name.
         unsafe {
-            let h = map.as_mut_ptr() as *mut u64;
-            h.add(1).write(std::process::id() as u64);
-            h.add(2).write(slots as u64);
-            h.add(3).write(cap as u64);
-            (*(h as *const AtomicU64)).store(SEG_MAGIC, Ordering::Release);
+            word(&map, H_PID).store(std::process::id() as u64, Ordering::Relaxed);
+            word(&map, H_SLOTS).store(self.slots as u64, Ordering::Relaxed);
+            word(&map, H_CAP).store(self.cap as u64, Ordering::Relaxed);
+            word(&map, H_EXPECTED).store(expected as u64, Ordering::Relaxed);
+            word(&map, H_MAPPED).store(0, Ordering::Relaxed);
+            word(&map, H_MAGIC).store(SEG_MAGIC, Ordering::Release);
         }
-        Ok(ShmTransport {
-            map: Arc::new(map),
-            path,
-            cap,
-            unlinked: false,
-        })
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ctx(e));
+        }
+        self.named = true;
+        let map = Arc::new(map);
+        self.map = Some(map.clone());
+        Ok(map)
     }
 
     /// The path published in the table.
@@ -79,11 +138,53 @@ impl ShmTransport {
         self.path.display().to_string()
     }
 
-    /// Removes the segment's name once every peer has mapped it (the mappings stay valid).
+    /// Removes the segment's name (the mappings stay valid); the peers unlink it themselves as
+    /// soon as the last of them has mapped it, so this is the fallback.
     pub fn unlink(&mut self) {
-        if !self.unlinked {
+        if self.named {
             let _ = std::fs::remove_file(&self.path);
-            self.unlinked = true;
+            self.named = false;
+        }
+    }
+}
+
+/// Opens peer `ep`'s segment, waiting (until `setup`'s deadline) while it does not exist yet and
+/// its owner lives.
+fn open_segment(ep: &Endpoint, setup: &Setup) -> Result<File> {
+    let watch = PidWatch::new(ep.pid);
+    let total = setup
+        .deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .as_secs_f64();
+    loop {
+        match File::options().read(true).write(true).open(&ep.shm) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !watch.alive() {
+                    return Err(CommError::PeerLost {
+                        rank: ep.world_rank,
+                        detail: format!(
+                            "process {} exited before its shared-memory segment was made",
+                            ep.pid
+                        ),
+                    });
+                }
+                let left = remaining(
+                    setup.deadline,
+                    &format!(
+                        "waiting for rank {}'s shared-memory segment {}",
+                        ep.world_rank, ep.shm
+                    ),
+                    total,
+                )?;
+                std::thread::sleep(std::time::Duration::from_millis(1).min(left));
+            }
+            Err(e) => {
+                return Err(CommError::Bootstrap(format!(
+                    "shared-memory segment {} of rank {}: {e}",
+                    ep.shm, ep.world_rank
+                )))
+            }
         }
     }
 }
@@ -97,10 +198,15 @@ impl Transport for ShmTransport {
         me.host == peer.host
     }
 
-    /// Maps every peer's segment and pairs this rank's ring `p` with slot `me` of peer `p`.
+    /// Makes this rank's segment, maps every peer's (waiting for it to be made) and pairs this
+    /// rank's ring `p` with slot `me` of peer `p`.
     fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
         let (me, table) = (setup.me, setup.table);
         let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
+        if peers.is_empty() {
+            return Ok(out);
+        }
+        let own = self.make(peers.len())?;
         for &p in peers {
             let ep = &table[p];
             let bad = |why: String| {
@@ -109,11 +215,7 @@ impl Transport for ShmTransport {
                     ep.shm, ep.world_rank
                 ))
             };
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .open(&ep.shm)
-                .map_err(|e| bad(e.to_string()))?;
+            let file = open_segment(ep, setup)?;
             let len = file.metadata().map_err(|e| bad(e.to_string()))?.len() as usize;
             if len < PAGE {
                 return Err(bad(format!("only {len} bytes")));
@@ -121,18 +223,25 @@ impl Transport for ShmTransport {
             let map = MmapOptions::new()
                 .map_raw(&file)
                 .map_err(|e| bad(e.to_string()))?;
+            drop(file);
             // SAFETY: at least one page is mapped; the header words are read atomically.
-            let (magic, pid, slots, cap) = unsafe {
-                let h = map.as_ptr() as *const AtomicU64;
+            let (magic, pid, slots, cap, expected) = unsafe {
                 (
-                    (*h).load(Ordering::Acquire),
-                    (*h.add(1)).load(Ordering::Relaxed),
-                    (*h.add(2)).load(Ordering::Relaxed) as usize,
-                    (*h.add(3)).load(Ordering::Relaxed) as usize,
+                    word(&map, H_MAGIC).load(Ordering::Acquire),
+                    word(&map, H_PID).load(Ordering::Relaxed),
+                    word(&map, H_SLOTS).load(Ordering::Relaxed) as usize,
+                    word(&map, H_CAP).load(Ordering::Relaxed) as usize,
+                    word(&map, H_EXPECTED).load(Ordering::Relaxed),
                 )
             };
             if magic != SEG_MAGIC || pid != ep.pid as u64 {
                 return Err(bad("not a segment of that rank (bad magic or pid)".into()));
+            }
+            // Counted in: the last peer to map the segment removes its name.
+            // SAFETY: as above.
+            let mapped = unsafe { word(&map, H_MAPPED).fetch_add(1, Ordering::AcqRel) } + 1;
+            if mapped >= expected {
+                let _ = std::fs::remove_file(&ep.shm);
             }
             if slots <= me || cap != self.cap || len != segment_len(slots, cap) {
                 return Err(bad(format!(
@@ -142,7 +251,7 @@ impl Transport for ShmTransport {
             let pidfd = PidWatch::new(ep.pid);
             let peer_map = Arc::new(map);
             let tx = Ring::new(peer_map.clone(), me, cap);
-            let rx = Ring::new(self.map.clone(), p, cap);
+            let rx = Ring::new(own.clone(), p, cap);
             // Fault the rings' pages in now rather than on the first messages (a first pass
             // through a ring otherwise costs a page fault per 4 KiB). Neither call changes
             // contents, so a peer already writing is not disturbed. Populating the ring this
@@ -326,9 +435,10 @@ mod tests {
 
     #[test]
     fn ring_wraps_and_respects_alignment_and_capacity() {
-        let seg = ShmTransport::create(1, PAGE, 0xdead_0001).unwrap();
-        let mut w = Ring::new(seg.map.clone(), 0, seg.cap);
-        let mut r = Ring::new(seg.map.clone(), 0, seg.cap);
+        let mut seg = ShmTransport::create(1, PAGE, 0xdead_0001).unwrap();
+        let map = seg.make(0).unwrap();
+        let mut w = Ring::new(map.clone(), 0, seg.cap);
+        let mut r = Ring::new(map, 0, seg.cap);
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let (mut sent, mut got) = (0, Vec::new());
         let mut rounds = 0;

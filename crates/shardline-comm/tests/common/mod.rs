@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 /// What one rank did.
 pub struct Outcome {
     pub rank: usize,
+    pub pid: u32,
     pub success: bool,
     pub output: String,
 }
@@ -81,6 +82,18 @@ pub fn finish(child: &mut Child, limit: Duration) -> (bool, String) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The shared-memory segments (and their temporary names) of process `pid` in /dev/shm.
+pub fn segments_of(pid: u32) -> Vec<String> {
+    let prefix = format!("shardline-{pid}-");
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A field of /proc/PID/status in kB (`VmRSS`, `VmHWM`), while the process lives.
@@ -183,6 +196,7 @@ pub fn run_job(
         .enumerate()
         .map(|(rank, c)| Outcome {
             rank,
+            pid: c.id(),
             success: status[rank].unwrap(),
             output: read_all(c),
         })
