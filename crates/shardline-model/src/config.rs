@@ -15,13 +15,18 @@ use crate::rope::RopeScaling;
 /// The checkpoint families the decoder knows; they differ in tensor names and FFN details.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
+    /// `MixtralForCausalLM`: every layer MoE, top-k probabilities renormalized.
     Mixtral,
+    /// `Qwen2MoeForCausalLM`: q/k/v biases and a gated shared expert beside the routed ones.
     Qwen2Moe,
+    /// `Qwen3MoeForCausalLM`: per-head RMSNorm of q and k.
     Qwen3Moe,
+    /// `LlamaForCausalLM`: dense SwiGLU layers.
     Llama,
 }
 
 impl Arch {
+    /// The class name in `config.json`'s `architectures`.
     pub fn hf_name(self) -> &'static str {
         match self {
             Arch::Mixtral => "MixtralForCausalLM",
@@ -35,7 +40,9 @@ impl Arch {
 /// Mixture-of-experts settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeSpec {
+    /// Routed experts per sparse layer.
     pub n_experts: usize,
+    /// Experts each token is routed to.
     pub top_k: usize,
     /// Intermediate size of one routed expert.
     pub intermediate: usize,
@@ -45,6 +52,7 @@ pub struct MoeSpec {
     pub shared_intermediate: Option<usize>,
     /// Layer `i` is sparse when `(i + 1) % sparse_step == 0` and `i` is not in `dense_layers`.
     pub sparse_step: usize,
+    /// Layers that keep a dense MLP whatever `sparse_step` says (Qwen's `mlp_only_layers`).
     pub dense_layers: Vec<usize>,
 }
 
@@ -53,27 +61,40 @@ pub struct MoeSpec {
 pub enum FfnKind {
     /// SwiGLU MLP with this intermediate size.
     Dense {
+        /// Width of the gate and up projections.
         intermediate: usize,
     },
+    /// Routed experts (and a shared one where the spec has it).
     Moe(MoeSpec),
 }
 
 /// Everything the decoder needs to know about a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
+    /// The checkpoint family.
     pub arch: Arch,
+    /// Width of the residual stream (`hidden_size`).
     pub hidden: usize,
+    /// Decoder layers.
     pub n_layers: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads; each serves `n_heads / n_kv_heads` query heads.
     pub n_kv_heads: usize,
+    /// Elements per head (even, for rope).
     pub head_dim: usize,
+    /// Vocabulary size: rows of the embedding and of the LM head.
     pub vocab: usize,
+    /// Most positions a sequence may use (`max_position_embeddings`).
     pub max_positions: usize,
     /// Attention window when the config enables sliding-window attention. Not implemented:
     /// sequences longer than the window are refused (shorter ones are unaffected by it).
     pub sliding_window: Option<usize>,
+    /// Epsilon of every RMSNorm.
     pub rms_eps: f32,
+    /// Rope's base.
     pub rope_theta: f64,
+    /// The scaling applied to rope's frequencies.
     pub rope_scaling: RopeScaling,
     /// Bias on q, k and v projections.
     pub qkv_bias: bool,
@@ -81,9 +102,11 @@ pub struct ModelSpec {
     pub o_bias: bool,
     /// Per-head RMSNorm of q and k before rope (Qwen3).
     pub qk_norm: bool,
+    /// The LM head reuses the embedding matrix (`tie_word_embeddings`).
     pub tie_embeddings: bool,
     /// Intermediate size of dense layers.
     pub dense_intermediate: usize,
+    /// The MoE settings; `None` for a dense model.
     pub moe: Option<MoeSpec>,
     /// The dtype the config declares (informational; tensors carry their own).
     pub dtype: Option<DType>,
@@ -91,6 +114,8 @@ pub struct ModelSpec {
     /// loads a model; a reference made from a model cast with `model.to(dtype)` (buffers too)
     /// has them rounded to that dtype instead (`verify --rope-freqs model-dtype`).
     pub rope_freq_dtype: DType,
+    /// Token ids that end generation (`eos_token_id` of the config and the generation config,
+    /// or a GGUF's EOS, EOT and EOM tokens).
     pub eos_ids: Vec<u32>,
 }
 

@@ -25,12 +25,16 @@ pub enum Logits {
 /// a chunk's expert intermediates are `rows x 2 x intermediate` floats).
 pub const PREFILL_CHUNK: usize = 512;
 
+/// The decoder loop of one rank: its device and the hook that combines the ranks' parts.
 pub struct Engine<B, R> {
+    /// The device holding this rank's weights and KV cache.
     pub backend: B,
+    /// The exchange with the other ranks ([`crate::SingleRank`] alone).
     pub reduce: R,
 }
 
 impl<B: Backend, R: Reduce> Engine<B, R> {
+    /// An engine over `backend`, combining parts through `reduce`.
     pub fn new(backend: B, reduce: R) -> Self {
         Engine { backend, reduce }
     }

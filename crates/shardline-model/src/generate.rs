@@ -12,8 +12,11 @@ use crate::tokenizer::TextCodec;
 /// How long a generation took.
 #[derive(Clone, Debug)]
 pub struct Timings {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Milliseconds from the start of prefill to the first generated token.
     pub prefill_ms: f64,
+    /// Tokens generated (the stop token not counted).
     pub generated: usize,
     /// Mean time of one decode step (0 when there was none).
     pub decode_ms_per_token: f64,

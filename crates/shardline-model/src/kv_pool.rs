@@ -20,6 +20,7 @@ pub struct KvPool {
 /// The blocks a sequence holds, in position order: position `p` is in `blocks[p / BLOCK_POSITIONS]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockTable {
+    /// Block ids of the pool.
     pub blocks: Vec<u32>,
 }
 

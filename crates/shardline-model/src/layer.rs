@@ -15,24 +15,34 @@ pub struct Mlp {
     pub gate_up: Weight,
     /// `[hidden, intermediate]`.
     pub down: Weight,
+    /// The intermediate rows this rank holds.
     pub intermediate: usize,
 }
 
 /// The attention segment's weights.
 #[derive(Debug)]
 pub struct AttentionWeights {
+    /// RMSNorm weights applied before attention, `[hidden]`.
     pub input_norm: Vec<f32>,
+    /// Query projection of this rank's heads, `[n_heads * head_dim, hidden]`.
     pub q: Weight,
+    /// Key projection of this rank's KV heads, `[n_kv_heads * head_dim, hidden]`.
     pub k: Weight,
+    /// Value projection of this rank's KV heads, `[n_kv_heads * head_dim, hidden]`.
     pub v: Weight,
+    /// Output projection's columns for this rank's heads, `[hidden, n_heads * head_dim]`.
     pub o: Weight,
     /// q, k and v biases (Qwen2).
     pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Output projection bias, held by rank 0 only so that the ranks' partial sums add it once.
     pub o_bias: Option<Vec<f32>>,
     /// Per-head RMSNorm weights for q and k (Qwen3).
     pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// Query heads this rank holds.
     pub n_heads: usize,
+    /// KV heads this rank holds.
     pub n_kv_heads: usize,
+    /// Elements per head.
     pub head_dim: usize,
 }
 
@@ -43,7 +53,9 @@ pub struct MoeWeights {
     pub router: Weight,
     /// Every expert of the model; `None` where another expert group holds it.
     pub experts: Vec<Option<Mlp>>,
+    /// Experts each token is routed to.
     pub top_k: usize,
+    /// Divide the top-k router probabilities by their sum.
     pub renormalize: bool,
     /// The shared expert and its `[1, hidden]` gate.
     pub shared: Option<(Mlp, Weight)>,
@@ -52,16 +64,22 @@ pub struct MoeWeights {
 /// The FFN segment's weights.
 #[derive(Debug)]
 pub enum FfnWeights {
+    /// One SwiGLU MLP.
     Dense(Mlp),
+    /// Routed experts.
     Moe(MoeWeights),
 }
 
 /// One decoder layer.
 #[derive(Debug)]
 pub struct Layer {
+    /// The attention segment.
     pub attn: AttentionWeights,
+    /// RMSNorm weights applied before the FFN, `[hidden]`.
     pub post_norm: Vec<f32>,
+    /// The FFN segment.
     pub ffn: FfnWeights,
+    /// Epsilon of the layer's RMSNorms.
     pub rms_eps: f32,
 }
 

@@ -3,6 +3,8 @@
 //! safetensors. A layer runs as two segments (attention, FFN), each followed by a reduce hook, so
 //! the same code runs split over ranks (docs/architecture.md, "The model").
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod config;
 pub mod engine;

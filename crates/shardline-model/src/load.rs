@@ -15,7 +15,9 @@ use crate::weights::{stack_rows, TensorSource, Weight};
 pub struct ModelWeights {
     /// `[vocab, hidden]`.
     pub embed: Weight,
+    /// The decoder layers, as this rank holds them.
     pub layers: Vec<Layer>,
+    /// RMSNorm weights applied before the LM head, `[hidden]`.
     pub final_norm: Vec<f32>,
     /// `[vocab, hidden]`, or this rank's `vocab_rows` of it; `None` when tied to the embedding
     /// on a single rank.

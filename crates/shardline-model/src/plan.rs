@@ -12,6 +12,7 @@ use std::ops::Range;
 use crate::config::{FfnKind, ModelSpec};
 use crate::error::{ModelError, Result};
 
+/// How the model is split over `world` ranks with `ep` expert groups, as seen from one rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     world: usize,
@@ -55,14 +56,17 @@ impl Plan {
         Ok(Plan { world, ep, rank })
     }
 
+    /// Ranks in the job.
     pub fn world(&self) -> usize {
         self.world
     }
 
+    /// This rank (`0..world`).
     pub fn rank(&self) -> usize {
         self.rank
     }
 
+    /// Expert groups; each holds `n_experts / ep` experts, sharded over its `world / ep` ranks.
     pub fn ep(&self) -> usize {
         self.ep
     }

@@ -22,6 +22,7 @@ pub struct RandomWeights {
 }
 
 impl RandomWeights {
+    /// Weights of `dtype` drawn from `seed` (each tensor from `seed` and its name).
     pub fn new(seed: u64, dtype: DType) -> RandomWeights {
         RandomWeights { seed, dtype }
     }

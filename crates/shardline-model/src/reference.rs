@@ -12,11 +12,18 @@ use crate::engine::{Engine, Logits};
 use crate::error::{ModelError, Result};
 use crate::sampler::argmax;
 
+/// A `reference.json`: the logits `transformers` computed for a prompt and its greedy
+/// continuation.
 #[derive(Debug, Deserialize)]
 pub struct Reference {
+    /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,
+    /// One `[vocab]` row of logits per prompt position.
     pub prefill_logits: Vec<Vec<f32>>,
+    /// The greedy choice after the prompt and after each decode step (one more than
+    /// `decode_logits` has rows, or as many).
     pub greedy_ids: Vec<u32>,
+    /// One `[vocab]` row of logits per decode step, step `i` having fed `greedy_ids[i]`.
     pub decode_logits: Vec<Vec<f32>>,
 }
 
@@ -60,20 +67,26 @@ impl Reference {
 /// The outcome of a verification.
 #[derive(Clone, Debug)]
 pub struct VerifyReport {
+    /// The largest absolute logit difference over the prompt's positions.
     pub prefill_max_diff: f32,
     /// The prompt position with the largest difference.
     pub prefill_worst_position: usize,
+    /// The largest absolute logit difference over the decode steps.
     pub decode_max_diff: f32,
     /// The decode step with the largest difference.
     pub decode_worst_step: usize,
+    /// The largest difference that passes, from the weights' dtype ([`tolerance`]).
     pub tolerance: f32,
+    /// The dtype of the engine's weights.
     pub weight_dtype: DType,
-    /// Greedy choices made, and how many agree with the reference.
+    /// Greedy choices compared with the reference's `greedy_ids`.
     pub greedy_total: usize,
+    /// How many of them agree.
     pub greedy_agree: usize,
 }
 
 impl VerifyReport {
+    /// Whether both differences are within the tolerance and every greedy choice agrees.
     pub fn passed(&self) -> bool {
         self.prefill_max_diff <= self.tolerance
             && self.decode_max_diff <= self.tolerance

@@ -10,16 +10,22 @@ use crate::config::ModelSpec;
 /// A config's `rope_type` and its parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
+    /// The base frequencies unchanged (`default`).
     None,
     /// Positions divided by `factor` (every frequency divided by it).
     Linear {
+        /// The divisor.
         factor: f64,
     },
     /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth blend between.
     Llama3 {
+        /// The divisor of the low frequencies.
         factor: f64,
+        /// Wavelengths above `original_max_positions / low_freq_factor` are divided.
         low_freq_factor: f64,
+        /// Wavelengths below `original_max_positions / high_freq_factor` are kept.
         high_freq_factor: f64,
+        /// The context length the model was trained at (`original_max_position_embeddings`).
         original_max_positions: f64,
     },
 }

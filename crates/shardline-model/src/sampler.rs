@@ -59,6 +59,8 @@ impl Sampler {
         self.temperature == 0.0
     }
 
+    /// Picks a token id from one row of logits: the argmax when greedy, otherwise a draw from
+    /// the temperature-scaled softmax cut to its top-p mass (and to at most top-k tokens).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
             return argmax(logits) as u32;

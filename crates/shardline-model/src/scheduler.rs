@@ -17,11 +17,15 @@ use crate::sampler::Sampler;
 /// What a request asks of its generation.
 #[derive(Clone, Debug)]
 pub struct GenParams {
+    /// Most tokens to generate.
     pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
     pub temperature: f32,
+    /// Nucleus mass: sampling keeps the most likely tokens up to this probability.
     pub top_p: f32,
-    /// 0: no limit.
+    /// Most tokens sampling keeps; 0: no limit.
     pub top_k: usize,
+    /// Seed of the sequence's sampler.
     pub seed: u64,
     /// Token ids that end the generation (the model's EOS unless the request ignores it).
     pub stop_ids: Vec<u32>,
@@ -40,9 +44,19 @@ pub enum FinishReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SeqEvent {
     /// A new token (not a stop token).
-    Token { seq: u64, token: u32 },
+    Token {
+        /// The sequence's id.
+        seq: u64,
+        /// The token.
+        token: u32,
+    },
     /// The sequence ended; its blocks are back in the pool.
-    Finished { seq: u64, reason: FinishReason },
+    Finished {
+        /// The sequence's id.
+        seq: u64,
+        /// Why it ended.
+        reason: FinishReason,
+    },
 }
 
 struct Sequence {
@@ -67,14 +81,20 @@ impl Sequence {
 /// `row_seq[i]` (an index into `tables`); `sample` lists the rows whose logits are wanted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StepPlan {
+    /// The token of each row.
     pub tokens: Vec<u32>,
+    /// The position of each row in its sequence.
     pub positions: Vec<u32>,
+    /// The sequence of each row, an index into `tables`.
     pub row_seq: Vec<u32>,
+    /// Each sequence's KV block table: the pool blocks holding its positions, in order.
     pub tables: Vec<Vec<u32>>,
+    /// The rows whose logits are wanted, in the order they come back.
     pub sample: Vec<u32>,
 }
 
 impl StepPlan {
+    /// Whether the plan runs no rows.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
@@ -169,13 +189,18 @@ pub struct Scheduler {
 /// How a [`Scheduler`] is sized.
 #[derive(Clone, Copy, Debug)]
 pub struct SchedulerConfig {
+    /// Blocks in the KV pool (each `BLOCK_POSITIONS` positions of every layer).
     pub kv_blocks: usize,
+    /// Rows (tokens) one step runs at most; at least 1.
     pub step_tokens: usize,
+    /// Sequences generating at once at most; at least 1.
     pub max_running: usize,
+    /// The most positions a sequence may use (the model's context).
     pub max_positions: usize,
 }
 
 impl Scheduler {
+    /// A scheduler with an empty queue and a KV pool of `cfg.kv_blocks` free blocks.
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
         Scheduler {
             pool: KvPool::new(cfg.kv_blocks),

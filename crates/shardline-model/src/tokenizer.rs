@@ -5,7 +5,9 @@ use std::path::Path;
 
 use crate::error::{ModelError, Result};
 
+/// A model's tokenizer: encodes prompts and decodes generated ids.
 pub enum TextCodec {
+    /// A Hugging Face tokenizer (from `tokenizer.json`, or built from a GGUF's vocabulary).
     Hf(Box<tokenizers::Tokenizer>),
     /// One token per byte; vocabulary of 256.
     Bytes,
@@ -21,6 +23,7 @@ impl TextCodec {
         Ok(TextCodec::Hf(Box::new(t)))
     }
 
+    /// The ids of `text`, with the special tokens the tokenizer adds (a BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_with(text, true)
     }

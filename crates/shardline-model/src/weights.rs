@@ -13,16 +13,23 @@ use crate::error::{ModelError, Result};
 /// (merged matrices, generated weights).
 #[derive(Debug)]
 pub enum Weight {
+    /// `shape` elements of `dtype` at bytes `range` of a mapped file.
     Mapped {
+        /// The element type.
         dtype: DType,
+        /// The shape, outermost first.
         shape: Shape,
+        /// The mapped file, shared by every weight read from it.
         map: Arc<Mmap>,
+        /// Where the weight's bytes lie in `map`.
         range: Range<usize>,
     },
+    /// A tensor in memory of its own.
     Owned(Tensor),
 }
 
 impl Weight {
+    /// The weight as a tensor view over its bytes.
     pub fn view(&self) -> TensorView<'_> {
         match self {
             Weight::Mapped {
@@ -36,10 +43,12 @@ impl Weight {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.view().dtype()
     }
 
+    /// Size of the weight's data in bytes.
     pub fn byte_len(&self) -> usize {
         self.view().bytes().len()
     }

@@ -17,6 +17,7 @@ use crate::error::{ModelError, Result};
 
 /// A device that holds one rank's weights and KV cache and runs the segments on them.
 pub trait Backend {
+    /// The model this backend runs.
     fn spec(&self) -> &ModelSpec;
 
     /// The dtype of the weights (the least precise one, where they differ).
@@ -189,7 +190,9 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
 /// holds that position).
 #[derive(Clone, Copy, Debug)]
 pub struct PagedRow<'a> {
+    /// The row's position in its sequence.
     pub pos: usize,
+    /// The sequence's KV pool blocks, in position order.
     pub blocks: &'a [u32],
 }
 
@@ -205,8 +208,15 @@ pub enum Want {
 /// A whole decode step's result, as [`Want`] asked.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decoded {
+    /// This rank's slice of the vocabulary's logits ([`Backend::vocab_rows`]).
     Logits(Vec<f32>),
-    Best { value: f32, id: u32 },
+    /// This rank's best logit.
+    Best {
+        /// The logit.
+        value: f32,
+        /// Its token id in the whole vocabulary.
+        id: u32,
+    },
 }
 
 /// What an FFN segment wrote to its `out`, and so how the ranks put their parts together.
@@ -248,6 +258,7 @@ pub trait Reduce {
     /// This rank (`0..world`).
     fn rank(&self) -> usize;
 
+    /// Replaces `x` on every rank with the element-wise sum of every rank's `x`.
     fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()>;
 
     /// Returns once every rank has called it.

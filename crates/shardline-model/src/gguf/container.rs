@@ -42,87 +42,188 @@ const MIN_KV: u64 = 13;
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {kind}", path.display())]
 pub struct GgufError {
+    /// The file at fault (empty when no file was given).
     pub path: PathBuf,
+    /// What is wrong with it.
     pub kind: GgufErrorKind,
 }
 
 /// What is wrong with a GGUF file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufErrorKind {
+    /// The file does not start with the magic bytes `GGUF`.
     #[error("not a GGUF file: it starts with {found:02x?}, not \"GGUF\"")]
-    Magic { found: Vec<u8> },
+    Magic {
+        /// The file's first (up to four) bytes.
+        found: Vec<u8>,
+    },
+    /// A format version other than 2 or 3.
     #[error("GGUF version {version} is not supported (versions 2 and 3 are){}", big_endian_hint(*.version))]
-    Version { version: u32 },
+    Version {
+        /// The version the header gives.
+        version: u32,
+    },
+    /// A field that runs past the end of the file.
     #[error(
         "{field}: {needed} bytes are needed at byte {at}, past the end of the file ({len} bytes)"
     )]
     Truncated {
+        /// The field being read.
         field: String,
+        /// Byte offset of the field in the file.
         at: u64,
+        /// Bytes the field needs.
         needed: u64,
+        /// Length of the file in bytes.
         len: u64,
     },
+    /// A count of items that could not fit in the rest of the file, refused before anything is
+    /// allocated for them.
     #[error("{field} is {count}, but each takes at least {min_bytes} bytes and only {left} bytes are left in the file")]
     TooMany {
+        /// The count being read.
         field: String,
+        /// The count the file gives.
         count: u64,
+        /// The fewest bytes one item takes.
         min_bytes: u64,
+        /// Bytes left in the file after the count.
         left: u64,
     },
+    /// A string (key, value or tensor name) that is not UTF-8.
     #[error("{field} is not valid UTF-8")]
-    NotUtf8 { field: String },
+    NotUtf8 {
+        /// The string being read.
+        field: String,
+    },
+    /// A metadata value type id outside GGUF's 0..=12.
     #[error("{field}: unknown metadata value type {ty}")]
-    ValueType { field: String, ty: u32 },
+    ValueType {
+        /// The key (or array) whose value has the type.
+        field: String,
+        /// The type id.
+        ty: u32,
+    },
+    /// Arrays of arrays nested deeper than the parser follows.
     #[error("{field}: arrays nested more than {MAX_NESTING} deep")]
-    Nesting { field: String },
+    Nesting {
+        /// The key holding the array.
+        field: String,
+    },
+    /// A metadata key given twice.
     #[error("metadata key `{key}` appears twice")]
-    DuplicateKey { key: String },
+    DuplicateKey {
+        /// The key.
+        key: String,
+    },
+    /// A tensor name given twice, in one file or across the shards of a split set.
     #[error("tensor `{name}` appears twice")]
-    DuplicateTensor { name: String },
+    DuplicateTensor {
+        /// The tensor's name.
+        name: String,
+    },
+    /// A `general.alignment` that is not a positive power of two fitting a `u32`.
     #[error("`general.alignment` is {value}; it must be a power of two")]
-    Alignment { value: String },
+    Alignment {
+        /// The value given, as debug-printed.
+        value: String,
+    },
+    /// A tensor with more than ggml's four dimensions.
     #[error("tensor `{tensor}` has {n_dims} dimensions (ggml allows at most {MAX_DIMS})")]
-    Dims { tensor: String, n_dims: u32 },
+    Dims {
+        /// The tensor's name.
+        tensor: String,
+        /// The dimension count it gives.
+        n_dims: u32,
+    },
+    /// A tensor whose element count or byte size overflows.
     #[error("tensor `{tensor}` has dimensions {dims:?}, too large")]
-    DimSize { tensor: String, dims: Vec<u64> },
+    DimSize {
+        /// The tensor's name.
+        tensor: String,
+        /// Its dimensions, innermost first.
+        dims: Vec<u64>,
+    },
+    /// A tensor whose ggml type id is not in ggml's list.
     #[error("tensor `{tensor}` has unknown ggml type {ty}")]
-    UnknownType { tensor: String, ty: u32 },
+    UnknownType {
+        /// The tensor's name.
+        tensor: String,
+        /// The type id.
+        ty: u32,
+    },
+    /// A block-format tensor whose rows (innermost dimension) are not whole blocks.
     #[error("tensor `{tensor}` ({ggml_type}): its rows of {cols} elements are not whole blocks of {block}")]
     Blocks {
+        /// The tensor's name.
         tensor: String,
+        /// Its type.
         ggml_type: GgmlType,
+        /// Elements per row.
         cols: u64,
+        /// Elements per block of the type.
         block: u64,
     },
+    /// A tensor whose offset is not a multiple of the data section's alignment.
     #[error("tensor `{tensor}` starts at data offset {offset}, not a multiple of the alignment {alignment}")]
     Misaligned {
+        /// The tensor's name.
         tensor: String,
+        /// Its offset from the start of the data section, in bytes.
         offset: u64,
+        /// The file's alignment in bytes.
         alignment: u64,
     },
+    /// A tensor whose bytes do not lie inside the data section.
     #[error("tensor `{tensor}`: {size} bytes at data offset {offset} run past the end of the data section ({data_len} bytes)")]
     OutOfBounds {
+        /// The tensor's name.
         tensor: String,
+        /// Its offset from the start of the data section, in bytes.
         offset: u64,
+        /// Its size in bytes.
         size: u64,
+        /// Length of the data section in bytes.
         data_len: u64,
     },
+    /// A metadata value of another type than the key calls for.
     #[error("metadata key `{key}` is {found}, expected {expected}")]
     KeyType {
+        /// The key.
         key: String,
+        /// What the reader needs (`a string`, `a non-negative integer`).
         expected: &'static str,
+        /// The GGUF type name of the value found ([`Value::type_name`]).
         found: &'static str,
     },
+    /// A metadata key the model needs that the file lacks.
     #[error("metadata key `{key}` is missing")]
-    MissingKey { key: String },
+    MissingKey {
+        /// The key.
+        key: String,
+    },
+    /// Shards of a split model that do not fit together (numbering, counts, a missing shard).
     #[error("split model: {detail}")]
-    Split { detail: String },
+    Split {
+        /// What does not fit.
+        detail: String,
+    },
+    /// A `general.architecture` Shardline has no decoder for.
     #[error("unknown architecture `{arch}` in `general.architecture` (supported: llama, including Mixtral; qwen2moe; qwen3moe; qwen2; qwen3)")]
-    UnknownArch { arch: String },
+    UnknownArch {
+        /// The architecture named.
+        arch: String,
+    },
+    /// A tensor of a ggml type the loader does not read.
     #[error(
         "tensor `{tensor}` is {ggml_type}: only F32, F16 and BF16 GGUF tensors can be used so far"
     )]
-    UnsupportedType { tensor: String, ggml_type: GgmlType },
+    UnsupportedType {
+        /// The tensor's name.
+        tensor: String,
+        /// Its type.
+        ggml_type: GgmlType,
+    },
 }
 
 fn big_endian_hint(version: u32) -> &'static str {
@@ -137,39 +238,75 @@ fn big_endian_hint(version: u32) -> &'static str {
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// 32-bit float.
     F32,
+    /// 16-bit IEEE float.
     F16,
+    /// 4-bit, blocks of 32 elements with an f16 scale (18 bytes).
     Q4_0,
+    /// 4-bit, blocks of 32 elements with an f16 scale and minimum (20 bytes).
     Q4_1,
+    /// 5-bit, blocks of 32 elements with an f16 scale (22 bytes).
     Q5_0,
+    /// 5-bit, blocks of 32 elements with an f16 scale and minimum (24 bytes).
     Q5_1,
+    /// 8-bit, blocks of 32 elements with an f16 scale (34 bytes).
     Q8_0,
+    /// 8-bit, blocks of 32 elements with an f16 scale and an f16 scaled sum; ggml's activation
+    /// format for the 32-element formats.
     Q8_1,
+    /// 2-bit K-quant, super-blocks of 256 elements (84 bytes).
     Q2_K,
+    /// 3-bit K-quant, super-blocks of 256 elements (110 bytes).
     Q3_K,
+    /// 4-bit K-quant, super-blocks of 256 elements with per-sub-block scales and minimums (144 bytes).
     Q4_K,
+    /// 5-bit K-quant, super-blocks of 256 elements with per-sub-block scales and minimums (176 bytes).
     Q5_K,
+    /// 6-bit K-quant, super-blocks of 256 elements with per-sub-block scales (210 bytes).
     Q6_K,
+    /// 8-bit K-quant, super-blocks of 256 elements (292 bytes); ggml's activation format for the
+    /// K-quants.
     Q8_K,
+    /// I-quant of about 2 bits per weight, super-blocks of 256 elements (66 bytes).
     IQ2_XXS,
+    /// I-quant of about 2.3 bits per weight, super-blocks of 256 elements (74 bytes).
     IQ2_XS,
+    /// I-quant of about 3 bits per weight, super-blocks of 256 elements (98 bytes).
     IQ3_XXS,
+    /// I-quant of about 1.6 bits per weight, super-blocks of 256 elements (50 bytes).
     IQ1_S,
+    /// Non-linear 4-bit, blocks of 32 elements (18 bytes).
     IQ4_NL,
+    /// I-quant of about 3.4 bits per weight, super-blocks of 256 elements (110 bytes).
     IQ3_S,
+    /// I-quant of about 2.6 bits per weight, super-blocks of 256 elements (82 bytes).
     IQ2_S,
+    /// Non-linear 4-bit, super-blocks of 256 elements (136 bytes).
     IQ4_XS,
+    /// 8-bit integer.
     I8,
+    /// 16-bit integer.
     I16,
+    /// 32-bit integer.
     I32,
+    /// 64-bit integer.
     I64,
+    /// 64-bit float.
     F64,
+    /// I-quant of about 1.75 bits per weight, super-blocks of 256 elements (56 bytes).
     IQ1_M,
+    /// bfloat16.
     BF16,
+    /// Ternary, super-blocks of 256 elements (54 bytes).
     TQ1_0,
+    /// Ternary in 2 bits, super-blocks of 256 elements (66 bytes).
     TQ2_0,
+    /// 4-bit floats (E2M1), blocks of 32 elements with a shared 8-bit exponent (17 bytes).
     MXFP4,
+    /// 4-bit floats (E2M1), blocks of 64 elements with an FP8 scale per 16 (36 bytes).
     NVFP4,
+    /// 1-bit signs, blocks of 128 elements with an f16 scale (18 bytes).
     Q1_0,
 }
 
@@ -250,18 +387,31 @@ impl std::fmt::Display for GgmlType {
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// Value type 0.
     U8(u8),
+    /// Value type 1.
     I8(i8),
+    /// Value type 2.
     U16(u16),
+    /// Value type 3.
     I16(i16),
+    /// Value type 4.
     U32(u32),
+    /// Value type 5.
     I32(i32),
+    /// Value type 6.
     F32(f32),
+    /// Value type 7: one byte, any non-zero value true.
     Bool(bool),
+    /// Value type 8: a `u64` length and UTF-8 bytes.
     String(String),
+    /// Value type 9: a `u32` element type, a `u64` length and the elements.
     Array(Vec<Value>),
+    /// Value type 10.
     U64(u64),
+    /// Value type 11.
     I64(i64),
+    /// Value type 12.
     F64(f64),
 }
 
@@ -309,6 +459,7 @@ impl Value {
         }
     }
 
+    /// The string, if it is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -332,9 +483,11 @@ fn min_value_size(ty: u32) -> Option<u64> {
 /// One tensor's entry in the tensor infos.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
+    /// The tensor's name (`blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions as ggml lists them, innermost (the row length) first.
     pub dims: Vec<u64>,
+    /// The element type.
     pub ggml_type: GgmlType,
     /// Offset from the start of the data section.
     pub offset: u64,
@@ -644,6 +797,7 @@ impl GgufFile {
         })
     }
 
+    /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -653,10 +807,12 @@ impl GgufFile {
         self.version
     }
 
+    /// The tensor infos, in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
 
+    /// The info of tensor `name`, if the file holds it.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
@@ -680,6 +836,7 @@ impl GgufFile {
         }
     }
 
+    /// The metadata value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
@@ -714,6 +871,7 @@ impl GgufFile {
             .transpose()
     }
 
+    /// A bool key.
     pub fn bool(&self, key: &str) -> std::result::Result<Option<bool>, GgufError> {
         self.get(key)
             .map(|v| match v {
@@ -723,12 +881,14 @@ impl GgufFile {
             .transpose()
     }
 
+    /// A string key.
     pub fn str(&self, key: &str) -> std::result::Result<Option<&str>, GgufError> {
         self.get(key)
             .map(|v| v.as_str().ok_or_else(|| self.key_type(key, "a string", v)))
             .transpose()
     }
 
+    /// An array key.
     pub fn array(&self, key: &str) -> std::result::Result<Option<&[Value]>, GgufError> {
         self.get(key)
             .map(|v| match v {
@@ -851,6 +1011,7 @@ impl GgufFiles {
         &self.files[0]
     }
 
+    /// Every file, shard `k` (from 0) at index `k`.
     pub fn files(&self) -> &[GgufFile] {
         &self.files
     }

@@ -44,13 +44,17 @@ pub fn read_spec(path: &Path) -> Result<ModelSpec> {
 
 /// A GGUF model, opened.
 pub struct GgufModel {
+    /// The model, read from the metadata.
     pub spec: ModelSpec,
+    /// The weights, under their Hugging Face names.
     pub tensors: GgufTensors,
+    /// The tokenizer built from the `tokenizer.ggml.*` keys.
     pub tokenizer: TextCodec,
     /// `tokenizer.chat_template`, when the file has one.
     pub chat_template: Option<String>,
-    /// The text of the BOS and EOS tokens, for the chat template.
+    /// The text of the BOS token, for the chat template.
     pub bos_token: Option<String>,
+    /// The text of the EOS token, for the chat template.
     pub eos_token: Option<String>,
 }
 

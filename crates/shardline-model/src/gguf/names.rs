@@ -23,7 +23,9 @@ pub struct GgufName {
 /// Which attention projection a rope-permuted tensor is (the permutation is per head).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeRows {
+    /// `n_heads` heads of q.
     Query,
+    /// `n_kv_heads` heads of k.
     Key,
 }
 

@@ -10,7 +10,8 @@
 //!   within each head, pairing the two halves of the rotary dimensions as llama.cpp's rope wants
 //!   them (row `2i + j` of a head holds the Hugging Face row `j * head_dim / 2 + i`); those two
 //!   are put back in Hugging Face order, which Shardline's rope expects (owned copies).
-//! - F32, F16 and BF16 tensors are served; a quantized one is refused naming tensor and type.
+//! - F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K and Q6_K tensors are served; one of another type is
+//!   refused naming tensor and type.
 
 use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::{DType, Shape, Tensor};
@@ -40,6 +41,7 @@ impl GgufTensors {
         })
     }
 
+    /// The files the tensors are read from.
     pub fn files(&self) -> &GgufFiles {
         &self.files
     }

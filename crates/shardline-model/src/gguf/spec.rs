@@ -24,7 +24,9 @@ const MAX_SIZE: usize = 1 << 24;
 pub enum GgufArch {
     /// Llama, and Mixtral (`llama` with `llama.expert_count`).
     Llama,
+    /// Qwen2-MoE (`qwen2moe`).
     Qwen2Moe,
+    /// Qwen3-MoE (`qwen3moe`).
     Qwen3Moe,
     /// Dense Qwen2: Llama's decoder with q/k/v biases.
     Qwen2,

@@ -33,8 +33,11 @@ pub const DISPATCH_CHUNK: usize = 64;
 /// A row sent to an expert's rank: which own row, for which expert, with what routing weight.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sent {
+    /// The row's index among the step's rows (one of the sender's own rows).
     pub row: usize,
+    /// The expert the row is sent to.
     pub expert: usize,
+    /// The router's weight of that expert for the row.
     pub weight: f32,
 }
 
