@@ -216,7 +216,7 @@ pub enum GgufErrorKind {
     },
     /// A tensor of a ggml type the loader does not read.
     #[error(
-        "tensor `{tensor}` is {ggml_type}: only F32, F16 and BF16 GGUF tensors can be used so far"
+        "tensor `{tensor}` is {ggml_type}: only F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K and Q6_K GGUF tensors can be used"
     )]
     UnsupportedType {
         /// The tensor's name.
@@ -252,8 +252,8 @@ pub enum GgmlType {
     Q5_1,
     /// 8-bit, blocks of 32 elements with an f16 scale (34 bytes).
     Q8_0,
-    /// 8-bit, blocks of 32 elements with an f16 scale and an f16 scaled sum; ggml's activation
-    /// format for the 32-element formats.
+    /// 8-bit, blocks of 32 elements with an f16 scale and an f16 scaled sum (36 bytes); ggml's
+    /// activation format for the 32-element formats.
     Q8_1,
     /// 2-bit K-quant, super-blocks of 256 elements (84 bytes).
     Q2_K,
@@ -319,7 +319,7 @@ const GGML_TYPES: [(GgmlType, u32, &str, u64, u64); 34] = [
     (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
     (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
     (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
-    (GgmlType::Q8_1, 9, "Q8_1", 32, 40),
+    (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
     (GgmlType::Q2_K, 10, "Q2_K", 256, 84),
     (GgmlType::Q3_K, 11, "Q3_K", 256, 110),
     (GgmlType::Q4_K, 12, "Q4_K", 256, 144),
@@ -1067,6 +1067,8 @@ mod tests {
         }
         assert_eq!(GgmlType::from_id(31), None);
         assert_eq!(GgmlType::Q4_K.block(), (256, 144));
+        // ggml's block_q8_1: two f16 (scale, scaled sum) and 32 quants.
+        assert_eq!(GgmlType::Q8_1.block(), (32, 36));
     }
 
     #[test]
