@@ -18,6 +18,8 @@ use crate::transport::{remaining, take_u32, take_u64, tcp::dial, Endpoint};
 
 const HELLO_MAGIC: u32 = 0x4842_4c53; // "SLBH"
 const TABLE_MAGIC: u32 = 0x5442_4c53; // "SLBT"
+/// In place of the table: rank 0 gave up, and says why (UTF-8 after the magic).
+const ABORT_MAGIC: u32 = 0x5842_4c53; // "SLBX"
 const VERSION: u32 = 1;
 /// Largest table accepted from rank 0 (a table of thousands of ranks fits).
 const MAX_MESSAGE: usize = 4 << 20;
@@ -277,7 +279,20 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
                 rank_list(absent)
             )
         };
-        let hello = acceptor.next(&parse, deadline, &what, total)?;
+        let hello = match acceptor.next(&parse, deadline, &what, total) {
+            Ok(h) => h,
+            Err(e) => {
+                // The ranks that joined learn why there is no table (not a refusal).
+                let mut body = ABORT_MAGIC.to_le_bytes().to_vec();
+                body.extend_from_slice(e.to_string().as_bytes());
+                for (stream, _) in joined.iter_mut().flatten() {
+                    let _ = stream
+                        .set_write_timeout(Some(Duration::from_millis(500)))
+                        .and_then(|_| write_message(stream, &body));
+                }
+                return Err(e);
+            }
+        };
         let (stream, from) = (hello.stream, hello.from);
         let (rank, mut ep) = match parse_hello(&hello.bytes[4..], cfg) {
             Ok(x) => x,
@@ -389,6 +404,12 @@ fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
         }
         _ => CommError::Bootstrap(format!("no table from rank 0 at {at}: {e}")),
     })?;
+    if body.starts_with(&ABORT_MAGIC.to_le_bytes()) {
+        return Err(CommError::Bootstrap(format!(
+            "rank 0 at {at} gave up before every rank joined: {}",
+            String::from_utf8_lossy(&body[4..])
+        )));
+    }
     let parse = || -> std::result::Result<Table, String> {
         let mut b: &[u8] = &body;
         if take_u32(&mut b)? != TABLE_MAGIC {

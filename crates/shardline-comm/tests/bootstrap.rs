@@ -161,4 +161,18 @@ fn a_joined_rank_waiting_for_the_table_times_out_naming_rank_0_and_the_wait() {
     assert!(!msg.contains("os error") && !msg.contains("token"), "{msg}");
     let e = rank0.join().unwrap().err().expect("rank 2 never joined");
     assert!(e.to_string().contains("missing: rank 2"), "{e}");
+
+    // When rank 0 gives up first, the ranks that joined hear why from it.
+    let c0 = three(0, 1);
+    let rank0 = std::thread::spawn(move || Group::init(&c0));
+    let e = Group::init(&three(1, 5))
+        .err()
+        .expect("no table without rank 2");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("rank 0 at") && msg.contains("gave up") && msg.contains("missing: rank 2"),
+        "{msg}"
+    );
+    assert!(!msg.contains("token"), "{msg}");
+    assert!(rank0.join().unwrap().is_err());
 }
