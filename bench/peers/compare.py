@@ -35,6 +35,12 @@ RESULT_KEYS = {
     "head_us",
     "rss_mb_per_rank",
     "compile_mode",
+    "tokens_per_s",
+    "us_per_token",
+    "step_bytes",
+    "mem_read_gbps",
+    "floor_us",
+    "llamacpp",
 }
 
 
