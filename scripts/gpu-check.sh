@@ -56,6 +56,14 @@ if has verify; then
                 echo "verify FAILED on the GPU: $d $plan"
         done
     done 2>&1 | tee "$out/gpu_verify.log"
+    # The GGUF fixtures (llama.cpp's layout) against their Hugging Face originals' references.
+    for g in fixtures/*-gguf/; do
+        f=$(ls "$g"*.gguf | head -1)
+        ref=${g%-gguf/}/reference.json
+        [ -f "$ref" ] || continue
+        "$sl" verify --model "$f" --reference "$ref" --device cuda >/dev/null 2>&1 ||
+            echo "verify FAILED on the GPU: $f"
+    done 2>&1 | tee -a "$out/gpu_verify.log"
     echo "verify failures: $(grep -c FAILED "$out/gpu_verify.log" || true)"
 fi
 
