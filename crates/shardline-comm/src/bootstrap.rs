@@ -5,10 +5,14 @@
 //! before the token is checked, and the connections still saying hello are capped, so garbage,
 //! short reads, wrong tokens, trickling and silent clients are logged and dropped without
 //! holding up the others or growing rank 0. Every message is length-prefixed and the length is
-//! checked before anything is allocated.
+//! checked before anything is allocated. While rank 0 waits for the last ranks, it and the ranks
+//! that joined send each other heartbeats (a message of 4 bytes) every quarter of the liveness
+//! budget: a rank 0 that falls silent fails the ranks that joined, and a joined rank that does
+//! fails rank 0, which tells the others why, all within the budget and naming it.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -20,6 +24,8 @@ const HELLO_MAGIC: u32 = 0x4842_4c53; // "SLBH"
 const TABLE_MAGIC: u32 = 0x5442_4c53; // "SLBT"
 /// In place of the table: rank 0 gave up, and says why (UTF-8 after the magic).
 const ABORT_MAGIC: u32 = 0x5842_4c53; // "SLBX"
+/// A heartbeat: the whole message, either way.
+const BEAT_MAGIC: u32 = 0x4242_4c53; // "SLBB"
 const VERSION: u32 = 1;
 /// Largest table accepted from rank 0 (a table of thousands of ranks fits).
 const MAX_MESSAGE: usize = 4 << 20;
@@ -37,6 +43,10 @@ const HELLO_HEAD: usize = 18;
 pub(crate) struct Table {
     pub endpoints: Vec<Endpoint>,
     pub nonce: u64,
+    /// Rank 0's connections to the others, kept open until the group is connected, so that no
+    /// heartbeat that arrived after the table turns its closing into a reset the other end might
+    /// see before the table.
+    pub keep: Vec<TcpStream>,
 }
 
 /// Runs the rendezvous for `cfg`; `me.tcp` holds this rank's listener address, or only its port
@@ -51,6 +61,7 @@ pub(crate) fn rendezvous(cfg: &Config, me: Endpoint) -> Result<Table> {
         return Ok(Table {
             endpoints: vec![me],
             nonce: fresh_nonce(),
+            keep: Vec::new(),
         });
     }
     if cfg.rank == 0 {
@@ -271,16 +282,37 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
     let mut my_ip = (!at.ip().is_unspecified()).then(|| at.ip());
     let total = cfg.timeout.as_secs_f64();
     let parse = |buf: &[u8]| hello_need(buf, cfg);
+    let budget = cfg.liveness();
+    let mut life = Life::new(cfg.world_size);
     while missing > 0 {
-        let what = || {
+        let absent = |joined: &[Option<(TcpStream, Endpoint)>]| {
             let absent = (1..cfg.world_size).filter(|&r| joined[r].is_none());
             format!(
                 "rank 0 waiting at {at} for {missing} rank(s) to join (missing: rank {})",
                 rank_list(absent)
             )
         };
-        let hello = match acceptor.next(&parse, deadline, &what, total) {
-            Ok(h) => h,
+        let what = || absent(&joined);
+        // With heartbeats, the wait goes in steps, to watch and greet the ranks that joined.
+        let step = match budget {
+            Some(b) => deadline.min(Instant::now() + b / 8),
+            None => deadline,
+        };
+        let next = match acceptor.next(&parse, step, &what, total) {
+            Ok(h) => Ok(Some(h)),
+            Err(CommError::Timeout { .. }) if Instant::now() < deadline => Ok(None),
+            Err(e) => Err(e),
+        };
+        let watched = match (next, budget) {
+            (Ok(h), Some(b)) => {
+                let waiting = absent(&joined);
+                life.watch(&mut joined, b, &waiting).map(|_| h)
+            }
+            (next, _) => next,
+        };
+        let hello = match watched {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
             Err(e) => {
                 // The ranks that joined learn why there is no table (not a refusal).
                 let mut body = ABORT_MAGIC.to_le_bytes().to_vec();
@@ -315,6 +347,7 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
         if let Ok(port) = ep.tcp.parse::<u16>() {
             ep.tcp = SocketAddr::new(from.ip(), port).to_string();
         }
+        life.heard[rank] = Instant::now();
         joined[rank] = Some((stream, ep));
         missing -= 1;
     }
@@ -345,20 +378,175 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
             &format!("rank 0 sending the table to rank {rank}"),
             total,
         )?;
+        // A rank that takes nothing for the liveness budget is stopped or cut off.
+        let stall = budget.map_or(left, |b| left.min(b));
         stream
-            .set_write_timeout(Some(left))
+            .set_write_timeout(Some(stall))
             .and_then(|_| write_message(stream, &body))
             .map_err(|e| CommError::PeerLost {
                 rank,
                 detail: format!("sending the bootstrap table: {e}"),
             })?;
     }
-    Ok(Table { endpoints, nonce })
+    let keep = joined.into_iter().flatten().map(|(s, _)| s).collect();
+    Ok(Table {
+        endpoints,
+        nonce,
+        keep,
+    })
+}
+
+/// Rank 0's watch over the ranks that joined while it waits for the rest.
+struct Life {
+    /// When each joined rank last sent something.
+    heard: Vec<Instant>,
+    /// When rank 0 last sent them heartbeats.
+    beat_at: Instant,
+    scratch: [u8; 64],
+}
+
+impl Life {
+    fn new(world: usize) -> Life {
+        let now = Instant::now();
+        Life {
+            heard: vec![now; world],
+            beat_at: now,
+            scratch: [0; 64],
+        }
+    }
+
+    /// Sends the joined ranks heartbeats when a quarter of `budget` has passed, reads theirs, and
+    /// fails naming one that has been silent for `budget` or has hung up; `waiting` says what
+    /// rank 0 is doing.
+    fn watch(
+        &mut self,
+        joined: &mut [Option<(TcpStream, Endpoint)>],
+        budget: Duration,
+        waiting: &str,
+    ) -> Result<()> {
+        let now = Instant::now();
+        let beat = now.duration_since(self.beat_at) >= budget / 4;
+        if beat {
+            self.beat_at = now;
+        }
+        for (rank, j) in joined.iter_mut().enumerate() {
+            let Some((stream, ep)) = j else { continue };
+            let gone = |detail: String| CommError::PeerLost {
+                rank,
+                detail: format!("{detail}, {waiting}"),
+            };
+            if beat {
+                stream
+                    .set_write_timeout(Some(budget / 4))
+                    .and_then(|_| write_message(stream, &BEAT_MAGIC.to_le_bytes()))
+                    .map_err(|e| {
+                        gone(format!(
+                            "heartbeat to it while it waited for the table: {e}"
+                        ))
+                    })?;
+            }
+            let mut pfd = libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, zero timeout.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+                // Readable: the read does not block. Only heartbeats come this way.
+                match stream.read(&mut self.scratch) {
+                    Ok(0) => {
+                        return Err(gone(
+                            "it closed its connection to the rendezvous (it gave up or died)"
+                                .into(),
+                        ))
+                    }
+                    Ok(_) => self.heard[rank] = now,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(gone(format!("its rendezvous connection: {e}"))),
+                }
+            } else if now.duration_since(self.heard[rank]) >= budget {
+                let local = ep.host == crate::transport::host_identity();
+                return Err(CommError::Silent {
+                    rank,
+                    secs: now.duration_since(self.heard[rank]).as_secs_f64(),
+                    what: format!(
+                        "after it joined, {waiting} ({}; SHARDLINE_HEARTBEAT={} s is the budget)",
+                        crate::heartbeat::state(local.then_some(ep.pid)),
+                        budget.as_secs_f64()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a joined rank got no table.
+enum NoTable {
+    Io(std::io::Error),
+    /// Rank 0 sent nothing, not even a heartbeat, for this long.
+    Silent(Duration),
+}
+
+/// The next message from rank 0 other than a heartbeat, sending it heartbeats meanwhile (every
+/// quarter of `budget`) and giving up when it has been silent for `budget`.
+fn next_message(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    budget: Option<Duration>,
+) -> std::result::Result<Vec<u8>, NoTable> {
+    let Some(budget) = budget else {
+        return read_message(stream, deadline).map_err(NoTable::Io);
+    };
+    let mut heard = Instant::now();
+    let mut beat_at = heard;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(NoTable::Io(std::io::ErrorKind::TimedOut.into()));
+        }
+        if now.duration_since(heard) >= budget {
+            return Err(NoTable::Silent(now.duration_since(heard)));
+        }
+        if now.duration_since(beat_at) >= budget / 4 {
+            beat_at = now;
+            stream
+                .set_write_timeout(Some(budget / 4))
+                .and_then(|_| write_message(stream, &BEAT_MAGIC.to_le_bytes()))
+                .map_err(NoTable::Io)?;
+        }
+        let wait = (deadline - now)
+            .min((heard + budget).saturating_duration_since(now))
+            .min((beat_at + budget / 4).saturating_duration_since(now));
+        let mut pfd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            continue;
+        }
+        // A message has begun: the rest must follow within the budget too.
+        let by = deadline.min(Instant::now() + budget);
+        let body = match read_message(stream, by) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && Instant::now() < deadline => {
+                return Err(NoTable::Silent(heard.elapsed()))
+            }
+            Err(e) => return Err(NoTable::Io(e)),
+        };
+        heard = Instant::now();
+        if body != BEAT_MAGIC.to_le_bytes() {
+            return Ok(body);
+        }
+    }
 }
 
 fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
     let at = resolve(&cfg.coordinator)?;
-    let mut stream = dial(&at.to_string(), deadline, 0)?;
+    let mut stream = dial(&at.to_string(), deadline, 0, None)?;
     if cfg.token.len() > MAX_TOKEN {
         return Err(CommError::Config(format!(
             "SHARDLINE_JOB_TOKEN has {} bytes; the most is {MAX_TOKEN}",
@@ -384,25 +572,39 @@ fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
         .set_write_timeout(Some(left))
         .and_then(|_| write_message(&mut stream, &body))
         .map_err(|e| CommError::Bootstrap(format!("sending the hello to rank 0 at {at}: {e}")))?;
-    let body = read_message(&mut stream, deadline).map_err(|e| match e.kind() {
-        std::io::ErrorKind::TimedOut => CommError::Timeout {
+    let body = next_message(&mut stream, deadline, cfg.liveness()).map_err(|e| match e {
+        NoTable::Silent(quiet) => CommError::Silent {
+            rank: 0,
+            secs: quiet.as_secs_f64(),
             what: format!(
+                "while rank {} waited for the table from it at {at} (its hello went {:.1} s \
+                 ago; rank 0 is stopped, hung or cut off; SHARDLINE_HEARTBEAT={} s is the \
+                 budget)",
+                cfg.rank,
+                started.elapsed().as_secs_f64(),
+                cfg.heartbeat.as_secs_f64()
+            ),
+        },
+        NoTable::Io(e) => match e.kind() {
+            std::io::ErrorKind::TimedOut => CommError::Timeout {
+                what: format!(
                 "rank {} waiting for the table from rank 0 at {at} (its hello was sent {:.1} s \
                  ago; rank 0 sends the table once every rank has joined: is one of them missing? \
                  see rank 0's log)",
                 cfg.rank,
                 started.elapsed().as_secs_f64()
             ),
-            secs: total,
-        },
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-            CommError::Bootstrap(format!(
+                secs: total,
+            },
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => CommError::Bootstrap(format!(
                 "rank 0 at {at} closed the connection without sending the table: it refused \
-                 rank {} (a wrong job token, world size or rank? see rank 0's log) or it failed",
+             rank {} (a wrong job token, world size or rank? see rank 0's log) or it failed",
                 cfg.rank
-            ))
-        }
-        _ => CommError::Bootstrap(format!("no table from rank 0 at {at}: {e}")),
+            )),
+            _ => CommError::Bootstrap(format!("no table from rank 0 at {at}: {e}")),
+        },
     })?;
     if body.starts_with(&ABORT_MAGIC.to_le_bytes()) {
         return Err(CommError::Bootstrap(format!(
@@ -429,7 +631,11 @@ fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
         if endpoints.iter().enumerate().any(|(i, e)| e.world_rank != i) {
             return Err("ranks out of order".into());
         }
-        Ok(Table { endpoints, nonce })
+        Ok(Table {
+            endpoints,
+            nonce,
+            keep: Vec::new(),
+        })
     };
     parse().map_err(|why| CommError::Bootstrap(format!("bad table from rank 0: {why}")))
 }

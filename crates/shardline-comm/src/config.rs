@@ -1,4 +1,5 @@
-//! Settings of a job: rank, world size, coordinator, token, timeout, transport and listen address. Built by hand
+//! Settings of a job: rank, world size, coordinator, token, timeout, heartbeat budget, transport
+//! and listen address. Built by hand
 //! (from command-line flags) or from the environment: SHARDLINE_* variables first, then what
 //! mpirun (OMPI_COMM_WORLD_*), PMI launchers (PMI_*) and srun (SLURM_*) set.
 
@@ -10,6 +11,12 @@ use crate::transport::TransportChoice;
 
 /// Default deadline of every blocking call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default liveness budget: a peer that sends nothing (data or heartbeat) for this long fails the
+/// group, at any phase.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// The shortest liveness budget accepted (heartbeats go out every quarter of it).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Everything `Group::init` needs.
 #[derive(Clone, Debug)]
@@ -25,6 +32,11 @@ pub struct Config {
     pub token: String,
     /// Deadline of every blocking call (bootstrap and each collective).
     pub timeout: Duration,
+    /// Liveness budget (`SHARDLINE_HEARTBEAT`): a peer that sends nothing for this long, not even
+    /// a heartbeat, fails the group naming it, whether this rank is in the rendezvous, connecting,
+    /// inside a collective or idle between them. Heartbeats go out on a link that has been quiet
+    /// for a quarter of it. Zero turns heartbeats off (then only `timeout` catches a silent peer).
+    pub heartbeat: Duration,
     /// Which transport connects this rank to its peers (`SHARDLINE_TRANSPORT`).
     pub transport: TransportChoice,
     /// Where this rank's peer listener binds (`SHARDLINE_LISTEN_ADDR`, an IP such as `0.0.0.0`).
@@ -47,6 +59,7 @@ impl Config {
             coordinator: coordinator.into(),
             token: token.into(),
             timeout: DEFAULT_TIMEOUT,
+            heartbeat: DEFAULT_HEARTBEAT,
             transport: TransportChoice::Auto,
             listen: None,
         }
@@ -118,6 +131,26 @@ impl Config {
                 Duration::from_secs_f64(secs)
             }
         };
+        let heartbeat = match get("SHARDLINE_HEARTBEAT") {
+            None => DEFAULT_HEARTBEAT,
+            Some(v) => {
+                let secs: f64 = v.trim().trim_end_matches('s').parse().map_err(|_| {
+                    CommError::Config(format!(
+                        "SHARDLINE_HEARTBEAT='{v}' is not a number of seconds"
+                    ))
+                })?;
+                if secs == 0.0 {
+                    Duration::ZERO
+                } else if secs >= MIN_HEARTBEAT.as_secs_f64() && secs < 1e7 {
+                    Duration::from_secs_f64(secs)
+                } else {
+                    return Err(CommError::Config(format!(
+                        "SHARDLINE_HEARTBEAT='{v}' must be 0 (off) or at least {} s",
+                        MIN_HEARTBEAT.as_secs_f64()
+                    )));
+                }
+            }
+        };
         let transport = match get("SHARDLINE_TRANSPORT") {
             None => TransportChoice::Auto,
             Some(v) => TransportChoice::parse(v.trim())?,
@@ -136,6 +169,7 @@ impl Config {
             coordinator,
             token: get("SHARDLINE_JOB_TOKEN").unwrap_or_default(),
             timeout,
+            heartbeat,
             transport,
             listen,
         };
@@ -143,7 +177,7 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks rank against world size.
+    /// Checks rank against world size, and the heartbeat budget.
     pub fn validate(&self) -> Result<()> {
         if self.world_size == 0 || self.rank >= self.world_size {
             return Err(CommError::Config(format!(
@@ -151,7 +185,18 @@ impl Config {
                 self.rank, self.world_size
             )));
         }
+        if !self.heartbeat.is_zero() && self.heartbeat < MIN_HEARTBEAT {
+            return Err(CommError::Config(format!(
+                "a heartbeat budget of {:?} is below the {:?} minimum (0 turns heartbeats off)",
+                self.heartbeat, MIN_HEARTBEAT
+            )));
+        }
         Ok(())
+    }
+
+    /// The liveness budget, `None` when heartbeats are off.
+    pub(crate) fn liveness(&self) -> Option<Duration> {
+        (!self.heartbeat.is_zero()).then_some(self.heartbeat)
     }
 }
 
@@ -192,6 +237,11 @@ mod tests {
         );
         let c = cfg(&[]).unwrap();
         assert_eq!((c.rank, c.world_size, c.timeout), (0, 1, DEFAULT_TIMEOUT));
+        assert_eq!(c.heartbeat, DEFAULT_HEARTBEAT);
+        let c = cfg(&[("SHARDLINE_HEARTBEAT", "0")]).unwrap();
+        assert_eq!(c.liveness(), None);
+        let c = cfg(&[("SHARDLINE_HEARTBEAT", "0.5s")]).unwrap();
+        assert_eq!(c.liveness(), Some(Duration::from_millis(500)));
     }
 
     #[test]
@@ -214,6 +264,12 @@ mod tests {
         assert!(e.contains("SHARDLINE_COORDINATOR"), "{e}");
         let e = cfg(&[("SHARDLINE_TIMEOUT", "-1")]).unwrap_err().to_string();
         assert!(e.contains("SHARDLINE_TIMEOUT"), "{e}");
+        for bad in ["-1", "0.01", "soon"] {
+            let e = cfg(&[("SHARDLINE_HEARTBEAT", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("SHARDLINE_HEARTBEAT"), "{e}");
+        }
         let e = cfg(&[("SHARDLINE_LISTEN_ADDR", "everywhere")])
             .unwrap_err()
             .to_string();

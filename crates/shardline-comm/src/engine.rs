@@ -1,14 +1,17 @@
-//! The engine behind a [`crate::Group`]: its pairs, its rank numbering, its scratch buffers and
-//! its collective sequence number. It connects the pairs from a table of endpoints (after the
-//! bootstrap, or inside `split`), checks the connections with a barrier, and poisons itself after
-//! an error that may have left the streams out of step.
+//! The engine behind a [`crate::Group`]: its pairs, its rank numbering, its scratch buffers, its
+//! heartbeats and its collective sequence number. It connects the pairs from a table of endpoints
+//! (after the bootstrap, or inside `split`), checks the connections with a barrier, and poisons
+//! itself after an error that may have left the streams out of step, or once a peer falls silent
+//! while no collective runs.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::elem::DType;
 use crate::error::{CommError, Result};
+use crate::heartbeat::Heart;
 use crate::progress::{exchange, push_once, Incoming, Outgoing, Patience, DEFAULT_SPIN};
 use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
 use crate::transport::tcp::TcpTransport;
@@ -50,6 +53,8 @@ pub(crate) struct Links {
     pub timeout: Duration,
     /// How long a wait spins before it yields the CPU.
     pub spin: Duration,
+    /// Heartbeats of the pairs.
+    pub heart: Heart,
 }
 
 impl Links {
@@ -68,6 +73,7 @@ impl Links {
         exchange(
             &mut self.pairs,
             &self.ranks,
+            &mut self.heart,
             sends,
             recvs,
             ordered,
@@ -111,6 +117,8 @@ pub(crate) struct Identity {
     pub choice: TransportChoice,
     /// Where this rank's peer listeners bind (subgroups bind there too).
     pub listen: IpAddr,
+    /// The liveness budget (`SHARDLINE_HEARTBEAT`; `None`: off).
+    pub liveness: Option<Duration>,
 }
 
 pub(crate) struct Engine {
@@ -121,7 +129,9 @@ pub(crate) struct Engine {
     pub algo: Option<Algo>,
     pub id: Identity,
     seq: u32,
-    poisoned: Option<String>,
+    /// Why the group is unusable, once it is (shared with the `Group`, which reports it without
+    /// taking the engine's lock).
+    poisoned: Arc<OnceLock<String>>,
 }
 
 /// Freshly bound transports of one rank, before the table is known.
@@ -268,13 +278,27 @@ impl Engine {
             token: &id.token,
             nonce: id.nonce,
             deadline,
+            silence: id.liveness,
         };
+        // Everything that needs no peer first, on every transport, so that no rank waits for a
+        // peer that waits in turn (then a peer that never comes is a silent one).
+        for (t, peers) in transports.iter_mut().zip(&peers) {
+            t.offer(&setup, peers)?;
+        }
         let mut pairs: Vec<Option<Box<dyn Pair>>> = (0..size).map(|_| None).collect();
         for (t, peers) in transports.iter_mut().zip(&peers) {
             for (p, pair) in t.connect(&setup, peers)? {
                 pairs[p] = Some(pair);
             }
         }
+        let heart = Heart::new(
+            id.liveness,
+            id.endpoints
+                .iter()
+                .enumerate()
+                .map(|(p, e)| (p != rank).then(|| (e.host == me.host).then_some(e.pid)))
+                .collect(),
+        );
         let local_ranks = id.endpoints.iter().filter(|e| e.host == me.host).count();
         let ranks = id.endpoints.iter().map(|e| e.world_rank).collect();
         let mut scratch = Scratch::default();
@@ -294,12 +318,13 @@ impl Engine {
                 ranks,
                 timeout,
                 spin: spin_from_env(local_ranks)?,
+                heart,
             },
             scratch,
             algo,
             id,
             seq: 0,
-            poisoned: None,
+            poisoned: Arc::default(),
         };
         engine.guarded(|e| e.barrier())?;
         for t in transports {
@@ -326,20 +351,49 @@ impl Engine {
 
     /// Runs `f` unless an earlier error poisoned the engine; poisons it if `f` fails mid-way.
     pub fn guarded<R>(&mut self, f: impl FnOnce(&mut Engine) -> Result<R>) -> Result<R> {
-        if let Some(why) = &self.poisoned {
+        if let Some(why) = self.poisoned.get() {
             return Err(CommError::Poisoned(why.clone()));
         }
         let r = f(self);
         if let Err(e) = &r {
             if !e.leaves_group_usable() {
-                self.poisoned = Some(e.to_string());
+                let _ = self.poisoned.set(e.to_string());
             }
         }
         r
     }
 
     pub fn is_poisoned(&self) -> bool {
-        self.poisoned.is_some()
+        self.poisoned.get().is_some()
+    }
+
+    /// Why the engine is unusable, once it is (filled in by whoever poisons it).
+    pub fn poison(&self) -> Arc<OnceLock<String>> {
+        self.poisoned.clone()
+    }
+
+    /// The heartbeat pulse of a rank between collectives (the group's progress thread runs it):
+    /// heartbeats to quiet links, heartbeats at the front of the tcp streams dropped, and a peer
+    /// silent for the whole budget poisons the engine, so the next call (or `Group::check`)
+    /// fails naming it.
+    pub fn idle_pulse(&mut self) {
+        let now = Instant::now();
+        if self.is_poisoned() || !self.links.heart.on() {
+            return;
+        }
+        let Links {
+            pairs,
+            ranks,
+            heart,
+            ..
+        } = &mut self.links;
+        let r = heart.pulse(pairs, ranks, now, &|_| (false, false), &|| {
+            "while this rank was idle, between collectives".to_string()
+        });
+        if let Err(e) = r {
+            tracing::error!("{e}");
+            let _ = self.poisoned.set(e.to_string());
+        }
     }
 
     pub fn world_rank(&self) -> usize {

@@ -20,6 +20,17 @@ pub enum CommError {
         /// How the loss showed (closed connection, exited process, transport error).
         detail: String,
     },
+    /// A peer sent nothing, not even a heartbeat, for the liveness budget (`SHARDLINE_HEARTBEAT`):
+    /// it is stopped, hung, or cut off from this rank.
+    #[error("rank {rank} sent nothing for {secs:.1} s {what}")]
+    Silent {
+        /// World rank of the silent peer.
+        rank: usize,
+        /// How long it has been silent, in seconds.
+        secs: f64,
+        /// What this rank was doing, and what is known of the peer's state.
+        what: String,
+    },
     /// A deadline passed.
     #[error("timed out after {secs:.1} s {what}")]
     Timeout {

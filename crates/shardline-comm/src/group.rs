@@ -2,10 +2,12 @@
 //! from a parent), checks arguments, and runs the typed collectives on its engine. Sync calls run
 //! on the caller's thread; `*_async` calls run in order on the group's progress thread and return
 //! a [`Handle`]; a sync call first waits for the async ones before it, so every rank sees the same
-//! order of collectives.
+//! order of collectives. With heartbeats on (`SHARDLINE_HEARTBEAT`), the progress thread starts
+//! with the group and, while no collective runs, pulses them (see `heartbeat`): a peer that falls
+//! silent breaks the group, and the next call, or [`Group::check`], fails naming it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,8 @@ pub struct Group {
     timeout: Duration,
     worker: Mutex<Option<Worker>>,
     inflight: Arc<Inflight>,
+    /// Why the group is unusable, once it is (the engine's poison).
+    broken: Arc<OnceLock<String>>,
 }
 
 /// Count of async jobs not yet finished, and a way to wait for zero.
@@ -42,6 +46,35 @@ struct Inflight {
 struct Worker {
     jobs: mpsc::Sender<Job>,
     thread: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts the progress thread: it runs the queued jobs in order and, every `tick` that
+    /// passes without one, pulses the heartbeats unless a collective holds the engine (which
+    /// pulses them itself).
+    fn spawn(engine: Arc<Mutex<Engine>>, tick: Option<Duration>) -> std::io::Result<Worker> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("shardline-comm-progress".into())
+            .spawn(move || loop {
+                let next = match tick {
+                    Some(t) => queue.recv_timeout(t),
+                    None => queue
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match next {
+                    Ok(job) => job(&mut engine.lock().unwrap_or_else(|p| p.into_inner())),
+                    Err(mpsc::RecvTimeoutError::Timeout) => match engine.try_lock() {
+                        Ok(mut e) => e.idle_pulse(),
+                        Err(TryLockError::Poisoned(p)) => p.into_inner().idle_pulse(),
+                        Err(TryLockError::WouldBlock) => {}
+                    },
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            })?;
+        Ok(Worker { jobs, thread })
+    }
 }
 
 /// The result of an async collective, available once the progress thread has run it.
@@ -84,13 +117,11 @@ impl Group {
             nonce: table.nonce,
             choice: cfg.transport,
             listen,
+            liveness: cfg.liveness(),
         };
-        Ok(Group::wrap(Engine::connect(
-            cfg.rank,
-            local,
-            id,
-            cfg.timeout,
-        )?))
+        let engine = Engine::connect(cfg.rank, local, id, cfg.timeout);
+        drop(table.keep);
+        Ok(Group::wrap(engine?))
     }
 
     /// [`Group::init`] with [`Config::from_env`].
@@ -99,13 +130,36 @@ impl Group {
     }
 
     fn wrap(engine: Engine) -> Group {
-        Group {
+        let tick = engine.links.heart.tick().filter(|_| engine.size > 1);
+        let group = Group {
             rank: engine.rank,
             size: engine.size,
             timeout: engine.links.timeout,
+            broken: engine.poison(),
             engine: Arc::new(Mutex::new(engine)),
             worker: Mutex::new(None),
             inflight: Arc::default(),
+        };
+        if tick.is_some() {
+            // Heartbeats go out while the rank is idle too: the progress thread starts now.
+            match Worker::spawn(group.engine.clone(), tick) {
+                Ok(w) => *group.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+                Err(e) => tracing::warn!(
+                    "cannot start the progress thread ({e}): no heartbeats while this rank is idle"
+                ),
+            }
+        }
+        group
+    }
+
+    /// Fails once the group is unusable: after a collective failed, or once a peer has been
+    /// silent for the liveness budget (`SHARDLINE_HEARTBEAT`) while no collective ran, which the
+    /// progress thread notices. It never waits: an idle rank (a server's between requests) can
+    /// call it as often as it likes to learn that a peer is gone or stopped.
+    pub fn check(&self) -> Result<()> {
+        match self.broken.get() {
+            Some(why) => Err(CommError::Poisoned(why.clone())),
+            None => Ok(()),
         }
     }
 
@@ -328,17 +382,8 @@ impl Group {
         });
         let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
         if worker.is_none() {
-            let (jobs, queue) = mpsc::channel::<Job>();
-            let engine = self.engine.clone();
-            let spawned = std::thread::Builder::new()
-                .name("shardline-comm-progress".into())
-                .spawn(move || {
-                    for job in queue {
-                        job(&mut engine.lock().unwrap_or_else(|p| p.into_inner()));
-                    }
-                });
-            match spawned {
-                Ok(thread) => *worker = Some(Worker { jobs, thread }),
+            match Worker::spawn(self.engine.clone(), None) {
+                Ok(w) => *worker = Some(w),
                 Err(e) => {
                     // Out of threads or memory: this call fails, the group stays usable.
                     drop(job);
@@ -488,6 +533,7 @@ fn split(e: &mut Engine, color: Option<u32>, key: i64) -> Result<Option<Engine>>
         nonce: e.id.nonce ^ (split_tag << 32) ^ salt.rotate_left(17) ^ color.map_or(0, u64::from),
         choice: e.id.choice,
         listen: e.id.listen,
+        liveness: e.id.liveness,
     };
     Engine::connect(rank, local, id, e.links.timeout).map(Some)
 }

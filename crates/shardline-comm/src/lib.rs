@@ -16,7 +16,9 @@
 //! Environment (all optional for a single rank):
 //! - `SHARDLINE_RANK`, `SHARDLINE_WORLD_SIZE` (or `OMPI_COMM_WORLD_RANK/SIZE`, `PMI_RANK/SIZE`,
 //!   `SLURM_PROCID/NTASKS`), `SHARDLINE_COORDINATOR` (host:port of rank 0),
-//!   `SHARDLINE_JOB_TOKEN`, `SHARDLINE_TIMEOUT` (seconds, default 60): see [`Config`].
+//!   `SHARDLINE_JOB_TOKEN`, `SHARDLINE_TIMEOUT` (seconds, default 60), `SHARDLINE_HEARTBEAT`
+//!   (seconds a peer may stay silent before the group fails naming it, default 2; 0: off): see
+//!   [`Config`].
 //! - `SHARDLINE_TRANSPORT`: `auto` (shm on one host, tcp across hosts), `shm`, `tcp` or `ucx`.
 //! - `SHARDLINE_LISTEN_ADDR`: the IP a rank's peer listener binds (default: the address its peers
 //!   are told about, loopback for a job on one host). A job without a token may only listen on
@@ -33,6 +35,7 @@ mod elem;
 mod engine;
 pub mod error;
 mod group;
+mod heartbeat;
 mod progress;
 pub mod transport;
 mod wire;

@@ -2,7 +2,9 @@
 //! all are complete, so that no exchange can deadlock on full buffers. Incoming payloads go
 //! straight from the transport into a sink (copy, reduce in place, or accumulate in f32). Waiting
 //! spins briefly, then yields, then sleeps in growing steps; while waiting it watches every peer of
-//! the group (not only the ones in this exchange) so that a dead rank fails the collective quickly.
+//! the group (not only the ones in this exchange) so that a dead rank fails the collective quickly,
+//! and it pulses the group's heartbeats when they are due (see `heartbeat`), so that a silent one
+//! does too.
 
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
@@ -11,8 +13,9 @@ use smallvec::SmallVec;
 
 use crate::elem::{self, DType, ReduceOp};
 use crate::error::{CommError, Result};
+use crate::heartbeat::Heart;
 use crate::transport::Pair;
-use crate::wire::{padded, Header, HEADER_LEN};
+use crate::wire::{padded, Header, OpCode, HEADER_LEN};
 
 /// Frames of one exchange, kept on the stack for groups of up to 16 ranks.
 pub(crate) type Sends<'a> = SmallVec<[Outgoing<'a>; 16]>;
@@ -222,6 +225,11 @@ impl<'a> Incoming<'a> {
                     rank: ranks[peer],
                     detail,
                 })?;
+                if got.op == OpCode::Heartbeat {
+                    // Between two frames: dropped, and the real header follows.
+                    self.pos = 0;
+                    continue;
+                }
                 got.check_matches(&self.expect)
                     .map_err(|detail| CommError::Mismatch {
                         rank: ranks[peer],
@@ -280,12 +288,47 @@ pub(crate) fn push_once(
     Ok(sends.iter().all(Outgoing::done))
 }
 
+/// Progressing passes between two looks at the clock for a due heartbeat pulse.
+const PULSE_POLLS: u32 = 64;
+
+/// Runs `heart`'s pulse at `now` if it is due (or, with `waiting`, whenever heartbeats are on),
+/// with what the exchange knows of half-sent and half-read frames.
+#[allow(clippy::too_many_arguments)]
+fn pulse(
+    heart: &mut Heart,
+    pairs: &mut [Option<Box<dyn Pair>>],
+    ranks: &[usize],
+    sends: &[Outgoing],
+    recvs: &[Incoming],
+    now: Instant,
+    waiting: bool,
+    what: &str,
+) -> Result<()> {
+    if !(heart.due(now) || waiting && heart.on()) {
+        return Ok(());
+    }
+    let half = |p: usize| {
+        (
+            sends.iter().any(|s| s.peer == p && s.pos > 0 && !s.done()),
+            recvs
+                .iter()
+                .any(|r| r.peer() == Some(p) && r.pos > 0 && !r.done()),
+        )
+    };
+    heart.pulse(pairs, ranks, now, &half, &|| {
+        format!("while this rank waited in {what}")
+    })
+}
+
 /// Drives `sends` and `recvs` to completion. With `ordered`, incoming frames are consumed strictly
 /// in the order given (so that an f32 accumulation has the same order on every rank); sends always
-/// progress together. `ranks` maps group ranks to world ranks for error messages.
+/// progress together. `ranks` maps group ranks to world ranks for error messages; `heart` is the
+/// group's heartbeat state, pulsed when due.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn exchange(
     pairs: &mut [Option<Box<dyn Pair>>],
     ranks: &[usize],
+    heart: &mut Heart,
     sends: &mut [Outgoing],
     recvs: &mut [Incoming],
     ordered: bool,
@@ -294,7 +337,9 @@ pub(crate) fn exchange(
 ) -> Result<()> {
     let timeout = patience.timeout;
     let mut wait = Backoff::new(patience.spin);
+    pulse(heart, pairs, ranks, sends, recvs, wait.start, false, what)?;
     let mut next_recv = 0;
+    let mut polls = 0u32;
     loop {
         let mut progressed = false;
         let mut all_done = true;
@@ -323,12 +368,37 @@ pub(crate) fn exchange(
         }
         if progressed {
             wait.reset();
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(PULSE_POLLS) {
+                // A long stream to some peers must not starve the others of heartbeats.
+                pulse(
+                    heart,
+                    pairs,
+                    ranks,
+                    sends,
+                    recvs,
+                    Instant::now(),
+                    false,
+                    what,
+                )?;
+            }
             continue;
         }
         if wait.idle() {
             for pair in pairs.iter_mut().flatten() {
                 pair.check_alive()?;
             }
+            // Waiting anyway: a pulse at every check times a silence to 10 ms.
+            pulse(
+                heart,
+                pairs,
+                ranks,
+                sends,
+                recvs,
+                Instant::now(),
+                true,
+                what,
+            )?;
             if wait.start.elapsed() > timeout {
                 let pending: Vec<usize> = sends
                     .iter()
@@ -450,6 +520,7 @@ mod tests {
         exchange(
             pairs,
             &[0, 5],
+            &mut Heart::new(None, vec![None, Some(None)]),
             &mut [],
             &mut recvs,
             false,
@@ -503,6 +574,36 @@ mod tests {
             "{e}"
         );
         assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn heartbeats_between_frames_are_dropped_and_count_as_life() {
+        let (mut pairs, mut raw) = raw_pair();
+        let beat = crate::wire::heartbeat_frame();
+        let payload: Vec<u8> = (1..=16).collect();
+        let mut bytes = beat.to_vec();
+        bytes.extend_from_slice(&beat);
+        bytes.extend_from_slice(&expect(16).encode());
+        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(&beat);
+        raw.write_all(&bytes).unwrap();
+        let buf = recv16(&mut pairs, Duration::from_secs(5)).unwrap();
+        assert_eq!(buf.to_vec(), payload);
+        let pair = pairs[1].as_deref_mut().unwrap();
+        // The trailing heartbeat: life, and an idle rank drops it, but not a frame behind it.
+        let t = Instant::now();
+        while !pair.heard(true).unwrap() {
+            assert!(t.elapsed() < Duration::from_secs(5));
+        }
+        raw.write_all(&expect(16).encode()).unwrap();
+        raw.write_all(&payload).unwrap();
+        let t = Instant::now();
+        while !pair.heard(true).unwrap() {
+            assert!(t.elapsed() < Duration::from_secs(5));
+        }
+        assert!(!pair.heard(true).unwrap(), "no news is no life");
+        let buf = recv16(&mut pairs, Duration::from_secs(5)).unwrap();
+        assert_eq!(buf.to_vec(), payload);
     }
 
     #[test]

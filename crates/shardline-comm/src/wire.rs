@@ -22,6 +22,8 @@ pub enum OpCode {
     AllToAll = 5,
     Barrier = 6,
     P2p = 7,
+    /// A heartbeat (tcp): an empty frame between two others, dropped by the receiver.
+    Heartbeat = 8,
 }
 
 impl OpCode {
@@ -34,6 +36,7 @@ impl OpCode {
             5 => OpCode::AllToAll,
             6 => OpCode::Barrier,
             7 => OpCode::P2p,
+            8 => OpCode::Heartbeat,
             _ => return None,
         })
     }
@@ -48,6 +51,7 @@ impl OpCode {
             OpCode::AllToAll => "all_to_all",
             OpCode::Barrier => "barrier",
             OpCode::P2p => "send/recv",
+            OpCode::Heartbeat => "heartbeat",
         }
     }
 }
@@ -74,6 +78,18 @@ fn checksum(bytes: &[u8]) -> u32 {
 /// Rounds a payload length up to the 8-byte frame alignment.
 pub fn padded(len: usize) -> usize {
     (len + 7) & !7
+}
+
+/// The heartbeat frame: a header alone (no payload), the same every time.
+pub fn heartbeat_frame() -> [u8; HEADER_LEN] {
+    Header {
+        op: OpCode::Heartbeat,
+        dtype: DType::U8,
+        tag: 0,
+        total: 0,
+        len: 0,
+    }
+    .encode()
 }
 
 impl Header {
@@ -165,6 +181,8 @@ mod tests {
     #[test]
     fn round_trip() {
         assert_eq!(Header::decode(&sample().encode()), Ok(sample()));
+        let beat = Header::decode(&heartbeat_frame()).unwrap();
+        assert_eq!((beat.op, beat.len), (OpCode::Heartbeat, 0));
     }
 
     #[test]

@@ -727,3 +727,58 @@ fn an_idle_server_over_two_ranks_outlives_the_collective_deadline() {
     let body = server.complete(&json!({"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}));
     assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
 }
+
+/// The children (ranks) of process `pid`, with their SHARDLINE_RANK.
+fn ranks_of(pid: u32) -> Vec<(u32, usize)> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter_map(|c| {
+            let env = std::fs::read(format!("/proc/{c}/environ")).ok()?;
+            let rank = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"SHARDLINE_RANK="))?;
+            Some((c, std::str::from_utf8(rank).ok()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_stopped_rank_ends_an_idle_server_over_two_ranks_naming_it() {
+    // Rank 1 waits for rank 0's next step; rank 0 waits for requests, in no collective at all
+    // (it broadcasts an empty step now and then, which a stopped rank 1 would take for ever in
+    // its buffers). Only the heartbeats tell rank 0 that rank 1 stopped.
+    let mut server = Server::start(&["--tp", "2"]);
+    let ranks = ranks_of(server.child.id());
+    let (victim, _) = *ranks
+        .iter()
+        .find(|(_, r)| *r == 1)
+        .unwrap_or_else(|| panic!("no rank 1 among {ranks:?}"));
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on a rank of the server this test started.
+    unsafe { libc::kill(victim as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        if stopped.elapsed() > Duration::from_secs(20) {
+            // SAFETY: as above.
+            unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+            panic!(
+                "the server still runs 20 s after rank 1 stopped: {}",
+                server.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = stopped.elapsed();
+    // SAFETY: as above (the rank is gone with the launcher already, or goes now).
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let log = server.log();
+    println!("the server ended {took:?} after rank 1 stopped: {log}");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("rank 1 sent nothing"), "{log}");
+}

@@ -250,6 +250,104 @@ fn kill(g: &Group) -> Check {
     }
 }
 
+/// The rank a liveness scenario's test stops (`WORKER_VICTIM`, default the last).
+fn victim(g: &Group) -> usize {
+    std::env::var("WORKER_VICTIM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(g.size() - 1)
+}
+
+/// Says "ready" on stdout once every rank is past a barrier (the test stops the victim then).
+fn ready(g: &Group) -> Check {
+    use std::io::Write;
+    ctx("barrier", g.barrier())?;
+    println!("rank {}: ready", g.rank());
+    std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// The outcome of a rank that saw `err`: fine when it names the victim. The rank stays a few
+/// seconds more, so that the other ranks see only the victim fail, not this one exit.
+fn detected(g: &Group, err: CommError) -> Check {
+    let named = format!("rank {}", victim(g));
+    let err = err.to_string();
+    if err.contains(&named) {
+        println!("rank {}: detected: {err}", g.rank());
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(())
+    } else {
+        Err(format!("'{err}' does not name {named}"))
+    }
+}
+
+/// Small all_reduces in a loop until one fails (the test SIGSTOPs the victim meanwhile); the
+/// error must name the victim.
+fn stop_loop(g: &Group) -> Check {
+    ready(g)?;
+    let start = Instant::now();
+    let mut buf = vec![1.0f32; 2048];
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Err(e) = g.all_reduce(&mut buf, ReduceOp::Sum) {
+            return detected(g, e);
+        }
+        buf.fill(1.0);
+    }
+    Err("no collective failed within 120 s".into())
+}
+
+/// No collective at all after the barrier: the rank sleeps and asks the group whether it still
+/// stands (`Group::check`) every 20 ms; after `WORKER_IDLE_SECS` (default 120) it runs a barrier.
+/// The failure must name the victim.
+fn stop_idle(g: &Group) -> Check {
+    ready(g)?;
+    let idle = std::env::var("WORKER_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120.0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs_f64(idle) {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Err(e) = g.check() {
+            return detected(g, e);
+        }
+    }
+    match g.barrier() {
+        Err(e) => detected(g, e),
+        Ok(()) => Err(format!(
+            "nothing failed in {idle} s of idling and a barrier"
+        )),
+    }
+}
+
+/// `WORKER_ITERS` (default 20000) all_reduces of 256 f32, checked; prints the time per call.
+fn small_loop(g: &Group) -> Check {
+    let iters: usize = std::env::var("WORKER_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let n = g.size() as f32;
+    let mut buf = vec![0f32; 256];
+    ctx("barrier", g.barrier())?;
+    let start = Instant::now();
+    for i in 0..iters {
+        buf.fill((i % 7) as f32);
+        ctx("all_reduce", g.all_reduce(&mut buf, ReduceOp::Sum))?;
+        if buf[0] != (i % 7) as f32 * n {
+            return Err(format!(
+                "all_reduce {i}: {} instead of {}",
+                buf[0],
+                (i % 7) as f32 * n
+            ));
+        }
+    }
+    let per = start.elapsed() / iters.max(1) as u32;
+    println!(
+        "rank {}: {iters} all_reduces of 256 f32, {per:?} each",
+        g.rank()
+    );
+    Ok(())
+}
+
 /// One all_reduce and a barrier, then this rank's peak resident memory (VmHWM) on stdout.
 fn smoke(g: &Group) -> Check {
     let mut buf = vec![1.0f32; 1000];
@@ -317,6 +415,9 @@ fn main() {
             "smoke" => smoke(&g),
             "kill" => kill(&g),
             "mismatch" => mismatch(&g),
+            "stop-loop" => stop_loop(&g),
+            "stop-idle" => stop_idle(&g),
+            "loop" => small_loop(&g),
             other => Err(format!("unknown scenario '{other}'")),
         }
     };

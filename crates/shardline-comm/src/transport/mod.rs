@@ -9,7 +9,7 @@ pub mod tcp;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{CommError, Result};
 
@@ -28,6 +28,27 @@ pub trait Pair: Send {
     ) -> Result<usize>;
     /// Fails with [`CommError::PeerLost`] when the peer process is gone.
     fn check_alive(&mut self) -> Result<()>;
+    /// Bytes (and heartbeats) sent to the peer so far: while it stands still the link is quiet
+    /// and gets a heartbeat. Transports without heartbeats (UCX) keep 0.
+    fn sent(&self) -> u64 {
+        0
+    }
+    /// Tells the peer this rank lives, if the transport can now: shm bumps a counter beside the
+    /// ring, tcp writes a heartbeat frame, which it may only do `between_frames` (no frame of
+    /// this rank's to the peer is half sent). True when a heartbeat went (or is on its way).
+    fn beat(&mut self, between_frames: bool) -> Result<bool> {
+        let _ = between_frames;
+        Ok(false)
+    }
+    /// Whether the peer showed life since the last call: anything received, a heartbeat, or
+    /// data of its that waits to be read here (then the peer waits for this rank, not the other
+    /// way round). `between_frames`: no frame from the peer is half read, so heartbeat frames at
+    /// the front of what it sent may be dropped (an idle rank drops them so they do not pile
+    /// up). Transports without heartbeats always answer true.
+    fn heard(&mut self, between_frames: bool) -> Result<bool> {
+        let _ = between_frames;
+        Ok(true)
+    }
 }
 
 /// What a transport needs to connect a group: this rank, everyone's endpoints, the job's token
@@ -44,6 +65,10 @@ pub struct Setup<'a> {
     pub nonce: u64,
     /// When connecting must have finished; past it `connect` fails with a timeout.
     pub deadline: Instant,
+    /// The liveness budget (`SHARDLINE_HEARTBEAT`; `None`: off). A peer that has not connected
+    /// this long after this rank began to wait for it, or whose listener refuses connections
+    /// this long, fails the connection naming it.
+    pub silence: Option<Duration>,
 }
 
 /// A way to connect pairs (NCCL style: it says whether it can reach a peer, then connects; the
@@ -53,6 +78,13 @@ pub trait Transport {
     fn name(&self) -> &'static str;
     /// Whether this transport can connect `me` and `peer`.
     fn reaches(&self, me: &Endpoint, peer: &Endpoint) -> bool;
+    /// Does, for `peers`, whatever needs no peer's help (shm makes this rank's segment, tcp
+    /// dials the lower ranks' listeners), so that no rank waits in `connect` for a peer that is
+    /// itself waiting: every transport offers before any connects.
+    fn offer(&mut self, setup: &Setup, peers: &[usize]) -> Result<()> {
+        let _ = (setup, peers);
+        Ok(())
+    }
     /// Connects to `peers` (group ranks into `setup.table`); every peer of the group connects
     /// back at the same time.
     fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>>;

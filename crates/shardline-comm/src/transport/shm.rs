@@ -1,8 +1,9 @@
 //! Shared-memory transport for ranks on one host. Each rank creates one segment (a file under
 //! /dev/shm, mapped shared) holding one single-producer/single-consumer byte ring per sender; a
 //! sender writes straight into its slot of the receiver's segment and the receiver reduces or
-//! copies straight out of it, so a payload is copied once on its way. A peer's liveness is
-//! watched through a pidfd (it becomes readable when the process exits, even before it is reaped).
+//! copies straight out of it, so a payload is copied once on its way. A peer's death is watched
+//! through a pidfd (it becomes readable when the process exits, even before it is reaped), its
+//! life through a heartbeat counter beside each ring that the writer bumps and the reader watches.
 //!
 //! A segment's name lives only as long as it must, so that a rank killed at any point leaves
 //! (almost) nothing in /dev/shm: the file is made only when the group connects (after the
@@ -16,6 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -23,7 +25,7 @@ use super::liveness::PidWatch;
 use super::{remaining, Endpoint, Pair, Setup, Transport};
 use crate::error::{CommError, Result};
 
-const SEG_MAGIC: u64 = 0x3247_4553_4c53_4853; // "SHSLSEG2"
+const SEG_MAGIC: u64 = 0x3347_4553_4c53_4853; // "SHSLSEG3"
 const PAGE: usize = 4096;
 /// Default bytes of each ring (override with SHARDLINE_SHM_RING_BYTES).
 pub const DEFAULT_RING_BYTES: usize = 2 << 20;
@@ -149,12 +151,13 @@ impl ShmTransport {
 }
 
 /// Opens peer `ep`'s segment, waiting (until `setup`'s deadline) while it does not exist yet and
-/// its owner lives.
-fn open_segment(ep: &Endpoint, setup: &Setup) -> Result<File> {
+/// its owner lives; `since`: when this rank began to wait for its peers (a segment that has not
+/// appeared within the liveness budget from then fails the connection, naming its rank).
+fn open_segment(ep: &Endpoint, setup: &Setup, since: Instant) -> Result<File> {
     let watch = PidWatch::new(ep.pid);
     let total = setup
         .deadline
-        .saturating_duration_since(std::time::Instant::now())
+        .saturating_duration_since(Instant::now())
         .as_secs_f64();
     loop {
         match File::options().read(true).write(true).open(&ep.shm) {
@@ -166,6 +169,18 @@ fn open_segment(ep: &Endpoint, setup: &Setup) -> Result<File> {
                         detail: format!(
                             "process {} exited before its shared-memory segment was made",
                             ep.pid
+                        ),
+                    });
+                }
+                if let Some(budget) = setup.silence.filter(|b| since.elapsed() >= *b) {
+                    return Err(CommError::Silent {
+                        rank: ep.world_rank,
+                        secs: since.elapsed().as_secs_f64(),
+                        what: format!(
+                            "while this rank waited for its shared-memory segment ({}; \
+                             SHARDLINE_HEARTBEAT={} s is the budget)",
+                            crate::heartbeat::state(Some(ep.pid)),
+                            budget.as_secs_f64()
                         ),
                     });
                 }
@@ -198,8 +213,16 @@ impl Transport for ShmTransport {
         me.host == peer.host
     }
 
-    /// Makes this rank's segment, maps every peer's (waiting for it to be made) and pairs this
-    /// rank's ring `p` with slot `me` of peer `p`.
+    /// Makes this rank's segment, for `peers` to map.
+    fn offer(&mut self, _setup: &Setup, peers: &[usize]) -> Result<()> {
+        if !peers.is_empty() {
+            self.make(peers.len())?;
+        }
+        Ok(())
+    }
+
+    /// Maps every peer's segment (waiting for it to be made) and pairs this rank's ring `p` with
+    /// slot `me` of peer `p`.
     fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
         let (me, table) = (setup.me, setup.table);
         let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
@@ -207,6 +230,7 @@ impl Transport for ShmTransport {
             return Ok(out);
         }
         let own = self.make(peers.len())?;
+        let since = Instant::now();
         for &p in peers {
             let ep = &table[p];
             let bad = |why: String| {
@@ -215,7 +239,7 @@ impl Transport for ShmTransport {
                     ep.shm, ep.world_rank
                 ))
             };
-            let file = open_segment(ep, setup)?;
+            let file = open_segment(ep, setup, since)?;
             let len = file.metadata().map_err(|e| bad(e.to_string()))?.len() as usize;
             if len < PAGE {
                 return Err(bad(format!("only {len} bytes")));
@@ -271,6 +295,8 @@ impl Transport for ShmTransport {
                     tx,
                     rx,
                     pid: pidfd,
+                    beats: 0,
+                    seen: (0, 0),
                 }),
             ));
         }
@@ -289,11 +315,14 @@ impl Drop for ShmTransport {
     }
 }
 
-/// One direction of a pair: a byte ring inside a mapped segment.
+/// One direction of a pair: a byte ring inside a mapped segment. Its control page holds the
+/// writer's count of bytes written (head), the reader's count of bytes read (tail), and the
+/// writer's heartbeat count, each on a cache line of its own.
 struct Ring {
     _map: Arc<MmapRaw>,
     head: *const AtomicU64,
     tail: *const AtomicU64,
+    beat: *const AtomicU64,
     data: *mut u8,
     cap: usize,
     /// This side's own counter (head for the writer, tail for the reader).
@@ -314,6 +343,7 @@ impl Ring {
             Ring {
                 head: base as *const AtomicU64,
                 tail: base.add(64) as *const AtomicU64,
+                beat: base.add(128) as *const AtomicU64,
                 data: base.add(PAGE),
                 cap,
                 mine: 0,
@@ -401,6 +431,10 @@ pub struct ShmPair {
     tx: Ring,
     rx: Ring,
     pid: PidWatch,
+    /// Heartbeats this rank has given the peer.
+    beats: u64,
+    /// The peer's bytes written and heartbeat count when `heard` last looked.
+    seen: (u64, u64),
 }
 
 impl Pair for ShmPair {
@@ -415,6 +449,31 @@ impl Pair for ShmPair {
         consume: &mut dyn FnMut(&[u8]),
     ) -> Result<usize> {
         Ok(self.rx.read(max, align, consume))
+    }
+
+    fn sent(&self) -> u64 {
+        self.tx.mine.wrapping_add(self.beats)
+    }
+
+    fn beat(&mut self, _between_frames: bool) -> Result<bool> {
+        // Out of band: a counter beside the ring, so a half-sent frame does not hold it up.
+        self.beats += 1;
+        // SAFETY: `beat` points into the live mapping of the peer's segment.
+        unsafe { (*self.tx.beat).store(self.beats, Ordering::Relaxed) };
+        Ok(true)
+    }
+
+    fn heard(&mut self, _between_frames: bool) -> Result<bool> {
+        // SAFETY: both words lie in this rank's own live segment.
+        let now = unsafe {
+            (
+                (*self.rx.head).load(Ordering::Acquire),
+                (*self.rx.beat).load(Ordering::Relaxed),
+            )
+        };
+        let new = now != self.seen;
+        self.seen = now;
+        Ok(new)
     }
 
     fn check_alive(&mut self) -> Result<()> {

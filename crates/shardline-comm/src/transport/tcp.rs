@@ -14,6 +14,7 @@ use super::accept::{token_eq, Acceptor, Need};
 use super::{remaining, take, take_u32, take_u64, Endpoint, Pair, Setup, Transport};
 use crate::bootstrap::MAX_TOKEN;
 use crate::error::{CommError, Result};
+use crate::wire::{heartbeat_frame, HEADER_LEN};
 
 const HELLO_MAGIC: u32 = 0x4854_4c53; // "SLTH"
 /// Magic, nonce, rank and token length.
@@ -27,6 +28,8 @@ const HELLO_DEADLINE: Duration = Duration::from_secs(2);
 pub struct TcpTransport {
     listener: TcpListener,
     addr: SocketAddr,
+    /// Connections to the lower ranks, dialed and greeted by `offer` (group rank, stream).
+    dialed: Vec<(usize, TcpStream)>,
 }
 
 impl TcpTransport {
@@ -40,7 +43,11 @@ impl TcpTransport {
         listener
             .set_nonblocking(true)
             .map_err(|e| CommError::io("listener set_nonblocking", e))?;
-        Ok(TcpTransport { listener, addr })
+        Ok(TcpTransport {
+            listener,
+            addr,
+            dialed: Vec::new(),
+        })
     }
 
     /// The address published in the table.
@@ -63,20 +70,22 @@ impl Transport for TcpTransport {
         true
     }
 
-    /// This rank dials the lower ranks and accepts the higher ones, each connection opened by a
-    /// hello carrying the job token, the group nonce and the dialer's rank. Connections with
-    /// anything else are dropped and logged.
-    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+    /// Dials the lower ranks of `peers` and says hello: a connection opened by a hello carrying
+    /// the job token, the group nonce and the dialer's rank. Their listeners were bound before
+    /// they published their endpoints, so the kernel completes the connection even while the peer
+    /// process is busy (or stopped); a listener that refuses is gone.
+    fn offer(&mut self, setup: &Setup, peers: &[usize]) -> Result<()> {
         let Setup {
             me,
             table,
             token,
             nonce,
             deadline,
+            silence,
         } = *setup;
-        let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
+        self.dialed.clear();
         for &p in peers.iter().filter(|&&p| p < me) {
-            let mut stream = dial(&table[p].tcp, deadline, table[p].world_rank)?;
+            let mut stream = dial(&table[p].tcp, deadline, table[p].world_rank, silence)?;
             let mut hello = Vec::new();
             hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
             hello.extend_from_slice(&nonce.to_le_bytes());
@@ -86,12 +95,32 @@ impl Transport for TcpTransport {
             stream
                 .write_all(&hello)
                 .map_err(|e| CommError::io(format!("hello to rank {}", table[p].world_rank), e))?;
+            self.dialed.push((p, stream));
+        }
+        Ok(())
+    }
+
+    /// Takes the connections `offer` dialed and accepts the higher ranks' (connections with
+    /// anything but this group's hello are dropped and logged). A higher rank that has not
+    /// connected within the liveness budget fails the connection, named.
+    fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
+        let Setup {
+            me,
+            table,
+            token,
+            nonce,
+            deadline,
+            silence,
+        } = *setup;
+        let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
+        for (p, stream) in self.dialed.drain(..) {
             out.push((p, Box::new(TcpPair::new(stream, table[p].world_rank)?)));
         }
         let mut waiting: Vec<usize> = peers.iter().copied().filter(|&p| p > me).collect();
         let total = deadline
             .saturating_duration_since(Instant::now())
             .as_secs_f64();
+        let started = Instant::now();
         let parse = |buf: &[u8]| hello_need(buf, token, nonce);
         let mut acceptor = Acceptor::new(
             &self.listener,
@@ -105,7 +134,35 @@ impl Transport for TcpTransport {
                 let ranks: Vec<usize> = waiting.iter().map(|&p| table[p].world_rank).collect();
                 format!("waiting for ranks {ranks:?} to connect over tcp")
             };
-            let hello = acceptor.next(&parse, deadline, &what, total)?;
+            // Waits in steps of a quarter of the budget, to give up on a silent peer in time.
+            let step = match silence {
+                Some(s) => deadline.min(Instant::now() + s / 4),
+                None => deadline,
+            };
+            let hello = match acceptor.next(&parse, step, &what, total) {
+                Ok(h) => h,
+                Err(CommError::Timeout { .. }) if Instant::now() < deadline => {
+                    let (Some(budget), Some(&p)) = (silence, waiting.first()) else {
+                        continue;
+                    };
+                    if started.elapsed() >= budget {
+                        let ep = &table[p];
+                        let local = ep.host == table[me].host;
+                        return Err(CommError::Silent {
+                            rank: ep.world_rank,
+                            secs: started.elapsed().as_secs_f64(),
+                            what: format!(
+                                "while this rank waited for it to connect over tcp ({}; \
+                                 SHARDLINE_HEARTBEAT={} s is the budget)",
+                                crate::heartbeat::state(local.then_some(ep.pid)),
+                                budget.as_secs_f64()
+                            ),
+                        });
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let rank = u32::from_le_bytes(hello.bytes[12..16].try_into().unwrap()) as usize;
             if waiting.contains(&rank) {
                 waiting.retain(|&r| r != rank);
@@ -124,20 +181,36 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Connects to `addr`, retrying while the peer is not listening yet, until `deadline`.
-pub(crate) fn dial(addr: &str, deadline: Instant, rank: usize) -> Result<TcpStream> {
+/// Connects to `addr`, retrying while the peer is not listening yet, until `deadline`. With a
+/// liveness budget (`silence`), the peer's listener is known to exist already: refusals for that
+/// long mean it is gone, and an attempt that gets no answer for that long means its host no
+/// longer answers; either fails naming the rank.
+pub(crate) fn dial(
+    addr: &str,
+    deadline: Instant,
+    rank: usize,
+    silence: Option<Duration>,
+) -> Result<TcpStream> {
     let total = deadline
         .saturating_duration_since(Instant::now())
         .as_secs_f64();
+    let started = Instant::now();
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|_| CommError::Config(format!("rank {rank} published a bad address '{addr}'")))?;
     loop {
-        let wait = remaining(
+        let mut wait = remaining(
             deadline,
             &format!("connecting to rank {rank} at {addr}"),
             total,
         )?;
-        let sock: SocketAddr = addr.parse().map_err(|_| {
-            CommError::Config(format!("rank {rank} published a bad address '{addr}'"))
-        })?;
+        if let Some(budget) = silence {
+            wait = wait.min(
+                budget
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(1)),
+            );
+        }
         match TcpStream::connect_timeout(&sock, wait) {
             Ok(s) => return Ok(s),
             Err(e)
@@ -146,6 +219,31 @@ pub(crate) fn dial(addr: &str, deadline: Instant, rank: usize) -> Result<TcpStre
                     io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
                 ) =>
             {
+                if let Some(budget) = silence.filter(|b| started.elapsed() >= *b) {
+                    let secs = started.elapsed().as_secs_f64();
+                    return Err(if e.kind() == io::ErrorKind::ConnectionRefused {
+                        CommError::PeerLost {
+                            rank,
+                            detail: format!(
+                                "its listener at {addr} refused every connection for {secs:.1} s: \
+                                 it has exited, or a firewall rejects the port \
+                                 (SHARDLINE_HEARTBEAT={} s is the budget)",
+                                budget.as_secs_f64()
+                            ),
+                        }
+                    } else {
+                        CommError::Silent {
+                            rank,
+                            secs,
+                            what: format!(
+                                "while this rank dialed it at {addr}: its host does not answer \
+                                 (down, cut off, or a firewall drops the port; \
+                                 SHARDLINE_HEARTBEAT={} s is the budget)",
+                                budget.as_secs_f64()
+                            ),
+                        }
+                    });
+                }
                 std::thread::sleep(Duration::from_millis(10).min(wait))
             }
             Err(e) => {
@@ -200,6 +298,15 @@ pub struct TcpPair {
     rbuf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Bytes sent, heartbeats included.
+    sent: u64,
+    /// Bytes received, and their count when `heard` last looked.
+    got: u64,
+    seen: u64,
+    /// The heartbeat frame, and how much of the one under way is still to go (a heartbeat that
+    /// went out in part is finished before anything else is written).
+    beat: [u8; HEADER_LEN],
+    beat_left: usize,
 }
 
 impl TcpPair {
@@ -219,6 +326,11 @@ impl TcpPair {
             rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
+            sent: 0,
+            got: 0,
+            seen: 0,
+            beat: heartbeat_frame(),
+            beat_left: 0,
         })
     }
 
@@ -247,6 +359,7 @@ impl TcpPair {
             }),
             Ok(n) => {
                 self.end += n;
+                self.got += n as u64;
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -254,10 +367,9 @@ impl TcpPair {
             Err(e) => Err(self.lost(e)),
         }
     }
-}
 
-impl Pair for TcpPair {
-    fn try_write(&mut self, parts: &[&[u8]]) -> Result<usize> {
+    /// `sendmsg` of `parts` without blocking: bytes written (0 when the socket is full).
+    fn send_parts(&mut self, parts: &[&[u8]]) -> Result<usize> {
         let iov: smallvec::SmallVec<[libc::iovec; 4]> = parts
             .iter()
             .filter(|p| !p.is_empty())
@@ -281,6 +393,7 @@ impl Pair for TcpPair {
             )
         };
         if n >= 0 {
+            self.sent += n as u64;
             return Ok(n as usize);
         }
         let e = io::Error::last_os_error();
@@ -288,6 +401,25 @@ impl Pair for TcpPair {
             io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
             _ => Err(self.lost(e)),
         }
+    }
+
+    /// Sends what is left of a heartbeat under way; true when none is left.
+    fn finish_beat(&mut self) -> Result<bool> {
+        if self.beat_left > 0 {
+            let beat = self.beat;
+            let n = self.send_parts(&[&beat[HEADER_LEN - self.beat_left..]])?;
+            self.beat_left -= n;
+        }
+        Ok(self.beat_left == 0)
+    }
+}
+
+impl Pair for TcpPair {
+    fn try_write(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        if self.beat_left > 0 && !self.finish_beat()? {
+            return Ok(0);
+        }
+        self.send_parts(parts)
     }
 
     fn try_read_with(
@@ -312,6 +444,37 @@ impl Pair for TcpPair {
         consume(&self.rbuf[self.start..self.start + n]);
         self.start += n;
         Ok(n)
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    fn beat(&mut self, between_frames: bool) -> Result<bool> {
+        if self.beat_left == 0 {
+            if !between_frames {
+                return Ok(false);
+            }
+            self.beat_left = HEADER_LEN;
+        }
+        self.finish_beat()?;
+        Ok(true)
+    }
+
+    fn heard(&mut self, between_frames: bool) -> Result<bool> {
+        self.fill()?;
+        if between_frames {
+            // Heartbeats that wait at the front go, so that an idle link's do not pile up.
+            while self.end - self.start >= HEADER_LEN
+                && self.rbuf[self.start..self.start + HEADER_LEN] == self.beat
+            {
+                self.start += HEADER_LEN;
+            }
+        }
+        let new = self.got != self.seen;
+        self.seen = self.got;
+        // A full buffer: the peer waits for this rank to read, so it cannot say more.
+        Ok(new || self.end - self.start == self.rbuf.len())
     }
 
     fn check_alive(&mut self) -> Result<()> {

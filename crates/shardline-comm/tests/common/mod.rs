@@ -84,6 +84,23 @@ pub fn finish(child: &mut Child, limit: Duration) -> (bool, String) {
     }
 }
 
+/// Waits for `child` at most `limit`, killing it past that; whether it exited successfully (its
+/// output is left to whoever reads its pipes).
+pub fn finish_status(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.success();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The shared-memory segments (and their temporary names) of process `pid` in /dev/shm.
 pub fn segments_of(pid: u32) -> Vec<String> {
     let prefix = format!("shardline-{pid}-");
