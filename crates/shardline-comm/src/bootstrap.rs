@@ -25,13 +25,13 @@ const TABLE_MAGIC: u32 = 0x5442_4c53; // "SLBT"
 /// In place of the table: rank 0 gave up, and says why (UTF-8 after the magic).
 const ABORT_MAGIC: u32 = 0x5842_4c53; // "SLBX"
 /// A heartbeat: the whole message, either way.
-const BEAT_MAGIC: u32 = 0x4242_4c53; // "SLBB"
+pub(crate) const BEAT_MAGIC: u32 = 0x4242_4c53; // "SLBB"
 const VERSION: u32 = 1;
 /// Largest table accepted from rank 0 (a table of thousands of ranks fits).
-const MAX_MESSAGE: usize = 4 << 20;
+pub(crate) const MAX_MESSAGE: usize = 4 << 20;
 /// Largest hello rank 0 accepts once its token checked out (an endpoint's four fields of at
 /// most 64 KiB each fit).
-const MAX_HELLO: usize = 512 << 10;
+pub(crate) const MAX_HELLO: usize = 512 << 10;
 /// Longest job token.
 pub(crate) const MAX_TOKEN: usize = 1024;
 /// How long one connection may take to deliver its whole hello.
@@ -139,7 +139,7 @@ fn fresh_nonce() -> u64 {
     t ^ ((std::process::id() as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15
 }
 
-fn write_message(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_message(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
     let mut msg = Vec::with_capacity(body.len() + 4);
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(body);
@@ -147,7 +147,7 @@ fn write_message(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
 }
 
 /// Reads one length-prefixed message (at most [`MAX_MESSAGE`] bytes) by `deadline`.
-fn read_message(stream: &mut TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_message(stream: &mut TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     read_exact_by(stream, &mut len, deadline)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -173,7 +173,7 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
 
 /// How much of a hello (length prefix included) `buf` still lacks; the token is checked as soon
 /// as it is in, before the rest (the endpoint) is read.
-fn hello_need(buf: &[u8], cfg: &Config) -> std::result::Result<Need, String> {
+pub(crate) fn hello_need(buf: &[u8], cfg: &Config) -> std::result::Result<Need, String> {
     let more = |upto, authenticated| {
         Ok(Need::More {
             upto,
@@ -220,7 +220,10 @@ fn hello_need(buf: &[u8], cfg: &Config) -> std::result::Result<Need, String> {
 }
 
 /// Parses a whole hello (after its length prefix); returns the sender's rank and endpoint.
-fn parse_hello(body: &[u8], cfg: &Config) -> std::result::Result<(usize, Endpoint), String> {
+pub(crate) fn parse_hello(
+    body: &[u8],
+    cfg: &Config,
+) -> std::result::Result<(usize, Endpoint), String> {
     let mut b = body;
     if take_u32(&mut b)? != HELLO_MAGIC || take_u32(&mut b)? != VERSION {
         return Err("not a shardline hello (bad magic or version)".into());
@@ -364,13 +367,7 @@ fn coordinate(cfg: &Config, mut me: Endpoint, deadline: Instant) -> Result<Table
             .skip(1)
             .map(|j| j.as_ref().expect("all joined").1.clone()),
     );
-    let mut body = Vec::new();
-    body.extend_from_slice(&TABLE_MAGIC.to_le_bytes());
-    body.extend_from_slice(&nonce.to_le_bytes());
-    body.extend_from_slice(&(cfg.world_size as u32).to_le_bytes());
-    for ep in &endpoints {
-        ep.encode(&mut body);
-    }
+    let body = encode_table(nonce, &endpoints);
     for (rank, j) in joined.iter_mut().enumerate().skip(1) {
         let (stream, _) = j.as_mut().expect("all joined");
         let left = remaining(
@@ -553,14 +550,7 @@ fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
             cfg.token.len()
         )));
     }
-    let mut body = Vec::new();
-    body.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
-    body.extend_from_slice(&VERSION.to_le_bytes());
-    body.extend_from_slice(&(cfg.world_size as u32).to_le_bytes());
-    body.extend_from_slice(&(cfg.rank as u32).to_le_bytes());
-    body.extend_from_slice(&(cfg.token.len() as u16).to_le_bytes());
-    body.extend_from_slice(cfg.token.as_bytes());
-    me.encode(&mut body);
+    let body = encode_hello(cfg, &me);
     let total = cfg.timeout.as_secs_f64();
     let started = Instant::now();
     let left = remaining(
@@ -612,30 +602,61 @@ fn join(cfg: &Config, me: Endpoint, deadline: Instant) -> Result<Table> {
             String::from_utf8_lossy(&body[4..])
         )));
     }
-    let parse = || -> std::result::Result<Table, String> {
-        let mut b: &[u8] = &body;
-        if take_u32(&mut b)? != TABLE_MAGIC {
-            return Err("bad magic".into());
-        }
-        let nonce = take_u64(&mut b)?;
-        let world = take_u32(&mut b)? as usize;
-        if world != cfg.world_size {
-            return Err(format!(
-                "table for {world} ranks, this rank expects {}",
-                cfg.world_size
-            ));
-        }
-        let endpoints = (0..world)
-            .map(|_| Endpoint::decode(&mut b))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        if endpoints.iter().enumerate().any(|(i, e)| e.world_rank != i) {
-            return Err("ranks out of order".into());
-        }
-        Ok(Table {
+    parse_table(&body, cfg.world_size)
+        .map(|(nonce, endpoints)| Table {
             endpoints,
             nonce,
             keep: Vec::new(),
         })
-    };
-    parse().map_err(|why| CommError::Bootstrap(format!("bad table from rank 0: {why}")))
+        .map_err(|why| CommError::Bootstrap(format!("bad table from rank 0: {why}")))
+}
+
+/// A hello (without its length prefix): magic, version, world size, rank, job token, endpoint.
+pub(crate) fn encode_hello(cfg: &Config, me: &Endpoint) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+    body.extend_from_slice(&VERSION.to_le_bytes());
+    body.extend_from_slice(&(cfg.world_size as u32).to_le_bytes());
+    body.extend_from_slice(&(cfg.rank as u32).to_le_bytes());
+    body.extend_from_slice(&(cfg.token.len() as u16).to_le_bytes());
+    body.extend_from_slice(cfg.token.as_bytes());
+    me.encode(&mut body);
+    body
+}
+
+/// The table rank 0 sends (without its length prefix): magic, nonce, world size, endpoints.
+pub(crate) fn encode_table(nonce: u64, endpoints: &[Endpoint]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&TABLE_MAGIC.to_le_bytes());
+    body.extend_from_slice(&nonce.to_le_bytes());
+    body.extend_from_slice(&(endpoints.len() as u32).to_le_bytes());
+    for ep in endpoints {
+        ep.encode(&mut body);
+    }
+    body
+}
+
+/// Parses a table for a job of `world` ranks: its nonce and the endpoints in rank order.
+pub(crate) fn parse_table(
+    body: &[u8],
+    world: usize,
+) -> std::result::Result<(u64, Vec<Endpoint>), String> {
+    let mut b = body;
+    if take_u32(&mut b)? != TABLE_MAGIC {
+        return Err("bad magic".into());
+    }
+    let nonce = take_u64(&mut b)?;
+    let claimed = take_u32(&mut b)? as usize;
+    if claimed != world {
+        return Err(format!(
+            "table for {claimed} ranks, this rank expects {world}"
+        ));
+    }
+    let endpoints = (0..world)
+        .map(|_| Endpoint::decode(&mut b))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if endpoints.iter().enumerate().any(|(i, e)| e.world_rank != i) {
+        return Err("ranks out of order".into());
+    }
+    Ok((nonce, endpoints))
 }

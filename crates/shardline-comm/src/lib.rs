@@ -34,6 +34,8 @@ pub mod config;
 mod elem;
 mod engine;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 mod group;
 mod heartbeat;
 mod progress;

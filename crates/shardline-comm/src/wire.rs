@@ -9,7 +9,7 @@ use crate::elem::DType;
 pub const HEADER_LEN: usize = 32;
 const MAGIC: u32 = 0x5343_4c53; // "SLCS"
 /// No frame may claim more than this many bytes (1 TiB): a larger value is garbage.
-const MAX_LEN: u64 = 1 << 40;
+pub(crate) const MAX_LEN: u64 = 1 << 40;
 
 /// What a frame is part of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub enum OpCode {
 }
 
 impl OpCode {
-    fn from_code(code: u8) -> Option<OpCode> {
+    pub(crate) fn from_code(code: u8) -> Option<OpCode> {
         Some(match code {
             1 => OpCode::AllReduce,
             2 => OpCode::AllGather,
@@ -68,7 +68,7 @@ pub struct Header {
     pub len: u64,
 }
 
-fn checksum(bytes: &[u8]) -> u32 {
+pub(crate) fn checksum(bytes: &[u8]) -> u32 {
     // FNV-1a: enough to tell a header from stray bytes; not a security measure.
     bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)

@@ -18,7 +18,7 @@ use crate::wire::{heartbeat_frame, HEADER_LEN};
 
 const HELLO_MAGIC: u32 = 0x4854_4c53; // "SLTH"
 /// Magic, nonce, rank and token length.
-const HELLO_HEAD: usize = 18;
+pub(crate) const HELLO_HEAD: usize = 18;
 /// Bytes read ahead per pair; frames larger than this stream through it.
 const READ_BUF: usize = 256 * 1024;
 /// How long one accepted connection may take to say its whole hello before it is dropped.
@@ -86,12 +86,7 @@ impl Transport for TcpTransport {
         self.dialed.clear();
         for &p in peers.iter().filter(|&&p| p < me) {
             let mut stream = dial(&table[p].tcp, deadline, table[p].world_rank, silence)?;
-            let mut hello = Vec::new();
-            hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
-            hello.extend_from_slice(&nonce.to_le_bytes());
-            hello.extend_from_slice(&(me as u32).to_le_bytes());
-            hello.extend_from_slice(&(token.len() as u16).to_le_bytes());
-            hello.extend_from_slice(token.as_bytes());
+            let hello = encode_hello(token, nonce, me);
             stream
                 .write_all(&hello)
                 .map_err(|e| CommError::io(format!("hello to rank {}", table[p].world_rank), e))?;
@@ -256,9 +251,20 @@ pub(crate) fn dial(
     }
 }
 
+/// The hello a dialer sends: magic, the group's nonce, its rank and the job token.
+pub(crate) fn encode_hello(token: &str, nonce: u64, rank: usize) -> Vec<u8> {
+    let mut hello = Vec::with_capacity(HELLO_HEAD + token.len());
+    hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+    hello.extend_from_slice(&nonce.to_le_bytes());
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(&(token.len() as u16).to_le_bytes());
+    hello.extend_from_slice(token.as_bytes());
+    hello
+}
+
 /// How much of a hello `buf` still lacks (see [`Need`]): magic, this group's nonce, the dialer's
 /// rank and the job token.
-fn hello_need(buf: &[u8], token: &str, nonce: u64) -> std::result::Result<Need, String> {
+pub(crate) fn hello_need(buf: &[u8], token: &str, nonce: u64) -> std::result::Result<Need, String> {
     if buf.len() < HELLO_HEAD {
         return Ok(Need::More {
             upto: HELLO_HEAD,
