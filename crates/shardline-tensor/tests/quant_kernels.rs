@@ -1,15 +1,15 @@
-//! The quantized block formats' sizes, argument checks, quantizers and dot products: every SIMD
-//! path against the scalar reference (bit for bit), the scalar dot against the dot of the
-//! dequantized rows (within a tolerance derived from the rounding steps), and quantize/dequantize
-//! round trips (within bounds derived from the formats' step sizes).
+//! The quantized block formats' sizes, argument checks, quantizers and dot products: the scalar
+//! reference and every SIMD path against the dot of the dequantized rows (within a tolerance
+//! derived from their rounding steps), many rows at once against one at a time (bit for bit),
+//! and quantize/dequantize round trips (within bounds derived from the formats' step sizes).
 
 mod common;
 
 use half::f16;
 use proptest::prelude::*;
 use shardline_tensor::quant::{
-    dequantize_row, dot, quantize_row_q4_k, quantize_row_q8_0, quantize_row_q8_k, Activations,
-    BlockQ8K, QuantError, QuantFormat,
+    dequantize_row, dot, dot_rows, quantize_row_q4_k, quantize_row_q8_0, quantize_row_q8_k,
+    Activations, BlockQ8K, QuantError, QuantFormat,
 };
 use shardline_tensor::Isa;
 
@@ -145,25 +145,25 @@ fn dequantized(format: QuantFormat, row: &[u8]) -> Vec<f32> {
     out
 }
 
-/// Asserts that every SIMD path gives the scalar path's bits, and that the scalar result is within
-/// rounding of the exact dot product of the dequantized rows.
+/// Asserts that the scalar result and every SIMD path's are within rounding of the exact dot
+/// product of the dequantized rows (and so within twice that of each other); returns the scalar
+/// result.
 ///
-/// Tolerance: the kernels' integer sums are exact, so only f32 roundings remain. Each block's term
-/// takes at most 4 (an integer sum converted, a scale product, the term's product, and the min
-/// term's pair for Q4_K/Q5_K), and the accumulation at most one per block more; the dequantized
-/// weights round at most once (the products d·scale·q are exact in f32, only Q4_K/Q5_K's
-/// subtraction of the min rounds). Every error is relative to a term bounded by
-/// `A = Σ_i (|d·scale·q_i| + |dmin·min_i|)·|a_i|`, so `|dot - exact| <= (blocks + 8)·ε·A`.
+/// Tolerance: every path computes the block's integer sums exactly, so only f32 roundings remain.
+/// The scalar reference rounds each block's term at most 4 times (an integer sum converted, a
+/// scale product, the term's product, and the min term's pair for Q4_K/Q5_K) and the accumulation
+/// at most once per block more. The SIMD paths keep exact integer sums of some of a block's
+/// products in each lane (never mixing terms of different elements that the exact sum would
+/// cancel: Q4_0's, Q8_0's and Q6_K's offsets are taken off the lanes of the products they belong
+/// to) and round each at most: its conversion, the scale product, then one fused multiply-add per
+/// block into the lane's f32 sum, and at the end at most 4 more adding the 16 lanes, 2 for the
+/// 4 lanes of the min part and 1 subtracting it. So no term sees more than `blocks + 8`
+/// roundings on any path. The dequantized weights round at most once (the products d·scale·q are
+/// exact in f32, only Q4_K/Q5_K's subtraction of the min rounds). Every error is relative to a
+/// term bounded by `A = Σ_i (|d·scale·q_i| + |dmin·min_i|)·|a_i|` (for a lane's partial sum too),
+/// so with `u = ε/2`, `|dot - exact| <= γ(blocks + 8)·A ≈ (blocks + 8)·u·A`; the tolerance is
+/// twice that, `(blocks + 8)·ε·A`, plus the smallest normal f32 for results that underflow.
 fn check_dot(what: &str, format: QuantFormat, w: &[u8], acts: &Acts) -> f32 {
-    let scalar = dot(Isa::Scalar, format, w, acts.view()).unwrap();
-    for isa in common::isas() {
-        let got = dot(isa, format, w, acts.view()).unwrap();
-        assert_eq!(
-            got.to_bits(),
-            scalar.to_bits(),
-            "{what}: {format} on {isa} gives {got:e}, scalar {scalar:e}"
-        );
-    }
     let a = acts.values();
     let exact: f64 = dequantized(format, w)
         .iter()
@@ -200,11 +200,40 @@ fn check_dot(what: &str, format: QuantFormat, w: &[u8], acts: &Acts) -> f32 {
     };
     let blocks = w.len() / format.block_bytes();
     let tol = (blocks + 8) as f64 * f32::EPSILON as f64 * magnitude + f32::MIN_POSITIVE as f64;
+    let scalar = dot(Isa::Scalar, format, w, acts.view()).unwrap();
     assert!(
         (scalar as f64 - exact).abs() <= tol,
         "{what}: {format} dot {scalar:e}, dequantized rows give {exact:e} (tolerance {tol:e})"
     );
+    for isa in common::isas() {
+        let got = dot(isa, format, w, acts.view()).unwrap();
+        assert!(
+            (got as f64 - exact).abs() <= tol && (got as f64 - scalar as f64).abs() <= 2.0 * tol,
+            "{what}: {format} on {isa} gives {got:e}, scalar {scalar:e}, dequantized rows \
+             {exact:e} (tolerance {tol:e})"
+        );
+    }
     scalar
+}
+
+/// Asserts that [`dot_rows`] over `rows` weight rows gives, on every path, the bits of [`dot`] of
+/// each row on that path (the SIMD paths may compute what the rows take from the activation row
+/// once for all of them, which must change nothing).
+fn check_dot_rows(format: QuantFormat, w: &[u8], rows: usize, acts: &Acts) {
+    let row_bytes = w.len() / rows;
+    for isa in common::isas() {
+        let mut got = vec![f32::NAN; rows];
+        dot_rows(isa, format, w, acts.view(), &mut got).unwrap();
+        for (r, got) in got.iter().enumerate() {
+            let row = &w[r * row_bytes..(r + 1) * row_bytes];
+            let want = dot(isa, format, row, acts.view()).unwrap();
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{format} on {isa}: row {r} of {rows} gives {got:e}, alone {want:e}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -383,9 +412,10 @@ fn wrong_lengths_and_inputs_are_errors() {
 }
 
 #[test]
-fn dots_of_extreme_quants_are_exact_on_every_path() {
+fn dots_of_extreme_quants_are_right_on_every_path() {
     // The largest products each format can hold (all quant bits set, or all -128 bytes for
-    // Q8_0), with scales 1: no i16 step may saturate and no i32 sum overflow.
+    // Q8_0), with scales 1: no i16 step may saturate and no i32 sum overflow (either would be far
+    // outside the rounding tolerance).
     let one = f16::ONE.to_bits();
     let x_neg = vec![-1.0f32; 1024];
     let x_pos = vec![1.0f32; 1024];
@@ -424,10 +454,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Random weights of every format (scales of any finite f16, or of a realistic range) times
-    /// activations quantized from random values; rows of 1 to 20 blocks (Q4_0/Q8_0: partial
-    /// groups of 8 blocks included).
+    /// activations quantized from random values; rows of 1 to 20 blocks (Q4_0/Q8_0: 3 to 60).
     #[test]
-    fn simd_dots_equal_scalar_and_dequantized_dots(seed in any::<u64>(), blocks in 1usize..=20,
+    fn simd_and_scalar_dots_are_close_to_dequantized_dots(seed in any::<u64>(), blocks in 1usize..=20,
                                                     wide in any::<bool>()) {
         let mut rng = Rng(seed);
         for format in QuantFormat::ALL {
@@ -440,12 +469,25 @@ proptest! {
 
     /// Q4_0/Q8_0 weights times Q8_0 activation rows of random bytes (any quant, -128 included).
     #[test]
-    fn simd_dots_equal_scalar_on_raw_q8_0_activations(seed in any::<u64>(), blocks in 1usize..=40) {
+    fn dots_are_close_to_dequantized_dots_on_raw_q8_0_activations(seed in any::<u64>(), blocks in 1usize..=40) {
         let mut rng = Rng(seed);
         let a = weight_row(&mut rng, QuantFormat::Q8_0, blocks, false);
         for format in [QuantFormat::Q4_0, QuantFormat::Q8_0] {
             let w = weight_row(&mut rng, format, blocks, true);
             check_dot("raw activations", format, &w, &Acts::Q8_0(a.clone()));
+        }
+    }
+
+    /// 1 to 11 rows of every format at once, of 1 to 6 blocks (whole and partial groups of the 4
+    /// blocks whose sums Q4_0/Q8_0 keep apart), give each row's own dot product.
+    #[test]
+    fn dot_rows_give_each_rows_dot(seed in any::<u64>(), blocks in 1usize..=6,
+                                   rows in 1usize..=11) {
+        let mut rng = Rng(seed);
+        for format in QuantFormat::ALL {
+            let w = weight_row(&mut rng, format, rows * blocks, false);
+            let x = rng.activations(blocks * format.block_size());
+            check_dot_rows(format, &w, rows, &Acts::quantize(format, &x));
         }
     }
 

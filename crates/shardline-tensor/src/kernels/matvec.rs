@@ -11,7 +11,8 @@
 //! are in the cache, so the weights still come from memory once.
 //!
 //! Quantized weights (ggml block formats) meet their activation rows quantized per block, as
-//! llama.cpp does, through integer dot products ([`crate::quant::dot_rows`]), a few weight rows
+//! llama.cpp does, through integer dot products ([`crate::quant::dot_rows`]): with one
+//! activation row, over all of a task's weight rows in one call; with several, a few weight rows
 //! at a time against every activation row.
 
 use rayon::prelude::*;
@@ -229,16 +230,21 @@ struct QuantTask<'a> {
 
 impl QuantTask<'_> {
     fn run(self, isa: Isa) {
-        for (g, w) in self.w.chunks(QUANT_ROWS * self.row_bytes).enumerate() {
+        // One activation row: all the rows in one call (which reads them front to back and
+        // computes what they take from the activation row once).
+        let group = if self.acts.len() == 1 {
+            self.w.len().max(1)
+        } else {
+            (QUANT_ROWS * self.row_bytes).max(1)
+        };
+        for (g, w) in self.w.chunks(group).enumerate() {
+            let first = g * (group / self.row_bytes.max(1));
             let rows = w.len() / self.row_bytes;
             for (r, act) in self.acts.iter().enumerate() {
                 // SAFETY: the task owns columns [0, its rows) of each of y's m rows (products_on
-                // made it so); these are g * QUANT_ROWS.. of row r.
+                // made it so); these are first.. of row r.
                 let y = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        self.y.0.add(r * self.y_stride + g * QUANT_ROWS),
-                        rows,
-                    )
+                    std::slice::from_raw_parts_mut(self.y.0.add(r * self.y_stride + first), rows)
                 };
                 match act {
                     Some(a) => dot_rows(isa, self.format, w, a.activations(), y)

@@ -1,10 +1,9 @@
-//! How the exact integer sums of the dot products become an f32 result. Every kernel (scalar,
-//! AVX2, AVX-512) computes the same integers and then goes through these functions in the same
-//! order, so all paths give bit-identical results.
+//! How the scalar reference turns the exact integer sums of its dot products into an f32 result,
+//! in one fixed order. (The SIMD kernels compute the same integers but add them in f32 vectors
+//! across blocks, see `group`, so their results differ from these by f32 rounding only.)
 //!
 //! Q4_0 and Q8_0 blocks are small (32 elements), so their terms `(dw * da) * sum` go round-robin
-//! into 8 partial sums (block `b` into slot `b % 8`; SIMD code keeps the 8 slots in one vector)
-//! that are added pairwise at the end. K-quant super-blocks (256 elements) are added one after
+//! into 8 partial sums (block `b` into slot `b % 8`) that are added pairwise at the end. K-quant super-blocks (256 elements) are added one after
 //! another into one f32.
 
 /// The 8 partial sums of a Q4_0/Q8_0 dot product.

@@ -2,9 +2,10 @@
 //! scalar reference path or a SIMD path chosen by [`Isa`].
 //!
 //! Q4_0 and Q8_0 weights pair with Q8_0 activations, Q4_K, Q5_K and Q6_K weights with Q8_K
-//! activations. Every path computes the same exact integer sums and scales them in the same order
-//! (see `accumulate`), so their results are bit-identical. [`Isa::Avx512`] uses the AVX-512 VNNI
-//! kernels where the CPU has VNNI and the AVX2 kernels otherwise.
+//! activations. Every path computes the same exact integer sums per block; the scalar reference
+//! scales and adds them in one fixed order (see `accumulate`), the SIMD paths in f32 vectors
+//! across blocks (see `group`), so their results differ by f32 rounding only. [`Isa::Avx512`]
+//! uses the AVX-512 VNNI kernels where the CPU has VNNI and the AVX2 kernels otherwise.
 
 use super::{dot_scalar, BlockQ8K, QuantError, QuantFormat};
 use crate::Isa;
@@ -55,24 +56,9 @@ pub fn dot(
             actual: act_elements,
         });
     }
-    let kind_error = |expected| QuantError::ActivationKind {
-        format,
-        expected,
-        actual: act.kind(),
-    };
-    match act {
-        Activations::Q8_0(a) => match format {
-            QuantFormat::Q8_0 => Ok(path.q8_0(weight, a)),
-            QuantFormat::Q4_0 => Ok(path.q4_0(weight, a)),
-            _ => Err(kind_error("Q8_K")),
-        },
-        Activations::Q8K(a) => match format {
-            QuantFormat::Q4K => Ok(path.q4_k(weight, a)),
-            QuantFormat::Q5K => Ok(path.q5_k(weight, a)),
-            QuantFormat::Q6K => Ok(path.q6_k(weight, a)),
-            _ => Err(kind_error("Q8_0")),
-        },
-    }
+    let mut out = [0f32];
+    path.rows(format, act, weight, weight.len(), &mut out)?;
+    Ok(out[0])
 }
 
 /// The kernels one call runs: checked to be supported by this CPU when made.
@@ -85,22 +71,27 @@ pub(super) enum Path {
     Avx512Vnni,
 }
 
-/// Generates `Path`'s methods: each runs its kernel on the chosen path. The rows are whole
-/// blocks of equal element counts (checked by [`dot`]), which is all the kernels need.
+/// Generates `Path`'s methods: each runs its kernel on the chosen path over `out.len()` weight
+/// rows of `row_bytes` bytes. The rows are whole blocks of as many elements as the activation
+/// row (checked by the callers), which is all the kernels need.
 macro_rules! path_kernels {
     ($($name:ident($act:ty)),* $(,)?) => {
         impl Path {
             $(
-                fn $name(self, w: &[u8], a: $act) -> f32 {
+                fn $name(self, w: &[u8], row_bytes: usize, a: $act, out: &mut [f32]) {
                     match self {
-                        Path::Scalar => dot_scalar::$name(w, a),
+                        Path::Scalar => {
+                            for (r, y) in out.iter_mut().enumerate() {
+                                *y = dot_scalar::$name(&w[r * row_bytes..(r + 1) * row_bytes], a);
+                            }
+                        }
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: `for_isa` made this path only where the CPU has AVX2, FMA and
-                        // F16C; the rows are whole blocks of equal element counts.
-                        Path::Avx2 => unsafe { super::dot_avx2::$name(w, a) },
+                        // F16C; the rows are whole blocks of the activation row's length.
+                        Path::Avx2 => unsafe { super::dot_avx2::$name(w, a, out) },
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: as above, for AVX-512F/BW/VL and VNNI (and AVX2).
-                        Path::Avx512Vnni => unsafe { super::dot_avx512::$name(w, a) },
+                        Path::Avx512Vnni => unsafe { super::dot_avx512::$name(w, a, out) },
                     }
                 }
             )*
@@ -117,32 +108,33 @@ path_kernels!(
 );
 
 impl Path {
-    /// The dot product of `format` weight rows with `act` on this path, as a function of the
-    /// weight row (whose length the caller checked against `act`).
-    pub(super) fn kernel<'a>(
+    /// `out[r]` = the dot product of `format` weight row `r` of `w` (`out.len()` rows of
+    /// `row_bytes` bytes, each as many elements as `act`, which the caller checked) with `act`
+    /// on this path; an error if `act` is not of the kind `format` pairs with.
+    pub(super) fn rows(
         self,
         format: QuantFormat,
-        act: Activations<'a>,
-    ) -> Result<impl Fn(&[u8]) -> f32 + 'a, QuantError> {
+        act: Activations<'_>,
+        w: &[u8],
+        row_bytes: usize,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        debug_assert_eq!(w.len(), row_bytes * out.len());
         let wrong = |expected| QuantError::ActivationKind {
             format,
             expected,
             actual: act.kind(),
         };
-        // Checked here, so that the returned closure only dispatches.
         match (act, format) {
-            (Activations::Q8_0(_), QuantFormat::Q8_0 | QuantFormat::Q4_0) => {}
+            (Activations::Q8_0(a), QuantFormat::Q8_0) => self.q8_0(w, row_bytes, a, out),
+            (Activations::Q8_0(a), QuantFormat::Q4_0) => self.q4_0(w, row_bytes, a, out),
             (Activations::Q8_0(_), _) => return Err(wrong("Q8_K")),
-            (Activations::Q8K(_), QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K) => {}
+            (Activations::Q8K(a), QuantFormat::Q4K) => self.q4_k(w, row_bytes, a, out),
+            (Activations::Q8K(a), QuantFormat::Q5K) => self.q5_k(w, row_bytes, a, out),
+            (Activations::Q8K(a), QuantFormat::Q6K) => self.q6_k(w, row_bytes, a, out),
             (Activations::Q8K(_), _) => return Err(wrong("Q8_0")),
         }
-        Ok(move |w: &[u8]| match (act, format) {
-            (Activations::Q8_0(a), QuantFormat::Q8_0) => self.q8_0(w, a),
-            (Activations::Q8_0(a), _) => self.q4_0(w, a),
-            (Activations::Q8K(a), QuantFormat::Q4K) => self.q4_k(w, a),
-            (Activations::Q8K(a), QuantFormat::Q5K) => self.q5_k(w, a),
-            (Activations::Q8K(a), _) => self.q6_k(w, a),
-        })
+        Ok(())
     }
 
     pub(super) fn for_isa(isa: Isa) -> Result<Path, QuantError> {

@@ -19,6 +19,27 @@ pub(super) fn unpack(packed: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     (scales, mins)
 }
 
+/// [`unpack`] in word arithmetic, for the SIMD kernels: the eight scales and the eight mins as
+/// the bytes (0 first) of two little-endian u64s.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) fn unpack_words(packed: &[u8; 12]) -> (u64, u64) {
+    let word =
+        |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (w0, w1, w2) = (word(0), word(4), word(8));
+    const LOW6: u32 = 0x3F3F_3F3F;
+    const NIBBLE: u32 = 0x0F0F_0F0F;
+    // Byte j of `w >> 2` holds bits 6-7 of byte j of `w` in its bits 4-5 (the bits shifted in from
+    // byte j + 1 land in bits 6-7, masked off).
+    const TOP2: u32 = 0x3030_3030;
+    let scales_hi = (w2 & NIBBLE) | ((w0 >> 2) & TOP2);
+    let mins_hi = ((w2 >> 4) & NIBBLE) | ((w1 >> 2) & TOP2);
+    (
+        (w0 & LOW6) as u64 | (scales_hi as u64) << 32,
+        (w1 & LOW6) as u64 | (mins_hi as u64) << 32,
+    )
+}
+
 /// Packs eight scales and eight mins (each at most 63) into the 12-byte layout.
 pub(super) fn pack(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
     let mut packed = [0u8; 12];
@@ -46,6 +67,13 @@ mod tests {
         fn pack_then_unpack_is_identity(scales in prop::array::uniform8(0u8..64),
                                         mins in prop::array::uniform8(0u8..64)) {
             prop_assert_eq!(super::unpack(&super::pack(&scales, &mins)), (scales, mins));
+        }
+
+        #[test]
+        fn unpack_words_is_unpack(packed in prop::array::uniform12(any::<u8>())) {
+            let (scales, mins) = super::unpack(&packed);
+            let (ws, wm) = super::unpack_words(&packed);
+            prop_assert_eq!((ws.to_le_bytes(), wm.to_le_bytes()), (scales, mins));
         }
 
         #[test]

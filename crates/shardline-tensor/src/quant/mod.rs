@@ -18,6 +18,8 @@ mod dot_avx512;
 mod dot_scalar;
 mod error;
 mod format;
+#[cfg(target_arch = "x86_64")]
+mod group;
 mod kscale;
 mod layout;
 mod q4_k;

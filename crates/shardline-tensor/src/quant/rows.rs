@@ -44,7 +44,9 @@ impl QuantizedRow {
 }
 
 /// `out[r]` = the dot product of weight row `r` of `weights` (consecutive `format` rows of as
-/// many elements as `act`) with `act`: [`super::dot`] for `out.len()` rows, checked once.
+/// many elements as `act`) with `act`: [`super::dot`] for `out.len()` rows, checked once (and on
+/// the SIMD paths with what the rows take from each activation block computed once, where that
+/// pays). Each result has the bits [`super::dot`] gives that row on the same path.
 pub fn dot_rows(
     isa: Isa,
     format: QuantFormat,
@@ -67,9 +69,5 @@ pub fn dot_rows(
             actual: weights.len(),
         });
     }
-    let kernel = path.kernel(format, act)?;
-    for (y, w) in out.iter_mut().zip(weights.chunks_exact(row_bytes.max(1))) {
-        *y = kernel(w);
-    }
-    Ok(())
+    path.rows(format, act, weights, row_bytes, out)
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 use shardline_tensor::kernels::{self, KvCache, Rope};
+use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::reference::values;
 use shardline_tensor::{pool, DType, Isa, Shape, Tensor};
 
@@ -20,6 +21,8 @@ plus isa and threads; extra keys per case are named below):
   mem_read    f32  rows=1 cols=268435456 (1 GiB, summed by all threads)
   matvec      f32|f16|bf16  W [rows, cols] = 14336x4096, 4096x14336, 4096x4096, 1024x3584,
               3584x1024; x and y in f32
+  matvec      q8_0|q4_0|q4_k|q5_k|q6_k  the same shapes (ggml blocks of random quants; x
+              quantized to Q8_0 or Q8_K inside each call, as the engine does)
   matmul      f32|f16|bf16  rows=4096 cols=4096, m=2, 4, 8, 16 (batched decode) and m=128
               (prefill); x is [m, cols]
   rms_norm    f32  rows=1 cols=4096
@@ -31,7 +34,8 @@ plus isa and threads; extra keys per case are named below):
   top_k       f32  rows=1 cols=8 k=2, and cols=128 k=8
   add_assign | axpy | scale  f32  rows=1 cols=4096
   embedding   bf16 rows=32000 cols=4096 (one token)
-gbps counts the bytes a case must read and write (for matvec and matmul: the weights only).
+gbps counts the bytes a case must read and write (for matvec and matmul: the weights only,
+for quantized weights their block bytes).
 Every weight matrix is cycled over enough copies to span at least 256 MiB (8x a 32 MiB
 last-level cache), so each matvec reads its weights from memory, not from the cache.
 SHARDLINE_ISA=avx2 (or scalar) measures a narrower SIMD path.";
@@ -64,6 +68,14 @@ const MATVEC_SHAPES: [(usize, usize); 5] = [
     (4096, 4096),
     (1024, 3584),
     (3584, 1024),
+];
+/// The quantized weight formats `matvec` measures, in ggml's type order.
+const QUANT_DTYPES: [DType; 5] = [
+    DType::Quant(QuantFormat::Q4_0),
+    DType::Quant(QuantFormat::Q8_0),
+    DType::Quant(QuantFormat::Q4K),
+    DType::Quant(QuantFormat::Q5K),
+    DType::Quant(QuantFormat::Q6K),
 ];
 const MATMUL_SHAPE: (usize, usize) = (4096, 4096);
 /// Batched decode (a few rows per weight: 2..16 sequences, or a MoE expert's share of them)
@@ -113,7 +125,7 @@ pub fn run(args: KernelsArgs) -> anyhow::Result<()> {
 
     mem_read(&mut b)?;
     for (rows, cols) in MATVEC_SHAPES {
-        for dtype in DType::ALL {
+        for dtype in DType::ALL.into_iter().chain(QUANT_DTYPES) {
             matvec(&mut b, dtype, rows, cols)?;
         }
     }
@@ -187,11 +199,40 @@ impl Bench {
     }
 }
 
-/// `copies` distinct tensors (so cycling over them defeats the cache), the first from `values`.
+/// Enough copies of one tensor to span [`COLD_BYTES`] (so cycling over them defeats the cache):
+/// float values from `values`, or ggml blocks of random bytes with scales of about 2^-8 (the
+/// speed of a quantized kernel does not depend on the values; quantizing this many real values
+/// to the K-quants would take longer than the measurement).
 fn weights(dtype: DType, shape: &Shape, seed: u64) -> anyhow::Result<Vec<Tensor>> {
-    let first = Tensor::from_f32(dtype, shape.clone(), &values(shape.elem_count(), seed))?;
+    let first = match dtype {
+        DType::Quant(q) => {
+            Tensor::from_bytes(dtype, shape.clone(), &random_blocks(q, shape, seed)?)?
+        }
+        _ => Tensor::from_f32(dtype, shape.clone(), &values(shape.elem_count(), seed))?,
+    };
     let copies = COLD_BYTES.div_ceil(first.bytes().len().max(1));
     Ok(std::iter::repeat_n(first, copies).collect())
+}
+
+/// `shape`'s elements as `format` blocks of random bytes, each f16 scale set to a finite value
+/// between 2^-9 and 2^-7.
+fn random_blocks(format: QuantFormat, shape: &Shape, seed: u64) -> anyhow::Result<Vec<u8>> {
+    let cols = shape.dims().last().copied().unwrap_or(1);
+    let bytes = format.row_bytes(cols)? * (shape.elem_count() / cols.max(1));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out: Vec<u8> = (0..bytes).map(|_| rng.u8(..)).collect();
+    let scales: &[usize] = match format {
+        QuantFormat::Q4_0 | QuantFormat::Q8_0 => &[0],
+        QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
+        QuantFormat::Q6K => &[208],
+    };
+    for block in out.chunks_exact_mut(format.block_bytes()) {
+        for &at in scales {
+            let scale = half::f16::from_f32(rng.f32() * 2f32.powi(-7) + 2f32.powi(-9));
+            block[at..at + 2].copy_from_slice(&scale.to_le_bytes());
+        }
+    }
+    Ok(out)
 }
 
 fn mem_read(b: &mut Bench) -> anyhow::Result<()> {
