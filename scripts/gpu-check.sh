@@ -7,7 +7,10 @@
 # --no-run`), `nccl_gpu` and `kernels_compile` (`cargo test -p shardline-cuda --release --no-run`).
 # Results go to $OUT (default gpu-results/).
 #
-# STEPS picks the parts (default all): tests verify decode whole prefill. `whole` runs whole
+# STEPS picks the parts (default all): tests verify decode batch serve whole prefill. `batch` times
+# batched steps (`bench decode --batch 1,2,...,64`, the floor beside each) and `serve` runs the
+# server under `bench serve` at 1, 8 and 64 clients, on BATCH_MODELS (default Qwen3-30B-A3B's and
+# Mixtral-8x7B's shapes, 8 and 4 layers). `whole` runs whole
 # models, WHOLE="preset:layers ..." (default Qwen3-30B-A3B's 48 layers, about 61 GB in bf16, and
 # Mixtral-8x7B's 32, about 93 GB, only on a GPU that holds it); adding `nopeer` or `nobench` to
 # STEPS leaves out the PyTorch peer or Shardline's own runs there. NCCL (libnccl.so.2) and NVRTC come from PyTorch's wheels when they are not
@@ -16,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-steps=${STEPS:-tests verify decode whole prefill}
+steps=${STEPS:-tests verify decode batch serve whole prefill}
 has() { [[ " $steps " == *" $1 "* ]]; }
 
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
@@ -96,6 +99,41 @@ if has decode; then
     done
 fi
 
+batch_models=${BATCH_MODELS:-qwen3-30b-a3b:8 mixtral-8x7b:4}
+
+if has batch; then
+    echo "== batched decode steps through the engine, the floor beside each"
+    for case in $batch_models; do
+        p=${case%%:*} n=${case##*:}
+        "$sl" bench decode --device cuda --preset "$p" --layers "$n" --dtype bf16 \
+            --batch 1,2,4,8,16,32,64 --iters 50 --json "$out/batch_${p}_$n.jsonl" ||
+            echo "bench decode --batch $p FAILED"
+    done
+fi
+
+if has serve; then
+    echo "== serving: shardline serve under bench serve, 1, 8 and 64 clients"
+    port=8123
+    for case in $batch_models; do
+        p=${case%%:*} n=${case##*:}
+        "$sl" serve --device cuda --preset "$p" --layers "$n" --dtype bf16 --port "$port" \
+            --kv-positions 32768 --max-running 64 >"$out/serve_${p}.log" 2>&1 &
+        server=$!
+        for _ in $(seq 300); do
+            python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null && break
+            kill -0 "$server" 2>/dev/null || break
+            sleep 1
+        done
+        for c in 1 8 64; do
+            "$sl" bench serve --url "http://127.0.0.1:$port" --concurrency "$c" \
+                --requests $((c < 8 ? 8 : 2 * c)) --prompt-len 128 --output-len 128 \
+                --json "$out/serve_${p}_$n.jsonl" || echo "bench serve $p $c clients FAILED"
+        done
+        kill -TERM "$server" 2>/dev/null || true
+        wait "$server" || echo "serve $p exited with $?"
+    done
+fi
+
 if has whole; then
     echo "== whole models"
     for case in ${WHOLE:-qwen3-30b-a3b:48 mixtral-8x7b:32}; do
@@ -139,6 +177,11 @@ for name, r in rows("decode_*.jsonl"):
           f"per layer {r['median_us']:.1f} us ({r['gbps']:.0f} GB/s){extra}")
 for name, r in rows("torch_*.jsonl"):
     print(f"{name}: torch {r.get('peer_mode')} step {r.get('step_us')} us, per layer {r.get('median_us')} us")
+for name, r in rows("batch_*.jsonl"):
+    print(f"{name}: B={r['batch']} step {r['step_us']:.1f} us, {r['tokens_per_s']:.0f} tokens/s, "
+          f"floor {r['floor_us']:.1f} us ({r['step_us'] / r['floor_us']:.2f}x)")
+for name, r in rows("serve_*.jsonl"):
+    print(f"{name}: {json.dumps(r)}")
 for name, r in rows("prefill_*.jsonl"):
     print(f"{name}: {r['path']} {r['us_per_token']} us/token")
 PY

@@ -177,14 +177,33 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
     top_k_block(logits + r * E, E, k, renormalize, expert_map, ids + r * k, weights + r * k);
 }
 
+// The position of row r of a step: pos0 + r (consecutive positions of one sequence, a prompt),
+// or positions[r] (a batch: each row at its own position of its own sequence).
+__device__ __forceinline__ int kv_position(int pos0, const int* positions, int r) {
+    return positions ? positions[r] : pos0 + r;
+}
+
+// The cache row that holds position pos of row r's sequence: pos itself in a contiguous cache,
+// or in a paged one (tables non-null) row r's block table ([rows][table_stride] block ids of
+// `block` positions each) says which block holds it.
+__device__ __forceinline__ long kv_slot(const int* tables, int table_stride, int block, int r,
+                                        int pos) {
+    if (!tables) return pos;
+    return (long)tables[(long)r * table_stride + pos / block] * block + pos % block;
+}
+
 // For each of `rows` rows of qkv ([q (H*D) | k (KVH*D) | v (KVH*D)] each): the qkv bias (Qwen2;
 // may be null), optional per-head q/k RMSNorm (Qwen3), rotary embedding (half rotation,
 // frequencies inv_freq[D/2] as the model computes them: theta, scaling, rounding) and the
-// KV-cache append (prefill; decode fuses all this into its attention kernel). Row r sits at
-// position pos0 + r. q is rotated in place; caches are [KVH][capacity][D]. Grid (H + 2*KVH
-// heads, rows), D rounded up to 32 threads; D <= 1024.
+// KV-cache append (prefill and batched decode; decode of one token fuses all this into its
+// attention kernel). Row r sits at kv_position(...) and its keys and values go to kv_slot(...)
+// (see there: consecutive positions of one sequence, or each row at its own position of its own
+// sequence in a paged cache). q is rotated in place; caches are [KVH][capacity][D]. Grid
+// (H + 2*KVH heads, rows), D rounded up to 32 threads; D <= 1024.
 extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* __restrict__ bias,
-                                          int pos0,
+                                          int pos0, const int* __restrict__ positions,
+                                          const int* __restrict__ tables, int table_stride,
+                                          int block,
                                           float* __restrict__ k_cache, float* __restrict__ v_cache,
                                           const float* __restrict__ q_norm,
                                           const float* __restrict__ k_norm, float eps, int H,
@@ -195,12 +214,13 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* 
     wait_for_previous();
     const int b = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
     const bool active = i < D;
-    const int pos = pos0 + r;
+    const int pos = kv_position(pos0, positions, r);
+    const long slot = kv_slot(tables, table_stride, block, r, pos);
     float* src = qkv + r * (long)(H + 2 * KVH) * D + (long)b * D;
     const float v = active ? src[i] + (bias ? bias[(long)b * D + i] : 0.0f) : 0.0f;
     if (b >= H + KVH) {  // a value head: append as is
         const int kvh = b - H - KVH;
-        if (active) v_cache[((long)kvh * capacity + pos) * D + i] = v;
+        if (active) v_cache[((long)kvh * capacity + slot) * D + i] = v;
         return;
     }
     const float* norm = b < H ? q_norm : k_norm;
@@ -221,6 +241,67 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* 
         src[i] = out;
     } else {
         const int kvh = b - H;
-        k_cache[((long)kvh * capacity + pos) * D + i] = out;
+        k_cache[((long)kvh * capacity + slot) * D + i] = out;
     }
 }
+
+// ---- weight element types: 8 consecutive weights as one 16-byte load ----
+
+struct Bf16 {
+    typedef uint4 Pack;  // 8 x bf16
+    static const int PACK_BYTES = 16;
+    __device__ static float one(const void* w, long i) {
+        return __uint_as_float(((u32)((const u16*)w)[i]) << 16);
+    }
+    __device__ static float dot8(uint4 p, float4 a, float4 b) {
+        float s = __uint_as_float(p.x << 16) * a.x;
+        s = fmaf(__uint_as_float(p.x & 0xffff0000u), a.y, s);
+        s = fmaf(__uint_as_float(p.y << 16), a.z, s);
+        s = fmaf(__uint_as_float(p.y & 0xffff0000u), a.w, s);
+        s = fmaf(__uint_as_float(p.z << 16), b.x, s);
+        s = fmaf(__uint_as_float(p.z & 0xffff0000u), b.y, s);
+        s = fmaf(__uint_as_float(p.w << 16), b.z, s);
+        s = fmaf(__uint_as_float(p.w & 0xffff0000u), b.w, s);
+        return s;
+    }
+};
+
+__device__ __forceinline__ float half_bits_to_f32(u32 h) {
+    float f;
+    unsigned short s = (unsigned short)h;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
+    return f;
+}
+
+struct F16 {
+    typedef uint4 Pack;
+    static const int PACK_BYTES = 16;
+    __device__ static float one(const void* w, long i) {
+        return half_bits_to_f32(((const u16*)w)[i]);
+    }
+    __device__ static float dot8(uint4 p, float4 a, float4 b) {
+        float s = half_bits_to_f32(p.x & 0xffffu) * a.x;
+        s = fmaf(half_bits_to_f32(p.x >> 16), a.y, s);
+        s = fmaf(half_bits_to_f32(p.y & 0xffffu), a.z, s);
+        s = fmaf(half_bits_to_f32(p.y >> 16), a.w, s);
+        s = fmaf(half_bits_to_f32(p.z & 0xffffu), b.x, s);
+        s = fmaf(half_bits_to_f32(p.z >> 16), b.y, s);
+        s = fmaf(half_bits_to_f32(p.w & 0xffffu), b.z, s);
+        s = fmaf(half_bits_to_f32(p.w >> 16), b.w, s);
+        return s;
+    }
+};
+
+// f32 weights: a "pack" is two float4 loads (8 elements, 32 bytes).
+struct F32 {
+    struct Pack { float4 lo, hi; };
+    static const int PACK_BYTES = 32;
+    __device__ static float one(const void* w, long i) { return ((const float*)w)[i]; }
+    __device__ static float dot8(Pack p, float4 a, float4 b) {
+        float s = p.lo.x * a.x;
+        s = fmaf(p.lo.y, a.y, s); s = fmaf(p.lo.z, a.z, s); s = fmaf(p.lo.w, a.w, s);
+        s = fmaf(p.hi.x, b.x, s); s = fmaf(p.hi.y, b.y, s); s = fmaf(p.hi.z, b.z, s);
+        s = fmaf(p.hi.w, b.w, s);
+        return s;
+    }
+};

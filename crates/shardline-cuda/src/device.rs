@@ -283,6 +283,30 @@ pub fn device_count() -> Result<usize, CudaError> {
     Ok(count.max(0) as usize)
 }
 
+/// Device `ordinal`'s memory bandwidth in GB/s, counting the bytes a copy reads and writes: the
+/// best of a few device-to-device copies of 512 MiB (what a step's bytes are set against).
+pub fn copy_gbps(ordinal: usize) -> Result<f64, CudaError> {
+    let ctx = CudaContext::new(ordinal).during(format!("opening CUDA device {ordinal}"))?;
+    let stream = ctx.new_stream().during("creating a stream")?;
+    let n = (512usize << 20) / 4;
+    let src = stream
+        .alloc_zeros::<f32>(n)
+        .during("allocating a copy's source")?;
+    let mut dst = stream
+        .alloc_zeros::<f32>(n)
+        .during("allocating a copy's destination")?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        stream
+            .memcpy_dtod(&src, &mut dst)
+            .during("copying on the device")?;
+        stream.synchronize().during("waiting for the stream")?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * 4) as f64 / best / 1e9)
+}
+
 /// Compiles the kernels for Hopper (compute_90) without a GPU: only NVRTC is needed. Lets a
 /// machine without a GPU check that the kernel source compiles.
 pub fn check_kernels_compile() -> Result<(), CudaError> {

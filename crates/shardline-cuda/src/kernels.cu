@@ -8,67 +8,6 @@
 // points' launch bound (see MATVEC_ENTRY) is in blocks of this size.
 #define MATVEC_MAX_WARPS 8
 
-// ---- weight element types: 8 consecutive weights as one 16-byte load ----
-
-struct Bf16 {
-    typedef uint4 Pack;  // 8 x bf16
-    static const int PACK_BYTES = 16;
-    __device__ static float one(const void* w, long i) {
-        return __uint_as_float(((u32)((const u16*)w)[i]) << 16);
-    }
-    __device__ static float dot8(uint4 p, float4 a, float4 b) {
-        float s = __uint_as_float(p.x << 16) * a.x;
-        s = fmaf(__uint_as_float(p.x & 0xffff0000u), a.y, s);
-        s = fmaf(__uint_as_float(p.y << 16), a.z, s);
-        s = fmaf(__uint_as_float(p.y & 0xffff0000u), a.w, s);
-        s = fmaf(__uint_as_float(p.z << 16), b.x, s);
-        s = fmaf(__uint_as_float(p.z & 0xffff0000u), b.y, s);
-        s = fmaf(__uint_as_float(p.w << 16), b.z, s);
-        s = fmaf(__uint_as_float(p.w & 0xffff0000u), b.w, s);
-        return s;
-    }
-};
-
-__device__ __forceinline__ float half_bits_to_f32(u32 h) {
-    float f;
-    unsigned short s = (unsigned short)h;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
-    return f;
-}
-
-struct F16 {
-    typedef uint4 Pack;
-    static const int PACK_BYTES = 16;
-    __device__ static float one(const void* w, long i) {
-        return half_bits_to_f32(((const u16*)w)[i]);
-    }
-    __device__ static float dot8(uint4 p, float4 a, float4 b) {
-        float s = half_bits_to_f32(p.x & 0xffffu) * a.x;
-        s = fmaf(half_bits_to_f32(p.x >> 16), a.y, s);
-        s = fmaf(half_bits_to_f32(p.y & 0xffffu), a.z, s);
-        s = fmaf(half_bits_to_f32(p.y >> 16), a.w, s);
-        s = fmaf(half_bits_to_f32(p.z & 0xffffu), b.x, s);
-        s = fmaf(half_bits_to_f32(p.z >> 16), b.y, s);
-        s = fmaf(half_bits_to_f32(p.w & 0xffffu), b.z, s);
-        s = fmaf(half_bits_to_f32(p.w >> 16), b.w, s);
-        return s;
-    }
-};
-
-// f32 weights: a "pack" is two float4 loads (8 elements, 32 bytes).
-struct F32 {
-    struct Pack { float4 lo, hi; };
-    static const int PACK_BYTES = 32;
-    __device__ static float one(const void* w, long i) { return ((const float*)w)[i]; }
-    __device__ static float dot8(Pack p, float4 a, float4 b) {
-        float s = p.lo.x * a.x;
-        s = fmaf(p.lo.y, a.y, s); s = fmaf(p.lo.z, a.z, s); s = fmaf(p.lo.w, a.w, s);
-        s = fmaf(p.hi.x, b.x, s); s = fmaf(p.hi.y, b.y, s); s = fmaf(p.hi.z, b.z, s);
-        s = fmaf(p.hi.w, b.w, s);
-        return s;
-    }
-};
-
 // Packs (of 8 weights) loaded per lane before the first is used: enough bytes in flight per warp
 // to cover DRAM latency with few warps per SM.
 #ifndef UNROLL
@@ -715,27 +654,30 @@ extern "C" __global__ void __launch_bounds__(1024) combine_slots_norm(const floa
     }
 }
 
-// x = row tokens[0] of the [vocab, D] embedding table, widened to f32 (one block). The token is
-// read from device memory, so a captured step graph takes a new token without being rebuilt.
-// dtype: 0 f32, 1 f16, 2 bf16.
+// Row r (grid.y) of x = row tokens[r] of the [vocab, D] embedding table, widened to f32 (one
+// block per row). The tokens are read from device memory, so a captured step graph takes new
+// tokens without being rebuilt. dtype: 0 f32, 1 f16, 2 bf16.
 extern "C" __global__ void embed_row(const void* __restrict__ table, int dtype,
                                      const int* __restrict__ tokens, float* __restrict__ x, int D) {
     let_next_start();
     wait_for_previous();
-    const long base = (long)tokens[0] * D;
+    const long base = (long)tokens[blockIdx.y] * D;
+    float* row = x + (long)blockIdx.y * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         const long j = base + i;
-        x[i] = dtype == 0 ? F32::one(table, j) : dtype == 1 ? F16::one(table, j) : Bf16::one(table, j);
+        row[i] = dtype == 0 ? F32::one(table, j) : dtype == 1 ? F16::one(table, j) : Bf16::one(table, j);
     }
 }
 
-// The largest of n values and its index (the lowest index among equal values), by one block:
-// best[0] = the value, best[1] = the index as a float (exact below 2^24, far above any
-// vocabulary). NaN never wins, so a row of NaN gives index 0 and NEG_INF.
+// The largest of the n values of row r (grid.y) and its index (the lowest index among equal
+// values), by one block per row: best[2r] = the value, best[2r + 1] = the index as a float (exact
+// below 2^24, far above any vocabulary). NaN never wins, so a row of NaN gives index 0 and NEG_INF.
 extern "C" __global__ void __launch_bounds__(1024) argmax(const float* __restrict__ x, int n,
                                                           float* __restrict__ best) {
     let_next_start();
     wait_for_previous();
+    x += (long)blockIdx.y * n;
+    best += 2 * (long)blockIdx.y;
     __shared__ float part_v[32];
     __shared__ int part_i[32];
     float v = NEG_INF;

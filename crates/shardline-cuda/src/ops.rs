@@ -340,15 +340,52 @@ impl AttentionDims {
     }
 }
 
-/// The rows of the KV cache and where they go.
+/// Where the rows of a step sit in a KV cache: at consecutive positions of one sequence (a prompt)
+/// or, with `positions`, each at its own position of its own sequence (a batch); with `tables`,
+/// in a paged cache whose blocks each sequence's block table lists.
 #[derive(Clone, Copy, Debug)]
-pub struct KvAppend {
+pub struct KvRows {
     /// Device address of the f32 key cache, `[n_kv_heads, capacity, head_dim]`.
     pub k_cache: u64,
     /// Device address of the f32 value cache, laid out as the key cache.
     pub v_cache: u64,
-    /// The position of the first row.
+    /// The position of the first row, when `positions` is 0.
     pub first: usize,
+    /// Device address of each row's position (`[rows]` i32); 0: `first + row`.
+    pub positions: u64,
+    /// Device address of each row's block table (`[rows, table_stride]` i32 block ids); 0: the
+    /// cache is contiguous and a position is its own cache row.
+    pub tables: u64,
+    /// Entries of one row's block table.
+    pub table_stride: usize,
+    /// Positions one block holds.
+    pub block: usize,
+}
+
+impl KvRows {
+    /// Consecutive positions from `first` in the contiguous caches `k_cache`, `v_cache`.
+    pub fn contiguous(k_cache: u64, v_cache: u64, first: usize) -> KvRows {
+        KvRows {
+            k_cache,
+            v_cache,
+            first,
+            positions: 0,
+            tables: 0,
+            table_stride: 0,
+            block: 1,
+        }
+    }
+
+    /// The kernels' arguments after the caches: (first, positions, tables, stride, block).
+    pub(crate) fn placement(&self) -> (i32, u64, u64, i32, i32) {
+        (
+            self.first as i32,
+            self.positions,
+            self.tables,
+            self.table_stride as i32,
+            self.block as i32,
+        )
+    }
 }
 
 /// What q and k heads get before attention: the per-head RMSNorm (Qwen3; where `q_norm`/`k_norm`
@@ -365,15 +402,15 @@ pub struct HeadRope {
     pub inv_freq: u64,
 }
 
-/// For `rows` rows of `qkv`: the qkv `bias` (when non-zero), `rope`, and the KV append at
-/// consecutive positions from `kv.first`.
+/// For `rows` rows of `qkv`: the qkv `bias` (when non-zero), `rope`, and the KV append where
+/// `kv` places each row.
 pub fn rope_kv_append(
     dev: &CudaDevice,
     dims: AttentionDims,
     rows: usize,
     qkv: u64,
     bias: u64,
-    kv: KvAppend,
+    kv: KvRows,
     rope: HeadRope,
 ) -> Result<(), CudaError> {
     let blocks = dims.n_heads + 2 * dims.n_kv_heads;
@@ -383,7 +420,7 @@ pub fn rope_kv_append(
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
-    let pos0 = kv.first as i32;
+    let (pos0, positions, tables, stride, block) = kv.placement();
     let (kc, vc) = (kv.k_cache, kv.v_cache);
     launch(
         dev,
@@ -393,6 +430,10 @@ pub fn rope_kv_append(
             qkv,
             bias,
             pos0,
+            positions,
+            tables,
+            stride,
+            block,
             kc,
             vc,
             rope.q_norm,
@@ -588,18 +629,19 @@ fn dtype_code(dtype: DType) -> i32 {
     }
 }
 
-/// `x = table[tokens[0]]` as f32: one row of a `[vocab, d]` embedding table of `dtype`, the token
-/// read from device memory (`tokens`, an `i32` already checked against the vocabulary).
+/// `x[r] = table[tokens[r]]` as f32 for `rows` rows of a `[vocab, d]` embedding table of `dtype`,
+/// the tokens read from device memory (`tokens`, `i32`s already checked against the vocabulary).
 pub fn embed_row(
     dev: &CudaDevice,
     table: u64,
     dtype: DType,
     tokens: u64,
     x: u64,
+    rows: usize,
     d: usize,
 ) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
+        grid_dim: (1, rows as u32, 1),
         block_dim: (rms_norm_threads(d), 1, 1),
         shared_mem_bytes: 0,
     };
@@ -613,11 +655,11 @@ pub fn embed_row(
     )
 }
 
-/// `best = [max(x), argmax(x)]` over `n` f32 values (the lowest index among equal maxima; the
-/// index as an f32).
-pub fn argmax(dev: &CudaDevice, x: u64, n: usize, best: u64) -> Result<(), CudaError> {
+/// `best[r] = [max(x[r]), argmax(x[r])]` over each of `rows` rows of `n` f32 values (the lowest
+/// index among equal maxima; the index as an f32).
+pub fn argmax(dev: &CudaDevice, x: u64, rows: usize, n: usize, best: u64) -> Result<(), CudaError> {
     let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
+        grid_dim: (1, rows as u32, 1),
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };

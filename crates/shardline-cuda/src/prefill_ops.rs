@@ -3,9 +3,10 @@
 //! addresses (`u64`, 0 for "none"), as in [`crate::ops`].
 
 use cudarc::driver::{CudaFunction, LaunchConfig};
+use shardline_tensor::DType;
 
 use crate::error::DriverContext;
-use crate::ops::{kernel_args, launch_plain, AttentionDims};
+use crate::ops::{kernel_args, launch_plain, AttentionDims, KvRows, Weights};
 use crate::{ptx_cache, CudaDevice, CudaError};
 
 /// The kernel source of prefill.
@@ -21,6 +22,45 @@ pub struct PrefillKernels {
     attention_rows: CudaFunction,
     swiglu_rows: CudaFunction,
     combine_rows: CudaFunction,
+    /// Grouped products per weight dtype (f32, f16, bf16): plain, and SwiGLU.
+    grouped: [CudaFunction; 3],
+    grouped_glu: [CudaFunction; 3],
+    group_by_expert: CudaFunction,
+}
+
+/// Warps per block of the grouped products; matches `GROUPED_WARPS` in prefill.cu.
+const GROUPED_WARPS: usize = 8;
+
+/// A grouped product for a batch of rows (see `grouped_matvec_impl` in prefill.cu): assignments
+/// (a row of `x` and a matrix) grouped by matrix, each weight row read once for its whole group.
+#[derive(Clone, Copy, Debug)]
+pub struct Grouped {
+    /// The matrices (`groups` of them, `matrix_stride_bytes` apart), `[n, k]` each, or
+    /// `[2n, k]` (gate; up) with `swiglu`.
+    pub w: Weights,
+    /// Groups (the grid's y dimension): matrices with assignments.
+    pub groups: usize,
+    /// Device address of `groups + 1` `i32` offsets of each group's assignments; 0: one group of
+    /// `count` assignments.
+    pub offsets: u64,
+    /// Assignments when `offsets` is 0.
+    pub count: usize,
+    /// Device address of each assignment's `i32` row of `x`; 0: assignment `a` reads row `a`.
+    pub src: u64,
+    /// Device address of the f32 input rows of `k` values.
+    pub x: u64,
+    /// Device address of f32 rows added to the outputs (laid out as `y`); 0: none.
+    pub residual: u64,
+    /// Device address of the f32 output rows, `y_stride` values apart.
+    pub y: u64,
+    /// Output values per row.
+    pub n: usize,
+    /// Input values per row.
+    pub k: usize,
+    /// f32 values from one output row to the next.
+    pub y_stride: usize,
+    /// `y = silu(gate x) * (up x)`.
+    pub swiglu: bool,
 }
 
 /// A grid-stride launch over `n` elements.
@@ -67,6 +107,13 @@ impl PrefillKernels {
             attention_rows: f("attention_rows")?,
             swiglu_rows: f("swiglu_rows")?,
             combine_rows: f("combine_rows")?,
+            grouped: [f("grouped_f32")?, f("grouped_f16")?, f("grouped_bf16")?],
+            grouped_glu: [
+                f("grouped_glu_f32")?,
+                f("grouped_glu_f16")?,
+                f("grouped_glu_bf16")?,
+            ],
+            group_by_expert: f("group_by_expert")?,
         })
     }
 
@@ -115,17 +162,16 @@ impl PrefillKernels {
         )
     }
 
-    /// Causal attention of `rows` rows (queries in the rotated `qkv` rows) at positions
-    /// `pos0..pos0 + rows` over the KV cache, into `out` (`[rows, n_heads * head_dim]`).
-    #[allow(clippy::too_many_arguments)]
+    /// Causal attention of `rows` rows (queries in the rotated `qkv` rows), each over its
+    /// sequence's positions up to its own, where `kv` places them, into `out`
+    /// (`[rows, n_heads * head_dim]`).
     pub fn attention_rows(
         &self,
         dev: &CudaDevice,
         dims: AttentionDims,
         rows: usize,
         qkv: u64,
-        kv_cache: (u64, u64),
-        pos0: usize,
+        kv: KvRows,
         out: u64,
     ) -> Result<(), CudaError> {
         let cfg = LaunchConfig {
@@ -134,13 +180,16 @@ impl PrefillKernels {
             shared_mem_bytes: 0,
         };
         let (h, kvh, d, cap) = dims.as_i32();
-        let pos0 = pos0 as i32;
+        let (pos0, positions, tables, stride, block) = kv.placement();
+        let (kc, vc) = (kv.k_cache, kv.v_cache);
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
         launch_plain(
             dev,
             &self.attention_rows,
             cfg,
-            &mut kernel_args![qkv, kv_cache.0, kv_cache.1, pos0, out, h, kvh, d, cap, scale],
+            &mut kernel_args![
+                qkv, kc, vc, pos0, positions, tables, stride, block, out, h, kvh, d, cap, scale
+            ],
             "attention_rows",
         )
     }
@@ -177,6 +226,7 @@ impl PrefillKernels {
         slot_row: u64,
         weights: u64,
         shared: Option<crate::ops::SharedExpert>,
+        residual: u64,
         y: u64,
         n: usize,
     ) -> Result<(), CudaError> {
@@ -198,10 +248,90 @@ impl PrefillKernels {
                 k,
                 shared_out,
                 shared_logit,
+                residual,
                 y,
                 n
             ],
             "combine_rows",
+        )
+    }
+
+    /// Runs the grouped product `g`.
+    pub fn grouped(&self, dev: &CudaDevice, g: &Grouped) -> Result<(), CudaError> {
+        let which = match g.w.dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            other => {
+                return Err(CudaError::Shape(format!(
+                    "grouped products of {other} weights (f32, f16 and bf16 only)"
+                )))
+            }
+        };
+        let units = if g.swiglu { g.n } else { g.n.div_ceil(2) };
+        if g.groups == 0 || units == 0 || g.k == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                units.div_ceil(GROUPED_WARPS) as u32,
+                g.groups.min(65_535) as u32,
+                1,
+            ),
+            block_dim: (GROUPED_WARPS as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = if g.swiglu {
+            &self.grouped_glu[which]
+        } else {
+            &self.grouped[which]
+        };
+        let stride = g.w.matrix_stride_bytes as i64;
+        let (count, n, k, y_stride) = (g.count as i32, g.n as i32, g.k as i32, g.y_stride as i32);
+        launch_plain(
+            dev,
+            f,
+            cfg,
+            &mut kernel_args![
+                g.w.ptr, stride, g.offsets, count, g.src, g.x, g.residual, g.y, n, k, y_stride
+            ],
+            "grouped",
+        )
+    }
+
+    /// Groups the `slots` chosen local experts `ids` (`[rows, k]`, -1: another rank's) of a batch
+    /// by expert: `offsets` (`experts + 1`), each assignment's row `src` and each slot's
+    /// assignment `slot_row` (see `group_by_expert` in prefill.cu).
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_by_expert(
+        &self,
+        dev: &CudaDevice,
+        ids: u64,
+        slots: usize,
+        k: usize,
+        experts: usize,
+        offsets: u64,
+        src: u64,
+        slot_row: u64,
+    ) -> Result<(), CudaError> {
+        let shared = (experts + 1 + slots) * 4;
+        if shared > 48 * 1024 {
+            return Err(CudaError::Shape(format!(
+                "{slots} expert slots of {experts} experts: more than one block can group"
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let (slots, k, experts) = (slots as i32, k as i32, experts as i32);
+        launch_plain(
+            dev,
+            &self.group_by_expert,
+            cfg,
+            &mut kernel_args![ids, slots, k, experts, offsets, src, slot_row],
+            "group_by_expert",
         )
     }
 }

@@ -4,12 +4,13 @@
 //! add; then the logits. Prefill passes the whole prompt at once; decode passes one token, whose
 //! FFN needs no dispatch: every rank holds the same row and runs the chosen experts it holds.
 //! Where the backend runs a whole decode step on its device ([`Backend::decodes_whole_steps`]) and
-//! no sum has to pass through the host, a decode token goes to it in one call instead.
+//! no sum has to pass through the host, a decode token (or a batched step over the paged KV cache)
+//! goes to it in one call instead.
 
 use shardline_tensor::kernels::add_assign;
 
 use crate::backend::cpu::dispatch::gather_own_rows;
-use crate::backend::{Backend, Decoded, FfnPart, PagedRow, Reduce, Want};
+use crate::backend::{Backend, Decoded, FfnPart, PagedRow, Reduce, Sampled, Want};
 use crate::error::{ModelError, Result};
 
 /// Which rows of logits a forward pass returns.
@@ -100,40 +101,57 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                 (value, (start + best) as u32)
             }
         };
-        // On the device only the best logit comes back: a NaN never wins there, so a row of
-        // them gives no finite best.
-        if !value.is_finite() {
+        Ok(self.pick_best(&[(value, id)])?[0])
+    }
+
+    /// The greedy token of each row from every rank's best `(logit, id)` of it: each rank sends
+    /// only those. A row whose best is not finite (on the device a NaN never wins, so a row of
+    /// them gives no finite best) is an error.
+    fn pick_best(&mut self, mine: &[(f32, u32)]) -> Result<Vec<u32>> {
+        if mine.iter().any(|(v, _)| !v.is_finite()) {
             return Err(ModelError::NonFinite {
                 position: self.backend.position(),
             });
         }
         // Ids are exact in f32 up to 2^24, far above any vocabulary.
-        let mine = [value, id as f32];
-        let mut all = vec![0.0f32; 2 * self.reduce.world()];
-        self.reduce.all_gather(&mine, &mut all)?;
-        let (id, _) = all
-            .chunks_exact(2)
-            .fold((u32::MAX, f32::NEG_INFINITY), |(bi, bv), p| {
-                let (v, i) = (p[0], p[1] as u32);
-                if v > bv || (v == bv && i < bi) {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            });
-        Ok(id)
+        let flat: Vec<f32> = mine.iter().flat_map(|&(v, id)| [v, id as f32]).collect();
+        let world = self.reduce.world();
+        if world == 1 {
+            return Ok(mine.iter().map(|&(_, id)| id).collect());
+        }
+        let mut all = vec![0.0f32; flat.len() * world];
+        self.reduce.all_gather(&flat, &mut all)?;
+        Ok((0..mine.len())
+            .map(|row| {
+                all.chunks_exact(flat.len())
+                    .map(|rank| (rank[2 * row], rank[2 * row + 1] as u32))
+                    .fold((u32::MAX, f32::NEG_INFINITY), |(bi, bv), (v, i)| {
+                        if v > bv || (v == bv && i < bi) {
+                            (i, v)
+                        } else {
+                            (bi, bv)
+                        }
+                    })
+                    .0
+            })
+            .collect())
     }
 
     /// A decode token's whole step on the backend's device, where it runs one and no sum has to
     /// pass through the host; `None` otherwise (the engine drives the segments).
     fn whole_step(&mut self, tokens: &[u32], want: Want) -> Result<Option<Decoded>> {
-        let on_device = self.backend.decodes_whole_steps()
-            && (self.reduce.world() == 1 || self.backend.sums_across_ranks());
-        if tokens.len() != 1 || !on_device {
+        if tokens.len() != 1 || !self.steps_on_device() {
             return Ok(None);
         }
         self.check_tokens(tokens)?;
         self.backend.decode(tokens[0], want).map(Some)
+    }
+
+    /// Whether whole steps run on the backend's device: it runs them, and no sum has to pass
+    /// through the host.
+    fn steps_on_device(&self) -> bool {
+        self.backend.decodes_whole_steps()
+            && (self.reduce.world() == 1 || self.backend.sums_across_ranks())
     }
 
     /// Checks that `tokens` are in the vocabulary and fit in the KV cache.
@@ -225,6 +243,58 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         rows: &[PagedRow],
         sample: &[usize],
     ) -> Result<Vec<f32>> {
+        let local = match self.paged_local(tokens, rows, sample, Want::Logits)? {
+            Sampled::Logits(l) => l,
+            Sampled::Best(_) => {
+                return Err(ModelError::Invalid(
+                    "a batched step returned greedy ids for logits".into(),
+                ))
+            }
+        };
+        self.check_finite(&local)?;
+        self.gather_logits(&local)
+    }
+
+    /// [`Engine::forward_paged`], returning the greedy token of each sampled row instead of its
+    /// logits (each rank's best of its own slice of the vocabulary is all that moves).
+    pub fn forward_paged_greedy(
+        &mut self,
+        tokens: &[u32],
+        rows: &[PagedRow],
+        sample: &[usize],
+    ) -> Result<Vec<u32>> {
+        let best = match self.paged_local(tokens, rows, sample, Want::Best)? {
+            Sampled::Best(b) => b,
+            Sampled::Logits(local) => {
+                let start = self.backend.vocab_rows().start as u32;
+                let width = self.backend.vocab_rows().len().max(1);
+                local
+                    .chunks_exact(width)
+                    .map(|row| {
+                        let i = crate::sampler::argmax(row);
+                        // A NaN row has no finite best.
+                        let v = if row.iter().all(|v| v.is_finite()) {
+                            row[i]
+                        } else {
+                            f32::NAN
+                        };
+                        (v, start + i as u32)
+                    })
+                    .collect()
+            }
+        };
+        self.pick_best(&best)
+    }
+
+    /// This rank's part of a paged step's sampled rows: whole on the device where the backend
+    /// runs such steps, else through the segments (then always logits).
+    fn paged_local(
+        &mut self,
+        tokens: &[u32],
+        rows: &[PagedRow],
+        sample: &[usize],
+        want: Want,
+    ) -> Result<Sampled> {
         let vocab = self.backend.spec().vocab;
         if tokens.is_empty() || tokens.len() != rows.len() {
             return Err(ModelError::Invalid(format!(
@@ -252,6 +322,11 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                 rows.len()
             )));
         }
+        if self.steps_on_device() {
+            if let Some(out) = self.backend.step_paged(tokens, rows, sample, want)? {
+                return Ok(out);
+            }
+        }
         let h = self.backend.spec().hidden;
         let x = self.run_layers_as(tokens, Some(rows))?;
         let picked: Vec<f32> = sample
@@ -262,8 +337,7 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         if !sample.is_empty() {
             self.backend.logits(&picked, &mut logits)?;
         }
-        self.check_finite(&logits)?;
-        self.gather_logits(&logits)
+        Ok(Sampled::Logits(logits))
     }
 
     /// Embeds `tokens` and runs every layer; returns the final hidden states (before the norm).

@@ -91,6 +91,18 @@ pub struct StepPlan {
     pub tables: Vec<Vec<u32>>,
     /// The rows whose logits are wanted, in the order they come back.
     pub sample: Vec<u32>,
+    /// Whether every sampled row's sequence is greedy: then only each row's greedy token comes
+    /// back, not its logits.
+    pub greedy: bool,
+}
+
+/// What running a [`StepPlan`] gives for its sampled rows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepOutput {
+    /// Each sampled row's logits, `[sample.len(), vocab]`.
+    Logits(Vec<f32>),
+    /// Each sampled row's greedy token (a plan whose sequences are all greedy).
+    Greedy(Vec<u32>),
 }
 
 impl StepPlan {
@@ -99,8 +111,8 @@ impl StepPlan {
         self.tokens.is_empty()
     }
 
-    /// Runs the plan on `engine`: the logits of the sampled rows, `[sample.len(), vocab]`.
-    pub fn run<B: Backend, R: Reduce>(&self, engine: &mut Engine<B, R>) -> Result<Vec<f32>> {
+    /// Runs the plan on `engine`: the logits of the sampled rows, or their greedy tokens.
+    pub fn run<B: Backend, R: Reduce>(&self, engine: &mut Engine<B, R>) -> Result<StepOutput> {
         let rows: Vec<PagedRow> = self
             .positions
             .iter()
@@ -111,7 +123,11 @@ impl StepPlan {
             })
             .collect();
         let sample: Vec<usize> = self.sample.iter().map(|&i| i as usize).collect();
-        engine.forward_paged(&self.tokens, &rows, &sample)
+        Ok(if self.greedy {
+            StepOutput::Greedy(engine.forward_paged_greedy(&self.tokens, &rows, &sample)?)
+        } else {
+            StepOutput::Logits(engine.forward_paged(&self.tokens, &rows, &sample)?)
+        })
     }
 
     /// The plan as one list of numbers (to send to the other ranks).
@@ -120,6 +136,7 @@ impl StepPlan {
             self.tokens.len() as u32,
             self.tables.len() as u32,
             self.sample.len() as u32,
+            self.greedy as u32,
         ];
         v.extend(&self.tokens);
         v.extend(&self.positions);
@@ -144,8 +161,13 @@ impl StepPlan {
                 Err(bad())
             }
         };
-        let head = take(3)?;
+        let head = take(4)?;
         let (rows, seqs, sample) = (head[0] as usize, head[1] as usize, head[2] as usize);
+        let greedy = match head[3] {
+            0 => false,
+            1 => true,
+            _ => return Err(bad()),
+        };
         let tokens = take(rows)?;
         let positions = take(rows)?;
         let row_seq = take(rows)?;
@@ -165,6 +187,7 @@ impl StepPlan {
             row_seq,
             tables,
             sample,
+            greedy,
         })
     }
 }
@@ -350,22 +373,31 @@ impl Scheduler {
             *s = used.binary_search(s).unwrap_or(0) as u32;
         }
         self.step_seqs = used.iter().map(|&i| i as usize).collect();
+        plan.greedy = self
+            .in_flight
+            .iter()
+            .all(|&i| self.running[i].sampler.is_greedy());
         plan
     }
 
-    /// Takes the logits of `plan`'s sampled rows (`[sample.len(), vocab]`): each sequence's rows
-    /// are now in the cache, and each sampled sequence draws its next token. Returns what came
-    /// of it, finished sequences' blocks back in the pool.
-    pub fn finish_step(&mut self, plan: &StepPlan, logits: &[f32]) -> Vec<SeqEvent> {
+    /// Takes what `plan`'s sampled rows gave: each sequence's rows are now in the cache, and each
+    /// sampled sequence draws its next token (or takes its greedy one). Returns what came of it,
+    /// finished sequences' blocks back in the pool.
+    pub fn finish_step(&mut self, plan: &StepPlan, out: &StepOutput) -> Vec<SeqEvent> {
         for &t in &plan.row_seq {
             self.running[self.step_seqs[t as usize]].cached += 1;
         }
-        let vocab = logits.len() / self.in_flight.len().max(1);
         let mut events = Vec::new();
         let mut done: Vec<usize> = Vec::new();
         for (k, &i) in self.in_flight.iter().enumerate() {
             let s = &mut self.running[i];
-            let token = s.sampler.sample(&logits[k * vocab..(k + 1) * vocab]);
+            let token = match out {
+                StepOutput::Logits(logits) => {
+                    let vocab = logits.len() / self.in_flight.len().max(1);
+                    s.sampler.sample(&logits[k * vocab..(k + 1) * vocab])
+                }
+                StepOutput::Greedy(ids) => ids[k],
+            };
             if s.params.stop_ids.contains(&token) {
                 events.push(SeqEvent::Finished {
                     seq: s.id,

@@ -2,8 +2,8 @@
 //! The CUDA backend against the CPU backend as the oracle, on small models with random weights
 //! in every weight dtype: prefill and decode logits and the greedy choice through the engine
 //! (whole decode steps in one CUDA graph, op by op, after a truncate, with a one-rank NCCL
-//! communicator, and host-summed tensor parallelism over two ranks on one GPU), and bad input
-//! refused with an error.
+//! communicator, and host-summed tensor parallelism over two ranks on one GPU), batched steps over
+//! the paged KV cache as a server schedules them, and bad input refused with an error.
 //!
 //! Every test needs a CUDA GPU, which the machines that run the suite by default lack, so they are
 //! ignored; on a GPU machine run them with
@@ -378,6 +378,94 @@ fn host_summed_tensor_parallel_matches_one_rank() {
                 "{ctx} rank {rank}: exchanges"
             );
         }
+    });
+}
+
+/// Batched steps over the paged KV cache, as a server schedules them (sequences of different
+/// lengths joining mid-flight, prompt chunks beside decode rows, single-row steps): every step's
+/// logits on the GPU are the CPU backend's within the tolerance. Both run the plans the scheduler
+/// makes from the CPU's tokens.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn paged_batches_match_the_cpu_backend() {
+    use shardline_model::scheduler::{GenParams, Scheduler, SchedulerConfig, StepOutput};
+    let prompts: Vec<Vec<u32>> = [1usize, 5, 13, 20, 9]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n).map(|i| ((i * 37 + s * 11) % VOCAB) as u32).collect())
+        .collect();
+    let params = GenParams {
+        max_tokens: 6,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        stop_ids: Vec::new(),
+    };
+    let cfg = SchedulerConfig {
+        kv_blocks: 8,
+        step_tokens: 8,
+        max_running: 3,
+        max_positions: 64,
+    };
+    for_each_model(|ctx, spec, dtype| {
+        let mut cpu = cpu_engine(spec, dtype);
+        cpu.backend.make_kv_pool(cfg.kv_blocks).unwrap();
+        // Whole steps on the device, and (op by op) the segments the engine drives.
+        let mut whole = gpu_engine(spec, dtype);
+        let mut segments = gpu_engine(spec, dtype);
+        segments.backend.set_exec(Exec::PerOp);
+        for gpu in [&mut whole, &mut segments] {
+            gpu.backend.make_kv_pool(cfg.kv_blocks).unwrap();
+        }
+        let mut sched = Scheduler::new(cfg);
+        let (mut added, mut steps, mut rows) = (0, 0, Vec::new());
+        while added < prompts.len() || sched.running() + sched.waiting() > 0 {
+            if steps % 3 == 0 && added < prompts.len() {
+                sched
+                    .add(added as u64, prompts[added].clone(), params.clone())
+                    .unwrap();
+                added += 1;
+            }
+            let greedy = sched.plan();
+            if !greedy.is_empty() {
+                assert!(greedy.greedy, "{ctx}: greedy requests make a greedy plan");
+                // The same rows again write the same keys and values: each engine runs the
+                // plan for its logits, then for its greedy tokens.
+                let mut plan = greedy.clone();
+                plan.greedy = false;
+                let logits = |out: StepOutput| match out {
+                    StepOutput::Logits(l) => l,
+                    StepOutput::Greedy(_) => panic!("{ctx}: greedy tokens for logits"),
+                };
+                let want = logits(plan.run(&mut cpu).unwrap());
+                let vocab = spec.vocab;
+                for (how, gpu) in [("whole", &mut whole), ("segments", &mut segments)] {
+                    let got = logits(plan.run(gpu).unwrap());
+                    let d = rel_diff(&got, &want);
+                    assert!(
+                        d <= TOLERANCE,
+                        "{ctx} {how} step {steps} ({} rows): logits differ by {d:.2e} of the \
+                         largest",
+                        plan.tokens.len()
+                    );
+                    let StepOutput::Greedy(ids) = greedy.run(gpu).unwrap() else {
+                        panic!("{ctx} {how}: logits for a greedy plan");
+                    };
+                    for (row, (&id, l)) in ids.iter().zip(got.chunks_exact(vocab)).enumerate() {
+                        assert_eq!(id, argmax(l), "{ctx} {how} step {steps} row {row}");
+                    }
+                }
+                rows.push(plan.tokens.len());
+                sched.finish_step(&plan, &StepOutput::Logits(want));
+            }
+            steps += 1;
+            assert!(steps < 200, "{ctx}: the scheduler made no progress");
+        }
+        assert!(
+            rows.contains(&1) && rows.iter().any(|&r| r > 3),
+            "{ctx}: steps of one row and of several: {rows:?}"
+        );
     });
 }
 

@@ -155,7 +155,7 @@ fn greedy_alone(prompt: &[u32], n: usize) -> Vec<u32> {
 #[test]
 fn the_scheduler_batches_sequences_that_join_mid_flight_as_if_each_ran_alone() {
     use shardline_model::scheduler::{
-        FinishReason, GenParams, Scheduler, SchedulerConfig, SeqEvent, StepPlan,
+        FinishReason, GenParams, Scheduler, SchedulerConfig, SeqEvent, StepOutput, StepPlan,
     };
     let prompts: Vec<Vec<u32>> = (0..6)
         .map(|s| {
@@ -202,8 +202,12 @@ fn the_scheduler_batches_sequences_that_join_mid_flight_as_if_each_ran_alone() {
         assert!(plan.tokens.len() <= cfg.step_tokens);
         assert_eq!(StepPlan::decode(&plan.encode()).unwrap(), plan);
         if !plan.is_empty() {
-            let logits = plan.run(&mut engine).unwrap();
-            for ev in sched.finish_step(&plan, &logits) {
+            let out = plan.run(&mut engine).unwrap();
+            assert!(
+                matches!(out, StepOutput::Greedy(_)),
+                "greedy sequences get their tokens, not their logits"
+            );
+            for ev in sched.finish_step(&plan, &out) {
                 match ev {
                     SeqEvent::Token { seq, token } => got[seq as usize].push(token),
                     SeqEvent::Finished { seq, reason } => finished[seq as usize] = Some(reason),
@@ -223,7 +227,7 @@ fn the_scheduler_batches_sequences_that_join_mid_flight_as_if_each_ran_alone() {
 
 #[test]
 fn a_cancelled_sequence_gives_its_blocks_back_and_impossible_ones_are_refused() {
-    use shardline_model::scheduler::{GenParams, Scheduler, SchedulerConfig};
+    use shardline_model::scheduler::{GenParams, Scheduler, SchedulerConfig, StepOutput};
     let params = GenParams {
         max_tokens: 40,
         temperature: 0.0,
@@ -248,7 +252,10 @@ fn a_cancelled_sequence_gives_its_blocks_back_and_impossible_ones_are_refused() 
     assert_eq!(sched.kv_blocks().0, 4);
     // A step's plan is finished before anything is cancelled.
     let vocab = 256;
-    let _ = sched.finish_step(&plan, &vec![0.0; plan.sample.len() * vocab]);
+    let _ = sched.finish_step(
+        &plan,
+        &StepOutput::Logits(vec![0.0; plan.sample.len() * vocab]),
+    );
     assert!(sched.cancel(1));
     assert_eq!(sched.kv_blocks().0, 0);
     assert!(

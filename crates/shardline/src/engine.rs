@@ -334,6 +334,17 @@ fn cuda_backend(
     Ok(Box::new(b))
 }
 
+/// GPU 0's memory bandwidth, GB/s, counting the bytes a copy reads and writes.
+#[cfg(feature = "cuda")]
+pub fn gpu_copy_gbps() -> anyhow::Result<f64> {
+    Ok(shardline_cuda::device::copy_gbps(0)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_copy_gbps() -> anyhow::Result<f64> {
+    Err(shardline_model::ModelError::NoCuda.into())
+}
+
 /// Without the `cuda` feature there is no GPU backend: one clear error, wherever one is asked for.
 #[cfg(not(feature = "cuda"))]
 fn cuda_backend(

@@ -54,6 +54,22 @@ pub trait Backend {
         ))
     }
 
+    /// A whole batched step on the device (embedding, every layer, final norm, logits), for the
+    /// rows and tokens [`Backend::attention_paged`] takes: for the rows `sample` lists, this rank's
+    /// logits or its best logit of each, as `want` asks; `None` where this backend runs batched
+    /// steps segment by segment (the engine then drives them). Only called where
+    /// [`Backend::decodes_whole_steps`] says so.
+    fn step_paged(
+        &mut self,
+        tokens: &[u32],
+        rows: &[PagedRow],
+        sample: &[usize],
+        want: Want,
+    ) -> Result<Option<Sampled>> {
+        let _ = (tokens, rows, sample, want);
+        Ok(None)
+    }
+
     /// `[tokens.len(), hidden]` embeddings of `tokens` (already checked against the vocabulary).
     fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()>;
 
@@ -145,6 +161,15 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
     fn decode(&mut self, token: u32, want: Want) -> Result<Decoded> {
         (**self).decode(token, want)
     }
+    fn step_paged(
+        &mut self,
+        tokens: &[u32],
+        rows: &[PagedRow],
+        sample: &[usize],
+        want: Want,
+    ) -> Result<Option<Sampled>> {
+        (**self).step_paged(tokens, rows, sample, want)
+    }
     fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         (**self).embed(tokens, out)
     }
@@ -217,6 +242,15 @@ pub enum Decoded {
         /// Its token id in the whole vocabulary.
         id: u32,
     },
+}
+
+/// What a batched step returns for its sampled rows ([`Backend::step_paged`]), as [`Want`] asked.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sampled {
+    /// This rank's slice of each row's logits, `[rows, vocab_rows.len()]`.
+    Logits(Vec<f32>),
+    /// This rank's best logit of each row and its token id in the whole vocabulary.
+    Best(Vec<(f32, u32)>),
 }
 
 /// What an FFN segment wrote to its `out`, and so how the ranks put their parts together.

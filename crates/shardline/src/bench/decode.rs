@@ -28,8 +28,9 @@ in, its embedding, every layer, the final norm, the logits and the greedy id out
 B`, B rows of B sequences at once in the paged KV cache, as `serve` runs them (each weight read\n\
 once for all rows): `tokens_per_s` = B / step; `step_bytes` = the weights the step reads (the\n\
 layers' attention and the experts the rows choose, the expected number of distinct ones under\n\
-uniform routing; the lm_head) plus the KV it reads; on the CPU `floor_us` = step_bytes over\n\
-`mem_read_gbps`, this machine's parallel read bandwidth measured in the same run.\n\
+uniform routing; the lm_head) plus the KV it reads; `floor_us` = step_bytes over\n\
+`mem_read_gbps`, measured in the same run: on the CPU this machine's parallel read bandwidth, on\n\
+a GPU its device-to-device copy bandwidth (bytes read and written).\n\
 \n\
 The model is a preset's random weights at real shapes (`--layers` of them; by default enough\n\
 layers that a step reads at least 256 MB of weights, so none stay in a cache between steps) or a\n\
@@ -56,9 +57,10 @@ pub struct DecodeArgs {
     #[arg(long, default_value_t = 128)]
     kv_len: usize,
     /// Decode rows per step, each its own sequence at `--kv-len` in the paged KV cache (as a
-    /// server batches them); 1 times the single-sequence step `run` takes.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// server batches them); 1 times the single-sequence step `run` takes. Several sizes
+    /// (`--batch 1,2,4,8`) are timed one after the other on the same model, a record each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// Timed iterations (after 10% warm-up, at least 5).
     #[arg(long, default_value_t = 200)]
     iters: usize,
@@ -116,7 +118,7 @@ fn sized_source(args: &DecodeArgs, plan: &Plan) -> anyhow::Result<Source> {
 pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
     anyhow::ensure!(
-        (1..=4096).contains(&args.batch),
+        !args.batch.is_empty() && args.batch.iter().all(|b| (1..=4096).contains(b)),
         "--batch must be between 1 and 4096"
     );
     let (plan, group) = match dist::role(&args.parallel)? {
@@ -158,72 +160,82 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         .sum::<usize>()
         / layers.max(1);
     let dtype = weights.layers[0].attn.q.dtype();
-    let step_bytes = weights
-        .layers
+    let step_bytes: Vec<usize> = args
+        .batch
         .iter()
-        .map(|l| l.step_bytes(args.batch))
-        .sum::<usize>()
-        + weights.lm_head().byte_len()
-        + args.batch * (args.kv_len + 1) * 2 * 4 * spec.kv_width() / plan.world().max(1) * layers;
-    let mut engine = engine::build(spec.clone(), weights, group, &opts)?;
-    let steps = if args.batch == 1 {
-        time_steps(&mut engine, args.kv_len, &args, warmup, &comm_time)?
-    } else {
-        time_batch_steps(&mut engine, &args, warmup, &comm_time)?
-    };
-
-    // An iteration takes as long as its slowest rank; rank 0 reports.
-    let steps = slowest(&mut engine, &steps.samples)?;
-    let comm = slowest(&mut engine, &[steps_comm(&comm_time, &args, layers)])?[0];
-    let rss = slowest(&mut engine, &[resident_mb()])?[0];
-    if engine.reduce.rank() != 0 {
-        return Ok(());
-    }
-    let head_us = head.stats.median_us;
-    let mut step_samples: Vec<f64> = steps.iter().map(|&v| v as f64).collect();
-    let step = Stats::from_samples(&mut step_samples);
-    let mut per_layer: Vec<f64> = step_samples
-        .iter()
-        .map(|s| (s - head_us).max(0.0) / layers as f64)
+        .map(|&b| {
+            weights
+                .layers
+                .iter()
+                .map(|l| l.step_bytes(b))
+                .sum::<usize>()
+                + weights.lm_head().byte_len()
+                + b * (args.kv_len + 1) * 2 * 4 * spec.kv_width() / plan.world().max(1) * layers
+        })
         .collect();
-    let stats = Stats::from_samples(&mut per_layer);
-    let gbps = bytes_per_layer as f64 / (stats.median_us * 1e3);
-    let fields: Map<String, Value> = json!({
-        "model": source.name(),
-        "device": device_name(&args),
-        "dtype": dtype.name(),
-        "tp": plan.world(),
-        "ep": plan.ep(),
-        "exec": exec.name(),
-        "transport": if split { args.parallel.transport.as_str() } else { "none" },
-        "layers": layers,
-        "kv_len": args.kv_len,
-        "threads": pool::num_threads(),
-        "step_us": round3(step.median_us),
-        "step_p99_us": round3(step.p99_us),
-        "head_us": round3(head_us),
-        "weight_bytes_per_layer": bytes_per_layer,
-        "gbps": round3(gbps),
-        "comm_us_per_layer": round3(comm as f64),
-        "rss_mb_per_rank": rss.round(),
-        "batch": args.batch,
-        "tokens_per_s": round3(args.batch as f64 * 1e6 / step.median_us),
-        "step_bytes": step_bytes,
-    })
-    .as_object()
-    .cloned()
-    .unwrap_or_default();
-    let mut fields = fields;
-    if args.device == DeviceArg::Cpu {
-        // The floor of a batched step: its bytes at this machine's read bandwidth.
-        let gbps = memory_read_gbps();
-        fields.insert("mem_read_gbps".into(), round3(gbps).into());
-        fields.insert(
-            "floor_us".into(),
-            round3(step_bytes as f64 / (gbps * 1e3)).into(),
-        );
+    let mut engine = engine::build(spec.clone(), weights, group, &opts)?;
+    // The floor of a step: its bytes at the memory bandwidth of the device it runs on.
+    let mem_gbps = match args.device {
+        DeviceArg::Cpu => memory_read_gbps(),
+        DeviceArg::Cuda => crate::engine::gpu_copy_gbps()?,
+    };
+    // Rank 0 reports.
+    let mut sink = (engine.reduce.rank() == 0)
+        .then(|| Sink::new(args.json.as_deref()))
+        .transpose()?;
+    for (&batch, &step_bytes) in args.batch.iter().zip(&step_bytes) {
+        let steps = if batch == 1 {
+            time_steps(&mut engine, args.kv_len, &args, warmup, &comm_time)?
+        } else {
+            time_batch_steps(&mut engine, &args, batch, warmup, &comm_time)?
+        };
+
+        // An iteration takes as long as its slowest rank.
+        let steps = slowest(&mut engine, &steps.samples)?;
+        let comm = slowest(&mut engine, &[steps_comm(&comm_time, &args, layers)])?[0];
+        let rss = slowest(&mut engine, &[resident_mb()])?[0];
+        let Some(sink) = sink.as_mut() else {
+            continue;
+        };
+        let head_us = head.stats.median_us;
+        let mut step_samples: Vec<f64> = steps.iter().map(|&v| v as f64).collect();
+        let step = Stats::from_samples(&mut step_samples);
+        let mut per_layer: Vec<f64> = step_samples
+            .iter()
+            .map(|s| (s - head_us).max(0.0) / layers as f64)
+            .collect();
+        let stats = Stats::from_samples(&mut per_layer);
+        let gbps = bytes_per_layer as f64 / (stats.median_us * 1e3);
+        let fields: Map<String, Value> = json!({
+            "model": source.name(),
+            "device": device_name(&args),
+            "dtype": dtype.name(),
+            "tp": plan.world(),
+            "ep": plan.ep(),
+            "exec": exec.name(),
+            "transport": if split { args.parallel.transport.as_str() } else { "none" },
+            "layers": layers,
+            "kv_len": args.kv_len,
+            "threads": pool::num_threads(),
+            "step_us": round3(step.median_us),
+            "step_p99_us": round3(step.p99_us),
+            "head_us": round3(head_us),
+            "weight_bytes_per_layer": bytes_per_layer,
+            "gbps": round3(gbps),
+            "comm_us_per_layer": round3(comm as f64),
+            "rss_mb_per_rank": rss.round(),
+            "batch": batch,
+            "tokens_per_s": round3(batch as f64 * 1e6 / step.median_us),
+            "step_bytes": step_bytes,
+            "mem_read_gbps": round3(mem_gbps),
+            "floor_us": round3(step_bytes as f64 / (mem_gbps * 1e3)),
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+        sink.write("decode", stats, fields)?;
     }
-    Sink::new(args.json.as_deref())?.write("decode", stats, fields)
+    Ok(())
 }
 
 fn round3(v: f64) -> f64 {
@@ -286,21 +298,22 @@ fn time_steps(
     Ok(Timed::new(samples))
 }
 
-/// Times `--iters` steps of `--batch` decode rows (after `warmup` untimed ones): row `b` is
+/// Times `--iters` steps of `batch` decode rows (after `warmup` untimed ones): row `b` is
 /// sequence `b`'s token at position `--kv-len` of the paged cache. The cached positions hold
-/// zeros (attention costs the same whatever the keys are); every row's logits come back, as a
-/// server samples each.
+/// zeros (attention costs the same whatever the keys are); every row's greedy token comes back,
+/// as a server running greedy requests gets them.
 fn time_batch_steps(
     engine: &mut DynEngine,
     args: &DecodeArgs,
+    batch: usize,
     warmup: usize,
     comm_time: &CommTime,
 ) -> anyhow::Result<Timed> {
     use shardline_model::kv_pool::blocks_for;
     use shardline_model::PagedRow;
     let per_seq = blocks_for(args.kv_len + 1);
-    engine.backend.make_kv_pool(args.batch * per_seq)?;
-    let tables: Vec<Vec<u32>> = (0..args.batch)
+    engine.backend.make_kv_pool(batch * per_seq)?;
+    let tables: Vec<Vec<u32>> = (0..batch)
         .map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect())
         .collect();
     let rows: Vec<PagedRow> = tables
@@ -310,28 +323,20 @@ fn time_batch_steps(
             blocks: t,
         })
         .collect();
-    let sample: Vec<usize> = (0..args.batch).collect();
+    let sample: Vec<usize> = (0..batch).collect();
     let vocab = engine.backend.spec().vocab as u32;
     let mut rng = fastrand::Rng::with_seed(42);
-    let pool: Vec<u32> = (0..TOKEN_POOL * args.batch)
-        .map(|_| rng.u32(..vocab))
-        .collect();
+    let pool: Vec<u32> = (0..TOKEN_POOL * batch).map(|_| rng.u32(..vocab)).collect();
     let mut samples = Vec::with_capacity(args.iters);
     for it in 0..warmup + args.iters {
-        let start = (it % TOKEN_POOL) * args.batch;
-        let tokens = &pool[start..start + args.batch];
+        let start = (it % TOKEN_POOL) * batch;
+        let tokens = &pool[start..start + batch];
         engine.reduce.barrier()?;
         if it == warmup {
             comm_time.take_us();
         }
         let t = Instant::now();
-        let logits = engine.forward_paged(tokens, &rows, &sample)?;
-        let width = logits.len() / args.batch;
-        let ids: Vec<usize> = logits
-            .chunks_exact(width)
-            .map(shardline_model::sampler::argmax)
-            .collect();
-        std::hint::black_box(ids);
+        std::hint::black_box(engine.forward_paged_greedy(tokens, &rows, &sample)?);
         if it >= warmup {
             samples.push((t.elapsed().as_secs_f64() * 1e6) as f32);
         }

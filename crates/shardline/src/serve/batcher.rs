@@ -217,8 +217,8 @@ fn run(mut engine: DynEngine, batcher: Batcher, stop: &AtomicBool) -> anyhow::Re
         }
         last_sent = Instant::now();
         let out = broadcast_plan(&mut engine, &plan).and_then(|()| Ok(plan.run(&mut engine)?));
-        let logits = match out {
-            Ok(l) => l,
+        let out = match out {
+            Ok(out) => out,
             Err(e) => {
                 for l in live.drain(..) {
                     let _ = l.events.send(Event::Failed(format!("{e:#}")));
@@ -226,7 +226,7 @@ fn run(mut engine: DynEngine, batcher: Batcher, stop: &AtomicBool) -> anyhow::Re
                 return Err(e);
             }
         };
-        for ev in sched.finish_step(&plan, &logits) {
+        for ev in sched.finish_step(&plan, &out) {
             let (seq, event) = match ev {
                 SeqEvent::Token { seq, token } => (seq, Event::Token(token)),
                 SeqEvent::Finished { seq, reason } => (seq, Event::Finished(reason)),

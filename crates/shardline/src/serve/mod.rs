@@ -24,8 +24,8 @@ use crate::engine::{self, CommTime, DeviceArg, EngineOptions, ModelArgs, Source}
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Where the model runs: cpu (batched serving needs the paged KV cache, which the CPU
-    /// backend has).
+    /// Where the model runs: cpu, or cuda (a build with the `cuda` feature; each step of the
+    /// batch runs whole on the GPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu, env = "SHARDLINE_DEVICE")]
     device: DeviceArg,
     /// Address to listen on.

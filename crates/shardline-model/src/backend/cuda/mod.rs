@@ -14,11 +14,11 @@ use shardline_cuda::CudaDevice;
 use shardline_tensor::kernels::embedding;
 use shardline_tensor::{DType, Tensor};
 use stack::{
-    DeviceEmbedding, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights, HostMlp,
-    LayerShape, LayerStack, Prefill,
+    BatchStep, DeviceEmbedding, DeviceHead, DeviceLayer, FfnShape, HostFfn, HostLayerWeights,
+    HostMlp, KvPlace, LayerShape, LayerStack, PagedKv, Prefill,
 };
 
-use crate::backend::{Backend, Decoded, Want};
+use crate::backend::{Backend, Decoded, PagedRow, Sampled, Want};
 use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
 use crate::layer::{Exec, FfnWeights, Layer, Mlp};
@@ -40,6 +40,10 @@ pub struct CudaBackend {
     capacity: usize,
     /// Prefill's kernels, cuBLAS handle and buffers, made at the first segment of several rows.
     prefill: Option<Prefill>,
+    /// The KV cache that batched steps share ([`Backend::make_kv_pool`]).
+    paged: Option<PagedKv>,
+    /// Whole batched steps' kernels, buffers and graphs, made at the first one.
+    batch: Option<BatchStep>,
     exec: Exec,
     /// Ranks the weights are split over.
     world: usize,
@@ -280,6 +284,8 @@ impl CudaBackend {
             position: 0,
             capacity,
             prefill: None,
+            paged: None,
+            batch: None,
             exec: Exec::Split,
             world: weights.plan.world(),
         })
@@ -404,6 +410,39 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn step_paged(
+        &mut self,
+        tokens: &[u32],
+        rows: &[PagedRow],
+        sample: &[usize],
+        want: Want,
+    ) -> Result<Option<Sampled>> {
+        if self.exec == Exec::PerOp {
+            // Op by op: the engine drives the segments (each waited for).
+            return Ok(None);
+        }
+        let pool = self.paged.as_ref().ok_or_else(|| {
+            ModelError::Invalid("a paged step before the paged KV cache was made".into())
+        })?;
+        let batch = match &mut self.batch {
+            Some(b) => b,
+            empty => empty.insert(BatchStep::new(
+                &self.dev,
+                &self.stack,
+                self.spec.max_positions,
+            )?),
+        };
+        let out = batch.run(&self.dev, &self.stack, pool, tokens, rows, sample, want)?;
+        Ok(Some(match out {
+            Sampled::Best(best) => {
+                // The kernels number this rank's slice of the vocabulary from 0.
+                let start = self.vocab_rows.start as u32;
+                Sampled::Best(best.into_iter().map(|(v, i)| (v, start + i)).collect())
+            }
+            logits => logits,
+        }))
+    }
+
     fn embed(&self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.spec.hidden)) {
             embedding(&self.embed.view(), *t as usize, row);
@@ -418,7 +457,7 @@ impl Backend for CudaBackend {
                 &self.dev,
                 &self.stack,
                 layer,
-                self.position,
+                KvPlace::Next(self.position),
                 x,
                 out,
             )?;
@@ -433,6 +472,34 @@ impl Backend for CudaBackend {
             self.position += x.len() / h;
         }
         Ok(())
+    }
+
+    fn make_kv_pool(&mut self, blocks: usize) -> Result<()> {
+        // The old pool goes first, so that its memory counts for the new one.
+        self.paged = None;
+        let kv_dim = self.stack.kv_dim();
+        self.paged = Some(PagedKv::new(&self.dev, self.spec.n_layers, kv_dim, blocks)?);
+        Ok(())
+    }
+
+    fn attention_paged(
+        &mut self,
+        layer: usize,
+        x: &[f32],
+        rows: &[PagedRow],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let pool = self.paged.as_ref().ok_or_else(|| {
+            ModelError::Invalid("a paged step before the paged KV cache was made".into())
+        })?;
+        Ok(prefill_state(&mut self.prefill, &self.dev)?.attention(
+            &self.dev,
+            &self.stack,
+            layer,
+            KvPlace::Paged(pool, rows),
+            x,
+            out,
+        )?)
     }
 
     fn ffn(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
@@ -463,6 +530,11 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        if x.len() > self.spec.hidden {
+            // Several rows (a batch): the lm_head is read once for all of them.
+            let prefill = prefill_state(&mut self.prefill, &self.dev)?;
+            return Ok(prefill.logits(&self.dev, &self.stack, x, out)?);
+        }
         let vocab = self.vocab_rows.len();
         for (xr, or) in x
             .chunks_exact(self.spec.hidden)

@@ -29,8 +29,31 @@ use shardline_cuda::{CudaDevice, CudaError};
 
 use crate::layer::Exec;
 
+mod batch;
+mod paged;
 mod prefill;
-pub use prefill::Prefill;
+pub use batch::BatchStep;
+pub use paged::PagedKv;
+pub use prefill::{KvPlace, Prefill};
+
+/// Captures what `enqueue` queues on the device's stream as a graph, ready to launch.
+fn capture_graph(
+    dev: &CudaDevice,
+    enqueue: impl FnOnce() -> Result<(), CudaError>,
+) -> Result<CudaGraph, CudaError> {
+    let stream = dev.stream();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .during("starting a graph capture")?;
+    let queued = enqueue();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .during("ending a graph capture")?;
+    queued?;
+    let graph = graph.ok_or_else(|| CudaError::Shape("captured an empty graph".into()))?;
+    graph.upload().during("uploading a graph")?;
+    Ok(graph)
+}
 
 /// The attention geometry, shared by every layer of a stack.
 #[derive(Clone, Debug, PartialEq)]
@@ -591,6 +614,11 @@ impl LayerStack {
         self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Sync)
     }
 
+    /// Key (or value) values per position of this rank's KV heads.
+    pub fn kv_dim(&self) -> usize {
+        self.shape.kv_dim()
+    }
+
     pub fn comm(&self) -> Option<&DeviceComm> {
         self.comm.as_ref()
     }
@@ -747,7 +775,7 @@ impl LayerStack {
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
         let e = &self.embedding;
         let token = dptr(dev, &s.step_in) + 4;
-        ops::embed_row(dev, dptr(dev, &e.table), e.dtype, token, p(&s.x), h)?;
+        ops::embed_row(dev, dptr(dev, &e.table), e.dtype, token, p(&s.x), 1, h)?;
         after.done(dev)?;
         let res = self.chained_residual();
         // With no all-reduce between a layer's FFN and the next layer (or the head), the kernel
@@ -789,7 +817,7 @@ impl LayerStack {
         };
         ops::linear(dev, w, p(&s.normed), p(&s.vocab_logits), head.vocab, h)?;
         after.done(dev)?;
-        ops::argmax(dev, p(&s.vocab_logits), head.vocab, p(&s.best))?;
+        ops::argmax(dev, p(&s.vocab_logits), 1, head.vocab, p(&s.best))?;
         after.done(dev)
     }
 
@@ -892,18 +920,7 @@ impl LayerStack {
         dev: &CudaDevice,
         enqueue: impl FnOnce(&Self) -> Result<(), CudaError>,
     ) -> Result<CudaGraph, CudaError> {
-        let stream = dev.stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .during("starting a graph capture")?;
-        let queued = enqueue(self);
-        let graph = stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .during("ending a graph capture")?;
-        queued?;
-        let graph = graph.ok_or_else(|| CudaError::Shape("captured an empty graph".into()))?;
-        graph.upload().during("uploading a graph")?;
-        Ok(graph)
+        capture_graph(dev, || enqueue(self))
     }
 
     /// x -> x_mid: with `Fused`, x_mid = x + attention(x); with `Partial`, x_mid = attention(x).

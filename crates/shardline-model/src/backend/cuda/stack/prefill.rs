@@ -17,12 +17,15 @@ use shardline_cuda::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use shardline_cuda::device::dptr;
 use shardline_cuda::error::DriverContext;
 use shardline_cuda::gemm::Gemm;
-use shardline_cuda::ops::{self, KvAppend, SharedExpert, Weights};
+use shardline_cuda::ops::{self, KvRows, SharedExpert, Weights};
 use shardline_cuda::prefill_ops::PrefillKernels;
 use shardline_cuda::{CudaDevice, CudaError};
 use shardline_tensor::DType;
 
+use super::paged::PagedKv;
 use super::{DeviceFfn, DeviceLayer, DeviceMlp, FfnShape, LayerStack};
+use crate::backend::PagedRow;
+use crate::kv_pool::BLOCK_POSITIONS;
 
 /// Rows one call takes at most (a CUDA grid's y dimension).
 const MAX_ROWS: usize = 65_535;
@@ -59,6 +62,17 @@ struct Buffers {
     expert_out: CudaSlice<f32>,
     shared_out: CudaSlice<f32>,
     shared_logit: CudaSlice<f32>,
+    /// Each row's position and block table, in a paged step.
+    positions: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+}
+
+/// Where the rows of an attention segment sit in the KV cache.
+pub enum KvPlace<'a> {
+    /// Consecutive positions from this one, in the stack's own caches (a prompt).
+    Next(usize),
+    /// Each row at its own position of its own sequence, in a paged pool (a batch).
+    Paged(&'a PagedKv, &'a [PagedRow<'a>]),
 }
 
 /// The address of `buf`, after growing it to at least `len` elements.
@@ -175,6 +189,8 @@ impl Prefill {
                 expert_out: z()?,
                 shared_out: z()?,
                 shared_logit: z()?,
+                positions: dev.zeros(1)?,
+                tables: dev.zeros(1)?,
             },
         })
     }
@@ -199,27 +215,54 @@ impl Prefill {
         })
     }
 
-    /// The attention segment of layer `l` for the rows `x` (`[rows, hidden]`) at positions
-    /// `pos0..pos0 + rows`: appends them to the KV cache and writes the partial residual update
+    /// The attention segment of layer `l` for the rows `x` (`[rows, hidden]`) where `place` puts
+    /// them: appends their keys and values to the KV cache and writes the partial residual update
     /// (o_proj's output) to `out`.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
         dev: &CudaDevice,
         stack: &LayerStack,
         l: usize,
-        pos0: usize,
+        place: KvPlace,
         x: &[f32],
         out: &mut [f32],
     ) -> Result<(), CudaError> {
         let rows = Self::rows(stack, x, out)?;
         let (sh, w) = (&stack.shape, Self::layer(stack, l)?);
-        if pos0 + rows > sh.capacity {
-            return Err(CudaError::Shape(format!(
-                "positions {pos0}..{} are beyond the KV cache's {} positions",
-                pos0 + rows,
-                sh.capacity
-            )));
-        }
+        let mut dims = sh.attention_dims();
+        let kv = match place {
+            KvPlace::Next(pos0) => {
+                if pos0 + rows > sh.capacity {
+                    return Err(CudaError::Shape(format!(
+                        "positions {pos0}..{} are beyond the KV cache's {} positions",
+                        pos0 + rows,
+                        sh.capacity
+                    )));
+                }
+                KvRows::contiguous(dptr(dev, &w.k_cache), dptr(dev, &w.v_cache), pos0)
+            }
+            KvPlace::Paged(pool, placed) => {
+                if placed.len() != rows {
+                    return Err(CudaError::Shape(format!(
+                        "{} placed rows for a segment of {rows}",
+                        placed.len()
+                    )));
+                }
+                let (positions, tables, stride) = pool.placement(placed, 0)?;
+                let (k_cache, v_cache) = pool.layer(dev, l)?;
+                dims.capacity = pool.positions();
+                KvRows {
+                    k_cache,
+                    v_cache,
+                    first: 0,
+                    positions: put(dev, &mut self.buf.positions, &positions)?,
+                    tables: put(dev, &mut self.buf.tables, &tables)?,
+                    table_stride: stride,
+                    block: BLOCK_POSITIONS,
+                }
+            }
+        };
         let (h, q) = (sh.hidden, sh.q_dim());
         let k = &self.kernels;
         let b = &mut self.buf;
@@ -233,16 +276,9 @@ impl Prefill {
         let wq = w.weights(dev, &w.qkv, 0);
         self.gemm
             .linear(dev, k, wq, normed, qkv, rows, sh.qkv_rows(), h)?;
-        let dims = sh.attention_dims();
-        let cache = (dptr(dev, &w.k_cache), dptr(dev, &w.v_cache));
         let bias = opt(&w.qkv_bias);
-        let kv = KvAppend {
-            k_cache: cache.0,
-            v_cache: cache.1,
-            first: pos0,
-        };
         ops::rope_kv_append(dev, dims, rows, qkv, bias, kv, stack.head_rope(dev, w))?;
-        k.attention_rows(dev, dims, rows, qkv, cache, pos0, attn)?;
+        k.attention_rows(dev, dims, rows, qkv, kv, attn)?;
         let wo = w.weights(dev, &w.o, 0);
         self.gemm.linear(dev, k, wo, attn, y, rows, h, q)?;
         finish(dev, stack, &self.buf.y, out)
@@ -316,11 +352,52 @@ impl Prefill {
                 };
                 let expert_out = dptr(dev, &self.buf.expert_out);
                 self.kernels
-                    .combine_rows(dev, rows, k, expert_out, slot_row, weights, shared, y, h)?;
+                    .combine_rows(dev, rows, k, expert_out, slot_row, weights, shared, 0, y, h)?;
             }
             _ => return Err(CudaError::Shape("FFN weights and shape disagree".into())),
         }
         finish(dev, stack, &self.buf.y, out)
+    }
+
+    /// The final norm and the lm_head for the rows `x`: their logits (`[rows, vocab]`) in `out`,
+    /// each weight of the lm_head read once for all of them.
+    pub fn logits(
+        &mut self,
+        dev: &CudaDevice,
+        stack: &LayerStack,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), CudaError> {
+        let (h, head) = (stack.shape.hidden, &stack.head);
+        let rows = x.len() / h;
+        if x.is_empty() || rows * h != x.len() || out.len() != rows * head.vocab {
+            return Err(CudaError::Shape(format!(
+                "logits of {} values into {}: whole rows of {h}, {} logits each",
+                x.len(),
+                out.len(),
+                head.vocab
+            )));
+        }
+        let xp = put(dev, &mut self.buf.x, x)?;
+        let normed = fit(dev, &mut self.buf.normed, x.len())?;
+        let logits = fit(dev, &mut self.buf.y, out.len())?;
+        ops::rms_norm(
+            dev,
+            xp,
+            dptr(dev, &head.norm),
+            normed,
+            rows,
+            h,
+            stack.shape.eps,
+        )?;
+        let w = Weights {
+            ptr: dptr(dev, &head.lm_head),
+            dtype: head.dtype,
+            matrix_stride_bytes: 0,
+        };
+        self.gemm
+            .linear(dev, &self.kernels, w, normed, logits, rows, head.vocab, h)?;
+        get(dev, &self.buf.y, out)
     }
 
     /// Where the SwiGLU MLP number `index` of `mlp` (experts back to back) is.
