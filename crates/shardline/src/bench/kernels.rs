@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::{json, Map, Value};
+use shardline_model::progress::Step;
 use shardline_tensor::kernels::{self, KvCache, Rope};
 use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::reference::values;
@@ -123,19 +124,28 @@ pub fn run(args: KernelsArgs) -> anyhow::Result<()> {
     b.common
         .insert("threads".into(), pool::num_threads().into());
 
+    // A bar on a terminal (the whole run takes minutes): one unit per group of cases.
+    let matvecs = MATVEC_SHAPES.len() * (DType::ALL.len() + QUANT_DTYPES.len());
+    let groups = 1 + matvecs + MATMUL_MS.len() * DType::ALL.len() + 3;
+    let progress = Step::begin("bench kernels", groups as u64);
     mem_read(&mut b)?;
+    progress.advance();
     for (rows, cols) in MATVEC_SHAPES {
         for dtype in DType::ALL.into_iter().chain(QUANT_DTYPES) {
             matvec(&mut b, dtype, rows, cols)?;
+            progress.advance();
         }
     }
     for m in MATMUL_MS {
         for dtype in DType::ALL {
             matmul(&mut b, dtype, m)?;
+            progress.advance();
         }
     }
     small_kernels(&mut b)?;
+    progress.advance();
     attention(&mut b, 4096, 1)?;
+    progress.advance();
     attention(&mut b, 512, 512)?;
     Ok(())
 }
