@@ -39,6 +39,16 @@ pub enum CommError {
         /// The deadline it ran under, in seconds.
         secs: f64,
     },
+    /// A transport call failed in a way that retrying cannot mend (the peer may still live).
+    #[error("transport failure with rank {rank} at {address}: {detail}")]
+    Transport {
+        /// World rank of the peer the call was for.
+        rank: usize,
+        /// Where that peer is (its listener's address, process id and host).
+        address: String,
+        /// The call and its status.
+        detail: String,
+    },
     /// A peer sent bytes that are not a valid frame.
     #[error("malformed frame from rank {rank}: {detail}")]
     Protocol {

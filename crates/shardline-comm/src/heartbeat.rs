@@ -2,9 +2,9 @@
 //! stopped or hung one, or a host that no longer answers, shows only by its silence. So every link
 //! that has been quiet for a quarter of the budget (`SHARDLINE_HEARTBEAT`, 2 s by default) gets a
 //! heartbeat: over shm a counter beside the ring that the peer reads, over tcp a 32-byte frame
-//! between two frames that the receiver drops. Anything received counts as life, so a busy link
-//! carries no heartbeats at all. A peer that shows no life for the whole budget fails the group,
-//! named.
+//! between two frames that the receiver drops, over ucx an empty message under a tag of its own.
+//! Anything received counts as life, so a busy link carries no heartbeats at all. A peer that
+//! shows no life for the whole budget fails the group, named.
 //!
 //! A pulse (send the heartbeats that are due, look for life) runs from the exchange of a collective
 //! (when it starts if one is due, every eighth of the budget while it streams, and every check of

@@ -61,7 +61,8 @@ impl<'a> Outgoing<'a> {
         self.pos == self.total()
     }
 
-    fn poll(&mut self, pair: &mut dyn Pair) -> Result<bool> {
+    /// Offers the rest of the frame to `pair`; with `copy`, only what the pair takes at once.
+    fn poll(&mut self, pair: &mut dyn Pair, copy: bool) -> Result<bool> {
         let pad = padded(self.data.len()) - self.data.len();
         let parts: [&[u8]; 3] = [&self.hdr, self.data, &ZERO_PAD[..pad]];
         // Skip what already went out.
@@ -75,7 +76,11 @@ impl<'a> Outgoing<'a> {
                 skip = 0;
             }
         }
-        let n = pair.try_write(&rest)?;
+        let n = if copy {
+            pair.try_write_copy(&rest)?
+        } else {
+            pair.try_write(&rest)?
+        };
         self.pos += n;
         Ok(n > 0)
     }
@@ -277,13 +282,18 @@ pub(crate) struct Patience {
     pub spin: Duration,
 }
 
-/// Offers every frame of `sends` to its pair once, without waiting; true when all went out.
+/// Offers every frame of `sends` to its pair once, without waiting, and so that nothing is read
+/// from their data afterwards (the caller goes on with the rest from a copy); true when all went
+/// out.
 pub(crate) fn push_once(
     pairs: &mut [Option<Box<dyn Pair>>],
     sends: &mut [Outgoing],
 ) -> Result<bool> {
     for s in sends.iter_mut() {
-        s.poll(pairs[s.peer].as_deref_mut().expect("no pair to a peer"))?;
+        s.poll(
+            pairs[s.peer].as_deref_mut().expect("no pair to a peer"),
+            true,
+        )?;
     }
     Ok(sends.iter().all(Outgoing::done))
 }
@@ -323,9 +333,30 @@ fn pulse(
 /// Drives `sends` and `recvs` to completion. With `ordered`, incoming frames are consumed strictly
 /// in the order given (so that an f32 accumulation has the same order on every rank); sends always
 /// progress together. `ranks` maps group ranks to world ranks for error messages; `heart` is the
-/// group's heartbeat state, pulsed when due.
+/// group's heartbeat state, pulsed when due. On failure every pair is aborted, so that no
+/// transfer still reads or writes the frames' buffers once this returns.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn exchange(
+    pairs: &mut [Option<Box<dyn Pair>>],
+    ranks: &[usize],
+    heart: &mut Heart,
+    sends: &mut [Outgoing],
+    recvs: &mut [Incoming],
+    ordered: bool,
+    patience: Patience,
+    what: &str,
+) -> Result<()> {
+    let r = drive(pairs, ranks, heart, sends, recvs, ordered, patience, what);
+    if r.is_err() {
+        for pair in pairs.iter_mut().flatten() {
+            pair.abort();
+        }
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
     pairs: &mut [Option<Box<dyn Pair>>],
     ranks: &[usize],
     heart: &mut Heart,
@@ -345,7 +376,7 @@ pub(crate) fn exchange(
         let mut all_done = true;
         for s in sends.iter_mut().filter(|s| !s.done()) {
             let pair = pairs[s.peer].as_deref_mut().expect("no pair to a peer");
-            progressed |= s.poll(pair)?;
+            progressed |= s.poll(pair, false)?;
             all_done &= s.done();
         }
         if ordered {

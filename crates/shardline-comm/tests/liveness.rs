@@ -238,9 +238,28 @@ fn a_stopped_rank_fails_idle_ranks_of_4_over_tcp() {
     stop_one("stop-idle", 4, "tcp", 2, &[], BUDGET);
 }
 
+// Over UCX only heartbeats show a stopped peer on this host (its pidfd stays quiet and UCX's
+// shared-memory transports have no keepalive).
+#[cfg(feature = "ucx")]
+#[test]
+fn a_stopped_rank_fails_a_collective_loop_of_2_over_ucx() {
+    stop_one("stop-loop", 2, "ucx", 1, &[], BUDGET);
+}
+
+#[cfg(feature = "ucx")]
+#[test]
+fn a_stopped_rank_fails_idle_ranks_of_2_over_ucx() {
+    stop_one("stop-idle", 2, "ucx", 1, &[], BUDGET);
+}
+
 #[test]
 fn small_all_reduces_complete_with_heartbeats_on_and_off() {
-    for transport in ["shm", "tcp"] {
+    let transports: &[&str] = if cfg!(feature = "ucx") {
+        &["shm", "tcp", "ucx"]
+    } else {
+        &["shm", "tcp"]
+    };
+    for &transport in transports {
         for hb in ["2", "0"] {
             let out = common::run_job(
                 "loop",

@@ -1,6 +1,6 @@
-//! `verify` split over ranks started by the local launcher (real processes, shm and tcp): the
-//! same tolerance as one rank, one report (rank 0's), and plans that cannot work refused before
-//! any rank starts.
+//! `verify`, `run` and `bench` split over ranks started by the local launcher (real processes,
+//! shm, tcp and, in a build with the `ucx` feature, ucx): the same tolerance and the same text
+//! as one rank, one report (rank 0's), and plans that cannot work refused before any rank starts.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -328,6 +328,34 @@ fn a_long_prompt_gives_the_same_text_with_its_rows_dispatched_to_the_expert_rank
     assert_eq!(greedy_text(prompt, &["--ep", "2"]), one);
     assert_eq!(
         greedy_text(prompt, &["--tp", "4", "--ep", "2", "--transport", "tcp"]),
+        one
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "ucx"), ignore = "built without the `ucx` feature")]
+fn generated_text_is_the_same_on_one_rank_and_split_over_ranks_on_ucx() {
+    // Tensor parallel (all-reduces and the distributed argmax), and expert parallel with a
+    // prompt long enough that its rows are dispatched by the progress thread's all_to_all_v.
+    let one = greedy_text("Shardline", &[]);
+    assert!(one.len() > "Shardline".len(), "nothing generated: {one:?}");
+    assert_eq!(
+        greedy_text("Shardline", &["--tp", "2", "--transport", "ucx"]),
+        one
+    );
+    assert_eq!(
+        greedy_text(
+            "Shardline",
+            &["--tp", "4", "--ep", "2", "--transport", "ucx"]
+        ),
+        one
+    );
+    let prompt =
+        "Shardline dispatches the prompt's rows to the ranks that own their experts. ".repeat(4);
+    let prompt = &prompt[..300];
+    let one = greedy_text(prompt, &[]);
+    assert_eq!(
+        greedy_text(prompt, &["--ep", "2", "--transport", "ucx"]),
         one
     );
 }

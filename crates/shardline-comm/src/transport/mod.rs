@@ -4,6 +4,8 @@
 
 pub(crate) mod accept;
 pub(crate) mod liveness;
+#[cfg(any(test, feature = "ucx"))]
+pub(crate) mod regcache;
 pub mod shm;
 pub mod tcp;
 #[cfg(feature = "ucx")]
@@ -15,9 +17,18 @@ use crate::error::{CommError, Result};
 
 /// A connection to one peer. Every call returns at once; the progress engine polls.
 pub trait Pair: Send {
-    /// Writes a prefix of the concatenation of `parts`; returns how many bytes went out (0 when
-    /// the peer's buffer is full).
+    /// Writes a prefix of the concatenation of `parts` (the rest of one frame, from its first byte
+    /// not yet counted); returns how many bytes went out (0 when the peer's buffer is full).
+    /// Counted bytes are no longer read from `parts`; bytes not yet counted may be (UCX sends
+    /// large payloads from the caller's memory), so the caller keeps `parts` alive and unchanged
+    /// until the frame is done or the pair is aborted.
     fn try_write(&mut self, parts: &[&[u8]]) -> Result<usize>;
+    /// Like `try_write`, but reads nothing from `parts` once it returns: the caller may change
+    /// them right after (the direct all-reduce reduces into the buffer it sends). Transports that
+    /// copy whatever they take need not override it.
+    fn try_write_copy(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        self.try_write(parts)
+    }
     /// Hands `consume` up to `max` readable bytes, a multiple of `align` bytes unless fewer than
     /// `align` remain of `max`; returns how many bytes were consumed (0 when nothing is there).
     fn try_read_with(
@@ -29,7 +40,7 @@ pub trait Pair: Send {
     /// Fails with [`CommError::PeerLost`] when the peer process is gone.
     fn check_alive(&mut self) -> Result<()>;
     /// Bytes (and heartbeats) sent to the peer so far: while it stands still the link is quiet
-    /// and gets a heartbeat. Transports without heartbeats (UCX) keep 0.
+    /// and gets a heartbeat. Transports without heartbeats keep 0.
     fn sent(&self) -> u64 {
         0
     }
@@ -49,6 +60,10 @@ pub trait Pair: Send {
         let _ = between_frames;
         Ok(true)
     }
+    /// Stops whatever is in flight on this pair after a failed exchange, so that nothing reads
+    /// or writes the caller's buffers any more; the pair is unusable afterwards. Transports that
+    /// hold no reference to the caller's memory between calls need not override it.
+    fn abort(&mut self) {}
 }
 
 /// What a transport needs to connect a group: this rank, everyone's endpoints, the job's token

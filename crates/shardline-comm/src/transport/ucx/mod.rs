@@ -1,62 +1,257 @@
-//! UCX transport (cargo feature `ucx`): one UCP worker per group and one UCP endpoint per peer,
-//! using UCP's ordered stream API, so that UCX picks the fabric (RDMA where there is one, else its
-//! own shared memory or TCP). Sends are staged in recycled buffers owned by the pair, because UCX
-//! may still read a send buffer after the exchange that posted it has returned; received data is
-//! consumed in place from UCX's buffers. A peer's death shows through UCX's error handler and, for
-//! peers on this host, through a pidfd (UCX's keepalive alone takes far longer than 2 s).
+//! UCX transport (cargo feature `ucx`): one UCP worker per group and one endpoint per peer, over
+//! UCP's tagged messages, so that UCX picks the fabric (RDMA where there is one, else its own
+//! shared memory or TCP) and the protocol: eager below its rendezvous threshold, zero-copy
+//! rendezvous above it.
+//!
+//! The byte stream a [`Pair`] offers is cut into messages tagged with the sender's group rank and
+//! a sequence number, so the receiver asks for exactly the next one. Small pieces of a frame
+//! (header, a small payload, padding) are gathered into one message; a large payload goes as
+//! messages of at most [`MSG_MAX`] bytes straight from the caller's memory, and counts as written
+//! only once UCX no longer reads it. A receive is posted only for a message that has arrived
+//! (probed), after its length has been checked against [`MSG_MAX`], into a buffer of the pair's
+//! pool; the pools' large buffers are registered once with `ucp_mem_map` through the group's
+//! registration cache ([`super::regcache`]) and unregistered when a pool frees them. Heartbeats
+//! are empty messages under a tag of their own, so they never wait behind data.
+//!
+//! A failed UCP call is retried once, after a short pause spent progressing the worker, when its
+//! status says "try again" (no resource, busy, no progress); such retries are counted and
+//! logged. Any other failure fails the group at once, naming the peer's rank and address. A
+//! peer's death shows through UCX's error handler and, for peers on this host, through a pidfd
+//! (UCX's keepalive alone takes far longer than the heartbeat budget).
 
 mod ffi;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::liveness::PidWatch;
+use super::regcache::{RegCache, Registrar, Registration};
 use super::{Endpoint, Pair, Setup, Transport};
 use crate::error::{CommError, Result};
 
-/// Bytes a pair may have in flight in staged sends.
-const SEND_BUDGET: usize = 4 << 20;
-/// Largest single staged send.
-const SEND_CHUNK: usize = 1 << 20;
+/// Largest message a pair sends; a longer one announced by a peer is refused before anything is
+/// allocated for it.
+pub const MSG_MAX: usize = 1 << 20;
+/// Pieces up to this size are gathered (copied) into one message: a frame's header, a small
+/// payload and the padding go out together, eagerly.
+const GATHER_MAX: usize = 16 << 10;
+/// Bytes a pair may have posted and not yet seen complete.
+const SEND_BUDGET: usize = 8 << 20;
+/// Messages a pair receives at once (each into a buffer of at most [`MSG_MAX`] bytes).
+const RECV_DEPTH: usize = 4;
+/// Spare buffers a pair keeps for reuse, per size.
+const SPARE_SMALL: usize = 8;
+const SPARE_BIG: usize = 4;
+/// Bounds of a group's registration cache.
+const CACHE_ENTRIES: usize = 1024;
+const CACHE_BYTES: usize = 1 << 30;
+/// How long a call that failed for want of resources waits (progressing the worker, which frees
+/// them) before its one retry.
+const RETRY_PAUSE: Duration = Duration::from_micros(100);
+/// How long closing a pair waits for its transfers to finish or be cancelled.
+const DRAIN: Duration = Duration::from_secs(1);
+/// Progress calls per poll at most (each call handles a batch of events).
+const PROGRESS_ROUNDS: usize = 16;
+
+/// Tags: bit 62 marks a heartbeat, bits 40..62 the sender's group rank, bits 0..40 the
+/// sender's message sequence number.
+const BEAT_BIT: u64 = 1 << 62;
+const SEQ_BITS: u32 = 40;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+const RANK_LIMIT: usize = 1 << 22;
+const FULL_MASK: u64 = u64::MAX;
+
+fn data_tag(from: usize, seq: u64) -> u64 {
+    ((from as u64) << SEQ_BITS) | (seq & SEQ_MASK)
+}
+
+fn beat_tag(from: usize) -> u64 {
+    BEAT_BIT | ((from as u64) << SEQ_BITS)
+}
 
 fn fail(what: &str, s: ffi::ucs_status_t) -> CommError {
     CommError::Config(format!("ucx: {what} failed: {}", ffi::status_text(s)))
 }
 
-/// A UCP context and worker (shared by the pairs of one group).
-struct Worker {
-    context: ffi::ucp_context_h,
+/// What a failed status means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Try again: resources are short for now.
+    Transient,
+    /// The peer or the link to it is gone.
+    PeerGone,
+    /// Anything else: retrying would fail the same way.
+    Permanent,
+}
+
+fn classify(s: ffi::ucs_status_t) -> Class {
+    match s {
+        ffi::UCS_INPROGRESS
+        | ffi::UCS_ERR_NO_RESOURCE
+        | ffi::UCS_ERR_BUSY
+        | ffi::UCS_ERR_NO_PROGRESS => Class::Transient,
+        ffi::UCS_ERR_UNREACHABLE
+        | ffi::UCS_ERR_CANCELED
+        | ffi::UCS_ERR_NOT_CONNECTED
+        | ffi::UCS_ERR_CONNECTION_RESET => Class::PeerGone,
+        // UCX's link and endpoint failure ranges (timeouts among them).
+        s if (ffi::UCS_ERR_LAST_ENDPOINT_FAILURE..=ffi::UCS_ERR_FIRST_LINK_FAILURE)
+            .contains(&s) =>
+        {
+            Class::PeerGone
+        }
+        _ => Class::Permanent,
+    }
+}
+
+/// The UCP calls a pair makes whose failures are classified (and, in tests, injected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Send,
+    Recv,
+    Register,
+}
+
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Send => "ucp_tag_send_nbx",
+            Call::Recv => "ucp_tag_msg_recv_nbx",
+            Call::Register => "ucp_mem_map",
+        }
+    }
+}
+
+/// A UCP context (released once the worker and every registration are gone).
+struct Context(ffi::ucp_context_h);
+
+// SAFETY: a UCP context is thread safe for what is done with it here (memory registration,
+// serialised by the group's engine mutex and the cache's mutex).
+unsafe impl Send for Context {}
+unsafe impl Sync for Context {}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: created by ucp_init in `UcxTransport::new`, released once.
+        unsafe { ffi::ucp_cleanup(self.0) };
+    }
+}
+
+/// A `ucp_mem_map` handle.
+pub(crate) struct MemH(ffi::ucp_mem_h);
+
+// SAFETY: a handle is an opaque pointer that UCP accepts from any thread.
+unsafe impl Send for MemH {}
+unsafe impl Sync for MemH {}
+
+/// Registers memory with `ucp_mem_map`.
+pub(crate) struct UcpMem(Arc<Context>);
+
+impl Registrar for UcpMem {
+    type Handle = MemH;
+    type Error = ffi::ucs_status_t;
+
+    fn register(&self, addr: usize, len: usize) -> std::result::Result<MemH, ffi::ucs_status_t> {
+        // SAFETY: zeroed parameters with address and length named in field_mask; the caller keeps
+        // the memory alive while it is registered (see `regcache`).
+        unsafe {
+            let mut p: ffi::ucp_mem_map_params_t = std::mem::zeroed();
+            p.field_mask =
+                ffi::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | ffi::UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+            p.address = addr as *mut c_void;
+            p.length = len;
+            let mut memh = std::ptr::null_mut();
+            match ffi::ucp_mem_map(self.0 .0, &p, &mut memh) {
+                ffi::UCS_OK => Ok(MemH(memh)),
+                s => Err(s),
+            }
+        }
+    }
+
+    fn unregister(&self, handle: &MemH) {
+        // SAFETY: a handle from ucp_mem_map on this context, unmapped once (regcache's contract).
+        let s = unsafe { ffi::ucp_mem_unmap(self.0 .0, handle.0) };
+        if s != ffi::UCS_OK {
+            tracing::warn!("ucx: ucp_mem_unmap failed: {}", ffi::status_text(s));
+        }
+    }
+}
+
+type Reg = Arc<Registration<UcpMem>>;
+
+/// What the pairs of one group share: the worker, the registration cache, the retry count.
+struct Shared {
     worker: ffi::ucp_worker_h,
+    cache: Mutex<RegCache<UcpMem>>,
+    retries: AtomicU64,
+    /// Failures tests inject into the next matching call, instead of calling UCX.
+    #[cfg(test)]
+    faults: Mutex<Vec<(Call, ffi::ucs_status_t)>>,
 }
 
 // SAFETY: the worker runs in UCS_THREAD_MODE_SERIALIZED and every use goes through the group's
 // engine mutex, so it is never used by two threads at once.
-unsafe impl Send for Worker {}
-unsafe impl Sync for Worker {}
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
 
-impl Drop for Worker {
+impl Drop for Shared {
     fn drop(&mut self) {
-        // SAFETY: created in `UcxTransport::new`; every endpoint was closed before (pairs hold an
-        // Arc to the worker, so it drops last).
-        unsafe {
-            ffi::ucp_worker_destroy(self.worker);
-            ffi::ucp_cleanup(self.context);
+        if let Ok(cache) = self.cache.get_mut() {
+            tracing::debug!(
+                "ucx: registration cache {:?}, {} retried calls",
+                cache.stats(),
+                self.retries.load(Ordering::Relaxed)
+            );
         }
+        // SAFETY: created in `UcxTransport::new`; every endpoint was closed before (pairs hold an
+        // Arc to this, so it drops last). The cache's registrations go after, while their
+        // context still lives (each holds it).
+        unsafe { ffi::ucp_worker_destroy(self.worker) };
+    }
+}
+
+impl Shared {
+    fn progress(&self) {
+        for _ in 0..PROGRESS_ROUNDS {
+            // SAFETY: the worker lives as long as `self`; serialised (see above).
+            if unsafe { ffi::ucp_worker_progress(self.worker) } == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Makes `f`'s UCP call, unless a test injected a failure for `call`.
+    fn attempt(
+        &self,
+        call: Call,
+        f: &mut dyn FnMut() -> ffi::ucs_status_ptr_t,
+    ) -> ffi::ucs_status_ptr_t {
+        #[cfg(test)]
+        {
+            let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = faults.iter().position(|(c, _)| *c == call) {
+                return ffi::status_ptr(faults.remove(i).1);
+            }
+        }
+        let _ = call;
+        f()
     }
 }
 
 /// This rank's UCP worker before it is connected.
 pub struct UcxTransport {
-    worker: Arc<Worker>,
+    shared: Arc<Shared>,
     address: String,
 }
 
 impl UcxTransport {
-    /// Creates a UCP context and worker with the stream feature, reading UCX's own settings
-    /// (`UCX_*`) from the environment; a failing UCP call is a [`CommError::Config`] naming it.
+    /// Creates a UCP context (tag matching) and worker, reading UCX's own settings (`UCX_*`)
+    /// from the environment; a failing UCP call is a [`CommError::Config`] naming it.
     pub fn new() -> Result<UcxTransport> {
         // SAFETY: plain UCP set-up calls with zero-initialised, correctly sized parameter structs.
         unsafe {
@@ -67,7 +262,7 @@ impl UcxTransport {
             }
             let mut params: ffi::ucp_params_t = std::mem::zeroed();
             params.field_mask = ffi::UCP_PARAM_FIELD_FEATURES;
-            params.features = ffi::UCP_FEATURE_STREAM;
+            params.features = ffi::UCP_FEATURE_TAG;
             let mut context = std::ptr::null_mut();
             let s = ffi::ucp_init_version(
                 ffi::UCP_API_MAJOR,
@@ -80,31 +275,46 @@ impl UcxTransport {
             if s != ffi::UCS_OK {
                 return Err(fail("ucp_init", s));
             }
+            let context = Arc::new(Context(context));
             let mut wp: ffi::ucp_worker_params_t = std::mem::zeroed();
             wp.field_mask = ffi::UCP_WORKER_PARAM_FIELD_THREAD_MODE;
             wp.thread_mode = ffi::UCS_THREAD_MODE_SERIALIZED;
             let mut worker = std::ptr::null_mut();
-            let s = ffi::ucp_worker_create(context, &wp, &mut worker);
+            let s = ffi::ucp_worker_create(context.0, &wp, &mut worker);
             if s != ffi::UCS_OK {
-                ffi::ucp_cleanup(context);
                 return Err(fail("ucp_worker_create", s));
             }
-            let worker = Arc::new(Worker { context, worker });
+            let shared = Arc::new(Shared {
+                worker,
+                cache: Mutex::new(RegCache::new(
+                    Arc::new(UcpMem(context)),
+                    CACHE_ENTRIES,
+                    CACHE_BYTES,
+                )),
+                retries: AtomicU64::new(0),
+                #[cfg(test)]
+                faults: Mutex::new(Vec::new()),
+            });
             let (mut addr, mut len) = (std::ptr::null_mut(), 0usize);
-            let s = ffi::ucp_worker_get_address(worker.worker, &mut addr, &mut len);
+            let s = ffi::ucp_worker_get_address(worker, &mut addr, &mut len);
             if s != ffi::UCS_OK {
                 return Err(fail("ucp_worker_get_address", s));
             }
             let bytes = std::slice::from_raw_parts(addr as *const u8, len);
             let address = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            ffi::ucp_worker_release_address(worker.worker, addr);
-            Ok(UcxTransport { worker, address })
+            ffi::ucp_worker_release_address(worker, addr);
+            Ok(UcxTransport { shared, address })
         }
     }
 
     /// The worker address published in the table (hex).
     pub fn address(&self) -> String {
         self.address.clone()
+    }
+
+    /// How many UCP calls of this group failed for want of resources and were retried.
+    pub fn retries(&self) -> u64 {
+        self.shared.retries.load(Ordering::Relaxed)
     }
 }
 
@@ -120,6 +330,12 @@ impl Transport for UcxTransport {
     /// Creates an endpoint to every peer in `peers`.
     fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>> {
         let (me, table) = (&setup.table[setup.me], setup.table);
+        if table.len() > RANK_LIMIT {
+            return Err(CommError::Config(format!(
+                "ucx: a group of {} ranks does not fit the message tags (at most {RANK_LIMIT})",
+                table.len()
+            )));
+        }
         let mut out: Vec<(usize, Box<dyn Pair>)> = Vec::new();
         for &p in peers {
             let ep = &table[p];
@@ -136,23 +352,41 @@ impl Transport for UcxTransport {
                 .map_err(|_| bad("not hex"))?;
             let failed = Box::new(AtomicBool::new(false));
             let same_host = ep.host == me.host;
-            let handle = create_ep(&self.worker, &addr, &failed, same_host)
+            let handle = create_ep(&self.shared, &addr, &failed, same_host)
                 .map_err(|s| fail(&format!("connecting to rank {}", ep.world_rank), s))?;
             let pid = same_host.then(|| PidWatch::new(ep.pid));
+            let address = if ep.tcp.is_empty() {
+                format!("{} (pid {})", ep.host, ep.pid)
+            } else {
+                format!("{} (pid {}, host {})", ep.tcp, ep.pid, ep.host)
+            };
             out.push((
                 p,
                 Box::new(UcxPair {
-                    worker: self.worker.clone(),
+                    shared: self.shared.clone(),
                     ep: handle,
+                    me: setup.me,
+                    from: p,
                     peer: ep.world_rank,
+                    address,
                     failed,
                     pid,
-                    inflight: VecDeque::new(),
-                    inflight_bytes: 0,
-                    spare: Vec::new(),
-                    rx: None,
+                    sends: VecDeque::new(),
+                    posted: 0,
+                    ahead: 0,
+                    send_seq: 0,
+                    sent: 0,
+                    beats_out: Vec::new(),
+                    recvs: VecDeque::new(),
+                    used: 0,
+                    recv_seq: 0,
+                    received: 0,
+                    heard: 0,
+                    beats_in: Vec::new(),
                     carry: [0; 8],
                     carry_len: 0,
+                    small: Vec::new(),
+                    big: Vec::new(),
                     _addr: addr,
                 }),
             ));
@@ -167,7 +401,7 @@ unsafe extern "C" fn on_error(arg: *mut c_void, _ep: ffi::ucp_ep_h, _status: ffi
 }
 
 fn create_ep(
-    worker: &Worker,
+    shared: &Shared,
     addr: &[u8],
     failed: &AtomicBool,
     same_host: bool,
@@ -196,7 +430,7 @@ fn create_ep(
             ep_params.err_handler_cb = Some(on_error);
             ep_params.err_handler_arg = failed as *const AtomicBool as *mut c_void;
             let mut ep = std::ptr::null_mut();
-            last = ffi::ucp_ep_create(worker.worker, &ep_params, &mut ep);
+            last = ffi::ucp_ep_create(shared.worker, &ep_params, &mut ep);
             if last == ffi::UCS_OK {
                 return Ok(ep);
             }
@@ -205,115 +439,516 @@ fn create_ep(
     Err(last)
 }
 
+/// A posted send: from the caller's memory (`copy` none: reported once complete) or from a
+/// buffer of the pair's pool (reported at once).
+struct Outbound {
+    /// The request, null once complete.
+    req: *mut c_void,
+    len: usize,
+    copy: Option<Box<[u8]>>,
+    /// Keeps the registration of `copy` while UCX may use it.
+    reg: Option<Reg>,
+    reported: bool,
+}
+
+/// A posted receive of a probed message into a buffer of the pair's pool.
+struct Recv {
+    /// The request, null once complete.
+    req: *mut c_void,
+    len: usize,
+    buf: Box<[u8]>,
+    reg: Option<Reg>,
+}
+
 /// One peer over UCX.
 pub struct UcxPair {
-    worker: Arc<Worker>,
+    shared: Arc<Shared>,
+    /// Null once closed.
     ep: ffi::ucp_ep_h,
+    /// This rank's and the peer's group ranks (the tags of what each sends).
+    me: usize,
+    from: usize,
+    /// The peer's world rank and where it is, for errors.
     peer: usize,
+    address: String,
     failed: Box<AtomicBool>,
     pid: Option<PidWatch>,
-    /// Posted sends not known to be complete, with their staging buffers.
-    inflight: VecDeque<(*mut c_void, Vec<u8>)>,
-    inflight_bytes: usize,
-    spare: Vec<Vec<u8>>,
-    /// Received data being consumed: (pointer, length, consumed so far).
-    rx: Option<(*mut u8, usize, usize)>,
-    /// Bytes of an element split across two received chunks.
+    /// Posted sends in stream order, until complete and reported.
+    sends: VecDeque<Outbound>,
+    /// Bytes of `sends`.
+    posted: usize,
+    /// Bytes posted but not yet reported to the caller: the front of what it passes next.
+    ahead: usize,
+    send_seq: u64,
+    /// Bytes and heartbeats posted so far.
+    sent: u64,
+    beats_out: Vec<*mut c_void>,
+    /// Posted receives in stream order; the front is being consumed (`used` bytes so far).
+    recvs: VecDeque<Recv>,
+    used: usize,
+    recv_seq: u64,
+    /// Messages taken from the peer so far, and how many of them `heard` has seen.
+    received: u64,
+    heard: u64,
+    beats_in: Vec<*mut c_void>,
+    /// Bytes of an element split across two messages.
     carry: [u8; 8],
     carry_len: usize,
+    /// Spare buffers: `GATHER_MAX` bytes (never registered) and `MSG_MAX` bytes (registered
+    /// while cached).
+    small: Vec<Box<[u8]>>,
+    big: Vec<Box<[u8]>>,
     _addr: Vec<u8>,
 }
 
-// SAFETY: see `Worker`; the raw pointers belong to this pair's endpoint and are used under the
-// engine mutex only.
+// SAFETY: see `Shared`; the raw pointers belong to this pair's endpoint and requests and are used
+// under the engine mutex only.
 unsafe impl Send for UcxPair {}
 
+/// Frees a request once UCX is done with it; its status, or `UCS_INPROGRESS` (kept).
+fn settle(req: &mut *mut c_void) -> ffi::ucs_status_t {
+    if req.is_null() {
+        return ffi::UCS_OK;
+    }
+    // SAFETY: a live request returned by a UCP `_nbx` call, freed exactly once (then nulled).
+    unsafe {
+        let s = ffi::ucp_request_check_status(*req);
+        if s != ffi::UCS_INPROGRESS {
+            ffi::ucp_request_free(*req);
+            *req = std::ptr::null_mut();
+        }
+        s
+    }
+}
+
 impl UcxPair {
-    fn lost(&self, detail: String) -> CommError {
-        CommError::PeerLost {
-            rank: self.peer,
-            detail: format!("ucx: {detail}"),
+    fn broken(&self, what: &str, s: ffi::ucs_status_t) -> CommError {
+        let detail = format!("ucx {what} failed: {}", ffi::status_text(s));
+        if classify(s) == Class::PeerGone || self.failed.load(Ordering::Acquire) {
+            CommError::PeerLost {
+                rank: self.peer,
+                detail: format!("{detail} (rank {} at {})", self.peer, self.address),
+            }
+        } else {
+            CommError::Transport {
+                rank: self.peer,
+                address: self.address.clone(),
+                detail,
+            }
         }
     }
 
-    /// Frees completed sends (in order) and recycles their buffers.
-    fn reap(&mut self) -> Result<()> {
-        while let Some(&(req, _)) = self.inflight.front() {
-            // SAFETY: `req` is a live request returned by ucp_stream_send_nbx.
-            let s = unsafe { ffi::ucp_request_check_status(req) };
-            if s == ffi::UCS_INPROGRESS {
-                break;
-            }
-            let (req, buf) = self.inflight.pop_front().expect("front exists");
-            // SAFETY: completed requests are freed exactly once.
-            unsafe { ffi::ucp_request_free(req) };
-            self.inflight_bytes -= buf.len();
-            self.spare.push(buf);
-            if s != ffi::UCS_OK {
-                return Err(self.lost(format!("send failed: {}", ffi::status_text(s))));
-            }
+    fn usable(&self) -> Result<()> {
+        if self.ep.is_null() {
+            return Err(CommError::Poisoned(format!(
+                "the ucx endpoint to rank {} was closed after an error",
+                self.peer
+            )));
         }
         Ok(())
     }
 
-    /// Next received chunk, if UCX has one.
-    fn next_chunk(&mut self) -> Result<Option<(*mut u8, usize)>> {
-        let mut len = 0usize;
-        // SAFETY: a live endpoint; UCX returns NULL, an error code or data of `len` bytes.
-        let p = unsafe { ffi::ucp_stream_recv_data_nb(self.ep, &mut len) };
-        if p.is_null() {
-            return Ok(None);
+    /// Makes a UCP call through `f`: a transient failure is counted, logged and retried once
+    /// after a short pause; any other failure, or a second one, fails naming the peer.
+    fn post(
+        &self,
+        call: Call,
+        mut f: impl FnMut() -> ffi::ucs_status_ptr_t,
+    ) -> Result<*mut c_void> {
+        let first = self.shared.attempt(call, &mut f);
+        if !ffi::is_err(first) {
+            return Ok(first);
         }
-        if ffi::is_err(p) {
-            return Err(self.lost(format!(
-                "receive failed: {}",
-                ffi::status_text(p as isize as i32)
-            )));
+        let s = ffi::ptr_status(first);
+        if classify(s) != Class::Transient {
+            return Err(self.broken(call.name(), s));
         }
-        Ok(Some((p as *mut u8, len)))
+        let n = self.shared.retries.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(
+            "ucx: {} for rank {} at {}: {}; retrying once ({n} retries in this group)",
+            call.name(),
+            self.peer,
+            self.address,
+            ffi::status_text(s)
+        );
+        let until = Instant::now() + RETRY_PAUSE;
+        while Instant::now() < until {
+            self.shared.progress();
+        }
+        let again = self.shared.attempt(call, &mut f);
+        if ffi::is_err(again) {
+            return Err(self.broken(call.name(), ffi::ptr_status(again)));
+        }
+        Ok(again)
     }
 
-    fn release(&mut self, data: *mut u8) {
-        // SAFETY: `data` came from ucp_stream_recv_data_nb on this endpoint and is released once.
-        unsafe { ffi::ucp_stream_data_release(self.ep, data as *mut c_void) };
+    /// The cached registration of a pool buffer (registered now if it is not cached).
+    fn register(&self, buf: &[u8]) -> Result<Reg> {
+        let (addr, len) = (buf.as_ptr() as usize, buf.len());
+        let mut reg = None;
+        self.post(Call::Register, || {
+            let mut cache = self.shared.cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.get(addr, len) {
+                Ok(r) => {
+                    reg = Some(r);
+                    std::ptr::null_mut()
+                }
+                Err(s) => ffi::status_ptr(s),
+            }
+        })?;
+        reg.ok_or_else(|| self.broken(Call::Register.name(), ffi::UCS_ERR_NO_RESOURCE))
+    }
+
+    /// A pool buffer for `len` bytes (at most `MSG_MAX`) and, for a large one, its registration.
+    fn buffer(&mut self, len: usize) -> Result<(Box<[u8]>, Option<Reg>)> {
+        if len <= GATHER_MAX {
+            let buf = self
+                .small
+                .pop()
+                .unwrap_or_else(|| vec![0u8; GATHER_MAX].into_boxed_slice());
+            return Ok((buf, None));
+        }
+        let buf = self
+            .big
+            .pop()
+            .unwrap_or_else(|| vec![0u8; MSG_MAX].into_boxed_slice());
+        match self.register(&buf) {
+            Ok(reg) => Ok((buf, Some(reg))),
+            Err(e) => {
+                self.free_big(buf);
+                Err(e)
+            }
+        }
+    }
+
+    fn recycle(&mut self, buf: Box<[u8]>) {
+        if buf.len() == GATHER_MAX {
+            if self.small.len() < SPARE_SMALL {
+                self.small.push(buf);
+            }
+        } else if self.big.len() < SPARE_BIG {
+            self.big.push(buf);
+        } else {
+            self.free_big(buf);
+        }
+    }
+
+    /// Frees a large buffer: its registration goes first, so that memory allocated later at the
+    /// same address is registered anew.
+    fn free_big(&self, buf: Box<[u8]>) {
+        let mut cache = self.shared.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.invalidate(buf.as_ptr() as usize, buf.len());
+        drop(buf);
+    }
+
+    /// Checks the posted sends and drops those complete and reported.
+    fn reap_sends(&mut self) -> Result<()> {
+        for i in 0..self.sends.len() {
+            let s = settle(&mut self.sends[i].req);
+            if s == ffi::UCS_INPROGRESS {
+                continue;
+            }
+            self.sends[i].reg = None;
+            if s != ffi::UCS_OK {
+                return Err(self.broken("send", s));
+            }
+        }
+        while self
+            .sends
+            .front()
+            .is_some_and(|s| s.req.is_null() && s.reported)
+        {
+            let s = self.sends.pop_front().expect("front exists");
+            self.posted -= s.len;
+            if let Some(buf) = s.copy {
+                self.recycle(buf);
+            }
+        }
+        self.beats_out
+            .retain_mut(|r| settle(r) == ffi::UCS_INPROGRESS);
+        Ok(())
+    }
+
+    /// Posts one message of `len` bytes at `ptr` (from `copy` when it is a pool buffer).
+    fn post_send(
+        &mut self,
+        ptr: *const u8,
+        len: usize,
+        copy: Option<Box<[u8]>>,
+        reg: Option<Reg>,
+    ) -> Result<()> {
+        let (ep, tag) = (self.ep, data_tag(self.me, self.send_seq));
+        let memh = reg.as_ref().map(|r| r.handle().0);
+        let req = self.post(Call::Send, || {
+            // SAFETY: zeroed parameters (contiguous bytes, no callback) plus the memory handle
+            // when there is one; `ptr[..len]` stays valid and unchanged until the request
+            // completes: a pool buffer lives in `sends` until then, and the caller's memory is
+            // not reported written (so it keeps it) until then.
+            unsafe {
+                let mut param: ffi::ucp_request_param_t = std::mem::zeroed();
+                if let Some(memh) = memh {
+                    param.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_MEMH;
+                    param.memh = memh;
+                }
+                ffi::ucp_tag_send_nbx(ep, ptr as *const c_void, len, tag, &param)
+            }
+        })?;
+        self.send_seq += 1;
+        self.posted += len;
+        self.sent += len as u64;
+        self.sends.push_back(Outbound {
+            req,
+            len,
+            reg: if req.is_null() { None } else { reg },
+            copy,
+            reported: false,
+        });
+        Ok(())
+    }
+
+    /// `try_write`, copying everything it takes when `copy_all`.
+    fn write(&mut self, parts: &[&[u8]], copy_all: bool) -> Result<usize> {
+        self.usable()?;
+        self.shared.progress();
+        self.reap_sends()?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        // The first `ahead` bytes of `parts` are posted already.
+        let mut off = self.ahead;
+        while off < total && self.posted < SEND_BUDGET {
+            let (mut i, mut at) = (0, off);
+            while at >= parts[i].len() {
+                at -= parts[i].len();
+                i += 1;
+            }
+            let rest = parts[i].len() - at;
+            if !copy_all && rest > GATHER_MAX {
+                let n = rest.min(MSG_MAX);
+                self.post_send(parts[i][at..].as_ptr(), n, None, None)?;
+                off += n;
+                continue;
+            }
+            // Gather small pieces (or, with `copy_all`, anything) into a pool buffer, up to a
+            // piece that goes zero-copy.
+            let limit = if copy_all {
+                MSG_MAX.min(SEND_BUDGET - self.posted)
+            } else {
+                GATHER_MAX
+            };
+            let mut n = 0;
+            let (mut j, mut start) = (i, at);
+            while j < parts.len() && n < limit {
+                let avail = parts[j].len() - start;
+                if !copy_all && avail > GATHER_MAX && n > 0 {
+                    break;
+                }
+                n += avail.min(limit - n);
+                j += 1;
+                start = 0;
+            }
+            let (mut buf, reg) = self.buffer(n)?;
+            let mut filled = 0;
+            let (mut j, mut start) = (i, at);
+            while filled < n {
+                let take = (parts[j].len() - start).min(n - filled);
+                buf[filled..filled + take].copy_from_slice(&parts[j][start..start + take]);
+                filled += take;
+                j += 1;
+                start = 0;
+            }
+            let ptr = buf.as_ptr();
+            self.post_send(ptr, n, Some(buf), reg)?;
+            off += n;
+        }
+        // Report the prefix whose memory UCX no longer reads from `parts`.
+        let mut done = 0;
+        for s in self.sends.iter_mut().filter(|s| !s.reported) {
+            if s.copy.is_none() && !s.req.is_null() {
+                break;
+            }
+            s.reported = true;
+            done += s.len;
+        }
+        self.ahead = off - done;
+        self.reap_sends()?;
+        Ok(done)
+    }
+
+    /// Posts receives for the messages that have arrived, up to `RECV_DEPTH`.
+    fn post_recvs(&mut self) -> Result<()> {
+        while self.recvs.len() < RECV_DEPTH {
+            // SAFETY: zeroed info is filled in by UCX when a message matches.
+            let mut info: ffi::ucp_tag_recv_info_t = unsafe { std::mem::zeroed() };
+            let tag = data_tag(self.from, self.recv_seq);
+            // SAFETY: a live worker; `remove` takes the message off the unexpected queue, so
+            // it is received below or the group fails.
+            let msg =
+                unsafe { ffi::ucp_tag_probe_nb(self.shared.worker, tag, FULL_MASK, 1, &mut info) };
+            if msg.is_null() {
+                return Ok(());
+            }
+            self.received += 1;
+            let len = info.length;
+            if len > MSG_MAX {
+                return Err(CommError::Protocol {
+                    rank: self.peer,
+                    detail: format!(
+                        "a ucx message of {len} bytes, more than the {MSG_MAX} a peer sends"
+                    ),
+                });
+            }
+            let (mut buf, reg) = self.buffer(len)?;
+            let (worker, ptr) = (self.shared.worker, buf.as_mut_ptr());
+            let memh = reg.as_ref().map(|r| r.handle().0);
+            let req = self.post(Call::Recv, || {
+                // SAFETY: `ptr[..len]` lies in `buf` (len <= its size), which stays in `recvs`
+                // until the request completes or is cancelled; `msg` is the probed message.
+                unsafe {
+                    let mut param: ffi::ucp_request_param_t = std::mem::zeroed();
+                    if let Some(memh) = memh {
+                        param.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_MEMH;
+                        param.memh = memh;
+                    }
+                    ffi::ucp_tag_msg_recv_nbx(worker, ptr as *mut c_void, len, msg, &param)
+                }
+            })?;
+            self.recv_seq += 1;
+            self.recvs.push_back(Recv {
+                req,
+                len,
+                buf,
+                reg: if req.is_null() { None } else { reg },
+            });
+        }
+        Ok(())
+    }
+
+    /// The received message being consumed and how much of it is used, once it is complete.
+    fn current(&mut self) -> Result<Option<(*const u8, usize, usize)>> {
+        loop {
+            let Some(front) = self.recvs.front_mut() else {
+                return Ok(None);
+            };
+            let s = settle(&mut front.req);
+            if s == ffi::UCS_INPROGRESS {
+                return Ok(None);
+            }
+            front.reg = None;
+            if s != ffi::UCS_OK {
+                return Err(self.broken("receive", s));
+            }
+            if self.used < front.len {
+                return Ok(Some((front.buf.as_ptr(), front.len, self.used)));
+            }
+            self.pop_recv();
+        }
+    }
+
+    fn pop_recv(&mut self) {
+        if let Some(r) = self.recvs.pop_front() {
+            self.recycle(r.buf);
+        }
+        self.used = 0;
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.used += n;
+        if self.recvs.front().is_some_and(|r| self.used == r.len) {
+            self.pop_recv();
+        }
+    }
+
+    /// Cancels every transfer of the pair, closes the endpoint (forcibly: the peer may be gone),
+    /// and waits, bounded, for UCX to let go of every buffer. A buffer UCX
+    /// still holds then is leaked rather than freed under it.
+    fn close(&mut self) {
+        if self.ep.is_null() {
+            return;
+        }
+        let deadline = Instant::now() + DRAIN;
+        // SAFETY: live requests of this pair are cancelled (each then completes, cancelled or
+        // not, and is freed below); a live endpoint is closed once (then nulled), its close
+        // request waited for, bounded, and freed.
+        unsafe {
+            // Sends first: a forced close alone leaves a rendezvous send in flight.
+            for s in self.sends.iter().filter(|s| !s.req.is_null()) {
+                ffi::ucp_request_cancel(self.shared.worker, s.req);
+            }
+            for &r in &self.beats_out {
+                ffi::ucp_request_cancel(self.shared.worker, r);
+            }
+            let mut param: ffi::ucp_request_param_t = std::mem::zeroed();
+            param.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_FLAGS;
+            param.flags = ffi::UCP_EP_CLOSE_FLAG_FORCE;
+            let mut req = ffi::ucp_ep_close_nbx(self.ep, &param);
+            self.ep = std::ptr::null_mut();
+            if !req.is_null() && !ffi::is_err(req) {
+                while settle(&mut req) == ffi::UCS_INPROGRESS && Instant::now() < deadline {
+                    self.shared.progress();
+                }
+            }
+            for r in self.recvs.iter().filter(|r| !r.req.is_null()) {
+                ffi::ucp_request_cancel(self.shared.worker, r.req);
+            }
+            for &r in &self.beats_in {
+                ffi::ucp_request_cancel(self.shared.worker, r);
+            }
+        }
+        loop {
+            self.shared.progress();
+            let mut pending = false;
+            for s in self.sends.iter_mut() {
+                pending |= settle(&mut s.req) == ffi::UCS_INPROGRESS;
+            }
+            for r in self.recvs.iter_mut() {
+                pending |= settle(&mut r.req) == ffi::UCS_INPROGRESS;
+            }
+            self.beats_out
+                .retain_mut(|r| settle(r) == ffi::UCS_INPROGRESS);
+            self.beats_in
+                .retain_mut(|r| settle(r) == ffi::UCS_INPROGRESS);
+            pending |= !self.beats_out.is_empty() || !self.beats_in.is_empty();
+            if !pending || Instant::now() >= deadline {
+                break;
+            }
+        }
+        let stuck = self
+            .sends
+            .iter()
+            .filter(|s| s.copy.is_none() && !s.req.is_null())
+            .count();
+        if stuck > 0 {
+            // UCX (1.13) cannot cancel a rendezvous send its receiver has not taken; it stays
+            // with the worker until the peer takes it or the worker is destroyed.
+            tracing::warn!(
+                "ucx: {stuck} sends to rank {} could not be cancelled within {DRAIN:?}",
+                self.peer
+            );
+        }
+        for s in std::mem::take(&mut self.sends) {
+            match s.copy {
+                Some(buf) if !s.req.is_null() => std::mem::forget(buf),
+                Some(buf) => self.recycle(buf),
+                None => {}
+            }
+        }
+        for r in std::mem::take(&mut self.recvs) {
+            if r.req.is_null() {
+                self.recycle(r.buf);
+            } else {
+                std::mem::forget(r.buf);
+            }
+        }
+        (self.posted, self.ahead, self.used) = (0, 0, 0);
     }
 }
 
 impl Pair for UcxPair {
     fn try_write(&mut self, parts: &[&[u8]]) -> Result<usize> {
-        // SAFETY: progress on the worker this pair belongs to.
-        unsafe { ffi::ucp_worker_progress(self.worker.worker) };
-        self.reap()?;
-        let want: usize = parts.iter().map(|p| p.len()).sum();
-        let n = want.min(SEND_CHUNK).min(SEND_BUDGET - self.inflight_bytes);
-        if n == 0 {
-            return Ok(0);
-        }
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        for p in parts {
-            let take = p.len().min(n - buf.len());
-            buf.extend_from_slice(&p[..take]);
-        }
-        // SAFETY: zeroed params (contiguous bytes, no callback); `buf` stays alive in `inflight`
-        // until UCX reports the send complete.
-        let req = unsafe {
-            let param: ffi::ucp_request_param_t = std::mem::zeroed();
-            ffi::ucp_stream_send_nbx(self.ep, buf.as_ptr() as *const c_void, buf.len(), &param)
-        };
-        if ffi::is_err(req) {
-            return Err(self.lost(format!(
-                "send failed: {}",
-                ffi::status_text(req as isize as i32)
-            )));
-        }
-        if req.is_null() {
-            self.spare.push(buf); // completed at once
-        } else {
-            self.inflight_bytes += buf.len();
-            self.inflight.push_back((req, buf));
-        }
-        Ok(n)
+        self.write(parts, false)
+    }
+
+    fn try_write_copy(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        self.write(parts, true)
     }
 
     fn try_read_with(
@@ -322,17 +957,18 @@ impl Pair for UcxPair {
         align: usize,
         consume: &mut dyn FnMut(&[u8]),
     ) -> Result<usize> {
-        // SAFETY: progress on the worker this pair belongs to.
-        unsafe { ffi::ucp_worker_progress(self.worker.worker) };
+        self.usable()?;
+        self.shared.progress();
+        self.post_recvs()?;
         let align = align.min(max).max(1);
-        // An element split across chunks is completed in `carry` first.
+        // An element split across messages is completed in `carry` first.
         if self.carry_len > 0 {
             while self.carry_len < align {
                 let Some((ptr, len, used)) = self.current()? else {
                     return Ok(0);
                 };
                 let take = (align - self.carry_len).min(len - used);
-                // SAFETY: `ptr[used..used + take]` lies within the received chunk.
+                // SAFETY: `ptr[used..used + take]` lies within the received message.
                 let src = unsafe { std::slice::from_raw_parts(ptr.add(used), take) };
                 self.carry[self.carry_len..self.carry_len + take].copy_from_slice(src);
                 self.carry_len += take;
@@ -352,7 +988,7 @@ impl Pair for UcxPair {
             avail - avail % align
         };
         if n == 0 {
-            // Less than one element left in this chunk: keep it for the next one.
+            // Less than one element left in this message: keep it for the next one.
             // SAFETY: as above.
             let src = unsafe { std::slice::from_raw_parts(ptr.add(used), avail) };
             self.carry[..avail].copy_from_slice(src);
@@ -368,69 +1004,137 @@ impl Pair for UcxPair {
 
     fn check_alive(&mut self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
-            return Err(self.lost("endpoint error (peer unreachable)".into()));
+            return Err(CommError::PeerLost {
+                rank: self.peer,
+                detail: format!(
+                    "ucx: endpoint error (peer unreachable) (rank {} at {})",
+                    self.peer, self.address
+                ),
+            });
         }
         if let Some(w) = &self.pid {
             if !w.alive() {
-                return Err(self.lost(format!("process {} exited", w.pid())));
+                return Err(CommError::PeerLost {
+                    rank: self.peer,
+                    detail: format!("ucx: process {} exited", w.pid()),
+                });
             }
         }
         Ok(())
     }
-}
 
-impl UcxPair {
-    /// The chunk being consumed, fetching a new one when the last is used up.
-    fn current(&mut self) -> Result<Option<(*mut u8, usize, usize)>> {
-        if self.rx.is_none() {
-            self.rx = self.next_chunk()?.map(|(p, l)| (p, l, 0));
-        }
-        Ok(self.rx)
+    fn sent(&self) -> u64 {
+        self.sent
     }
 
-    fn advance(&mut self, n: usize) {
-        if let Some((ptr, len, used)) = self.rx.as_mut() {
-            *used += n;
-            if *used == *len {
-                let p = *ptr;
-                self.rx = None;
-                self.release(p);
+    /// An empty message under the heartbeat tag; one at a time.
+    fn beat(&mut self, _between_frames: bool) -> Result<bool> {
+        self.usable()?;
+        self.beats_out
+            .retain_mut(|r| settle(r) == ffi::UCS_INPROGRESS);
+        if !self.beats_out.is_empty() {
+            return Ok(true);
+        }
+        let (ep, tag) = (self.ep, beat_tag(self.me));
+        let req = self.post(Call::Send, || {
+            // SAFETY: an empty message from no buffer; zeroed parameters.
+            unsafe {
+                let param: ffi::ucp_request_param_t = std::mem::zeroed();
+                ffi::ucp_tag_send_nbx(ep, std::ptr::null(), 0, tag, &param)
+            }
+        })?;
+        if !req.is_null() {
+            self.beats_out.push(req);
+        }
+        self.sent += 1;
+        Ok(true)
+    }
+
+    /// Heartbeats taken off (they travel apart from the data, so any time is between frames),
+    /// messages taken since the last call, or a message waiting to be taken.
+    fn heard(&mut self, _between_frames: bool) -> Result<bool> {
+        self.usable()?;
+        self.shared.progress();
+        let mut life = self.received != self.heard;
+        self.heard = self.received;
+        for r in self.beats_in.iter_mut() {
+            match settle(r) {
+                ffi::UCS_OK | ffi::UCS_INPROGRESS => {}
+                s => return Err(self.broken("heartbeat receive", s)),
             }
         }
+        self.beats_in.retain(|r| !r.is_null());
+        let worker = self.shared.worker;
+        loop {
+            // SAFETY: zeroed info, filled in by UCX on a match.
+            let mut info: ffi::ucp_tag_recv_info_t = unsafe { std::mem::zeroed() };
+            // SAFETY: a live worker; a removed message is received just below.
+            let msg = unsafe {
+                ffi::ucp_tag_probe_nb(worker, beat_tag(self.from), FULL_MASK, 1, &mut info)
+            };
+            if msg.is_null() {
+                break;
+            }
+            life = true;
+            // A heartbeat is empty: received into no buffer (a longer one completes truncated,
+            // which fails the group as the protocol error it is).
+            let req = self.post(Call::Recv, || {
+                // SAFETY: zero bytes into a dangling, never dereferenced pointer.
+                unsafe {
+                    let param: ffi::ucp_request_param_t = std::mem::zeroed();
+                    ffi::ucp_tag_msg_recv_nbx(
+                        worker,
+                        std::ptr::NonNull::<u8>::dangling().as_ptr() as *mut c_void,
+                        0,
+                        msg,
+                        &param,
+                    )
+                }
+            })?;
+            if !req.is_null() {
+                self.beats_in.push(req);
+            }
+        }
+        if !life {
+            // SAFETY: zeroed info, filled in by UCX on a match.
+            let mut info: ffi::ucp_tag_recv_info_t = unsafe { std::mem::zeroed() };
+            // SAFETY: a probe that leaves the message where it is.
+            let waiting = unsafe {
+                ffi::ucp_tag_probe_nb(
+                    worker,
+                    data_tag(self.from, self.recv_seq),
+                    FULL_MASK,
+                    0,
+                    &mut info,
+                )
+            };
+            life = !waiting.is_null() || self.recvs.front().is_some_and(|r| r.req.is_null());
+        }
+        Ok(life)
+    }
+
+    fn abort(&mut self) {
+        self.close();
     }
 }
 
 impl Drop for UcxPair {
     fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while !self.inflight.is_empty()
+        // Sends still in flight (the last frames of a finished job) finish first, bounded.
+        let deadline = Instant::now() + DRAIN;
+        while !self.ep.is_null()
+            && self.sends.iter().any(|s| !s.req.is_null())
             && Instant::now() < deadline
             && !self.failed.load(Ordering::Acquire)
         {
-            // SAFETY: progress on our worker.
-            unsafe { ffi::ucp_worker_progress(self.worker.worker) };
-            if self.reap().is_err() {
+            self.shared.progress();
+            if self.reap_sends().is_err() {
                 break;
             }
         }
-        if let Some((ptr, _, _)) = self.rx.take() {
-            self.release(ptr);
-        }
-        // SAFETY: close the endpoint (forcibly: the peer may be gone) and wait, bounded, for the
-        // close to complete; requests still in flight are left to the worker's destruction.
-        unsafe {
-            let mut param: ffi::ucp_request_param_t = std::mem::zeroed();
-            param.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_FLAGS;
-            param.flags = ffi::UCP_EP_CLOSE_FLAG_FORCE;
-            let req = ffi::ucp_ep_close_nbx(self.ep, &param);
-            if !req.is_null() && !ffi::is_err(req) {
-                while ffi::ucp_request_check_status(req) == ffi::UCS_INPROGRESS
-                    && Instant::now() < deadline + Duration::from_secs(1)
-                {
-                    ffi::ucp_worker_progress(self.worker.worker);
-                }
-                ffi::ucp_request_free(req);
-            }
+        self.close();
+        for buf in std::mem::take(&mut self.big) {
+            self.free_big(buf);
         }
     }
 }
