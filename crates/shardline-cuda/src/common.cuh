@@ -177,6 +177,37 @@ extern "C" __global__ void router_top_k(const float* __restrict__ logits, int E,
     top_k_block(logits + r * E, E, k, renormalize, expert_map, ids + r * k, weights + r * k);
 }
 
+// One value rounded to bf16 (bf16 != 0) or f16, and widened back.
+__device__ __forceinline__ u16 f32_to_16(float v, int bf16) {
+    u16 h;
+    if (bf16) {
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    } else {
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    }
+    return h;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h, int bf16) {
+    if (bf16) return __uint_as_float(((u32)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// KV caches hold f32, or bf16 (kv16 != 0: half the bytes, for the paged cache of batched steps).
+__device__ __forceinline__ void kv_store(void* cache, long i, float v, int kv16) {
+    if (kv16) {
+        ((u16*)cache)[i] = f32_to_16(v, 1);
+    } else {
+        ((float*)cache)[i] = v;
+    }
+}
+
+__device__ __forceinline__ float kv_load(const void* cache, long i, int kv16) {
+    return kv16 ? f16_to_f32(((const u16*)cache)[i], 1) : ((const float*)cache)[i];
+}
+
 // The position of row r of a step: pos0 + r (consecutive positions of one sequence, a prompt),
 // or positions[r] (a batch: each row at its own position of its own sequence).
 __device__ __forceinline__ int kv_position(int pos0, const int* positions, int r) {
@@ -198,13 +229,14 @@ __device__ __forceinline__ long kv_slot(const int* tables, int table_stride, int
 // KV-cache append (prefill and batched decode; decode of one token fuses all this into its
 // attention kernel). Row r sits at kv_position(...) and its keys and values go to kv_slot(...)
 // (see there: consecutive positions of one sequence, or each row at its own position of its own
-// sequence in a paged cache). q is rotated in place; caches are [KVH][capacity][D]. Grid
+// sequence in a paged cache). q is rotated in place; caches are [KVH][capacity][D] of f32, or of
+// bf16 with kv16. Grid
 // (H + 2*KVH heads, rows), D rounded up to 32 threads; D <= 1024.
 extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* __restrict__ bias,
                                           int pos0, const int* __restrict__ positions,
                                           const int* __restrict__ tables, int table_stride,
-                                          int block,
-                                          float* __restrict__ k_cache, float* __restrict__ v_cache,
+                                          int block, int kv16, void* __restrict__ k_cache,
+                                          void* __restrict__ v_cache,
                                           const float* __restrict__ q_norm,
                                           const float* __restrict__ k_norm, float eps, int H,
                                           int KVH, int D, int capacity,
@@ -220,7 +252,7 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* 
     const float v = active ? src[i] + (bias ? bias[(long)b * D + i] : 0.0f) : 0.0f;
     if (b >= H + KVH) {  // a value head: append as is
         const int kvh = b - H - KVH;
-        if (active) v_cache[((long)kvh * capacity + slot) * D + i] = v;
+        if (active) kv_store(v_cache, ((long)kvh * capacity + slot) * D + i, v, kv16);
         return;
     }
     const float* norm = b < H ? q_norm : k_norm;
@@ -241,7 +273,7 @@ extern "C" __global__ void rope_kv_append(float* __restrict__ qkv, const float* 
         src[i] = out;
     } else {
         const int kvh = b - H;
-        k_cache[((long)kvh * capacity + slot) * D + i] = out;
+        kv_store(k_cache, ((long)kvh * capacity + slot) * D + i, out, kv16);
     }
 }
 

@@ -345,10 +345,12 @@ impl AttentionDims {
 /// in a paged cache whose blocks each sequence's block table lists.
 #[derive(Clone, Copy, Debug)]
 pub struct KvRows {
-    /// Device address of the f32 key cache, `[n_kv_heads, capacity, head_dim]`.
+    /// Device address of the key cache, `[n_kv_heads, capacity, head_dim]`.
     pub k_cache: u64,
-    /// Device address of the f32 value cache, laid out as the key cache.
+    /// Device address of the value cache, laid out as the key cache.
     pub v_cache: u64,
+    /// Whether the caches hold bf16 (else f32).
+    pub bf16: bool,
     /// The position of the first row, when `positions` is 0.
     pub first: usize,
     /// Device address of each row's position (`[rows]` i32); 0: `first + row`.
@@ -363,11 +365,12 @@ pub struct KvRows {
 }
 
 impl KvRows {
-    /// Consecutive positions from `first` in the contiguous caches `k_cache`, `v_cache`.
+    /// Consecutive positions from `first` in the contiguous f32 caches `k_cache`, `v_cache`.
     pub fn contiguous(k_cache: u64, v_cache: u64, first: usize) -> KvRows {
         KvRows {
             k_cache,
             v_cache,
+            bf16: false,
             first,
             positions: 0,
             tables: 0,
@@ -376,14 +379,15 @@ impl KvRows {
         }
     }
 
-    /// The kernels' arguments after the caches: (first, positions, tables, stride, block).
-    pub(crate) fn placement(&self) -> (i32, u64, u64, i32, i32) {
+    /// The kernels' placement arguments: (first, positions, tables, stride, block, kv16).
+    pub(crate) fn placement(&self) -> (i32, u64, u64, i32, i32, i32) {
         (
             self.first as i32,
             self.positions,
             self.tables,
             self.table_stride as i32,
             self.block as i32,
+            self.bf16 as i32,
         )
     }
 }
@@ -420,7 +424,7 @@ pub fn rope_kv_append(
         shared_mem_bytes: 0,
     };
     let (h, kvh, d, cap) = dims.as_i32();
-    let (pos0, positions, tables, stride, block) = kv.placement();
+    let (pos0, positions, tables, stride, block, kv16) = kv.placement();
     let (kc, vc) = (kv.k_cache, kv.v_cache);
     launch(
         dev,
@@ -434,6 +438,7 @@ pub fn rope_kv_append(
             tables,
             stride,
             block,
+            kv16,
             kc,
             vc,
             rope.q_norm,

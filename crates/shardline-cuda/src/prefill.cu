@@ -9,23 +9,6 @@
 // 16-bit tensors, hi = round(x) and lo = round(x - hi), so that W.hi + W.lo keeps about 16 bits
 // of x (one rounding alone keeps 8 for bf16, which is too few to match an f32 reference).
 
-__device__ __forceinline__ u16 f32_to_16(float v, int bf16) {
-    u16 h;
-    if (bf16) {
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    } else {
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    }
-    return h;
-}
-
-__device__ __forceinline__ float f16_to_f32(u16 h, int bf16) {
-    if (bf16) return __uint_as_float(((u32)h) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
 // hi[i] = round(x[i]), lo[i] = round(x[i] - hi[i]) in bf16 (bf16 != 0) or f16, for n elements.
 extern "C" __global__ void split16(const float* __restrict__ x, u16* __restrict__ hi,
                                    u16* __restrict__ lo, long n, int bf16) {
@@ -50,15 +33,16 @@ extern "C" __global__ void gather_rows(const float* __restrict__ src, const int*
 
 // Causal attention of row r (grid.y) over its sequence's positions 0..=kv_position(...) (cache
 // rows kv_slot(...): a prompt's consecutive positions, or a batch of sequences each at its own
-// position in a paged cache), grouped-query heads, one block per (query head, row). q is read from the rotated qkv rows ([rows][q | k | v]); out is
+// position in a paged cache; f32 or, with kv16, bf16), grouped-query heads, one block per (query
+// head, row). q is read from the rotated qkv rows ([rows][q | k | v]); out is
 // [rows][H*D]. Each warp keeps an online softmax over every PREFILL_ATTN_WARPS-th position; the
 // warps are combined at the end. Lane l holds elements l, l+32, ... of a head: D <= 256.
 #define PREFILL_ATTN_WARPS 8
 #define ATTN_MAX_PER_LANE 8
 extern "C" __global__ void __launch_bounds__(PREFILL_ATTN_WARPS * WARP)
-    attention_rows(const float* __restrict__ qkv, const float* __restrict__ k_cache,
-                   const float* __restrict__ v_cache, int pos0, const int* __restrict__ positions,
-                   const int* __restrict__ tables, int table_stride, int block,
+    attention_rows(const float* __restrict__ qkv, const void* __restrict__ k_cache,
+                   const void* __restrict__ v_cache, int pos0, const int* __restrict__ positions,
+                   const int* __restrict__ tables, int table_stride, int block, int kv16,
                    float* __restrict__ out, int H, int KVH, int D, int capacity, float scale) {
     __shared__ float m_s[PREFILL_ATTN_WARPS], l_s[PREFILL_ATTN_WARPS];
     __shared__ float acc_s[PREFILL_ATTN_WARPS][WARP * ATTN_MAX_PER_LANE];
@@ -66,8 +50,7 @@ extern "C" __global__ void __launch_bounds__(PREFILL_ATTN_WARPS * WARP)
     const int kvh = h / (H / KVH);
     const int len = kv_position(pos0, positions, r) + 1;
     const float* q = qkv + (long)r * (H + 2 * KVH) * D + (long)h * D;
-    const float* kb = k_cache + (long)kvh * capacity * D;
-    const float* vb = v_cache + (long)kvh * capacity * D;
+    const long head = (long)kvh * capacity * D;
     float qv[ATTN_MAX_PER_LANE], acc[ATTN_MAX_PER_LANE];
 #pragma unroll
     for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
@@ -83,8 +66,8 @@ extern "C" __global__ void __launch_bounds__(PREFILL_ATTN_WARPS * WARP)
 #pragma unroll
         for (int j = 0; j < ATTN_MAX_PER_LANE; ++j) {
             const int d = lane + WARP * j;
-            kr[j] = d < D ? kb[slot * D + d] : 0.0f;
-            vr[j] = d < D ? vb[slot * D + d] : 0.0f;
+            kr[j] = d < D ? kv_load(k_cache, head + slot * D + d, kv16) : 0.0f;
+            vr[j] = d < D ? kv_load(v_cache, head + slot * D + d, kv16) : 0.0f;
             sd = fmaf(qv[j], kr[j], sd);
         }
         sd = warp_sum(sd) * scale;

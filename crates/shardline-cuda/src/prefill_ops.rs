@@ -180,7 +180,7 @@ impl PrefillKernels {
             shared_mem_bytes: 0,
         };
         let (h, kvh, d, cap) = dims.as_i32();
-        let (pos0, positions, tables, stride, block) = kv.placement();
+        let (pos0, positions, tables, stride, block, kv16) = kv.placement();
         let (kc, vc) = (kv.k_cache, kv.v_cache);
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
         launch_plain(
@@ -188,7 +188,8 @@ impl PrefillKernels {
             &self.attention_rows,
             cfg,
             &mut kernel_args![
-                qkv, kc, vc, pos0, positions, tables, stride, block, out, h, kvh, d, cap, scale
+                qkv, kc, vc, pos0, positions, tables, stride, block, kv16, out, h, kvh, d, cap,
+                scale
             ],
             "attention_rows",
         )

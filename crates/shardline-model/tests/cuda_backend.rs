@@ -35,6 +35,10 @@ const POSITIONS: usize = PROMPT.len() + STEPS;
 const VOCAB: usize = 301;
 /// Largest logit difference from the CPU, relative to the largest logit.
 const TOLERANCE: f32 = 1e-4;
+/// The same with keys and values held in bf16: each rounded to 8 significant bits (a relative
+/// error of at most 2^-9 = 2e-3), which attention passes on to its output about as is; eight
+/// times that covers the two layers' errors adding up through the residual stream.
+const KV_BF16_TOLERANCE: f32 = 1.6e-2;
 const SEED: u64 = 0x5348_4c43_5544_4131;
 
 /// Experts of a MoE model: `n_experts`, `top_k` chosen, each of `intermediate`, with an optional
@@ -410,14 +414,19 @@ fn paged_batches_match_the_cpu_backend() {
     };
     for_each_model(|ctx, spec, dtype| {
         let mut cpu = cpu_engine(spec, dtype);
-        cpu.backend.make_kv_pool(cfg.kv_blocks).unwrap();
-        // Whole steps on the device, and (op by op) the segments the engine drives.
+        cpu.backend.make_kv_pool(cfg.kv_blocks, DType::F32).unwrap();
+        // Whole steps on the device, and (op by op) the segments the engine drives, with an f32
+        // KV cache; whole steps with a bf16 one.
         let mut whole = gpu_engine(spec, dtype);
         let mut segments = gpu_engine(spec, dtype);
+        let mut kv16 = gpu_engine(spec, dtype);
         segments.backend.set_exec(Exec::PerOp);
         for gpu in [&mut whole, &mut segments] {
-            gpu.backend.make_kv_pool(cfg.kv_blocks).unwrap();
+            gpu.backend.make_kv_pool(cfg.kv_blocks, DType::F32).unwrap();
         }
+        kv16.backend
+            .make_kv_pool(cfg.kv_blocks, DType::BF16)
+            .unwrap();
         let mut sched = Scheduler::new(cfg);
         let (mut added, mut steps, mut rows) = (0, 0, Vec::new());
         while added < prompts.len() || sched.running() + sched.waiting() > 0 {
@@ -440,11 +449,15 @@ fn paged_batches_match_the_cpu_backend() {
                 };
                 let want = logits(plan.run(&mut cpu).unwrap());
                 let vocab = spec.vocab;
-                for (how, gpu) in [("whole", &mut whole), ("segments", &mut segments)] {
+                for (how, gpu, tolerance) in [
+                    ("whole", &mut whole, TOLERANCE),
+                    ("segments", &mut segments, TOLERANCE),
+                    ("bf16 KV", &mut kv16, KV_BF16_TOLERANCE),
+                ] {
                     let got = logits(plan.run(gpu).unwrap());
                     let d = rel_diff(&got, &want);
                     assert!(
-                        d <= TOLERANCE,
+                        d <= tolerance,
                         "{ctx} {how} step {steps} ({} rows): logits differ by {d:.2e} of the \
                          largest",
                         plan.tokens.len()

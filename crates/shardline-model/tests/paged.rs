@@ -3,6 +3,7 @@
 
 use shardline_model::kv_pool::{BlockTable, KvPool};
 use shardline_model::{builtin, Backend, Logits, PagedRow};
+use shardline_tensor::DType;
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -34,7 +35,10 @@ fn mixed_steps_of_several_sequences_match_each_sequence_alone() {
 
     let mut engine = builtin().unwrap();
     let mut pool = KvPool::new(16);
-    engine.backend.make_kv_pool(pool.total()).unwrap();
+    engine
+        .backend
+        .make_kv_pool(pool.total(), DType::F32)
+        .unwrap();
     let mut tables: Vec<BlockTable> = vec![BlockTable::default(); prompts.len()];
     for (t, p) in tables.iter_mut().zip(&prompts) {
         pool.reserve(t, p.len() + steps).unwrap();
@@ -131,7 +135,7 @@ fn mixed_steps_of_several_sequences_match_each_sequence_alone() {
 #[test]
 fn a_row_beyond_its_blocks_is_an_error() {
     let mut engine = builtin().unwrap();
-    engine.backend.make_kv_pool(2).unwrap();
+    engine.backend.make_kv_pool(2, DType::F32).unwrap();
     let blocks = [0u32];
     let rows = [PagedRow {
         pos: 16,
@@ -139,6 +143,13 @@ fn a_row_beyond_its_blocks_is_an_error() {
     }];
     let err = engine.forward_paged(&[1], &rows, &[0]).unwrap_err();
     assert!(err.to_string().contains("beyond"), "{err}");
+}
+
+#[test]
+fn a_kv_cache_of_a_dtype_the_cpu_does_not_hold_is_refused() {
+    let mut engine = builtin().unwrap();
+    let err = engine.backend.make_kv_pool(4, DType::BF16).unwrap_err();
+    assert!(err.to_string().contains("bf16 KV cache"), "{err}");
 }
 
 /// Greedy ids of `prompt` generating `n` tokens alone.
@@ -180,7 +191,10 @@ fn the_scheduler_batches_sequences_that_join_mid_flight_as_if_each_ran_alone() {
         max_running: 4,
         max_positions: 4096,
     };
-    engine.backend.make_kv_pool(cfg.kv_blocks).unwrap();
+    engine
+        .backend
+        .make_kv_pool(cfg.kv_blocks, DType::F32)
+        .unwrap();
     let mut sched = Scheduler::new(cfg);
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut finished = vec![None; prompts.len()];

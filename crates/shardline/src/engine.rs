@@ -282,6 +282,26 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// `--kv-dtype`: what the paged KV cache of batched steps holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvDtypeArg {
+    /// bf16 on a GPU (half the bytes), f32 on the CPU (the one it holds).
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl KvDtypeArg {
+    /// The dtype on `device`.
+    pub fn on(self, device: DeviceArg) -> DType {
+        match (self, device) {
+            (KvDtypeArg::Auto, DeviceArg::Cuda) | (KvDtypeArg::Bf16, _) => DType::BF16,
+            (KvDtypeArg::Auto, DeviceArg::Cpu) | (KvDtypeArg::F32, _) => DType::F32,
+        }
+    }
+}
+
 /// An engine whose device and ranks are chosen at run time.
 pub type DynEngine = Engine<Box<dyn Backend>, Box<dyn Reduce>>;
 

@@ -78,9 +78,9 @@ pub trait Backend {
     fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
 
     /// Makes the paged KV cache ([`crate::kv_pool`]): `blocks` blocks of every layer's keys and
-    /// values, for [`Backend::attention_paged`].
-    fn make_kv_pool(&mut self, blocks: usize) -> Result<()> {
-        let _ = blocks;
+    /// values, held in `dtype`, for [`Backend::attention_paged`].
+    fn make_kv_pool(&mut self, blocks: usize, dtype: DType) -> Result<()> {
+        let _ = (blocks, dtype);
         Err(ModelError::Unsupported(
             "a paged KV cache (batched serving) on this device".into(),
         ))
@@ -176,8 +176,8 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
     fn attention(&mut self, layer: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         (**self).attention(layer, x, out)
     }
-    fn make_kv_pool(&mut self, blocks: usize) -> Result<()> {
-        (**self).make_kv_pool(blocks)
+    fn make_kv_pool(&mut self, blocks: usize, dtype: DType) -> Result<()> {
+        (**self).make_kv_pool(blocks, dtype)
     }
     fn attention_paged(
         &mut self,

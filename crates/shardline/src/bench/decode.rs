@@ -9,11 +9,13 @@ use anyhow::Context;
 use serde_json::{json, Map, Value};
 use shardline_model::load::load_layer_for;
 use shardline_model::{Exec, Plan};
-use shardline_tensor::pool;
+use shardline_tensor::{pool, DType};
 
 use super::record::{Sink, Stats};
 use crate::dist::{self, ParallelArgs, Role};
-use crate::engine::{self, CommTime, DeviceArg, DynEngine, EngineOptions, ModelArgs, Source};
+use crate::engine::{
+    self, CommTime, DeviceArg, DynEngine, EngineOptions, KvDtypeArg, ModelArgs, Source,
+};
 
 /// Without `--layers`, a preset gets enough layers that one step reads at least this many weight
 /// bytes: a step's weights must not sit in the CPU's caches or the GPU's L2 between iterations.
@@ -61,6 +63,10 @@ pub struct DecodeArgs {
     /// (`--batch 1,2,4,8`) are timed one after the other on the same model, a record each.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
+    /// What the paged KV cache of `--batch` steps holds: auto (bf16 on a GPU, f32 on the CPU),
+    /// f32 or bf16 (GPU only).
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::Auto)]
+    kv_dtype: KvDtypeArg,
     /// Timed iterations (after 10% warm-up, at least 5).
     #[arg(long, default_value_t = 200)]
     iters: usize,
@@ -160,17 +166,26 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         .sum::<usize>()
         / layers.max(1);
     let dtype = weights.layers[0].attn.q.dtype();
+    // One sequence decodes over the f32 cache `run` uses; batches over the paged cache.
+    let kv_dtype = |b: usize| {
+        if b == 1 {
+            DType::F32
+        } else {
+            args.kv_dtype.on(args.device)
+        }
+    };
     let step_bytes: Vec<usize> = args
         .batch
         .iter()
         .map(|&b| {
+            let kv = kv_dtype(b).size_in_bytes();
             weights
                 .layers
                 .iter()
                 .map(|l| l.step_bytes(b))
                 .sum::<usize>()
                 + weights.lm_head().byte_len()
-                + b * (args.kv_len + 1) * 2 * 4 * spec.kv_width() / plan.world().max(1) * layers
+                + b * (args.kv_len + 1) * 2 * kv * spec.kv_width() / plan.world().max(1) * layers
         })
         .collect();
     let mut engine = engine::build(spec.clone(), weights, group, &opts)?;
@@ -225,6 +240,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             "comm_us_per_layer": round3(comm as f64),
             "rss_mb_per_rank": rss.round(),
             "batch": batch,
+            "kv_dtype": kv_dtype(batch).name(),
             "tokens_per_s": round3(batch as f64 * 1e6 / step.median_us),
             "step_bytes": step_bytes,
             "mem_read_gbps": round3(mem_gbps),
@@ -312,7 +328,8 @@ fn time_batch_steps(
     use shardline_model::kv_pool::blocks_for;
     use shardline_model::PagedRow;
     let per_seq = blocks_for(args.kv_len + 1);
-    engine.backend.make_kv_pool(batch * per_seq)?;
+    let kv_dtype = args.kv_dtype.on(args.device);
+    engine.backend.make_kv_pool(batch * per_seq, kv_dtype)?;
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect())
         .collect();

@@ -18,7 +18,7 @@ use shardline_model::tokenizer::TextCodec;
 use shardline_model::{Backend, Exec, Plan};
 
 use crate::dist::{self, ParallelArgs, Role};
-use crate::engine::{self, CommTime, DeviceArg, EngineOptions, ModelArgs, Source};
+use crate::engine::{self, CommTime, DeviceArg, EngineOptions, KvDtypeArg, ModelArgs, Source};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Positions of KV cache to share between the sequences (in blocks of 16).
     #[arg(long, default_value_t = 65536)]
     kv_positions: usize,
+    /// What the KV cache holds: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16 (GPU only).
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::Auto)]
+    kv_dtype: KvDtypeArg,
     /// Sequences generating at once at most.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
@@ -88,7 +91,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut engine = engine::build(spec, weights, group.map(Arc::new), &opts)?;
     engine
         .backend
-        .make_kv_pool(kv_blocks)
+        .make_kv_pool(kv_blocks, args.kv_dtype.on(args.device))
         .context("cannot make the paged KV cache for serving")?;
     if rank != 0 {
         return batcher::follow(engine);

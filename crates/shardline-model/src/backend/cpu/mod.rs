@@ -128,7 +128,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn make_kv_pool(&mut self, blocks: usize) -> Result<()> {
+    fn make_kv_pool(&mut self, blocks: usize, dtype: DType) -> Result<()> {
+        if dtype != DType::F32 {
+            return Err(crate::ModelError::Unsupported(format!(
+                "a {dtype} KV cache on the CPU (it holds f32)"
+            )));
+        }
         let positions = (blocks * crate::kv_pool::BLOCK_POSITIONS).min(self.spec.max_positions);
         if self.rope.max_positions() < positions {
             self.rope = rope_table(&self.spec, positions);

@@ -474,11 +474,11 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn make_kv_pool(&mut self, blocks: usize) -> Result<()> {
+    fn make_kv_pool(&mut self, blocks: usize, dtype: DType) -> Result<()> {
         // The old pool goes first, so that its memory counts for the new one.
         self.paged = None;
-        let kv_dim = self.stack.kv_dim();
-        self.paged = Some(PagedKv::new(&self.dev, self.spec.n_layers, kv_dim, blocks)?);
+        let (layers, kv_dim) = (self.spec.n_layers, self.stack.kv_dim());
+        self.paged = Some(PagedKv::new(&self.dev, layers, kv_dim, blocks, dtype)?);
         Ok(())
     }
 

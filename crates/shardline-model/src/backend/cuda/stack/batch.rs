@@ -378,6 +378,7 @@ impl BatchStep {
         let kv = KvRows {
             k_cache,
             v_cache,
+            bf16: pool.is_bf16(),
             first: 0,
             positions: dptr(dev, &b.positions),
             tables: dptr(dev, &b.tables),

@@ -7,25 +7,34 @@
 use shardline_cuda::cudarc::driver::CudaSlice;
 use shardline_cuda::device::dptr;
 use shardline_cuda::{CudaDevice, CudaError};
+use shardline_tensor::DType;
 
 use crate::backend::PagedRow;
 use crate::kv_pool::BLOCK_POSITIONS;
 
-/// Every layer's paged keys and values (f32, `[kv_heads, blocks * BLOCK_POSITIONS, head_dim]`).
+/// Every layer's paged keys and values (`[kv_heads, blocks * BLOCK_POSITIONS, head_dim]` each,
+/// f32 or bf16).
 pub struct PagedKv {
-    layers: Vec<[CudaSlice<f32>; 2]>,
+    layers: Vec<[CudaSlice<u8>; 2]>,
     blocks: usize,
+    dtype: DType,
 }
 
 impl PagedKv {
-    /// A pool of `blocks` blocks for `layers` layers of `kv_dim` (KV heads x head_dim) values per
-    /// position; fails naming the size when the GPU has no room for it.
+    /// A pool of `blocks` blocks of `dtype` (f32 or bf16) for `layers` layers of `kv_dim` (KV
+    /// heads x head_dim) values per position; fails naming the size when the GPU has no room.
     pub fn new(
         dev: &CudaDevice,
         layers: usize,
         kv_dim: usize,
         blocks: usize,
+        dtype: DType,
     ) -> Result<PagedKv, CudaError> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(CudaError::Shape(format!(
+                "a {dtype} KV cache on the GPU (f32 or bf16)"
+            )));
+        }
         let per_layer = blocks
             .checked_mul(BLOCK_POSITIONS * kv_dim)
             .filter(|&n| blocks > 0 && n <= i32::MAX as usize)
@@ -35,17 +44,27 @@ impl PagedKv {
                      {kv_dim} values per layer: from 1 block up to 2^31 values a layer"
                 ))
             })?;
-        let bytes = 2 * layers * per_layer * 4;
+        let bytes = per_layer * dtype.size_in_bytes();
+        let total = 2 * layers * bytes;
         let layers = (0..layers)
-            .map(|_| Ok([dev.zeros(per_layer)?, dev.zeros(per_layer)?]))
+            .map(|_| Ok([dev.zeros(bytes)?, dev.zeros(bytes)?]))
             .collect::<Result<Vec<_>, CudaError>>()
             .map_err(|e| {
                 CudaError::Shape(format!(
                     "a paged KV cache of {blocks} blocks ({:.2} GiB) does not fit on the GPU: {e}",
-                    bytes as f64 / (1u64 << 30) as f64
+                    total as f64 / (1u64 << 30) as f64
                 ))
             })?;
-        Ok(PagedKv { layers, blocks })
+        Ok(PagedKv {
+            layers,
+            blocks,
+            dtype,
+        })
+    }
+
+    /// Whether the pool holds bf16 (else f32).
+    pub fn is_bf16(&self) -> bool {
+        self.dtype == DType::BF16
     }
 
     /// Positions one layer's pool holds (its capacity as a contiguous cache).

@@ -255,6 +255,7 @@ impl Prefill {
                 KvRows {
                     k_cache,
                     v_cache,
+                    bf16: pool.is_bf16(),
                     first: 0,
                     positions: put(dev, &mut self.buf.positions, &positions)?,
                     tables: put(dev, &mut self.buf.tables, &tables)?,
