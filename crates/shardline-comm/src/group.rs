@@ -455,6 +455,9 @@ impl Group {
     }
 }
 
+/// The longest endpoint record a rank may publish in a split.
+const MAX_ENDPOINT_RECORD: usize = 4096;
+
 fn split(e: &mut Engine, color: Option<u32>, key: i64) -> Result<Option<Engine>> {
     let size = e.size;
     // Taken by every rank, member or not, so sequence numbers stay in step.
@@ -498,6 +501,17 @@ fn split(e: &mut Engine, color: Option<u32>, key: i64) -> Result<Option<Engine>>
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize)
         .collect();
+    // An endpoint record is a few addresses: a longer one is refused before anything is sized
+    // by it.
+    if let Some(r) = (0..size).find(|&r| recv_counts[r] > MAX_ENDPOINT_RECORD) {
+        return Err(CommError::Protocol {
+            rank: e.links.ranks[r],
+            detail: format!(
+                "a split record of {} bytes (at most {MAX_ENDPOINT_RECORD})",
+                recv_counts[r]
+            ),
+        });
+    }
     let mut records = vec![0u8; recv_counts.iter().sum()];
     e.all_to_all_v(
         &record.repeat(size),
