@@ -92,7 +92,7 @@ pub(crate) use kernel_args;
 /// Queues `f` on the device's stream. With programmatic dependent launch on (see
 /// [`CudaDevice::pdl`]), the kernel may start while the one before it finishes: every kernel in
 /// `kernels.cu` waits (`griddepcontrol.wait`) before it touches what earlier kernels wrote.
-fn launch(
+pub(crate) fn launch(
     dev: &CudaDevice,
     f: &CudaFunction,
     cfg: LaunchConfig,

@@ -3,7 +3,9 @@
 // sequences' rows (batched decode), whose matrix products are the grouped products below (each
 // weight row read once for all the rows that need it). These kernels do what lies between the
 // products, row by row, mirroring the decode kernels of kernels.cu (same formulas, same order of
-// operations).
+// operations). The kernels a batched step chains wait for their predecessor (wait_for_previous)
+// before they read anything, so they are launched with programmatic dependent launch, as the
+// decode kernels are; split16 and swiglu_rows, between cuBLAS GEMMs, are not.
 //
 // Activations are f32. For bf16/f16 weights the GEMM inputs are an f32 tensor split into two
 // 16-bit tensors, hi = round(x) and lo = round(x - hi), so that W.hi + W.lo keeps about 16 bits
@@ -24,6 +26,8 @@ extern "C" __global__ void split16(const float* __restrict__ x, u16* __restrict_
 // dst[a] = src[rows[a]] for rows of D floats; one block per a.
 extern "C" __global__ void gather_rows(const float* __restrict__ src, const int* __restrict__ rows,
                                        float* __restrict__ dst, int D) {
+    let_next_start();
+    wait_for_previous();
     const int a = blockIdx.x;
     const float* s = src + (long)rows[a] * D;
     float* d = dst + (long)a * D;
@@ -46,6 +50,8 @@ extern "C" __global__ void __launch_bounds__(PREFILL_ATTN_WARPS * WARP)
                    float* __restrict__ out, int H, int KVH, int D, int capacity, float scale) {
     __shared__ float m_s[PREFILL_ATTN_WARPS], l_s[PREFILL_ATTN_WARPS];
     __shared__ float acc_s[PREFILL_ATTN_WARPS][WARP * ATTN_MAX_PER_LANE];
+    let_next_start();
+    wait_for_previous();
     const int h = blockIdx.x, r = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kvh = h / (H / KVH);
     const int len = kv_position(pos0, positions, r) + 1;
@@ -129,6 +135,8 @@ extern "C" __global__ void combine_rows(const float* __restrict__ expert_out,
                                         const float* __restrict__ shared_logit,
                                         const float* __restrict__ residual,
                                         float* __restrict__ y, int N) {
+    let_next_start();
+    wait_for_previous();
     const int r = blockIdx.x;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         float acc = 0.0f;
@@ -188,6 +196,8 @@ __device__ void grouped_matvec_impl(const char* __restrict__ W, long matrix_stri
                                     const float* __restrict__ residual, float* __restrict__ y,
                                     int N, int K, int y_stride, int elem_bytes) {
     __shared__ float acc_s[GROUPED_WARPS][GROUPED_TILE][2];
+    let_next_start();
+    wait_for_previous();
     const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int begin = offsets ? offsets[g] : 0, end = offsets ? offsets[g + 1] : count;
     const int unit = blockIdx.x * GROUPED_WARPS + warp;
@@ -296,6 +306,8 @@ extern "C" __global__ void group_by_expert(const int* __restrict__ ids, int S, i
                                            int* __restrict__ offsets, int* __restrict__ src,
                                            int* __restrict__ slot_row) {
     extern __shared__ int shm[];
+    let_next_start();
+    wait_for_previous();
     int* start = shm;          // E + 1
     int* id_s = shm + E + 1;   // S
     for (int i = threadIdx.x; i <= E; i += blockDim.x) start[i] = 0;

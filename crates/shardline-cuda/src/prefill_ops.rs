@@ -6,7 +6,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig};
 use shardline_tensor::DType;
 
 use crate::error::DriverContext;
-use crate::ops::{kernel_args, launch_plain, AttentionDims, KvRows, Weights};
+use crate::ops::{kernel_args, launch, launch_plain, AttentionDims, KvRows, Weights};
 use crate::{ptx_cache, CudaDevice, CudaError};
 
 /// The kernel source of prefill.
@@ -153,7 +153,7 @@ impl PrefillKernels {
             shared_mem_bytes: 0,
         };
         let d = d as i32;
-        launch_plain(
+        launch(
             dev,
             &self.gather_rows,
             cfg,
@@ -183,7 +183,7 @@ impl PrefillKernels {
         let (pos0, positions, tables, stride, block, kv16) = kv.placement();
         let (kc, vc) = (kv.k_cache, kv.v_cache);
         let scale = 1.0 / (dims.head_dim as f32).sqrt();
-        launch_plain(
+        launch(
             dev,
             &self.attention_rows,
             cfg,
@@ -238,7 +238,7 @@ impl PrefillKernels {
         };
         let (k, n) = (k as i32, n as i32);
         let (shared_out, shared_logit) = shared.map_or((0, 0), |s| (s.out, s.logit));
-        launch_plain(
+        launch(
             dev,
             &self.combine_rows,
             cfg,
@@ -289,7 +289,7 @@ impl PrefillKernels {
         };
         let stride = g.w.matrix_stride_bytes as i64;
         let (count, n, k, y_stride) = (g.count as i32, g.n as i32, g.k as i32, g.y_stride as i32);
-        launch_plain(
+        launch(
             dev,
             f,
             cfg,
@@ -327,7 +327,7 @@ impl PrefillKernels {
             shared_mem_bytes: shared as u32,
         };
         let (slots, k, experts) = (slots as i32, k as i32, experts as i32);
-        launch_plain(
+        launch(
             dev,
             &self.group_by_expert,
             cfg,
