@@ -234,4 +234,44 @@ mod tests {
         store(DType::Bf16, &acc, bytemuck::cast_slice_mut(&mut out));
         assert_eq!(out.map(|x| x.to_f32()), [1.5, 4.0, 4.0]);
     }
+
+    #[test]
+    fn bf16_sums_add_in_f32_and_round_once() {
+        let b = |v: f32| bf16::from_f32(v);
+        let (ulp, half_ulp) = (2f32.powi(-7), 2f32.powi(-8));
+        // Two ranks: (1 + ulp) + (half_ulp + 2^-15) is just over half an ulp above 1 + ulp, so the
+        // f32 sum rounds up; truncating or adding in bf16 would stay at 1 + ulp.
+        let mut dst = [b(1.0 + ulp), b(-(1.0 + ulp)), b(3.0)];
+        let src = [b(half_ulp + 2f32.powi(-15)), b(-half_ulp), b(0.25)];
+        reduce_into(
+            DType::Bf16,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut dst),
+            bytemuck::cast_slice(&src),
+        );
+        // The tie -(1 + ulp + half_ulp) goes to the even significand, -(1 + 2 ulp).
+        assert_eq!(
+            dst.map(|x| x.to_f32()),
+            [1.0 + 2.0 * ulp, -(1.0 + 2.0 * ulp), 3.25]
+        );
+        // Four ranks in rank order: 1 + 3 half_ulp, accumulated in f32, is a tie between 1 + ulp
+        // and 1 + 2 ulp that rounds to the even 1 + 2 ulp; rounding after each addition would
+        // have lost every half_ulp (1 + half_ulp rounds back to 1) and given 1.
+        let parts = [1.0, half_ulp, half_ulp, half_ulp].map(|v| [b(v)]);
+        let mut acc = [0f32];
+        for (k, p) in parts.iter().enumerate() {
+            accumulate(
+                DType::Bf16,
+                ReduceOp::Sum,
+                &mut acc,
+                bytemuck::cast_slice(p),
+                k == 0,
+            );
+        }
+        assert_eq!(acc, [1.0 + 3.0 * half_ulp]);
+        let mut out = [bf16::ZERO];
+        store(DType::Bf16, &acc, bytemuck::cast_slice_mut(&mut out));
+        assert_eq!(out[0].to_f32(), 1.0 + 2.0 * ulp);
+        assert_eq!(b(b(1.0 + half_ulp).to_f32() + half_ulp).to_f32(), 1.0);
+    }
 }
