@@ -99,10 +99,35 @@ impl Elem for f16 {
 impl Elem for bf16 {
     const DTYPE: DType = DType::Bf16;
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        bf16_from_f32(v)
     }
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+}
+
+/// `v` rounded to the nearest bf16, ties to even, as `bf16::from_f32` rounds it (a NaN stays a
+/// quiet NaN), but without its branches, so that loops over slices of it vectorise.
+#[inline(always)]
+fn bf16_from_f32(v: f32) -> bf16 {
+    let x = v.to_bits();
+    // Adding 0x7fff plus the kept part's lowest bit carries into the kept part exactly when the
+    // dropped half is above half an ulp, or at half an ulp with an odd kept part.
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = (x >> 16) as u16 | 0x0040;
+    bf16::from_bits(if x & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    })
+}
+
+/// `d = f(d, s)` element-wise for a bf16 `d` and bf16 bytes `s`, in f32, rounded once each.
+#[inline(always)]
+fn combine_bf16(d: &mut [bf16], src: &[u8], f: impl Fn(f32, f32) -> f32) {
+    for (x, s) in d.iter_mut().zip(src.chunks_exact(2)) {
+        let v = bf16::from_bits(u16::from_ne_bytes([s[0], s[1]])).to_f32();
+        *x = bf16_from_f32(f(x.to_f32(), v));
     }
 }
 
@@ -154,8 +179,10 @@ pub(crate) fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]
         }
         DType::Bf16 => {
             let d: &mut [bf16] = bytemuck::cast_slice_mut(dst);
-            for (i, x) in d.iter_mut().enumerate() {
-                *x = bf16::from_f32(combine(op, x.to_f32(), load(dtype, src, i)));
+            // One loop per operation, as for f32, so that each vectorises.
+            match op {
+                ReduceOp::Sum => combine_bf16(d, src, |a, b| a + b),
+                ReduceOp::Max => combine_bf16(d, src, f32::max),
             }
         }
         DType::U8 => unreachable!("byte buffers are never reduced"),
@@ -189,7 +216,7 @@ pub(crate) fn store(dtype: DType, acc: &[f32], dst: &mut [u8]) {
         DType::Bf16 => {
             let d: &mut [bf16] = bytemuck::cast_slice_mut(dst);
             for (x, a) in d.iter_mut().zip(acc) {
-                *x = bf16::from_f32(*a);
+                *x = bf16_from_f32(*a);
             }
         }
         DType::U8 => unreachable!("byte buffers are never reduced"),
@@ -233,5 +260,78 @@ mod tests {
         let mut out = [bf16::ZERO; 3];
         store(DType::Bf16, &acc, bytemuck::cast_slice_mut(&mut out));
         assert_eq!(out.map(|x| x.to_f32()), [1.5, 4.0, 4.0]);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_the_half_crate_bit_for_bit() {
+        // Ties, carries into the exponent, the largest finite values, infinities, NaNs (quiet and
+        // signalling, either sign), subnormals, and a spread of ordinary values.
+        let special = [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3fff_8000,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xff80_0001,
+            0xffff_ffff,
+            0x0000_8000,
+            0x0001_8000,
+            0x8000_0000,
+            0,
+        ];
+        let spread = (0..1u64 << 32).step_by(65_521).map(|x| x as u32);
+        for x in special.into_iter().chain(spread) {
+            let v = f32::from_bits(x);
+            assert_eq!(
+                bf16_from_f32(v).to_bits(),
+                bf16::from_f32(v).to_bits(),
+                "{x:#010x}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_sums_add_in_f32_and_round_once() {
+        let b = |v: f32| bf16::from_f32(v);
+        let (ulp, half_ulp) = (2f32.powi(-7), 2f32.powi(-8));
+        // Two ranks: (1 + ulp) + (half_ulp + 2^-15) is just over half an ulp above 1 + ulp, so the
+        // f32 sum rounds up; truncating or adding in bf16 would stay at 1 + ulp.
+        let mut dst = [b(1.0 + ulp), b(-(1.0 + ulp)), b(3.0)];
+        let src = [b(half_ulp + 2f32.powi(-15)), b(-half_ulp), b(0.25)];
+        reduce_into(
+            DType::Bf16,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut dst),
+            bytemuck::cast_slice(&src),
+        );
+        // The tie -(1 + ulp + half_ulp) goes to the even significand, -(1 + 2 ulp).
+        assert_eq!(
+            dst.map(|x| x.to_f32()),
+            [1.0 + 2.0 * ulp, -(1.0 + 2.0 * ulp), 3.25]
+        );
+        // Four ranks in rank order: 1 + 3 half_ulp, accumulated in f32, is a tie between 1 + ulp
+        // and 1 + 2 ulp that rounds to the even 1 + 2 ulp; rounding after each addition would
+        // have lost every half_ulp (1 + half_ulp rounds back to 1) and given 1.
+        let parts = [1.0, half_ulp, half_ulp, half_ulp].map(|v| [b(v)]);
+        let mut acc = [0f32];
+        for (k, p) in parts.iter().enumerate() {
+            accumulate(
+                DType::Bf16,
+                ReduceOp::Sum,
+                &mut acc,
+                bytemuck::cast_slice(p),
+                k == 0,
+            );
+        }
+        assert_eq!(acc, [1.0 + 3.0 * half_ulp]);
+        let mut out = [bf16::ZERO];
+        store(DType::Bf16, &acc, bytemuck::cast_slice_mut(&mut out));
+        assert_eq!(out[0].to_f32(), 1.0 + 2.0 * ulp);
+        assert_eq!(b(b(1.0 + half_ulp).to_f32() + half_ulp).to_f32(), 1.0);
     }
 }

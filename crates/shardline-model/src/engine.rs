@@ -10,7 +10,7 @@
 use shardline_tensor::kernels::add_assign;
 
 use crate::backend::cpu::dispatch::gather_own_rows;
-use crate::backend::{Backend, Decoded, FfnPart, PagedRow, Reduce, Sampled, Want};
+use crate::backend::{Backend, Decoded, FfnPart, PagedRow, Reduce, Sampled, SumDType, Want};
 use crate::error::{ModelError, Result};
 
 /// Which rows of logits a forward pass returns.
@@ -32,12 +32,21 @@ pub struct Engine<B, R> {
     pub backend: B,
     /// The exchange with the other ranks ([`crate::SingleRank`] alone).
     pub reduce: R,
+    /// The type the segments' partial sums travel in between the ranks: the model's activation
+    /// type ([`SumDType::of_weights`]) unless set to [`SumDType::F32`] before the first step.
+    /// Every rank must use the same.
+    pub sum_dtype: SumDType,
 }
 
 impl<B: Backend, R: Reduce> Engine<B, R> {
-    /// An engine over `backend`, combining parts through `reduce`.
+    /// An engine over `backend`, combining parts through `reduce` in the model's activation type.
     pub fn new(backend: B, reduce: R) -> Self {
-        Engine { backend, reduce }
+        let sum_dtype = SumDType::of_weights(backend.weight_dtype());
+        Engine {
+            backend,
+            reduce,
+            sum_dtype,
+        }
     }
 
     /// Starts a new sequence that will need `positions` positions in all (prompt + generation).
@@ -359,7 +368,7 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                 None => self.backend.attention(layer, &x, &mut part)?,
             }
             if host_sum {
-                self.reduce.all_reduce_sum(&mut part)?;
+                self.reduce.all_reduce_sum(&mut part, self.sum_dtype)?;
             }
             add_assign(&mut x, &part);
             let made = if tokens.len() == 1 || !host_sum {
@@ -371,7 +380,9 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
                     .ffn_routed(layer, &x, &mut part, &mut self.reduce)?
             };
             match made {
-                FfnPart::Sum if host_sum => self.reduce.all_reduce_sum(&mut part)?,
+                FfnPart::Sum if host_sum => {
+                    self.reduce.all_reduce_sum(&mut part, self.sum_dtype)?
+                }
                 FfnPart::Sum => {}
                 FfnPart::OwnRows => gather_own_rows(&mut part, h, &mut self.reduce)?,
             }

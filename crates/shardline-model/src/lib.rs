@@ -30,7 +30,9 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::cpu::CpuBackend;
-pub use backend::{Backend, Decoded, FfnPart, PagedRow, Pending, Reduce, SingleRank, Want};
+pub use backend::{
+    Backend, Decoded, FfnPart, PagedRow, Pending, Reduce, SingleRank, SumDType, Want,
+};
 pub use config::{Arch, FfnKind, ModelSpec, MoeSpec};
 pub use engine::{Engine, Logits};
 pub use error::{ModelError, Result};

@@ -1,5 +1,7 @@
 //! Every repo fixture split over ranks (TP 2, TP 4, EP 2, TP 4 with EP 2) reproduces the
-//! reference logits to the single-rank tolerance, and a prompt long enough for several chunks of
+//! reference logits to the single-rank tolerance with its partial sums carried in f32, and to that
+//! plus the rounding's share (`sum_tolerance`) carried in the model's own type; a bf16 or f16
+//! model's sums travel in 2 bytes an element; and a prompt long enough for several chunks of
 //! expert dispatch gives the single-rank logits. The ranks are threads of this process whose
 //! reduce sums the partials in rank order, so the test checks the sharding itself; the comm
 //! crate's collectives between processes are tested by the CLI's distributed tests.
@@ -12,8 +14,11 @@ use common::ThreadReduce;
 
 use shardline_model::backend::cpu::dispatch::DISPATCH_CHUNK;
 use shardline_model::load::load_model_for;
+use shardline_model::reference::{sum_tolerance, tolerance};
 use shardline_model::safetensors_dir::SafetensorsDir;
-use shardline_model::{verify, CpuBackend, Engine, FfnKind, Logits, ModelSpec, Plan, Reference};
+use shardline_model::{
+    verify, Backend, CpuBackend, Engine, FfnKind, Logits, ModelSpec, Plan, Reference, SumDType,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -39,9 +44,10 @@ fn on_thread_ranks<T: Send>(
     })
 }
 
-/// Verifies `dir` with `world` thread-ranks and `ep` expert groups; returns each rank's
-/// (prefill, decode) max difference.
-fn verify_split(dir: &Path, world: usize, ep: usize) -> Vec<(f32, f32)> {
+/// Verifies `dir` with `world` thread-ranks and `ep` expert groups, the partial sums carried in
+/// f32 or (`in_f32` false) in the model's type; returns each rank's (prefill, decode) max
+/// difference.
+fn verify_split(dir: &Path, world: usize, ep: usize, in_f32: bool) -> Vec<(f32, f32)> {
     let spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
     let reference = Reference::from_file(&dir.join("reference.json"), spec.vocab).unwrap();
     on_thread_ranks(
@@ -51,7 +57,16 @@ fn verify_split(dir: &Path, world: usize, ep: usize) -> Vec<(f32, f32)> {
         |_| {},
         |engine| {
             let rank = engine.reduce.rank;
+            let weights = engine.backend.weight_dtype();
+            if in_f32 {
+                engine.sum_dtype = SumDType::F32;
+            }
+            let sums = engine.sum_dtype;
             let r = verify(engine, &reference).unwrap();
+            // The tolerance widens only by the sums' rounding, and not at all for f32 sums.
+            let widened = sum_tolerance(sums, spec.n_layers, reference.logit_rms());
+            assert_eq!(r.tolerance, tolerance(weights) + widened);
+            assert_eq!(r.sum_dtype, sums);
             assert!(
                 r.passed(),
                 "{} world {world} ep {ep} rank {rank}: prefill {:.2e} decode {:.2e}, greedy {}/{}",
@@ -85,10 +100,59 @@ fn every_fixture_verifies_split_over_ranks() {
             plans.extend([(2, 2), (4, 2)]);
         }
         for (world, ep) in plans {
-            let diffs = verify_split(dir, world, ep);
-            // Every rank holds the same residual stream, so the same logits.
-            assert!(diffs.windows(2).all(|w| w[0] == w[1]), "{diffs:?}");
+            for in_f32 in [true, false] {
+                let diffs = verify_split(dir, world, ep, in_f32);
+                // Every rank holds the same residual stream, so the same logits.
+                assert!(diffs.windows(2).all(|w| w[0] == w[1]), "{diffs:?}");
+            }
         }
+    }
+}
+
+#[test]
+fn half_models_carry_their_sums_in_two_bytes_an_element() {
+    for (name, sums) in [
+        ("mixtral-tiny", SumDType::F32),
+        ("mixtral-tiny-bf16", SumDType::BF16),
+        ("mixtral-tiny-f16", SumDType::F16),
+    ] {
+        let dir = fixtures().join(name);
+        let prompt = [3u32, 1, 4, 1, 5];
+        // A prefill and a decode step on two ranks; each rank's all-reduced elements and bytes.
+        let run = |force_f32: bool| {
+            on_thread_ranks(
+                &dir,
+                2,
+                1,
+                |_| {},
+                |engine| {
+                    if force_f32 {
+                        engine.sum_dtype = SumDType::F32;
+                    }
+                    engine.start(prompt.len() + 1).unwrap();
+                    let first = engine.forward_argmax(&prompt).unwrap();
+                    let logits = engine.forward(&[first], Logits::Last).unwrap();
+                    let r = &engine.reduce;
+                    (engine.sum_dtype, r.sum_elems, r.sum_bytes, logits)
+                },
+            )
+        };
+        let spec = ModelSpec::from_file(&dir.join("config.json")).unwrap();
+        // Two all-reduces a layer, of every row: the prompt's, then the decode step's one.
+        let elems = 2 * spec.n_layers * (prompt.len() + 1) * spec.hidden;
+        let model = run(false);
+        for (rank, (dtype, n, bytes, _)) in model.iter().enumerate() {
+            assert_eq!(*dtype, sums, "{name} rank {rank}");
+            assert_eq!(*n, elems, "{name} rank {rank}");
+            assert_eq!(*bytes, n * sums.size(), "{name} rank {rank}");
+        }
+        let forced = run(true);
+        for (rank, (dtype, n, bytes, _)) in forced.iter().enumerate() {
+            assert_eq!(*dtype, SumDType::F32, "{name} rank {rank}");
+            assert_eq!(*bytes, 4 * n, "{name} rank {rank}");
+        }
+        // Rounded sums give other logits than f32 ones exactly where the sums are rounded.
+        assert_eq!(model[0].3 == forced[0].3, sums == SumDType::F32, "{name}");
     }
 }
 

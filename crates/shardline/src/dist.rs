@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use shardline_comm::{Group, ReduceOp};
-use shardline_model::{ModelError, Pending, Plan, Reduce};
+use half::{bf16, f16};
+use shardline_comm::{Elem, Group, ReduceOp};
+use shardline_model::{ModelError, Pending, Plan, Reduce, SumDType};
 
-use crate::engine::CommTime;
+use crate::engine::{CommTime, ReduceDType};
 use crate::gpu_comm::GpuComm;
 
 /// How a command is split over ranks.
@@ -38,6 +39,13 @@ pub struct ParallelArgs {
     /// LD_LIBRARY_PATH, or at SHARDLINE_NCCL_LIB.
     #[arg(long, value_enum, default_value_t = GpuComm::Auto, env = "SHARDLINE_GPU_COMM")]
     pub gpu_comm: GpuComm,
+    /// The type the segments' partial sums travel in between ranks: f32 (never rounded; the
+    /// default, within verify's tolerances) or model (bf16 or f16 for a bf16 or f16 model, half
+    /// the bytes of f32, the additions done in f32; the rounding moves logits by up to about 2e-2
+    /// of a bf16 fixture's, see fixtures/README.md). Where ranks are told differently, rank 0's
+    /// choice holds.
+    #[arg(long, value_enum, default_value_t = ReduceDType::F32, env = "SHARDLINE_REDUCE_DTYPE")]
+    pub reduce_dtype: ReduceDType,
     /// CPU worker threads of each rank (default: the cores, shared out among the ranks this
     /// host starts).
     #[arg(short = 't', long, env = "SHARDLINE_THREADS")]
@@ -169,9 +177,14 @@ impl Reduce for GroupReduce {
         self.group.rank()
     }
 
-    fn all_reduce_sum(&mut self, x: &mut [f32]) -> shardline_model::Result<()> {
+    fn all_reduce_sum(&mut self, x: &mut [f32], dtype: SumDType) -> shardline_model::Result<()> {
+        let group = &self.group;
         self.time
-            .add(|| self.group.all_reduce(x, ReduceOp::Sum))
+            .add(|| match dtype {
+                SumDType::F32 => group.all_reduce(x, ReduceOp::Sum),
+                SumDType::BF16 => all_reduce_as::<bf16>(group, x),
+                SumDType::F16 => all_reduce_as::<f16>(group, x),
+            })
             .map_err(|e| collective("all-reduce", self.group.rank(), e))
     }
 
@@ -213,6 +226,17 @@ impl Reduce for GroupReduce {
             handle.wait().map_err(|e| collective("all-to-all", rank, e))
         }))
     }
+}
+
+/// Sums `x` over the group as `T`: rounded to it, all-reduced (the collective adds in f32 and
+/// rounds each sum once) and widened back into `x`.
+fn all_reduce_as<T: Elem>(group: &Group, x: &mut [f32]) -> shardline_comm::Result<()> {
+    let mut buf: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    group.all_reduce(&mut buf, ReduceOp::Sum)?;
+    for (o, v) in x.iter_mut().zip(buf) {
+        *o = v.to_f32();
+    }
+    Ok(())
 }
 
 /// A collective's failure, keeping the transport's error as its source.
@@ -631,6 +655,46 @@ fn wait_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use shardline_comm::{Config, TransportChoice};
+
+    #[test]
+    fn group_sums_travel_in_the_type_asked_for() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .to_string();
+        // Each pair's f32 sum: 1 + 2^-9, 300.5, 1 + 2^-12. In bf16 (8 significant bits) the first
+        // rank's 1 + 2^-10 is 1, 300.5 lies half way between 300 and 302 and goes to the even 300,
+        // and 1 + 2^-12 is 1; f16 (11 bits) holds the first two exactly but not the third.
+        let parts = [
+            [1.0 + 2f32.powi(-10), 300.0, 1.0 + 2f32.powi(-12)],
+            [2f32.powi(-10), 0.5, 0.0],
+        ];
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let mut c = Config::new(rank, 2, addr.clone(), "reduce-dtype-test");
+                c.timeout = Duration::from_secs(20);
+                c.transport = TransportChoice::Tcp;
+                std::thread::spawn(move || {
+                    let group = Arc::new(Group::init(&c).unwrap());
+                    let mut reduce = GroupReduce::new(group, CommTime::default());
+                    [SumDType::F32, SumDType::BF16, SumDType::F16].map(|dtype| {
+                        let mut x = parts[rank];
+                        reduce.all_reduce_sum(&mut x, dtype).unwrap();
+                        x
+                    })
+                })
+            })
+            .collect();
+        let (f32_sum, bf16_sum, f16_sum) = (1.0 + 2f32.powi(-9), 1.0, 1.0 + 2f32.powi(-9));
+        for rank in ranks {
+            let [in_f32, in_bf16, in_f16] = rank.join().unwrap();
+            assert_eq!(in_f32, [f32_sum, 300.5, 1.0 + 2f32.powi(-12)]);
+            assert_eq!(in_bf16, [bf16_sum, 300.0, 1.0]);
+            assert_eq!(in_f16, [f16_sum, 300.5, 1.0]);
+        }
+    }
 
     #[test]
     fn rank_prefix_is_taken_off_only_when_it_is_one() {

@@ -17,7 +17,7 @@ use shardline_model::random::RandomWeights;
 use shardline_model::tokenizer::TextCodec;
 use shardline_model::{
     builtin_parts_for, builtin_spec, load_parts_quantized_for, load_tokenizer, Backend, CpuBackend,
-    Engine, Exec, ModelSpec, Plan, Reduce, SingleRank,
+    Engine, Exec, ModelSpec, Plan, Reduce, SingleRank, SumDType,
 };
 use shardline_tensor::quant::QuantFormat;
 use shardline_tensor::DType;
@@ -302,6 +302,15 @@ impl KvDtypeArg {
     }
 }
 
+/// Which type the segments' partial sums travel in between the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReduceDType {
+    /// The model's activation type: bf16 or f16 for a bf16 or f16 model, f32 for the others.
+    Model,
+    /// Always f32: the sums are not rounded.
+    F32,
+}
+
 /// An engine whose device and ranks are chosen at run time.
 pub type DynEngine = Engine<Box<dyn Backend>, Box<dyn Reduce>>;
 
@@ -317,6 +326,8 @@ pub struct EngineOptions {
     pub gpu_comm: GpuComm,
     /// Where the time of the host's collectives adds up.
     pub comm_time: CommTime,
+    /// The type the host's all-reduces carry the ranks' partial sums in.
+    pub reduce_dtype: ReduceDType,
 }
 
 /// The engine of this rank over `weights` (the whole model with no `group`), as `opts` say. A
@@ -339,7 +350,34 @@ pub fn build(
         Some(g) => Box::new(GroupReduce::new(g, opts.comm_time.clone())),
         None => Box::new(SingleRank),
     };
-    Ok(Engine::new(backend, reduce))
+    let mut engine = Engine::new(backend, reduce);
+    if opts.reduce_dtype == ReduceDType::F32 {
+        engine.sum_dtype = SumDType::F32;
+    }
+    agree_on_sum_dtype(&mut engine)?;
+    Ok(engine)
+}
+
+/// The sum types, as [`agree_on_sum_dtype`] numbers them.
+const SUM_DTYPES: [SumDType; 3] = [SumDType::F32, SumDType::BF16, SumDType::F16];
+
+/// Gives every rank rank 0's sum type. The model, and so its type, is the same on every rank, but
+/// `--reduce-dtype` may come from an environment that differs between hosts, and ranks sending
+/// sums of different types could not add them.
+fn agree_on_sum_dtype(engine: &mut DynEngine) -> anyhow::Result<()> {
+    if engine.reduce.world() == 1 {
+        return Ok(());
+    }
+    let mut code = [match engine.sum_dtype {
+        SumDType::F32 => 0,
+        SumDType::BF16 => 1,
+        SumDType::F16 => 2,
+    }];
+    engine.reduce.broadcast_u32(&mut code)?;
+    engine.sum_dtype = *SUM_DTYPES
+        .get(code[0] as usize)
+        .with_context(|| format!("rank 0 sums in an unknown type (code {})", code[0]))?;
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]

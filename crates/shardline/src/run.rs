@@ -82,6 +82,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         exec: Exec::Split,
         positions: prompt.len() + args.max_tokens,
         gpu_comm: args.parallel.gpu_comm,
+        reduce_dtype: args.parallel.reduce_dtype,
         comm_time: CommTime::default(),
     };
     let engine = engine::build(spec, weights, group.map(Arc::new), &opts)?;
@@ -124,6 +125,7 @@ fn chat(
         exec: Exec::Split,
         positions,
         gpu_comm: args.parallel.gpu_comm,
+        reduce_dtype: args.parallel.reduce_dtype,
         comm_time: CommTime::default(),
     };
     let mut engine = engine::build(spec, weights, None, &opts)?;

@@ -92,6 +92,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         exec: Exec::Split,
         positions: reference.prompt_ids.len() + reference.decode_logits.len(),
         gpu_comm: args.parallel.gpu_comm,
+        reduce_dtype: args.parallel.reduce_dtype,
         comm_time: CommTime::default(),
     };
     let mut engine =
@@ -103,7 +104,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{}: prefill max |diff| {:.3e} (position {}), decode max |diff| {:.3e} (step {}) (tolerance {:.0e} for {} weights); greedy {}/{} agree",
+        "{}: prefill max |diff| {:.3e} (position {}), decode max |diff| {:.3e} (step {}) (tolerance {:.1e} for {} weights, {} sums); greedy {}/{} agree",
         args.model.display(),
         r.prefill_max_diff,
         r.prefill_worst_position,
@@ -111,6 +112,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         r.decode_worst_step,
         r.tolerance,
         r.weight_dtype,
+        r.sum_dtype.name(),
         r.greedy_agree,
         r.greedy_total
     );
@@ -122,6 +124,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             "decode_max_diff": r.decode_max_diff,
             "tolerance": r.tolerance,
             "weight_dtype": r.weight_dtype.name(),
+            "sum_dtype": r.sum_dtype.name(),
             "greedy_agree": r.greedy_agree,
             "greedy_total": r.greedy_total,
         });

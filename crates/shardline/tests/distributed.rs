@@ -22,15 +22,30 @@ fn shardline(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn verify_passes_split_over_ranks_on_shm_and_tcp() {
-    let cases: &[(&str, &[&str])] = &[
-        ("qwen2-moe-tiny", &["--tp", "2"]),
-        ("qwen2-moe-tiny", &["--tp", "2", "--transport", "tcp"]),
-        ("mixtral-tiny", &["--tp", "4", "--ep", "2"]),
-        ("mixtral-tiny-bf16", &["--ep", "2", "--transport", "tcp"]),
-        ("qwen3-moe-tiny", &["--tp", "4"]),
-        ("llama-tiny", &["--tp", "2"]),
+    // Each case with the type its partial sums travel in: f32, unless told the model's own.
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("qwen2-moe-tiny", &["--tp", "2"], "f32"),
+        (
+            "qwen2-moe-tiny",
+            &["--tp", "2", "--transport", "tcp"],
+            "f32",
+        ),
+        ("mixtral-tiny", &["--tp", "4", "--ep", "2"], "f32"),
+        (
+            "mixtral-tiny-bf16",
+            &["--ep", "2", "--transport", "tcp", "--reduce-dtype", "model"],
+            "bf16",
+        ),
+        ("mixtral-tiny-bf16", &["--tp", "2"], "f32"),
+        (
+            "mixtral-tiny-f16",
+            &["--tp", "4", "--ep", "2", "--reduce-dtype", "model"],
+            "f16",
+        ),
+        ("qwen3-moe-tiny", &["--tp", "4"], "f32"),
+        ("llama-tiny", &["--tp", "2"], "f32"),
     ];
-    for (name, parallel) in cases {
+    for (name, parallel, sums) in cases {
         let dir = fixture(name);
         let mut args = vec!["verify", "--model", dir.to_str().unwrap()];
         args.extend_from_slice(parallel);
@@ -45,6 +60,10 @@ fn verify_passes_split_over_ranks_on_shm_and_tcp() {
             stdout.matches("verify passed").count(),
             1,
             "{name} {parallel:?}: one report, from rank 0: {stdout}"
+        );
+        assert!(
+            stdout.contains(&format!(" {sums} sums)")),
+            "{name} {parallel:?}: not {sums} sums: {stdout}"
         );
     }
 }
@@ -267,6 +286,8 @@ fn bench_decode_over_two_ranks_reports_the_communication() {
         "5",
         "--tp",
         "2",
+        "--reduce-dtype",
+        "model",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -282,6 +303,8 @@ fn bench_decode_over_two_ranks_reports_the_communication() {
     let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(r["tp"], 2);
     assert_eq!(r["transport"], "shm");
+    // Told to, a bf16 model's sums travel in bf16, half the bytes of f32.
+    assert_eq!(r["sum_dtype"], "bf16", "{r}");
     assert!(r["comm_us_per_layer"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["median_us"].as_f64().unwrap() > r["comm_us_per_layer"].as_f64().unwrap());
 }

@@ -263,6 +263,51 @@ pub enum FfnPart {
     OwnRows,
 }
 
+/// The element type in which the ranks' partial sums travel between them
+/// ([`Reduce::all_reduce_sum`]). The additions are done in f32 whatever it is; a 16-bit type halves
+/// the bytes every layer moves, at the cost of rounding each partial sum and their total to 8
+/// (bf16) or 11 (f16) significant bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumDType {
+    /// IEEE 754 single precision, 4 bytes per element.
+    F32,
+    /// bfloat16, 2 bytes per element.
+    BF16,
+    /// IEEE 754 half precision, 2 bytes per element.
+    F16,
+}
+
+impl SumDType {
+    /// The sums of a model whose weights are `weights` ([`Backend::weight_dtype`]): a bf16 or f16
+    /// model's activations are of its own type (the precision it was trained in), so its sums go
+    /// in that type; f32 and quantized models keep f32. Every rank holds the same model, so every
+    /// rank gets the same answer.
+    pub fn of_weights(weights: DType) -> SumDType {
+        match weights {
+            DType::BF16 => SumDType::BF16,
+            DType::F16 => SumDType::F16,
+            DType::F32 | DType::Quant(_) => SumDType::F32,
+        }
+    }
+
+    /// Bytes per element between the ranks.
+    pub fn size(self) -> usize {
+        match self {
+            SumDType::F32 => 4,
+            SumDType::BF16 | SumDType::F16 => 2,
+        }
+    }
+
+    /// Lower-case name, as `bench` records and logs write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SumDType::F32 => "f32",
+            SumDType::BF16 => "bf16",
+            SumDType::F16 => "f16",
+        }
+    }
+}
+
 /// An exchange in flight (see [`Reduce::all_to_all_v`]); [`Pending::wait`] gives what arrived.
 pub struct Pending(Box<dyn FnOnce() -> Result<Vec<f32>>>);
 
@@ -292,8 +337,11 @@ pub trait Reduce {
     /// This rank (`0..world`).
     fn rank(&self) -> usize;
 
-    /// Replaces `x` on every rank with the element-wise sum of every rank's `x`.
-    fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()>;
+    /// Replaces `x` on every rank with the element-wise sum of every rank's `x`, carried between
+    /// the ranks as `dtype`: each rank's `x` is rounded to it, the additions are done in f32 and
+    /// each result rounded to it once, and `x` gets the sum widened back to f32. Every rank passes
+    /// the same `dtype`.
+    fn all_reduce_sum(&mut self, x: &mut [f32], dtype: SumDType) -> Result<()>;
 
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
@@ -323,8 +371,8 @@ impl<T: Reduce + ?Sized> Reduce for Box<T> {
     fn rank(&self) -> usize {
         (**self).rank()
     }
-    fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()> {
-        (**self).all_reduce_sum(x)
+    fn all_reduce_sum(&mut self, x: &mut [f32], dtype: SumDType) -> Result<()> {
+        (**self).all_reduce_sum(x, dtype)
     }
     fn barrier(&mut self) -> Result<()> {
         (**self).barrier()
@@ -357,7 +405,8 @@ impl Reduce for SingleRank {
         0
     }
 
-    fn all_reduce_sum(&mut self, _x: &mut [f32]) -> Result<()> {
+    /// One rank's partial sum is the whole sum: nothing travels, so nothing is rounded.
+    fn all_reduce_sum(&mut self, _x: &mut [f32], _dtype: SumDType) -> Result<()> {
         Ok(())
     }
 

@@ -1,10 +1,12 @@
 //! What the multi-rank tests share: ranks as threads of this process, with a [`Reduce`] that
-//! sums the partials in rank order (so every rank gets the same bits) and counts the exchanges.
+//! sums the partials in rank order (so every rank gets the same bits), rounding them to the type
+//! they would travel in as the comm crate's collectives do, and counts the exchanges.
 //! The comm crate's collectives between processes are tested by the CLI's distributed tests.
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use shardline_model::{ModelError, Pending, Reduce, Result};
+use half::{bf16, f16};
+use shardline_model::{ModelError, Pending, Reduce, Result, SumDType};
 
 /// Partials of every rank, summed in rank order by each rank.
 struct Slots {
@@ -20,6 +22,19 @@ pub struct ThreadReduce {
     pub all_to_alls: usize,
     /// All-gathers run (logits, and rows after dispatch).
     pub all_gathers: usize,
+    /// Elements all-reduced.
+    pub sum_elems: usize,
+    /// The bytes those elements take between ranks, in the type each all-reduce asked for.
+    pub sum_bytes: usize,
+}
+
+/// `x` rounded to the nearest values of `dtype` (round to nearest even, as `half` converts).
+fn round(dtype: SumDType, x: &mut [f32]) {
+    match dtype {
+        SumDType::F32 => {}
+        SumDType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        SumDType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+    }
 }
 
 impl ThreadReduce {
@@ -67,8 +82,13 @@ impl Reduce for ThreadReduce {
         Ok(())
     }
 
-    fn all_reduce_sum(&mut self, x: &mut [f32]) -> Result<()> {
-        let own = x.to_vec();
+    /// As the comm crate's direct all-reduce: each part rounded to `dtype`, summed in f32 in rank
+    /// order, the sum rounded once.
+    fn all_reduce_sum(&mut self, x: &mut [f32], dtype: SumDType) -> Result<()> {
+        self.sum_elems += x.len();
+        self.sum_bytes += x.len() * dtype.size();
+        let mut own = x.to_vec();
+        round(dtype, &mut own);
         self.exchange(&own, |parts| {
             x.fill(0.0);
             for p in parts {
@@ -77,6 +97,7 @@ impl Reduce for ThreadReduce {
                 }
             }
         });
+        round(dtype, x);
         Ok(())
     }
 
@@ -129,6 +150,8 @@ pub fn on_threads<T: Send>(world: usize, f: impl Fn(ThreadReduce) -> T + Sync) -
                         shared,
                         all_to_alls: 0,
                         all_gathers: 0,
+                        sum_elems: 0,
+                        sum_bytes: 0,
                     })
                 })
             })

@@ -45,7 +45,8 @@ median step of the same model with no layers (embedding, final norm, logits, arg
 layer reads in one step on one rank (attention, norms, router, top_k experts; its slices under\n\
 --tp/--ep); `gbps` = weight_bytes_per_layer / per-layer median. With --tp/--ep the ranks start\n\
 themselves, each iteration starts after a barrier, its time is the slowest rank's,\n\
-`comm_us_per_layer` is the share of the host's collectives (0 where NCCL sums on the GPUs), and\n\
+`comm_us_per_layer` is the share of the host's collectives (0 where NCCL sums on the GPUs),\n\
+`sum_dtype` the type the host's all-reduces carry the partial sums in (--reduce-dtype), and\n\
 `rss_mb_per_rank` the largest rank's resident memory. `--exec per-op` runs each op on its own:\n\
 one parallel region per matrix on the CPU, one launch waited for at a time on the GPU.\n\
 Threads: SHARDLINE_THREADS (default all cores).";
@@ -143,6 +144,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         exec,
         positions: args.kv_len + 1,
         gpu_comm: args.parallel.gpu_comm,
+        reduce_dtype: args.parallel.reduce_dtype,
         comm_time: comm_time.clone(),
     };
     let warmup = (args.iters / 10).max(5);
@@ -238,6 +240,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             "weight_bytes_per_layer": bytes_per_layer,
             "gbps": round3(gbps),
             "comm_us_per_layer": round3(comm as f64),
+            "sum_dtype": if split { engine.sum_dtype.name() } else { "none" },
             "rss_mb_per_rank": rss.round(),
             "batch": batch,
             "kv_dtype": kv_dtype(batch).name(),

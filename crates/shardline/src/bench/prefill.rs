@@ -9,7 +9,7 @@ use serde_json::json;
 use shardline_model::{Exec, Plan};
 
 use super::record::{Sink, Stats};
-use crate::engine::{self, CommTime, DeviceArg, EngineOptions, Layers, ModelArgs};
+use crate::engine::{self, CommTime, DeviceArg, EngineOptions, Layers, ModelArgs, ReduceDType};
 use crate::gpu_comm::GpuComm;
 
 /// What one iteration measures; shown by `--help`.
@@ -61,6 +61,7 @@ pub fn run(mut args: PrefillArgs) -> anyhow::Result<()> {
         positions: args.kv_len + args.rows,
         gpu_comm: GpuComm::Auto,
         comm_time: CommTime::default(),
+        reduce_dtype: ReduceDType::F32,
     };
     let mut engine = engine::build(spec, weights, None, &opts)?;
     let mut rng = fastrand::Rng::with_seed(7);

@@ -86,6 +86,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         exec: Exec::Split,
         positions: 1,
         gpu_comm: args.parallel.gpu_comm,
+        reduce_dtype: args.parallel.reduce_dtype,
         comm_time: CommTime::default(),
     };
     let mut engine = engine::build(spec, weights, group.map(Arc::new), &opts)?;
