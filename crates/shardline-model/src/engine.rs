@@ -32,20 +32,19 @@ pub struct Engine<B, R> {
     pub backend: B,
     /// The exchange with the other ranks ([`crate::SingleRank`] alone).
     pub reduce: R,
-    /// The type the segments' partial sums travel in between the ranks: the model's activation
-    /// type ([`SumDType::of_weights`]) unless set to [`SumDType::F32`] before the first step.
-    /// Every rank must use the same.
+    /// The type the segments' partial sums travel in between the ranks: f32, unless set to the
+    /// model's activation type ([`SumDType::of_weights`]: half the bytes, at the cost of a
+    /// rounding) before the first step. Every rank must use the same.
     pub sum_dtype: SumDType,
 }
 
 impl<B: Backend, R: Reduce> Engine<B, R> {
-    /// An engine over `backend`, combining parts through `reduce` in the model's activation type.
+    /// An engine over `backend`, combining parts through `reduce` in f32.
     pub fn new(backend: B, reduce: R) -> Self {
-        let sum_dtype = SumDType::of_weights(backend.weight_dtype());
         Engine {
             backend,
             reduce,
-            sum_dtype,
+            sum_dtype: SumDType::F32,
         }
     }
 

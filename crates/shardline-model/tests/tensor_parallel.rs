@@ -58,9 +58,11 @@ fn verify_split(dir: &Path, world: usize, ep: usize, in_f32: bool) -> Vec<(f32, 
         |engine| {
             let rank = engine.reduce.rank;
             let weights = engine.backend.weight_dtype();
-            if in_f32 {
-                engine.sum_dtype = SumDType::F32;
-            }
+            engine.sum_dtype = if in_f32 {
+                SumDType::F32
+            } else {
+                SumDType::of_weights(weights)
+            };
             let sums = engine.sum_dtype;
             let r = verify(engine, &reference).unwrap();
             // The tolerance widens only by the sums' rounding, and not at all for f32 sums.
@@ -126,8 +128,8 @@ fn half_models_carry_their_sums_in_two_bytes_an_element() {
                 1,
                 |_| {},
                 |engine| {
-                    if force_f32 {
-                        engine.sum_dtype = SumDType::F32;
+                    if !force_f32 {
+                        engine.sum_dtype = SumDType::of_weights(engine.backend.weight_dtype());
                     }
                     engine.start(prompt.len() + 1).unwrap();
                     let first = engine.forward_argmax(&prompt).unwrap();

@@ -351,8 +351,8 @@ pub fn build(
         None => Box::new(SingleRank),
     };
     let mut engine = Engine::new(backend, reduce);
-    if opts.reduce_dtype == ReduceDType::F32 {
-        engine.sum_dtype = SumDType::F32;
+    if opts.reduce_dtype == ReduceDType::Model {
+        engine.sum_dtype = SumDType::of_weights(engine.backend.weight_dtype());
     }
     agree_on_sum_dtype(&mut engine)?;
     Ok(engine)
