@@ -127,7 +127,7 @@ if has serve; then
         for c in 1 8 64; do
             "$sl" bench serve --url "http://127.0.0.1:$port" --concurrency "$c" \
                 --requests $((c < 8 ? 8 : 2 * c)) --prompt-len 128 --output-len 128 \
-                --json "$out/serve_${p}_$n.jsonl" || echo "bench serve $p $c clients FAILED"
+                --json "$out/serve_${p}_${n}_c$c.jsonl" || echo "bench serve $p $c clients FAILED"
         done
         kill -TERM "$server" 2>/dev/null || true
         wait "$server" || echo "serve $p exited with $?"

