@@ -100,16 +100,22 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
             Some(Decoded::Best { value, id }) => (value, id),
             _ => {
                 let local = self.forward_local(tokens, Logits::Last)?;
-                let start = self.backend.vocab_rows().start;
-                let (best, value) = local.iter().enumerate().fold(
-                    (0usize, f32::NEG_INFINITY),
-                    |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-                );
-                self.check_finite(&local)?;
-                (value, (start + best) as u32)
+                self.row_best(&local)
             }
         };
         Ok(self.pick_best(&[(value, id)])?[0])
+    }
+
+    /// This rank's best `(logit, vocabulary id)` of one row of its logits; the logit is NaN where
+    /// the row holds a value that is not finite ([`Engine::pick_best`] refuses it).
+    fn row_best(&self, row: &[f32]) -> (f32, u32) {
+        let i = crate::sampler::argmax(row);
+        let value = if row.iter().all(|v| v.is_finite()) {
+            row[i]
+        } else {
+            f32::NAN
+        };
+        (value, (self.backend.vocab_rows().start + i) as u32)
     }
 
     /// The greedy token of each row from every rank's best `(logit, id)` of it: each rank sends
@@ -274,20 +280,10 @@ impl<B: Backend, R: Reduce> Engine<B, R> {
         let best = match self.paged_local(tokens, rows, sample, Want::Best)? {
             Sampled::Best(b) => b,
             Sampled::Logits(local) => {
-                let start = self.backend.vocab_rows().start as u32;
                 let width = self.backend.vocab_rows().len().max(1);
                 local
                     .chunks_exact(width)
-                    .map(|row| {
-                        let i = crate::sampler::argmax(row);
-                        // A NaN row has no finite best.
-                        let v = if row.iter().all(|v| v.is_finite()) {
-                            row[i]
-                        } else {
-                            f32::NAN
-                        };
-                        (v, start + i as u32)
-                    })
+                    .map(|r| self.row_best(r))
                     .collect()
             }
         };
