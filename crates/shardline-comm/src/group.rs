@@ -163,6 +163,14 @@ impl Group {
         }
     }
 
+    /// [`Group::check`] for a wait outside the group, such as a GPU stream's collectives between
+    /// the same ranks: `None` while the group is usable, why once it is not (a peer silent for the
+    /// liveness budget while the group is idle, which its progress thread notices). Never waits.
+    pub fn watcher(&self) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+        let broken = Arc::clone(&self.broken);
+        move || broken.get().cloned()
+    }
+
     /// How long a collective may take before it fails (`SHARDLINE_TIMEOUT`).
     pub fn timeout(&self) -> Duration {
         self.timeout

@@ -36,6 +36,10 @@ pub enum CudaError {
     /// deadline, or was refused because the communicator was aborted earlier.
     #[error("NCCL failed while {0}")]
     Nccl(String),
+    /// Another rank of the job was lost (killed, stopped, or its host silent) while this rank
+    /// waited for a collective on the GPUs; the message names it. The communicator is aborted.
+    #[error("{0}; the NCCL communicator was aborted")]
+    PeerLost(String),
     /// A launch or copy was asked for sizes it does not take; checked before anything is queued.
     #[error("invalid layer shape: {0}")]
     Shape(String),

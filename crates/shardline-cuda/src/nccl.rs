@@ -217,9 +217,16 @@ pub struct DeviceComm {
     timeout: Duration,
     /// Set once the communicator has been aborted (it is then freed, not destroyed).
     aborted: Cell<bool>,
+    /// Says why once another rank is known to be lost (see [`DeviceComm::watch_peers`]).
+    watch: Option<PeerWatch>,
     /// Keeps the device's context alive until the communicator is destroyed.
     _ctx: Arc<CudaContext>,
 }
+
+/// Tells whether the job's other ranks are alive, as the host's group of the job sees them (its
+/// heartbeats): `None` while they are, and why once one is lost. It is asked only while a wait is
+/// past its first spin, so it may take a lock, though not block.
+pub type PeerWatch = Box<dyn Fn() -> Option<String> + Send>;
 
 /// NCCL's "still in progress" result (`ncclInProgress`), which is not an error.
 const NCCL_IN_PROGRESS: c_int = 7;
@@ -305,8 +312,16 @@ impl DeviceComm {
             world,
             timeout,
             aborted: Cell::new(false),
+            watch: None,
             _ctx: dev.context().clone(),
         })
+    }
+
+    /// Has [`DeviceComm::wait`] ask `watch` whether another rank is lost, so that a rank that was
+    /// killed or stopped mid-collective fails this one within the host's liveness budget rather
+    /// than at the communicator's deadline: NCCL itself never notices a stopped peer.
+    pub fn watch_peers(&mut self, watch: PeerWatch) {
+        self.watch = Some(watch);
     }
 
     /// Waits until `dev`'s stream has run everything queued on it, NCCL's collectives included,
@@ -364,6 +379,10 @@ impl DeviceComm {
             if waited < SPIN {
                 std::hint::spin_loop();
             } else {
+                if let Some(why) = self.watch.as_ref().and_then(|w| w()) {
+                    self.abort();
+                    return Err(CudaError::PeerLost(why));
+                }
                 std::thread::sleep(Duration::from_micros(50));
             }
         }

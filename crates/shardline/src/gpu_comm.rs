@@ -245,8 +245,11 @@ mod gpu {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.size()));
         let id = share_id(group, || Ok(NcclId::new()?.to_bytes()))?;
         let timeout = group.map_or(Duration::from_secs(60), Group::timeout);
-        let comm = DeviceComm::init(dev, &NcclId::from_bytes(&id), world, rank, timeout)
+        let mut comm = DeviceComm::init(dev, &NcclId::from_bytes(&id), world, rank, timeout)
             .context("cannot form the NCCL communicator")?;
+        if let Some(g) = group {
+            comm.watch_peers(Box::new(g.watcher()));
+        }
         if rank == 0 {
             if let Ok((major, minor, patch)) = loads {
                 tracing::info!(
