@@ -443,26 +443,49 @@ pub fn start_ranks(world: usize, command: impl Fn(usize) -> RankCommand) -> anyh
         .map(|r| r.and_then(|h| h.join().ok()).unwrap_or_default())
         .collect();
     let Outcome {
-        failure,
+        mut failed,
         stopped_by,
         all_succeeded,
     } = outcome?;
     if let Some(sig) = stopped_by.filter(|_| !all_succeeded) {
         anyhow::bail!("stopped by {} (passed on to the ranks)", signal_name(sig));
     }
-    match failure {
+    order_failures(&mut failed, &reports);
+    match failed.split_first() {
         None => Ok(()),
-        Some((rank, status, later)) => Err(JobFailed {
-            rank,
-            status,
-            report: reports[rank].clone(),
+        Some((first, later)) => Err(JobFailed {
+            rank: first.rank,
+            status: first.status.clone(),
+            report: reports[first.rank].clone(),
             others: later
-                .into_iter()
-                .filter_map(|r| Some((r, summary(&reports[r])?)))
+                .iter()
+                .filter_map(|f| Some((f.rank, summary(&reports[f.rank])?)))
                 .collect(),
         }
         .into()),
     }
+}
+
+/// Puts failed ranks in the order that says what happened: a rank whose report says it lost
+/// another rank that failed failed because of it, so it goes after every rank that lost no
+/// failed peer; otherwise, the order in which the launcher saw them end. (That order alone is
+/// not enough: it looks every few milliseconds, and a rank that closed its connections on
+/// failing may take longer to exit than the peer that noticed.)
+fn order_failures(failed: &mut [Failed], reports: &[Vec<String>]) {
+    let lost = |rank: usize, other: usize| {
+        let (gone, silent) = (
+            format!("peer rank {other} is gone"),
+            format!("rank {other} sent nothing"),
+        );
+        reports[rank]
+            .iter()
+            .any(|l| l.contains(&gone) || l.contains(&silent))
+    };
+    let ranks: Vec<usize> = failed.iter().map(|f| f.rank).collect();
+    failed.sort_by_key(|f| {
+        let consequence = ranks.iter().any(|&o| o != f.rank && lost(f.rank, o));
+        (consequence, f.look)
+    });
 }
 
 /// A rank's report in one line: its headline, and its innermost cause when there is one (the
@@ -545,6 +568,18 @@ fn strip_rank_prefix(line: &str) -> &str {
         .map_or(line, |(_, body)| body)
 }
 
+/// Whether local process `pid` is stopped (SIGSTOP, or traced), as /proc says; a rank on another
+/// host (an ssh client here) is not.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
+}
+
 fn kill_all(children: &mut [Child]) {
     for c in children.iter_mut() {
         let _ = c.kill();
@@ -579,12 +614,19 @@ fn signal_ranks(
     }
 }
 
-/// The rank that failed first, how it ended, and the ranks that failed after it (in order).
-type Failure = (usize, String, Vec<usize>);
+/// A rank that failed: how it ended, and in which of the launcher's looks at its ranks it was
+/// seen to have ended.
+#[derive(Clone)]
+struct Failed {
+    rank: usize,
+    look: u64,
+    status: String,
+}
 
 /// How the ranks of a job ended.
 struct Outcome {
-    failure: Option<Failure>,
+    /// The ranks that failed, in the order they were seen to.
+    failed: Vec<Failed>,
     /// The signal that stopped the job (passed on to the ranks), if one did.
     stopped_by: Option<i32>,
     /// Whether every rank exited with success (none was killed).
@@ -600,15 +642,17 @@ fn wait_all(
     mut stdins: Vec<Option<ChildStdin>>,
 ) -> anyhow::Result<Outcome> {
     let mut status: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
-    let mut failed: Vec<usize> = Vec::new();
+    let mut failed: Vec<(usize, u64)> = Vec::new();
+    let mut looks = 0u64;
     let mut first_failure: Option<Instant> = None;
     let mut stopped_by: Option<i32> = None;
     loop {
+        looks += 1;
         for (rank, c) in children.iter_mut().enumerate() {
             if status[rank].is_none() {
                 if let Some(s) = c.try_wait().context("cannot wait for a rank")? {
                     if !s.success() {
-                        failed.push(rank);
+                        failed.push((rank, looks));
                         first_failure.get_or_insert_with(Instant::now);
                     }
                     status[rank] = Some(s);
@@ -634,19 +678,28 @@ fn wait_all(
                 break;
             }
         }
-        if first_failure.is_some_and(|since| since.elapsed() > GRACE) {
+        // A stopped rank will report nothing: waiting out the grace for it only delays the end.
+        let rest_stopped = children
+            .iter()
+            .zip(&status)
+            .filter(|(_, s)| s.is_none())
+            .all(|(c, _)| is_stopped(c.id()));
+        if first_failure.is_some_and(|since| since.elapsed() > GRACE || rest_stopped) {
             signal_ranks(&children, &status, group, libc::SIGKILL);
             kill_all(&mut children);
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let failure = failed.split_first().map(|(&rank, later)| {
-        let s = status[rank].map_or("killed".to_string(), |s| s.to_string());
-        (rank, s, later.to_vec())
-    });
     Ok(Outcome {
-        failure,
+        failed: failed
+            .into_iter()
+            .map(|(rank, look)| Failed {
+                rank,
+                look,
+                status: status[rank].map_or("killed".to_string(), |s| s.to_string()),
+            })
+            .collect(),
         stopped_by,
         all_succeeded: status.iter().all(|s| s.is_some_and(|s| s.success())),
     })
