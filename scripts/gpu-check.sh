@@ -3,8 +3,10 @@
 # fixture, and the decode table of the engine path (`bench decode` beside `run` on the same model,
 # and the PyTorch peer when torch is there). Builds with cargo when cargo is there; otherwise takes
 # prebuilt binaries from $SHARDLINE_GPU_BIN: `shardline` built with `--features cuda`, and the
-# test binaries `cuda_backend` (`cargo test -p shardline-model --features cuda --release
-# --no-run`), `nccl_gpu` and `kernels_compile` (`cargo test -p shardline-cuda --release --no-run`).
+# integration-test binaries (`it`) of two crates, renamed: `shardline-model-it` (`cargo test -p
+# shardline-model --features cuda --release --test it --no-run`; its `cuda_backend::` tests run
+# here) and `shardline-cuda-it` (`cargo test -p shardline-cuda --release --test it --no-run`: NCCL
+# and the kernels' NVRTC compile check).
 # Results go to $OUT (default gpu-results/).
 #
 # STEPS picks the parts (default all): tests verify decode batch serve whole prefill. `batch` times
@@ -24,14 +26,14 @@ has() { [[ " $steps " == *" $1 "* ]]; }
 
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
     bin=$SHARDLINE_GPU_BIN
-    test_bins=("$bin/cuda_backend" "$bin/nccl_gpu" "$bin/kernels_compile")
+    model_tests=$bin/shardline-model-it
+    cuda_tests=$bin/shardline-cuda-it
 else
     cargo build --release -p shardline --features cuda
     bin=target/release
-    mapfile -t test_bins < <({
-        cargo test -p shardline-model --features cuda --release --test cuda_backend --no-run
-        cargo test -p shardline-cuda --release --no-run
-    } 2>&1 | grep -o 'target/release/deps/\(cuda_backend\|nccl_gpu\|kernels_compile\)-[a-z0-9]*')
+    it_bin() { grep -o 'target/release/deps/it-[a-z0-9]*' | tail -1; }
+    model_tests=$(cargo test -p shardline-model --features cuda --release --test it --no-run 2>&1 | it_bin)
+    cuda_tests=$(cargo test -p shardline-cuda --release --test it --no-run 2>&1 | it_bin)
 fi
 # shellcheck source=scripts/gpu-env.sh
 . scripts/gpu-env.sh
@@ -42,7 +44,12 @@ gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | he
 
 if has tests; then
     echo "== GPU tests"
-    for t in "${test_bins[@]}"; do "$t" --ignored --test-threads=1; done 2>&1 | tee "$out/gpu_tests.log"
+    # The model crate's other integration tests run on the CPU (scripts/test.sh); all of the CUDA
+    # crate's need the GPU or NVRTC.
+    {
+        "$model_tests" --ignored --test-threads=1 cuda_backend::
+        "$cuda_tests" --ignored --test-threads=1
+    } 2>&1 | tee "$out/gpu_tests.log"
 fi
 
 if has verify; then

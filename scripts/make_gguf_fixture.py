@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Converts the repo's Hugging Face fixtures to GGUF, laid out as llama.cpp's
 `convert_hf_to_gguf.py` lays them out, for the GGUF loader's tests
-(crates/shardline-model/tests/gguf.rs).
+(crates/shardline-model/tests/it/gguf.rs).
 
     python3 -m venv /tmp/ggufenv && /tmp/ggufenv/bin/pip install gguf numpy
     /tmp/ggufenv/bin/python scripts/make_gguf_fixture.py            # every fixture below

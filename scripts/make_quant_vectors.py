@@ -11,7 +11,7 @@ transcription of ggml's quantize_row_q8_K_ref (gguf-py has no Q8_K quantizer).
 
 Usage: python3 -m pip install --user gguf numpy && python3 scripts/make_quant_vectors.py [--out DIR]
 The output is a pure function of SEED and the installed gguf/numpy versions (written with gguf 0.19.0
-and numpy 2.4.6). Files, all little-endian (crates/shardline-tensor/tests/quant_vectors.rs reads them):
+and numpy 2.4.6). Files, all little-endian (crates/shardline-tensor/tests/it/quant_vectors.rs reads them):
 
   dequant_<format>.bin   b"SLQD", u32 ggml type id, u32 block count, the blocks, then the f32 values
   quantize_q8_0.bin      b"SLQ8", u32 element count, the f32 inputs, then the Q8_0 blocks

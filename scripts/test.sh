@@ -15,10 +15,12 @@ cargo test --workspace --features "$features" -- --skip network_namespaces --ski
     --skip launch_fails
 # Ranks on two hosts made of network namespaces (needs root): verify over tcp, and `launch` over
 # an ssh stand-in. They say why when they cannot run (and when the kernel has no netem delay).
-cargo test --workspace --features "$features" --test netns --test launch -- --nocapture
+# Each crate's integration tests are one binary (`it`), one module per area, so these pick the
+# areas by module path; `--workspace` keeps the features of the first build, so nothing rebuilds.
+cargo test --workspace --features "$features" --test it -- --nocapture netns:: launch::
 # The CUDA kernels compile with NVRTC where libnvrtc is on the library path (.ci/run installs it).
 if ldconfig -p | grep -q libnvrtc || [[ "${LD_LIBRARY_PATH:-}" == *nvrtc* ]]; then
-    cargo test --workspace --features "$features" --test kernels_compile -- --ignored
+    cargo test --workspace --features "$features" --test it -- --ignored kernels_compile::
 else
     echo "NOTE: libnvrtc is not on the library path: the CUDA kernels' compile check did not run"
 fi

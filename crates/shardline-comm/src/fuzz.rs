@@ -4,7 +4,7 @@
 //! bytes (huge length fields included), mutations of real encoded messages and round trips of
 //! valid ones; none may panic, and a per-thread allocation tracker checks that none allocates
 //! more than its cap allows. 256 cases per property by default; `PROPTEST_CASES` raises it.
-//! (The public `Endpoint::decode` is fuzzed in tests/fuzz.rs.)
+//! (The public `Endpoint::decode` is fuzzed in tests/it/fuzz.rs.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

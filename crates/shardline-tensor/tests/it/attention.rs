@@ -1,7 +1,7 @@
 //! Grouped-query attention over the KV cache (decode and causal prefill) against the f64
 //! reference, including the parallel path and a cache filled by several appends.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, isas, values};
 use proptest::prelude::*;

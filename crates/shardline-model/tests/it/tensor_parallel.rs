@@ -6,7 +6,7 @@
 //! reduce sums the partials in rank order, so the test checks the sharding itself; the comm
 //! crate's collectives between processes are tested by the CLI's distributed tests.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

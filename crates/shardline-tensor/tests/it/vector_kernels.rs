@@ -1,7 +1,7 @@
 //! The vector kernels of a decode step (norm, rotary embedding, activation, softmax, top-k,
 //! element-wise ops, embedding lookup, sum) against the reference implementations.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, sum_tol, values, Weight};
 use proptest::prelude::*;

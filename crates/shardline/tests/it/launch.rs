@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod common;
+use crate::common;
 use common::{make_hosts, Hosts};
 
 /// A stand-in for ssh: `fake-ssh [OPTIONS] -- HOST COMMAND-LINE` runs the line in namespace HOST

@@ -1,7 +1,7 @@
 //! Helpers shared by the kernel tests: repeatable inputs, the SIMD paths this CPU can run, and
 //! comparisons with tolerances relative to the magnitude of what was summed.
 
-#![allow(dead_code)] // each test binary uses its own subset
+#![allow(dead_code)] // each test module uses its own subset
 
 use shardline_tensor::{DType, Isa, Shape, Tensor, TensorView};
 

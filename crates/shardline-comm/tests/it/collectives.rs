@@ -2,7 +2,7 @@
 //! odd, 8 KB and beyond the direct/ring threshold, one 16 MB all_reduce, subgroups and async
 //! calls, all checked exactly (see src/bin/shardline-comm-worker.rs).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

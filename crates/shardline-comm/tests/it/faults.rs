@@ -3,7 +3,7 @@
 //! segment behind, nor does one killed during the rendezvous) and lengths that differ across
 //! ranks.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Spawns the ranks of a test job (the `shardline-comm-worker` binary) and collects their
 //! outcome, killing every child on a deadline so a hang fails the test instead of stalling it.
 
-// Each test binary uses its own part of these helpers.
+// Each test module uses its own part of these helpers.
 #![allow(dead_code)]
 
 use std::io::Read;

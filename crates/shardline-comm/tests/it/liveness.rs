@@ -6,7 +6,7 @@
 //! stopped rank is killed afterwards. And a loop of small all_reduces completes with heartbeats
 //! on and off (its speed is printed, not asserted).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -281,7 +281,7 @@ fn small_all_reduces_complete_with_heartbeats_on_and_off() {
 /// case; `LIVENESS_BUDGET` (seconds, default 10) bounds each run, `LIVENESS_TIMEOUT` sets
 /// SHARDLINE_TIMEOUT (60) and `LIVENESS_IDLE_SECS` how long an idle rank idles before it tries a
 /// barrier (120). Run with
-/// `cargo test -p shardline-comm --test liveness -- --ignored --nocapture`.
+/// `cargo test -p shardline-comm --test it -- liveness:: --ignored --nocapture`.
 #[test]
 #[ignore]
 fn time_to_error_median() {

@@ -3,7 +3,7 @@
 //! derived from their rounding steps), many rows at once against one at a time (bit for bit),
 //! and quantize/dequantize round trips (within bounds derived from the formats' step sizes).
 
-mod common;
+use crate::common;
 
 use half::f16;
 use proptest::prelude::*;

@@ -5,7 +5,7 @@
 //! Needs a CUDA device and libnccl: the tests are ignored unless asked for (`--ignored`, as
 //! scripts/gpu-check.sh runs them), and then fail where either is missing.
 
-mod common;
+use crate::common;
 use common::device;
 
 use std::time::Duration;

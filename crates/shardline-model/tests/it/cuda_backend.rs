@@ -7,10 +7,10 @@
 //!
 //! Every test needs a CUDA GPU, which the machines that run the suite by default lack, so they are
 //! ignored; on a GPU machine run them with
-//! `cargo test -p shardline-model --features cuda --test cuda_backend -- --ignored`. Without a
+//! `cargo test -p shardline-model --features cuda --test it -- cuda_backend:: --ignored`. Without a
 //! GPU they fail (opening the device is an error).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

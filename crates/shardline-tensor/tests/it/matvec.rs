@@ -1,7 +1,7 @@
 //! matvec and matmul against the f64 reference, on every SIMD path, every dtype, odd shapes and
 //! unaligned weights.
 
-mod common;
+use crate::common;
 
 use common::{abs_dot, assert_close, isas, sum_tol, values, Weight};
 use proptest::prelude::*;

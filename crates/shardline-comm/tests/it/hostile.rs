@@ -6,7 +6,7 @@
 //! which binds loopback for a job on one host: silent, garbage and idle connections there do not
 //! hold up the rank that really connects.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpStream;
