@@ -77,6 +77,10 @@ pub struct Kernels {
     pub attention_decode: CudaFunction,
     /// As `attention_decode`, for heads of up to 128 elements (4 per lane, half the registers).
     pub attention_decode_d128: CudaFunction,
+    /// As `attention_decode`, over caches of bf16.
+    pub attention_decode_kv16: CudaFunction,
+    /// As `attention_decode_d128`, over caches of bf16.
+    pub attention_decode_d128_kv16: CudaFunction,
     /// Softmax, top-k and optional renormalisation of each row of router logits, from
     /// `common.cuh` ([`crate::ops::router_top_k`]).
     pub router_top_k: CudaFunction,
@@ -117,6 +121,8 @@ impl Kernels {
             rope_kv_append: f("rope_kv_append")?,
             attention_decode: f("attention_decode")?,
             attention_decode_d128: f("attention_decode_d128")?,
+            attention_decode_kv16: f("attention_decode_kv16")?,
+            attention_decode_d128_kv16: f("attention_decode_d128_kv16")?,
             router_top_k: f("router_top_k")?,
             combine_slots: f("combine_slots")?,
             combine_slots_norm: f("combine_slots_norm")?,

@@ -354,30 +354,45 @@ ROUTER_NORM_ENTRY(router_norm_f32, F32)
 // One block per query head; its warps split the cached positions (online softmax per warp,
 // ATTN_BATCH positions loaded at once so their latencies overlap) and are combined at the end by
 // all the block's threads, so any context length runs in fixed shared memory. Lane l holds
-// elements l, l+32, ... of a head: D <= 32 * PL (entries for PL 4 and 8).
+// elements l, l+32, ... of a head: D <= 32 * PL (entries for PL 4 and 8). The caches hold f32, or
+// bf16 (KV16), and are contiguous (position p in cache row p) or, with a block table, paged as
+// the batched steps' caches are (kv_slot in common.cuh): so a one-row step of a served sequence
+// runs this step too.
 #define ATTN_WARPS 16
 #ifndef ATTN_BATCH
 #define ATTN_BATCH 4
 #endif
 
+// Element i of a cache of f32 or (KV16) bf16, through L2 only.
+template <bool KV16>
+__device__ __forceinline__ float kv_read(const void* __restrict__ cache, long i) {
+    if (KV16) return __uint_as_float(((u32)__ldcg((const unsigned short*)cache + i)) << 16);
+    return __ldcg((const float*)cache + i);
+}
+
 // K and V rows of the positions base + b * ATTN_WARPS (b < ATTN_BATCH) below len; zeros beyond.
-// Loaded through L2 only (ld.global.cg): the first batch is read before the PDL wait, when this
-// SM's L1 may still hold lines from an earlier launch, and a row is read once anyway.
-template <int PL>
-__device__ __forceinline__ void load_kv_rows(const float* __restrict__ kb,
-                                             const float* __restrict__ vb, int base, int len,
-                                             int D, float (&kr)[ATTN_BATCH][PL],
+// `head` is the element offset of this KV head's rows; a position's row is kv_slot(...) of the
+// block table (null: contiguous). Loaded through L2 only (ld.global.cg): the first batch is read
+// before the PDL wait, when this SM's L1 may still hold lines from an earlier launch, and a row
+// is read once anyway; the table too (the host writes it before the step).
+template <int PL, bool KV16>
+__device__ __forceinline__ void load_kv_rows(const void* __restrict__ k_cache,
+                                             const void* __restrict__ v_cache, long head,
+                                             const int* __restrict__ table, int block, int base,
+                                             int len, int D, float (&kr)[ATTN_BATCH][PL],
                                              float (&vr)[ATTN_BATCH][PL]) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int b = 0; b < ATTN_BATCH; ++b) {
         const int p = base + b * ATTN_WARPS;
+        const long row =
+            p < len ? (table ? (long)__ldcg(table + p / block) * block + p % block : p) : 0;
 #pragma unroll
         for (int j = 0; j < PL; ++j) {
             const int d = lane + WARP * j;
             const bool ok = p < len && d < D;
-            kr[b][j] = ok ? __ldcg(kb + (long)p * D + d) : 0.0f;
-            vr[b][j] = ok ? __ldcg(vb + (long)p * D + d) : 0.0f;
+            kr[b][j] = ok ? kv_read<KV16>(k_cache, head + row * D + d) : 0.0f;
+            vr[b][j] = ok ? kv_read<KV16>(v_cache, head + row * D + d) : 0.0f;
         }
     }
 }
@@ -418,20 +433,21 @@ __device__ __forceinline__ void norm_rope_head(float (&v)[PL], bool normed, cons
     __syncwarp();
 }
 
-template <int PL>
+template <int PL, bool KV16>
 __device__ void attention_decode_impl(const float* __restrict__ qkv,
                                       const float* __restrict__ q_norm,
                                       const float* __restrict__ k_norm, float eps,
                                       const float* __restrict__ inv_freq,
-                                      float* __restrict__ k_cache, float* __restrict__ v_cache,
-                                      const int* __restrict__ pos_ptr, float* __restrict__ out,
-                                      int H, int KVH, int D, int capacity, float scale) {
+                                      void* __restrict__ k_cache, void* __restrict__ v_cache,
+                                      const int* __restrict__ pos_ptr,
+                                      const int* __restrict__ table, int block,
+                                      float* __restrict__ out, int H, int KVH, int D,
+                                      int capacity, float scale) {
     __shared__ float m_s[ATTN_WARPS], l_s[ATTN_WARPS], f_s[ATTN_WARPS];
     __shared__ float acc_s[ATTN_WARPS][WARP * PL];
     const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int group = H / KVH, kvh = h / group;
-    float* kb = k_cache + (long)kvh * capacity * D;
-    float* vb = v_cache + (long)kvh * capacity * D;
+    const long head = (long)kvh * capacity * D;
     let_next_start();
     // Before the wait: the position, the rope angles, the q/k norm weights and the first batch of
     // cached rows. None of them comes from the kernels waited for (the host sets the position
@@ -442,7 +458,7 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
     const int len = pos;  // the cached positions
     int base = warp;
     float kr[ATTN_BATCH][PL], vr[ATTN_BATCH][PL];
-    load_kv_rows<PL>(kb, vb, base, len, D, kr, vr);
+    load_kv_rows<PL, KV16>(k_cache, v_cache, head, table, block, base, len, D, kr, vr);
     float qv[PL], kv[PL], c[PL], s[PL], acc[PL], qg[PL], kg[PL];
 #pragma unroll
     for (int j = 0; j < PL; ++j) {
@@ -474,12 +490,13 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
         m = warp_sum(sd) * scale;
         l = 1.0f;
         if (h % group == 0) {
+            const long row = table ? (long)__ldcg(table + pos / block) * block + pos % block : pos;
 #pragma unroll
             for (int j = 0; j < PL; ++j) {
                 const int d = lane + WARP * j;
                 if (d < D) {
-                    kb[(long)pos * D + d] = kv[j];
-                    vb[(long)pos * D + d] = acc[j];
+                    kv_store(k_cache, head + row * D + d, kv[j], KV16);
+                    kv_store(v_cache, head + row * D + d, acc[j], KV16);
                 }
             }
         }
@@ -509,7 +526,8 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
             for (int j = 0; j < PL; ++j) acc[j] = fmaf(e, vr[b][j], acc[j]);
         }
         m = m_new;
-        load_kv_rows<PL>(kb, vb, base + ATTN_WARPS * ATTN_BATCH, len, D, kr, vr);
+        load_kv_rows<PL, KV16>(k_cache, v_cache, head, table, block,
+                               base + ATTN_WARPS * ATTN_BATCH, len, D, kr, vr);
     }
     if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
 #pragma unroll
@@ -533,16 +551,20 @@ __device__ void attention_decode_impl(const float* __restrict__ qkv,
     }
 }
 
-#define ATTENTION_ENTRY(NAME, PL)                                                               \
+#define ATTENTION_ENTRY(NAME, PL, KV16)                                                         \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)                             \
         NAME(const float* qkv, const float* q_norm, const float* k_norm, float eps,             \
-             const float* inv_freq, float* k_cache, float* v_cache, const int* pos_ptr,         \
-             float* out, int H, int KVH, int D, int capacity, float scale) {                    \
-        attention_decode_impl<PL>(qkv, q_norm, k_norm, eps, inv_freq, k_cache, v_cache,         \
-                                  pos_ptr, out, H, KVH, D, capacity, scale);                    \
+             const float* inv_freq, void* k_cache, void* v_cache, const int* pos_ptr,           \
+             const int* table, int block, float* out, int H, int KVH, int D, int capacity,      \
+             float scale) {                                                                     \
+        attention_decode_impl<PL, KV16>(qkv, q_norm, k_norm, eps, inv_freq, k_cache, v_cache,   \
+                                        pos_ptr, table, block, out, H, KVH, D, capacity,        \
+                                        scale);                                                 \
     }
-ATTENTION_ENTRY(attention_decode_d128, 4)
-ATTENTION_ENTRY(attention_decode, 8)
+ATTENTION_ENTRY(attention_decode_d128, 4, false)
+ATTENTION_ENTRY(attention_decode, 8, false)
+ATTENTION_ENTRY(attention_decode_d128_kv16, 4, true)
+ATTENTION_ENTRY(attention_decode_kv16, 8, true)
 
 // y[n] = residual[n] + sum_s weights[s] * partial[s][n] (+ sigmoid(*shared_logit) * shared[n]):
 // the weighted sum of the chosen experts' outputs in a fixed order (deterministic, unlike

@@ -454,18 +454,17 @@ pub fn rope_kv_append(
     )
 }
 
-/// Decode attention of one token (row 0 of `qkv`, its bias added) at position `*pos`: `rope` on
-/// its q and k heads, its k and v appended to the caches at `*pos`, and its query heads over
-/// positions `0..=*pos`, into `out`. One kernel, so nothing waits between rope and attention.
-#[allow(clippy::too_many_arguments)]
+/// Decode attention of one token (row 0 of `qkv`, its bias added) at the position `kv.positions`
+/// points to: `rope` on its q and k heads, its k and v appended to the caches at that position,
+/// and its query heads over positions `0..=pos`, into `out`. The caches are contiguous or paged
+/// (`kv.tables`: the sequence's one block table), of f32 or bf16; `kv.first` and
+/// `kv.table_stride` are not used. One kernel, so nothing waits between rope and attention.
 pub fn attention_decode(
     dev: &CudaDevice,
     dims: AttentionDims,
     qkv: u64,
     rope: HeadRope,
-    k_cache: u64,
-    v_cache: u64,
-    pos: u64,
+    kv: KvRows,
     out: u64,
     scale: f32,
 ) -> Result<(), CudaError> {
@@ -476,11 +475,13 @@ pub fn attention_decode(
     };
     let (h, kvh, d, cap) = dims.as_i32();
     let kern = dev.kernels();
-    let f = if dims.head_dim <= SMALL_HEAD_DIM {
-        &kern.attention_decode_d128
-    } else {
-        &kern.attention_decode
+    let f = match (dims.head_dim <= SMALL_HEAD_DIM, kv.bf16) {
+        (true, false) => &kern.attention_decode_d128,
+        (false, false) => &kern.attention_decode,
+        (true, true) => &kern.attention_decode_d128_kv16,
+        (false, true) => &kern.attention_decode_kv16,
     };
+    let block = kv.block as i32;
     launch(
         dev,
         f,
@@ -491,9 +492,11 @@ pub fn attention_decode(
             rope.k_norm,
             rope.eps,
             rope.inv_freq,
-            k_cache,
-            v_cache,
-            pos,
+            kv.k_cache,
+            kv.v_cache,
+            kv.positions,
+            kv.tables,
+            block,
             out,
             h,
             kvh,

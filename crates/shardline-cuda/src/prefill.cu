@@ -167,6 +167,13 @@ extern "C" __global__ void combine_rows(const float* __restrict__ expert_out,
 #define GROUPED_WARPS 8
 #define GROUPED_TILE 64
 
+// The group a block works on: blockIdx.y itself, or with a list of the groups that have
+// assignments (group_by_expert's `active`, -1 past its end) the blockIdx.y-th of them, so that a
+// batch launches blocks only for the experts its rows chose.
+__device__ __forceinline__ int group_of(const int* __restrict__ active) {
+    return active ? active[blockIdx.y] : (int)blockIdx.y;
+}
+
 template <typename T> struct Packs { static const int N = 8; };   // 16-bit weights: 1 KB a row chunk
 template <> struct Packs<F32> { static const int N = 4; };
 
@@ -191,6 +198,7 @@ __device__ __forceinline__ F32::Pack load_pack<F32>(const char* row, long k) {
 
 template <typename T, bool SWIGLU>
 __device__ void grouped_matvec_impl(const char* __restrict__ W, long matrix_stride,
+                                    const int* __restrict__ active,
                                     const int* __restrict__ offsets, int count,
                                     const int* __restrict__ src, const float* __restrict__ x,
                                     const float* __restrict__ residual, float* __restrict__ y,
@@ -198,7 +206,8 @@ __device__ void grouped_matvec_impl(const char* __restrict__ W, long matrix_stri
     __shared__ float acc_s[GROUPED_WARPS][GROUPED_TILE][2];
     let_next_start();
     wait_for_previous();
-    const int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = group_of(active), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (g < 0) return;
     const int begin = offsets ? offsets[g] : 0, end = offsets ? offsets[g + 1] : count;
     const int unit = blockIdx.x * GROUPED_WARPS + warp;
     const int row0 = SWIGLU ? unit : 2 * unit, row1 = SWIGLU ? N + unit : 2 * unit + 1;
@@ -284,12 +293,13 @@ __device__ void grouped_matvec_impl(const char* __restrict__ W, long matrix_stri
 
 #define GROUPED_ENTRY(NAME, T, SWIGLU)                                                          \
     extern "C" __global__ void __launch_bounds__(GROUPED_WARPS * WARP) NAME(                    \
-        const char* __restrict__ W, long matrix_stride, const int* __restrict__ offsets,       \
-        int count, const int* __restrict__ src, const float* __restrict__ x,                   \
-        const float* __restrict__ residual, float* __restrict__ y, int N, int K, int y_stride) { \
+        const char* __restrict__ W, long matrix_stride, const int* __restrict__ active,        \
+        const int* __restrict__ offsets, int count, const int* __restrict__ src,               \
+        const float* __restrict__ x, const float* __restrict__ residual, float* __restrict__ y, \
+        int N, int K, int y_stride) {                                                          \
         /* a pack is 8 weights: PACK_BYTES / 8 bytes each */                                   \
-        grouped_matvec_impl<T, SWIGLU>(W, matrix_stride, offsets, count, src, x, residual, y,  \
-                                       N, K, y_stride, T::PACK_BYTES / 8);                     \
+        grouped_matvec_impl<T, SWIGLU>(W, matrix_stride, active, offsets, count, src, x,       \
+                                       residual, y, N, K, y_stride, T::PACK_BYTES / 8);        \
     }
 GROUPED_ENTRY(grouped_bf16, Bf16, false)
 GROUPED_ENTRY(grouped_f16, F16, false)
@@ -298,13 +308,181 @@ GROUPED_ENTRY(grouped_glu_bf16, Bf16, true)
 GROUPED_ENTRY(grouped_glu_f16, F16, true)
 GROUPED_ENTRY(grouped_glu_f32, F32, true)
 
+// ---- grouped products on the tensor cores (16-bit weights, sm_80 and later) ----
+//
+// The contract of grouped_matvec_impl (K a multiple of 8), computed with mma.m16n8k16: a warp owns
+// 16 weight rows (plain: rows 16u .. 16u + 15; SWIGLU: gate rows 8u .. 8u + 7 and the same up
+// rows, so that a lane ends up holding a gate value and its up value) and multiplies them with the
+// group's assignments 8 at a time, accumulating in f32. Each x element enters as two 16-bit values,
+// hi = round(x) and lo = round(x - hi), against the same (exact) weights, so the products keep
+// about 16 bits of x as the f32 kernels do (one rounding keeps 8 for bf16). The CUDA-core kernel
+// above spends a warp reduction per row and assignment; here the arithmetic of a whole tile of
+// assignments is a few instructions, so large batches stay bound by the weights' bytes.
+//
+// Which k an mma slot holds is free as long as both operands agree: lane (g = lane / 4,
+// t = lane % 4) loads weights k = 8t .. 8t + 7 of a 32-wide step for its rows g and g + 8, and x
+// values k = 8t .. 8t + 7 of assignment g, and feeds k = 8t .. 8t + 3 to one mma and
+// 8t + 4 .. 8t + 7 to a second, in the pairs its fragment layout gives it. Every load is 16 bytes,
+// and a quad of lanes reads 64 contiguous bytes of a row.
+//
+// TILES (4 or 8 tiles of 8 assignments per pass over the weights) is fixed per launch from the
+// step's rows, so the loops have no branches: each k chunk's weight and x loads are all in flight
+// before its first mma. The host gives these kernels steps of many rows only: with few, the
+// products are bound by the weights' bytes, which the CUDA-core kernel above streams faster.
+#define MMA_WARPS 4
+#define MMA_KSTEPS 2  // 32-wide k steps per chunk
+
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                          u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    if (BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+#else
+    __trap();  // the host picks these kernels only on sm_80 and later
+#endif
+}
+
+// Two f32 values as a pair of 16-bit values (the first in the low half), rounded (hi) and the
+// rounding's remainder rounded (lo).
+template <bool BF16>
+__device__ __forceinline__ void split_pair(float a, float b, u32& hi, u32& lo) {
+    const u16 ha = f32_to_16(a, BF16), hb = f32_to_16(b, BF16);
+    hi = (u32)ha | ((u32)hb << 16);
+    const u16 la = f32_to_16(a - f16_to_f32(ha, BF16), BF16);
+    const u16 lb = f32_to_16(b - f16_to_f32(hb, BF16), BF16);
+    lo = (u32)la | ((u32)lb << 16);
+}
+
+template <bool BF16, bool SWIGLU, int TILES>
+__device__ void grouped_mma_impl(const char* __restrict__ W, long matrix_stride,
+                                 const int* __restrict__ active, const int* __restrict__ offsets,
+                                 int count, const int* __restrict__ src,
+                                 const float* __restrict__ x, const float* __restrict__ residual,
+                                 float* __restrict__ y, int N, int K, int y_stride) {
+    constexpr int KSTEPS = MMA_KSTEPS;
+    let_next_start();
+    wait_for_previous();
+    const int g = group_of(active), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (g < 0) return;
+    const int begin = offsets ? offsets[g] : 0, end = offsets ? offsets[g + 1] : count;
+    const int unit = blockIdx.x * MMA_WARPS + warp;
+    const int lg = lane >> 2, lt = lane & 3;
+    // This lane's two weight rows (the mma's rows lg and lg + 8) and whether they exist.
+    const int first = SWIGLU ? 8 * unit : 16 * unit;
+    if (begin >= end || first >= N) return;
+    const int row_a = first + lg;
+    const int row_b = SWIGLU ? N + first + lg : first + lg + 8;
+    const bool has_a = row_a < N, has_b = SWIGLU ? has_a : row_b < N;
+    const char* wm = W + g * matrix_stride;
+    const uint4* wa = (const uint4*)(wm + (long)(has_a ? row_a : 0) * K * 2);
+    const uint4* wb = (const uint4*)(wm + (long)(has_b ? row_b : 0) * K * 2);
+    const uint4 zero4 = make_uint4(0, 0, 0, 0);
+    const float4 zerof = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int t0 = begin; t0 < end; t0 += 8 * TILES) {
+        const float* xr[TILES];
+#pragma unroll
+        for (int j = 0; j < TILES; ++j) {
+            const int a = t0 + 8 * j + lg;
+            xr[j] = a < end ? x + (long)(src ? src[a] : a) * K : nullptr;
+        }
+        float c[TILES][4];
+#pragma unroll
+        for (int j = 0; j < TILES; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
+        for (int kc = 0; kc < K; kc += 32 * KSTEPS) {
+            uint4 pa[KSTEPS], pb[KSTEPS];
+            float4 xa[KSTEPS][TILES], xb[KSTEPS][TILES];
+#pragma unroll
+            for (int s = 0; s < KSTEPS; ++s) {
+                const int k = kc + 32 * s + 8 * lt;
+                pa[s] = has_a && k < K ? __ldcs(wa + k / 8) : zero4;
+                pb[s] = has_b && k < K ? __ldcs(wb + k / 8) : zero4;
+#pragma unroll
+                for (int j = 0; j < TILES; ++j) {
+                    const bool ok = xr[j] && k < K;
+                    xa[s][j] = ok ? *(const float4*)(xr[j] + k) : zerof;
+                    xb[s][j] = ok ? *(const float4*)(xr[j] + k + 4) : zerof;
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < KSTEPS; ++s) {
+#pragma unroll
+                for (int j = 0; j < TILES; ++j) {
+                    u32 h0, l0, h1, l1, h2, l2, h3, l3;
+                    split_pair<BF16>(xa[s][j].x, xa[s][j].y, h0, l0);
+                    split_pair<BF16>(xa[s][j].z, xa[s][j].w, h1, l1);
+                    split_pair<BF16>(xb[s][j].x, xb[s][j].y, h2, l2);
+                    split_pair<BF16>(xb[s][j].z, xb[s][j].w, h3, l3);
+                    mma_16816<BF16>(c[j], pa[s].x, pb[s].x, pa[s].y, pb[s].y, h0, h1);
+                    mma_16816<BF16>(c[j], pa[s].x, pb[s].x, pa[s].y, pb[s].y, l0, l1);
+                    mma_16816<BF16>(c[j], pa[s].z, pb[s].z, pa[s].w, pb[s].w, h2, h3);
+                    mma_16816<BF16>(c[j], pa[s].z, pb[s].z, pa[s].w, pb[s].w, l2, l3);
+                }
+            }
+        }
+        // c[j]: rows (lg, lg + 8) of the 16 by assignments (2 lt, 2 lt + 1) of tile j.
+#pragma unroll
+        for (int j = 0; j < TILES; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const long a = t0 + 8 * j + 2 * lt + e;
+                if (a >= end) continue;
+                if (SWIGLU) {
+                    if (has_a) {
+                        const float gate = c[j][e], up = c[j][2 + e];
+                        y[a * y_stride + row_a] = gate / (1.0f + expf(-gate)) * up;
+                    }
+                } else {
+                    if (has_a)
+                        y[a * y_stride + row_a] =
+                            c[j][e] + (residual ? residual[a * y_stride + row_a] : 0.0f);
+                    if (has_b)
+                        y[a * y_stride + row_b] =
+                            c[j][2 + e] + (residual ? residual[a * y_stride + row_b] : 0.0f);
+                }
+            }
+        }
+    }
+}
+
+#define GROUPED_MMA_ENTRY(NAME, BF16, SWIGLU, TILES)                                            \
+    extern "C" __global__ void __launch_bounds__(MMA_WARPS * WARP) NAME(                        \
+        const char* __restrict__ W, long matrix_stride, const int* __restrict__ active,        \
+        const int* __restrict__ offsets, int count, const int* __restrict__ src,               \
+        const float* __restrict__ x, const float* __restrict__ residual, float* __restrict__ y, \
+        int N, int K, int y_stride) {                                                          \
+        grouped_mma_impl<BF16, SWIGLU, TILES>(W, matrix_stride, active, offsets, count, src,   \
+                                              x, residual, y, N, K, y_stride);                 \
+    }
+#define GROUPED_MMA_TILES(TILES)                                                                \
+    GROUPED_MMA_ENTRY(grouped_mma_bf16_t##TILES, true, false, TILES)                            \
+    GROUPED_MMA_ENTRY(grouped_mma_f16_t##TILES, false, false, TILES)                            \
+    GROUPED_MMA_ENTRY(grouped_mma_glu_bf16_t##TILES, true, true, TILES)                         \
+    GROUPED_MMA_ENTRY(grouped_mma_glu_f16_t##TILES, false, true, TILES)
+GROUPED_MMA_TILES(4)
+GROUPED_MMA_TILES(8)
+
 // The chosen experts of a batch grouped by expert, on the device (one block): ids[s] is the local
 // expert of slot s = row * k + j (-1 or >= E: not on this rank). Writes offsets[0..=E] (expert e's
-// assignments are offsets[e] .. offsets[e + 1], in slot order), src[a] (the row of assignment a)
-// and slot_row[s] (the assignment of slot s, or -1). Dynamic shared memory: (E + 1 + S) ints.
+// assignments are offsets[e] .. offsets[e + 1], in slot order), src[a] (the row of assignment a),
+// slot_row[s] (the assignment of slot s, or -1) and active[0..active_len] (the experts with
+// assignments in ascending order, then -1; active_len >= min(E, S) holds them all). Dynamic shared
+// memory: (E + 1 + S) ints.
 extern "C" __global__ void group_by_expert(const int* __restrict__ ids, int S, int k, int E,
                                            int* __restrict__ offsets, int* __restrict__ src,
-                                           int* __restrict__ slot_row) {
+                                           int* __restrict__ slot_row, int* __restrict__ active,
+                                           int active_len) {
     extern __shared__ int shm[];
     let_next_start();
     wait_for_previous();
@@ -319,8 +497,13 @@ extern "C" __global__ void group_by_expert(const int* __restrict__ ids, int S, i
     for (int s = threadIdx.x; s < S; s += blockDim.x)
         if (id_s[s] >= 0) atomicAdd(&start[id_s[s] + 1], 1);
     __syncthreads();
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0) {
         for (int e = 0; e < E; ++e) start[e + 1] += start[e];
+        int used = 0;
+        for (int e = 0; e < E && used < active_len; ++e)
+            if (start[e + 1] > start[e]) active[used++] = e;
+        for (; used < active_len; ++used) active[used] = -1;
+    }
     __syncthreads();
     for (int i = threadIdx.x; i <= E; i += blockDim.x) offsets[i] = start[i];
     for (int s = threadIdx.x; s < S; s += blockDim.x) {

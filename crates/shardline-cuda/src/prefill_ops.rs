@@ -25,11 +25,25 @@ pub struct PrefillKernels {
     /// Grouped products per weight dtype (f32, f16, bf16): plain, and SwiGLU.
     grouped: [CudaFunction; 3],
     grouped_glu: [CudaFunction; 3],
+    /// Grouped products of 16-bit weights on the tensor cores, per tile count ([`MMA_TILES`])
+    /// and dtype (f16, bf16): plain, and SwiGLU.
+    grouped_mma: [[CudaFunction; 2]; 2],
+    grouped_mma_glu: [[CudaFunction; 2]; 2],
+    /// Whether the device has the tensor-core instructions `grouped_mma_*` use (sm_80 on).
+    tensor_cores: bool,
     group_by_expert: CudaFunction,
 }
 
 /// Warps per block of the grouped products; matches `GROUPED_WARPS` in prefill.cu.
 const GROUPED_WARPS: usize = 8;
+/// Warps per block of the tensor-core grouped products; matches `MMA_WARPS` in prefill.cu.
+const MMA_WARPS: usize = 4;
+/// The tile counts (of 8 assignments) the tensor-core grouped products are compiled for.
+const MMA_TILES: [usize; 2] = [4, 8];
+/// Steps of fewer rows keep their products on the CUDA cores: with few rows a product is bound
+/// by the weights' bytes, which the CUDA-core kernel streams faster; with many, by arithmetic,
+/// which the tensor cores do faster (docs/performance.md, batched decode on the GPU).
+const MMA_MIN_ROWS: usize = 32;
 
 /// A grouped product for a batch of rows (see `grouped_matvec_impl` in prefill.cu): assignments
 /// (a row of `x` and a matrix) grouped by matrix, each weight row read once for its whole group.
@@ -38,13 +52,19 @@ pub struct Grouped {
     /// The matrices (`groups` of them, `matrix_stride_bytes` apart), `[n, k]` each, or
     /// `[2n, k]` (gate; up) with `swiglu`.
     pub w: Weights,
-    /// Groups (the grid's y dimension): matrices with assignments.
+    /// Groups (the grid's y dimension): matrices with assignments, or with `active` the length
+    /// of that list.
     pub groups: usize,
+    /// Device address of `groups` `i32` matrix indices, the groups with assignments (-1: none;
+    /// written by [`PrefillKernels::group_by_expert`]); 0: group `g` uses matrix `g`.
+    pub active: u64,
     /// Device address of `groups + 1` `i32` offsets of each group's assignments; 0: one group of
     /// `count` assignments.
     pub offsets: u64,
     /// Assignments when `offsets` is 0.
     pub count: usize,
+    /// The most assignments a group can have (the step's rows): sizes the tensor-core tiles.
+    pub most: usize,
     /// Device address of each assignment's `i32` row of `x`; 0: assignment `a` reads row `a`.
     pub src: u64,
     /// Device address of the f32 input rows of `k` values.
@@ -101,6 +121,16 @@ impl PrefillKernels {
                 .load_function(name)
                 .during(format!("loading kernel {name}"))
         };
+        // `{prefix}_{f16|bf16}_t{tiles}` for each tile count.
+        let mma = |prefix: &str| -> Result<[[CudaFunction; 2]; 2], CudaError> {
+            let [a, b] = MMA_TILES.map(|t| {
+                Ok::<_, CudaError>([
+                    f(&format!("{prefix}_f16_t{t}"))?,
+                    f(&format!("{prefix}_bf16_t{t}"))?,
+                ])
+            });
+            Ok([a?, b?])
+        };
         Ok(PrefillKernels {
             split16: f("split16")?,
             gather_rows: f("gather_rows")?,
@@ -113,6 +143,11 @@ impl PrefillKernels {
                 f("grouped_glu_f16")?,
                 f("grouped_glu_bf16")?,
             ],
+            grouped_mma: mma("grouped_mma")?,
+            grouped_mma_glu: mma("grouped_mma_glu")?,
+            // SHARDLINE_GROUPED_MMA=0 keeps the CUDA-core products, for comparing the two.
+            tensor_cores: major >= 8
+                && std::env::var("SHARDLINE_GROUPED_MMA").map_or(true, |v| v != "0"),
             group_by_expert: f("group_by_expert")?,
         })
     }
@@ -269,23 +304,36 @@ impl PrefillKernels {
                 )))
             }
         };
-        let units = if g.swiglu { g.n } else { g.n.div_ceil(2) };
-        if g.groups == 0 || units == 0 || g.k == 0 {
+        if g.groups == 0 || g.n == 0 || g.k == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (
-                units.div_ceil(GROUPED_WARPS) as u32,
-                g.groups.min(65_535) as u32,
-                1,
+        // Steps of many rows with 16-bit weights in rows of whole 16-byte packs go to the tensor
+        // cores: a warp holds 16 weight rows (8 gate and 8 up rows with SwiGLU). The rest takes
+        // the CUDA-core kernel, whose warps hold two rows (a gate and an up row).
+        let mma = self.tensor_cores && which > 0 && g.k.is_multiple_of(8) && g.most >= MMA_MIN_ROWS;
+        // Enough tiles for a group's assignments in one pass (larger groups take several).
+        let tiles = MMA_TILES
+            .iter()
+            .position(|&t| 8 * t >= g.most)
+            .unwrap_or(MMA_TILES.len() - 1);
+        let (f, units, warps) = match (mma, g.swiglu) {
+            (true, false) => (
+                &self.grouped_mma[tiles][which - 1],
+                g.n.div_ceil(16),
+                MMA_WARPS,
             ),
-            block_dim: (GROUPED_WARPS as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
+            (true, true) => (
+                &self.grouped_mma_glu[tiles][which - 1],
+                g.n.div_ceil(8),
+                MMA_WARPS,
+            ),
+            (false, false) => (&self.grouped[which], g.n.div_ceil(2), GROUPED_WARPS),
+            (false, true) => (&self.grouped_glu[which], g.n, GROUPED_WARPS),
         };
-        let f = if g.swiglu {
-            &self.grouped_glu[which]
-        } else {
-            &self.grouped[which]
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(warps) as u32, g.groups.min(65_535) as u32, 1),
+            block_dim: (warps as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
         };
         let stride = g.w.matrix_stride_bytes as i64;
         let (count, n, k, y_stride) = (g.count as i32, g.n as i32, g.k as i32, g.y_stride as i32);
@@ -294,15 +342,17 @@ impl PrefillKernels {
             f,
             cfg,
             &mut kernel_args![
-                g.w.ptr, stride, g.offsets, count, g.src, g.x, g.residual, g.y, n, k, y_stride
+                g.w.ptr, stride, g.active, g.offsets, count, g.src, g.x, g.residual, g.y, n, k,
+                y_stride
             ],
             "grouped",
         )
     }
 
     /// Groups the `slots` chosen local experts `ids` (`[rows, k]`, -1: another rank's) of a batch
-    /// by expert: `offsets` (`experts + 1`), each assignment's row `src` and each slot's
-    /// assignment `slot_row` (see `group_by_expert` in prefill.cu).
+    /// by expert: `offsets` (`experts + 1`), each assignment's row `src`, each slot's assignment
+    /// `slot_row`, and the experts with assignments, `active` (the first
+    /// [`active_groups`]`(slots, experts)` entries; see `group_by_expert` in prefill.cu).
     #[allow(clippy::too_many_arguments)]
     pub fn group_by_expert(
         &self,
@@ -314,6 +364,7 @@ impl PrefillKernels {
         offsets: u64,
         src: u64,
         slot_row: u64,
+        active: u64,
     ) -> Result<(), CudaError> {
         let shared = (experts + 1 + slots) * 4;
         if shared > 48 * 1024 {
@@ -326,13 +377,21 @@ impl PrefillKernels {
             block_dim: (1024, 1, 1),
             shared_mem_bytes: shared as u32,
         };
+        let active_len = active_groups(slots, experts) as i32;
         let (slots, k, experts) = (slots as i32, k as i32, experts as i32);
         launch(
             dev,
             &self.group_by_expert,
             cfg,
-            &mut kernel_args![ids, slots, k, experts, offsets, src, slot_row],
+            &mut kernel_args![ids, slots, k, experts, offsets, src, slot_row, active, active_len],
             "group_by_expert",
         )
     }
+}
+
+/// How many experts of `experts` can have assignments among `slots` chosen ones: the length of
+/// [`PrefillKernels::group_by_expert`]'s `active` list, and the grid of the grouped products that
+/// read it.
+pub fn active_groups(slots: usize, experts: usize) -> usize {
+    slots.min(experts)
 }

@@ -37,9 +37,11 @@ const VOCAB: usize = 301;
 const TOLERANCE: f32 = 1e-4;
 /// The same with keys and values held in bf16: each rounded to 8 significant bits (a relative
 /// error of at most 2^-9 = 2e-3). The softmax over these random models' large attention scores
-/// amplifies a key's error by the score's size: on an H100 the logits moved by up to 3.3e-2 of the
-/// largest (the many-experts model with f32 weights); the bound leaves half as much again.
-const KV_BF16_TOLERANCE: f32 = 5e-2;
+/// amplifies a key's error by the score's size, and the many-experts model's close router logits
+/// turn a small change into another choice of experts: on an H100 the logits moved by up to
+/// 5.4e-2 of the largest (that model with f32 weights, a one-row step, whose token attends to its
+/// own key unrounded). The bound is about twice that.
+const KV_BF16_TOLERANCE: f32 = 1e-1;
 const SEED: u64 = 0x5348_4c43_5544_4131;
 
 /// Experts of a MoE model: `n_experts`, `top_k` chosen, each of `intermediate`, with an optional
@@ -396,7 +398,8 @@ fn host_summed_tensor_parallel_matches_one_rank() {
 #[ignore = "needs a CUDA GPU"]
 fn paged_batches_match_the_cpu_backend() {
     use shardline_model::scheduler::{GenParams, Scheduler, SchedulerConfig, StepOutput};
-    let prompts: Vec<Vec<u32>> = [1usize, 5, 13, 20, 9]
+    // The 37-token prompt makes a step of more rows than the tensor cores take over at.
+    let prompts: Vec<Vec<u32>> = [1usize, 5, 13, 37, 20, 9]
         .iter()
         .enumerate()
         .map(|(s, &n)| (0..n).map(|i| ((i * 37 + s * 11) % VOCAB) as u32).collect())
@@ -410,8 +413,8 @@ fn paged_batches_match_the_cpu_backend() {
         stop_ids: Vec::new(),
     };
     let cfg = SchedulerConfig {
-        kv_blocks: 8,
-        step_tokens: 8,
+        kv_blocks: 12,
+        step_tokens: 40,
         max_running: 3,
         max_positions: 64,
     };
@@ -479,8 +482,8 @@ fn paged_batches_match_the_cpu_backend() {
             assert!(steps < 200, "{ctx}: the scheduler made no progress");
         }
         assert!(
-            rows.contains(&1) && rows.iter().any(|&r| r > 3),
-            "{ctx}: steps of one row and of several: {rows:?}"
+            rows.contains(&1) && rows.iter().any(|&r| r > 3) && rows.iter().any(|&r| r >= 32),
+            "{ctx}: steps of one row, of several and of many: {rows:?}"
         );
     });
 }

@@ -432,7 +432,7 @@ impl Backend for CudaBackend {
                 self.spec.max_positions,
             )?),
         };
-        let out = batch.run(&self.dev, &self.stack, pool, tokens, rows, sample, want)?;
+        let out = batch.run(&self.dev, &mut self.stack, pool, tokens, rows, sample, want)?;
         Ok(Some(match out {
             Sampled::Best(best) => {
                 // The kernels number this rank's slice of the vocabulary from 0.

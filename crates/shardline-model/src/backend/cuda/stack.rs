@@ -24,9 +24,10 @@ use shardline_tensor::DType;
 use shardline_cuda::device::dptr;
 use shardline_cuda::error::DriverContext;
 use shardline_cuda::nccl::DeviceComm;
-use shardline_cuda::ops::{self, AttentionDims, SharedExpert, Slots, Weights};
+use shardline_cuda::ops::{self, AttentionDims, KvRows, SharedExpert, Slots, Weights};
 use shardline_cuda::{CudaDevice, CudaError};
 
+use crate::kv_pool::BLOCK_POSITIONS;
 use crate::layer::Exec;
 
 mod batch;
@@ -514,6 +515,22 @@ enum Segment {
     Ffn,
 }
 
+/// Where a step's attention keeps keys and values: each layer's own contiguous cache, or a
+/// paged pool, through one sequence's block table.
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    Own,
+    Paged {
+        pool: &'a PagedKv,
+        /// Device address of the sequence's block table (i32 block ids).
+        table: u64,
+    },
+}
+
+/// Which pool and table a captured paged step reads: the device addresses of the pool's first
+/// layer and of the table, which stay put while both live.
+type PagedKey = (u64, u64);
+
 /// Layers that run one decode token at a time.
 pub struct LayerStack {
     shape: LayerShape,
@@ -523,6 +540,8 @@ pub struct LayerStack {
     head: DeviceHead,
     /// What [`LayerStack::decode`] replays, captured on first use.
     graphs: Option<StepGraphs>,
+    /// What [`LayerStack::decode_paged`] replays, and the pool and table it was captured over.
+    paged_graphs: Option<(PagedKey, StepGraphs)>,
     /// Sums each segment's output across the ranks on the device.
     comm: Option<DeviceComm>,
 }
@@ -602,6 +621,7 @@ impl LayerStack {
             embedding,
             head,
             graphs: None,
+            paged_graphs: None,
             comm: None,
         })
     }
@@ -717,6 +737,28 @@ impl LayerStack {
                 self.shape.capacity
             )));
         }
+        self.set_step_inputs(dev, token, pos)?;
+        match mode {
+            Exec::PerOp => self.enqueue_step(dev, &mut AfterOp::Sync, Kv::Own),
+            Exec::Split => {
+                let graphs = match self.graphs.take() {
+                    Some(graphs) => graphs,
+                    None => self.capture(dev, Kv::Own)?,
+                };
+                let replayed = self.replay(dev, &graphs);
+                self.graphs = Some(graphs);
+                replayed
+            }
+        }
+    }
+
+    /// Checks `token` and copies it and `pos` where the step's kernels read them.
+    fn set_step_inputs(
+        &mut self,
+        dev: &CudaDevice,
+        token: u32,
+        pos: usize,
+    ) -> Result<(), CudaError> {
         if token as usize >= self.embedding.vocab {
             return Err(CudaError::Shape(format!(
                 "token {token} is outside the embedding's {} rows",
@@ -725,19 +767,30 @@ impl LayerStack {
         }
         dev.stream()
             .memcpy_htod(&[pos as i32, token as i32], &mut self.scratch.step_in)
-            .during("setting the step's position and token")?;
-        match mode {
-            Exec::PerOp => self.enqueue_step(dev, &mut AfterOp::Sync),
-            Exec::Split => {
-                let graphs = match self.graphs.take() {
-                    Some(graphs) => graphs,
-                    None => self.capture(dev)?,
-                };
-                let replayed = self.replay(dev, &graphs);
-                self.graphs = Some(graphs);
-                replayed
-            }
-        }
+            .during("setting the step's position and token")
+    }
+
+    /// [`LayerStack::decode`] (replayed as a graph) for a sequence whose keys and values live in
+    /// `pool`: `table` is the device address of its block table, whose blocks hold its positions
+    /// up to `pos` (checked by the caller) and which stays at that address. A served sequence
+    /// alone in a step runs this, the single-token step, not the batched one.
+    pub fn decode_paged(
+        &mut self,
+        dev: &CudaDevice,
+        token: u32,
+        pos: usize,
+        pool: &PagedKv,
+        table: u64,
+    ) -> Result<(), CudaError> {
+        self.set_step_inputs(dev, token, pos)?;
+        let key = (pool.layer(dev, 0)?.0, table);
+        let graphs = match self.paged_graphs.take() {
+            Some((k, graphs)) if k == key => graphs,
+            _ => self.capture(dev, Kv::Paged { pool, table })?,
+        };
+        let replayed = self.replay(dev, &graphs);
+        self.paged_graphs = Some((key, graphs));
+        replayed
     }
 
     fn replay(&self, dev: &CudaDevice, graphs: &StepGraphs) -> Result<(), CudaError> {
@@ -770,7 +823,7 @@ impl LayerStack {
 
     /// Queues a whole step: the embedding, every layer's segments and all-reduces (residual adds
     /// fused), the final norm, the logits and their argmax.
-    fn enqueue_step(&self, dev: &CudaDevice, after: &mut AfterOp) -> Result<(), CudaError> {
+    fn enqueue_step(&self, dev: &CudaDevice, after: &mut AfterOp, kv: Kv) -> Result<(), CudaError> {
         let (s, h) = (&self.scratch, self.shape.hidden);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
         let e = &self.embedding;
@@ -783,7 +836,7 @@ impl LayerStack {
         let fuse_norms = self.comm.is_none();
         for l in 0..self.layers.len() {
             let normed = fuse_norms && l > 0;
-            self.enqueue_attention(dev, l, res, normed, after)?;
+            self.enqueue_attention(dev, l, res, normed, after, kv)?;
             self.enqueue_all_reduce(dev, Segment::Attention, after)?;
             let g = self
                 .layers
@@ -831,7 +884,14 @@ impl LayerStack {
         out: &mut [f32],
     ) -> Result<(), CudaError> {
         self.set_hidden(dev, x)?;
-        self.enqueue_attention(dev, l, Residual::Partial, false, &mut AfterOp::Queue)?;
+        self.enqueue_attention(
+            dev,
+            l,
+            Residual::Partial,
+            false,
+            &mut AfterOp::Queue,
+            Kv::Own,
+        )?;
         self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
         self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
@@ -891,9 +951,9 @@ impl LayerStack {
 
     /// Captures the whole step as one graph; if the capture does not take the all-reduce,
     /// captures each segment of every layer alone (and `step` all-reduces between the launches).
-    fn capture(&self, dev: &CudaDevice) -> Result<StepGraphs, CudaError> {
+    fn capture(&self, dev: &CudaDevice, kv: Kv) -> Result<StepGraphs, CudaError> {
         dev.synchronize()?;
-        match self.capture_one(dev, |s| s.enqueue_step(dev, &mut AfterOp::Queue)) {
+        match self.capture_one(dev, |s| s.enqueue_step(dev, &mut AfterOp::Queue, kv)) {
             Ok(graph) => return Ok(StepGraphs::Whole(graph)),
             Err(e) if self.comm.is_some() => tracing::warn!(
                 "the NCCL all-reduce could not be captured in a graph ({e}); it runs \
@@ -905,7 +965,7 @@ impl LayerStack {
         let mut graphs = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let attn = self.capture_one(dev, |s| {
-                s.enqueue_attention(dev, l, res, false, &mut AfterOp::Queue)
+                s.enqueue_attention(dev, l, res, false, &mut AfterOp::Queue, kv)
             })?;
             let ffn = self.capture_one(dev, |s| {
                 s.enqueue_ffn(dev, l, res, None, &mut AfterOp::Queue)
@@ -932,6 +992,7 @@ impl LayerStack {
         residual: Residual,
         normed: bool,
         after: &mut AfterOp,
+        kv: Kv,
     ) -> Result<(), CudaError> {
         let (sh, s, w) = (&self.shape, &self.scratch, &self.layers[l]);
         let p = |b: &CudaSlice<f32>| dptr(dev, b);
@@ -964,15 +1025,28 @@ impl LayerStack {
         after.done(dev)?;
         // The qkv bias was added by the matvec; rope and the KV append run inside attention.
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
-        let (kc, vc) = (p(&w.k_cache), p(&w.v_cache));
+        let mut dims = sh.attention_dims();
+        let mut cache = KvRows::contiguous(p(&w.k_cache), p(&w.v_cache), 0);
+        if let Kv::Paged { pool, table } = kv {
+            let (k_cache, v_cache) = pool.layer(dev, l)?;
+            dims.capacity = pool.positions();
+            cache = KvRows {
+                k_cache,
+                v_cache,
+                bf16: pool.is_bf16(),
+                tables: table,
+                block: BLOCK_POSITIONS,
+                ..cache
+            };
+        }
+        // The kernel reads the position from the step's inputs.
+        cache.positions = dptr(dev, &s.step_in);
         ops::attention_decode(
             dev,
-            sh.attention_dims(),
+            dims,
             p(&s.qkv),
             self.head_rope(dev, w),
-            kc,
-            vc,
-            dptr(dev, &s.step_in),
+            cache,
             p(&s.attn),
             scale,
         )?;

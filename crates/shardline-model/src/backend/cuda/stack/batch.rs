@@ -9,6 +9,11 @@
 //!
 //! Over several ranks with a communicator, only rank 0 adds the residual in each segment and the
 //! segment's output is all-reduced on the device, as in the batch-1 step.
+//!
+//! A step of one row (a server with one client, or one sequence left) runs the single-token step
+//! instead ([`LayerStack::decode_paged`]), whose kernels are made for one row, attending through
+//! the row's block table: the batched kernels pay for their grouping even when there is nothing
+//! to group.
 
 use std::collections::HashMap;
 
@@ -16,7 +21,7 @@ use shardline_cuda::cudarc::driver::{CudaGraph, CudaSlice};
 use shardline_cuda::device::dptr;
 use shardline_cuda::error::DriverContext;
 use shardline_cuda::ops::{self, KvRows, SharedExpert, Weights};
-use shardline_cuda::prefill_ops::{Grouped, PrefillKernels};
+use shardline_cuda::prefill_ops::{active_groups, Grouped, PrefillKernels};
 use shardline_cuda::{CudaDevice, CudaError};
 use shardline_tensor::DType;
 
@@ -50,6 +55,8 @@ struct Buffers {
     expert_ids: CudaSlice<i32>,
     expert_weights: CudaSlice<f32>,
     offsets: CudaSlice<i32>,
+    /// The experts with assignments (`group_by_expert`'s `active`).
+    active: CudaSlice<i32>,
     src: CudaSlice<i32>,
     slot_row: CudaSlice<i32>,
     /// `silu(gate) * up` of every assignment, `[rows * slots, intermediate]`.
@@ -123,6 +130,7 @@ impl Buffers {
             expert_ids: dev.zeros(rows * per.slots)?,
             expert_weights: dev.zeros(rows * per.slots)?,
             offsets: dev.zeros(per.experts + 1)?,
+            active: dev.zeros(per.experts)?,
             src: dev.zeros(rows * per.slots)?,
             slot_row: dev.zeros(rows * per.slots)?,
             act: dev.zeros(rows * per.act)?,
@@ -143,6 +151,8 @@ pub struct BatchStep {
     /// Entries of each row's block table (enough for the model's longest sequence).
     stride: usize,
     buf: Buffers,
+    /// The block table of a one-row step, at an address its captured graph keeps.
+    one_table: CudaSlice<i32>,
     graphs: HashMap<(usize, usize), CudaGraph>,
 }
 
@@ -161,6 +171,7 @@ impl BatchStep {
             per_row,
             stride,
             buf,
+            one_table: dev.zeros(stride)?,
             graphs: HashMap::new(),
         })
     }
@@ -172,7 +183,7 @@ impl BatchStep {
     pub fn run(
         &mut self,
         dev: &CudaDevice,
-        stack: &LayerStack,
+        stack: &mut LayerStack,
         pool: &PagedKv,
         tokens: &[u32],
         rows: &[PagedRow],
@@ -197,6 +208,18 @@ impl BatchStep {
             self.buf = Buffers::new(dev, &self.per_row, n.next_power_of_two(), self.stride)?;
         }
         let (positions, tables, _) = pool.placement(rows, self.stride)?;
+        if n == 1 {
+            return self.run_one(
+                dev,
+                stack,
+                pool,
+                tokens[0],
+                rows[0].pos,
+                &tables,
+                sample,
+                want,
+            );
+        }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let picked: Vec<i32> = sample.iter().map(|&i| i as i32).collect();
         let s = dev.stream();
@@ -247,6 +270,37 @@ impl BatchStep {
                     .during("copying a batch's greedy tokens")?;
                 Sampled::Best(out.chunks_exact(2).map(|p| (p[0], p[1] as u32)).collect())
             }
+        })
+    }
+
+    /// A step of one row: the single-token step over the row's block table (`table`, checked).
+    #[allow(clippy::too_many_arguments)]
+    fn run_one(
+        &mut self,
+        dev: &CudaDevice,
+        stack: &mut LayerStack,
+        pool: &PagedKv,
+        token: u32,
+        pos: usize,
+        table: &[i32],
+        sample: &[usize],
+        want: Want,
+    ) -> Result<Sampled, CudaError> {
+        dev.stream()
+            .memcpy_htod(table, &mut self.one_table)
+            .during("copying a sequence's block table")?;
+        stack.decode_paged(dev, token, pos, pool, dptr(dev, &self.one_table))?;
+        Ok(match (sample.is_empty(), want) {
+            (true, Want::Logits) => {
+                stack.wait_comm(dev)?;
+                Sampled::Logits(Vec::new())
+            }
+            (true, Want::Best) => {
+                stack.wait_comm(dev)?;
+                Sampled::Best(Vec::new())
+            }
+            (false, Want::Logits) => Sampled::Logits(stack.vocab_logits(dev)?),
+            (false, Want::Best) => Sampled::Best(vec![stack.best(dev)?]),
         })
     }
 
@@ -319,8 +373,10 @@ impl BatchStep {
         Grouped {
             w,
             groups: 1,
+            active: 0,
             offsets: 0,
             count: rows,
+            most: rows,
             src: 0,
             x,
             residual,
@@ -458,19 +514,34 @@ impl BatchStep {
                     weights,
                 )?;
                 let held = experts.gate_up.len() / (2 * i * h * eb);
-                let (offsets, src, slot_row) = (
+                let (offsets, src, slot_row, active) = (
                     dptr(dev, &b.offsets),
                     dptr(dev, &b.src),
                     dptr(dev, &b.slot_row),
+                    dptr(dev, &b.active),
                 );
-                self.kernels
-                    .group_by_expert(dev, ids, n * k, k, held, offsets, src, slot_row)?;
+                self.kernels.group_by_expert(
+                    dev,
+                    ids,
+                    n * k,
+                    k,
+                    held,
+                    offsets,
+                    src,
+                    slot_row,
+                    active,
+                )?;
+                // Blocks only for the experts that can have rows: at most one per slot.
+                let groups = active_groups(n * k, held);
                 let by_expert =
                     |w: Weights, x: u64, src: u64, y: u64, out: usize, inp: usize| Grouped {
                         w,
-                        groups: held,
+                        groups,
+                        active,
                         offsets,
                         count: 0,
+                        // A row chooses an expert once at most.
+                        most: n,
                         src,
                         x,
                         residual: 0,
