@@ -220,18 +220,21 @@ impl Local {
     }
 }
 
+/// Whether `local_ranks` ranks outnumber the CPUs this process may use: each waiting rank may
+/// then hold a core the rank it waits for needs.
+fn oversubscribed(local_ranks: usize) -> bool {
+    local_ranks > std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// SHARDLINE_SPIN_US: microseconds a waiting rank spins before yielding; by default
-/// [`DEFAULT_SPIN`], or none when `local_ranks` outnumber the CPUs this process may use.
+/// [`DEFAULT_SPIN`], or none when the host is [`oversubscribed`].
 fn spin_from_env(local_ranks: usize) -> Result<Duration> {
     match std::env::var("SHARDLINE_SPIN_US") {
-        Err(_) => {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            Ok(if local_ranks > cpus {
-                Duration::ZERO
-            } else {
-                DEFAULT_SPIN
-            })
-        }
+        Err(_) => Ok(if oversubscribed(local_ranks) {
+            Duration::ZERO
+        } else {
+            DEFAULT_SPIN
+        }),
         Ok(v) => v
             .trim()
             .parse::<u64>()
@@ -305,11 +308,17 @@ impl Engine {
         // Preallocate for the direct all-reduce of half types (the largest accumulator).
         scratch.acc(DIRECT_MAX_BYTES / 2);
         scratch.bytes(DIRECT_MAX_BYTES);
-        let algo = Algo::parse(
+        let algo = match Algo::parse(
             std::env::var("SHARDLINE_ALLREDUCE_ALGO")
                 .unwrap_or_default()
                 .trim(),
-        )?;
+        )? {
+            // The direct all-reduce has each rank wait on every other; when they share cores,
+            // each of those waits can cost a turn of the scheduler, while the ring waits on one
+            // neighbour at a time (docs/performance.md, collectives over UCX).
+            None if size > 2 && oversubscribed(local_ranks) => Some(Algo::Ring),
+            chosen => chosen,
+        };
         let mut engine = Engine {
             rank,
             size,

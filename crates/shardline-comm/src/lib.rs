@@ -23,8 +23,8 @@
 //! - `SHARDLINE_LISTEN_ADDR`: the IP a rank's peer listener binds (default: the address its peers
 //!   are told about, loopback for a job on one host). A job without a token may only listen on
 //!   loopback.
-//! - `SHARDLINE_ALLREDUCE_ALGO`: `auto` (direct up to [`DIRECT_MAX_BYTES`], ring above),
-//!   `direct` or `ring`.
+//! - `SHARDLINE_ALLREDUCE_ALGO`: `auto` (direct up to [`DIRECT_MAX_BYTES`], ring above; ring
+//!   at every size when more than two ranks outnumber this host's CPUs), `direct` or `ring`.
 //! - `SHARDLINE_SHM_RING_BYTES` (default 2 MiB per peer), `SHARDLINE_SPIN_US` (default 20; no
 //!   spinning when the ranks on this host outnumber its CPUs).
 
