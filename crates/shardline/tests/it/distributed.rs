@@ -2,6 +2,7 @@
 //! shm, tcp and, in a build with the `ucx` feature, ucx): the same tolerance and the same text
 //! as one rank, one report (rank 0's), and plans that cannot work refused before any rank starts.
 
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -124,23 +125,6 @@ fn impossible_plans_are_refused_before_any_rank_starts() {
     }
 }
 
-/// The children (ranks) of process `pid`, with their SHARDLINE_RANK.
-fn ranks_of(pid: u32) -> Vec<(u32, usize)> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    children
-        .split_whitespace()
-        .filter_map(|c| c.parse::<u32>().ok())
-        .filter_map(|c| {
-            let env = std::fs::read(format!("/proc/{c}/environ")).ok()?;
-            let rank = env
-                .split(|b| *b == 0)
-                .find_map(|kv| kv.strip_prefix(b"SHARDLINE_RANK="))?;
-            Some((c, std::str::from_utf8(rank).ok()?.parse().ok()?))
-        })
-        .collect()
-}
-
 /// Whether process `pid` is still running (a zombie has exited; only its parent has not reaped
 /// it yet).
 fn running(pid: u32) -> bool {
@@ -221,7 +205,7 @@ fn strike(fault: Fault, long_prompt: &Path) -> std::time::Duration {
         }
         seen.extend_from_slice(&chunk[..n]);
     }
-    let ranks = ranks_of(launcher.id());
+    let ranks = common::ranks_of(launcher.id());
     assert_eq!(ranks.len(), fault.tp, "{fault:?}: ranks {ranks:?}");
     let (victim, _) = *ranks.iter().find(|(_, r)| *r == fault.victim).unwrap();
     let struck = Instant::now();
@@ -361,7 +345,7 @@ fn stop_launcher(signal: i32) -> (std::time::Duration, String) {
         .unwrap();
     let start = Instant::now();
     let ranks = loop {
-        let r = ranks_of(launcher.id());
+        let r = common::ranks_of(launcher.id());
         if r.len() == 2 {
             break r;
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use crate::common;
 use serde_json::{json, Value};
 
 /// The fixture the tests serve: 128 positions, a byte-level tokenizer (token id = byte).
@@ -728,30 +729,13 @@ fn an_idle_server_over_two_ranks_outlives_the_collective_deadline() {
     assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
 }
 
-/// The children (ranks) of process `pid`, with their SHARDLINE_RANK.
-fn ranks_of(pid: u32) -> Vec<(u32, usize)> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    children
-        .split_whitespace()
-        .filter_map(|c| c.parse::<u32>().ok())
-        .filter_map(|c| {
-            let env = std::fs::read(format!("/proc/{c}/environ")).ok()?;
-            let rank = env
-                .split(|b| *b == 0)
-                .find_map(|kv| kv.strip_prefix(b"SHARDLINE_RANK="))?;
-            Some((c, std::str::from_utf8(rank).ok()?.parse().ok()?))
-        })
-        .collect()
-}
-
 #[test]
 fn a_stopped_rank_ends_an_idle_server_over_two_ranks_naming_it() {
     // Rank 1 waits for rank 0's next step; rank 0 waits for requests, in no collective at all
     // (it broadcasts an empty step now and then, which a stopped rank 1 would take for ever in
     // its buffers). Only the heartbeats tell rank 0 that rank 1 stopped.
     let mut server = Server::start(&["--tp", "2"]);
-    let ranks = ranks_of(server.child.id());
+    let ranks = common::ranks_of(server.child.id());
     let (victim, _) = *ranks
         .iter()
         .find(|(_, r)| *r == 1)

@@ -69,3 +69,20 @@ pub fn make_hosts() -> Result<(Hosts, bool), String> {
     }
     Ok((hosts, delay))
 }
+
+/// The children (ranks) of process `pid`, with their SHARDLINE_RANK.
+pub fn ranks_of(pid: u32) -> Vec<(u32, usize)> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter_map(|c| {
+            let env = std::fs::read(format!("/proc/{c}/environ")).ok()?;
+            let rank = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(b"SHARDLINE_RANK="))?;
+            Some((c, std::str::from_utf8(rank).ok()?.parse().ok()?))
+        })
+        .collect()
+}
