@@ -10,7 +10,8 @@
 # Results go to $OUT (default gpu-results/).
 #
 # STEPS picks the parts (default all): tests verify decode batch serve whole prefill. `batch` times
-# batched steps (`bench decode --batch 1,2,...,64`, the floor beside each) and `serve` runs the
+# batched steps (`bench decode --batch 1,2,...,64`, the floor beside each; B = 16 to 64 again
+# with every product on the CUDA cores, SHARDLINE_GROUPED_MMA=0) and `serve` runs the
 # server under `bench serve` at 1, 8 and 64 clients, on BATCH_MODELS (default Qwen3-30B-A3B's and
 # Mixtral-8x7B's shapes, 8 and 4 layers). `whole` runs whole
 # models, WHOLE="preset:layers ..." (default Qwen3-30B-A3B's 48 layers, about 61 GB in bf16, and
@@ -109,12 +110,17 @@ fi
 batch_models=${BATCH_MODELS:-qwen3-30b-a3b:8 mixtral-8x7b:4}
 
 if has batch; then
-    echo "== batched decode steps through the engine, the floor beside each"
+    echo "== batched decode steps through the engine, the floor beside each; then with every"
+    echo "   product on the CUDA cores (SHARDLINE_GROUPED_MMA=0), to check where the tensor cores"
+    echo "   take over"
     for case in $batch_models; do
         p=${case%%:*} n=${case##*:}
         "$sl" bench decode --device cuda --preset "$p" --layers "$n" --dtype bf16 \
             --batch 1,2,4,8,16,32,64 --iters 50 --json "$out/batch_${p}_$n.jsonl" ||
             echo "bench decode --batch $p FAILED"
+        SHARDLINE_GROUPED_MMA=0 "$sl" bench decode --device cuda --preset "$p" --layers "$n" \
+            --dtype bf16 --batch 16,32,64 --iters 50 --json "$out/batch_cuda_cores_${p}_$n.jsonl" ||
+            echo "bench decode --batch $p (CUDA cores) FAILED"
     done
 fi
 
