@@ -253,6 +253,16 @@ pub enum Sampled {
     Best(Vec<(f32, u32)>),
 }
 
+impl Sampled {
+    /// The answer for a step that samples no row, in the form `want` asks for.
+    pub fn none(want: Want) -> Sampled {
+        match want {
+            Want::Logits => Sampled::Logits(Vec::new()),
+            Want::Best => Sampled::Best(Vec::new()),
+        }
+    }
+}
+
 /// What an FFN segment wrote to its `out`, and so how the ranks put their parts together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FfnPart {

@@ -250,10 +250,7 @@ impl BatchStep {
         stack.wait_comm(dev)?;
         let vocab = self.per_row.vocab;
         if m == 0 {
-            return Ok(match want {
-                Want::Logits => Sampled::Logits(Vec::new()),
-                Want::Best => Sampled::Best(Vec::new()),
-            });
+            return Ok(Sampled::none(want));
         }
         Ok(match want {
             Want::Logits => {
@@ -290,17 +287,13 @@ impl BatchStep {
             .memcpy_htod(table, &mut self.one_table)
             .during("copying a sequence's block table")?;
         stack.decode_paged(dev, token, pos, pool, dptr(dev, &self.one_table))?;
-        Ok(match (sample.is_empty(), want) {
-            (true, Want::Logits) => {
-                stack.wait_comm(dev)?;
-                Sampled::Logits(Vec::new())
-            }
-            (true, Want::Best) => {
-                stack.wait_comm(dev)?;
-                Sampled::Best(Vec::new())
-            }
-            (false, Want::Logits) => Sampled::Logits(stack.vocab_logits(dev)?),
-            (false, Want::Best) => Sampled::Best(vec![stack.best(dev)?]),
+        if sample.is_empty() {
+            stack.wait_comm(dev)?;
+            return Ok(Sampled::none(want));
+        }
+        Ok(match want {
+            Want::Logits => Sampled::Logits(stack.vocab_logits(dev)?),
+            Want::Best => Sampled::Best(vec![stack.best(dev)?]),
         })
     }
 
