@@ -285,11 +285,15 @@ pub enum DeviceArg {
 /// `--kv-dtype`: what the paged KV cache of batched steps holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvDtypeArg {
-    /// bf16 on a GPU (half the bytes), f32 on the CPU (the one it holds).
+    /// bf16 on a GPU (half the bytes), f32 on the CPU (exact, where decode is bound by the
+    /// weights' bytes rather than the cache's).
     #[default]
     Auto,
     F32,
+    /// Half the bytes of f32: 8 bits of mantissa, f32's range.
     Bf16,
+    /// Half the bytes of f32: 11 bits of mantissa, values up to 65504 (the CPU only).
+    F16,
 }
 
 impl KvDtypeArg {
@@ -298,6 +302,7 @@ impl KvDtypeArg {
         match (self, device) {
             (KvDtypeArg::Auto, DeviceArg::Cuda) | (KvDtypeArg::Bf16, _) => DType::BF16,
             (KvDtypeArg::Auto, DeviceArg::Cpu) | (KvDtypeArg::F32, _) => DType::F32,
+            (KvDtypeArg::F16, _) => DType::F16,
         }
     }
 }

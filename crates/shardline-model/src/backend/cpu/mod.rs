@@ -129,9 +129,16 @@ impl Backend for CpuBackend {
     }
 
     fn make_kv_pool(&mut self, blocks: usize, dtype: DType) -> Result<()> {
-        if dtype != DType::F32 {
+        let refused = || {
+            crate::ModelError::Unsupported(format!(
+                "a {dtype} KV cache on the CPU (it holds f32, bf16 or f16)"
+            ))
+        };
+        if self.spec.head_dim > paged::MAX_HEAD_DIM {
             return Err(crate::ModelError::Unsupported(format!(
-                "a {dtype} KV cache on the CPU (it holds f32)"
+                "a paged KV cache for heads of {} values on the CPU (at most {})",
+                self.spec.head_dim,
+                paged::MAX_HEAD_DIM
             )));
         }
         let positions = (blocks * crate::kv_pool::BLOCK_POSITIONS).min(self.spec.max_positions);
@@ -142,8 +149,11 @@ impl Backend for CpuBackend {
             .weights
             .layers
             .iter()
-            .map(|l| paged::PagedLayer::new(blocks, l.attn.n_kv_heads, self.spec.head_dim))
-            .collect();
+            .map(|l| {
+                paged::PagedLayer::new(blocks, l.attn.n_kv_heads, self.spec.head_dim, dtype)
+                    .ok_or_else(refused)
+            })
+            .collect::<Result<_>>()?;
         Ok(())
     }
 

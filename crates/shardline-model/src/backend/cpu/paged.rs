@@ -3,34 +3,141 @@
 //! q/k/v for all rows at once (each weight read once), rope at each row's position, every row's
 //! key and value written into its sequence's block, then each row attends over its sequence's
 //! positions up to its own (so rows of one prompt chunk stay causal).
+//!
+//! The cache holds f32, or bf16 or f16 for half the bytes: a key or value is rounded once, when
+//! it is written, and read back as f32 for the products, which stay in f32.
 
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 use shardline_tensor::kernels::Rope;
-use shardline_tensor::pool;
+use shardline_tensor::{pool, DType};
 
 use super::attention::Qkv;
 use crate::backend::PagedRow;
 use crate::kv_pool::BLOCK_POSITIONS;
 use crate::layer::{AttentionWeights, Exec};
 
-/// One layer's keys and values for every block of the pool, each `[blocks, kv_heads,
-/// BLOCK_POSITIONS, head_dim]`.
+/// A value type the paged cache holds.
+trait KvElem: Copy + Default + Send + Sync {
+    /// `src` rounded into `dst` (of the same length).
+    fn store(src: &[f32], dst: &mut [Self]);
+    /// `src` as f32 into `dst` (of the same length).
+    fn load(src: &[Self], dst: &mut [f32]);
+}
+
+impl KvElem for f32 {
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+// half's slice conversions pick the CPU's conversion instructions at run time (F16C for f16).
+impl KvElem for bf16 {
+    fn store(src: &[f32], dst: &mut [bf16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn load(src: &[bf16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+impl KvElem for f16 {
+    fn store(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn load(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+/// One layer's keys and values of one value type, each `[blocks, kv_heads, BLOCK_POSITIONS,
+/// head_dim]`.
+struct Planes<E> {
+    k: Vec<E>,
+    v: Vec<E>,
+}
+
+impl<E: KvElem> Planes<E> {
+    fn new(n: usize) -> Self {
+        Planes {
+            k: vec![E::default(); n],
+            v: vec![E::default(); n],
+        }
+    }
+
+    /// Stores `k` and `v` (`d` values each) at element `at`.
+    fn write(&mut self, at: usize, k: &[f32], v: &[f32]) {
+        let d = k.len();
+        E::store(k, &mut self.k[at..at + d]);
+        E::store(v, &mut self.v[at..at + d]);
+    }
+
+    /// Attention of `q` over the positions whose values start at `starts`, into `out`.
+    fn attend(
+        &self,
+        starts: impl Iterator<Item = usize> + Clone,
+        q: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let d = q.len();
+        // One position's key or value as f32 at a time: head_dim values, on the stack.
+        let mut row = [0.0f32; MAX_HEAD_DIM];
+        let row = &mut row[..d];
+        let mut scores: Vec<f32> = starts
+            .clone()
+            .map(|at| {
+                E::load(&self.k[at..at + d], row);
+                dot(q, row) * scale
+            })
+            .collect();
+        shardline_tensor::kernels::softmax(&mut scores);
+        out.fill(0.0);
+        for (at, w) in starts.zip(scores) {
+            E::load(&self.v[at..at + d], row);
+            for (o, v) in out.iter_mut().zip(row.iter()) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// The widest head the paged cache takes (every model Shardline runs has 64 or 128).
+pub(super) const MAX_HEAD_DIM: usize = 256;
+
+/// One layer's cache in the value type chosen for the pool.
+enum Store {
+    F32(Planes<f32>),
+    Bf16(Planes<bf16>),
+    F16(Planes<f16>),
+}
+
+/// One layer's keys and values for every block of the pool.
 pub(super) struct PagedLayer {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    store: Store,
     n_kv_heads: usize,
     head_dim: usize,
 }
 
 impl PagedLayer {
-    pub fn new(blocks: usize, n_kv_heads: usize, head_dim: usize) -> PagedLayer {
+    /// A layer's cache of `blocks` blocks of `dtype` values (f32, bf16 or f16), or `None` for a
+    /// type the CPU does not hold.
+    pub fn new(blocks: usize, n_kv_heads: usize, head_dim: usize, dtype: DType) -> Option<Self> {
         let n = blocks * n_kv_heads * BLOCK_POSITIONS * head_dim;
-        PagedLayer {
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+        let store = match dtype {
+            DType::F32 => Store::F32(Planes::new(n)),
+            DType::BF16 => Store::Bf16(Planes::new(n)),
+            DType::F16 => Store::F16(Planes::new(n)),
+            _ => return None,
+        };
+        Some(PagedLayer {
+            store,
             n_kv_heads,
             head_dim,
-        }
+        })
     }
 
     /// Start of the `head_dim` values of `kv_head` at position `pos` of a sequence with `blocks`.
@@ -45,27 +152,22 @@ impl PagedLayer {
         let d = self.head_dim;
         for h in 0..self.n_kv_heads {
             let at = self.offset(row.blocks, h, row.pos);
-            self.k[at..at + d].copy_from_slice(&k[h * d..(h + 1) * d]);
-            self.v[at..at + d].copy_from_slice(&v[h * d..(h + 1) * d]);
+            let (k, v) = (&k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
+            match &mut self.store {
+                Store::F32(p) => p.write(at, k, v),
+                Store::Bf16(p) => p.write(at, k, v),
+                Store::F16(p) => p.write(at, k, v),
+            }
         }
     }
 
     /// Attention of one query head `q` (of KV head `kv_head`) over positions `0..=row.pos`.
     fn attend(&self, row: &PagedRow, kv_head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
-        let d = self.head_dim;
-        let mut scores: Vec<f32> = (0..=row.pos)
-            .map(|p| {
-                let at = self.offset(row.blocks, kv_head, p);
-                dot(q, &self.k[at..at + d]) * scale
-            })
-            .collect();
-        shardline_tensor::kernels::softmax(&mut scores);
-        out.fill(0.0);
-        for (p, w) in scores.into_iter().enumerate() {
-            let at = self.offset(row.blocks, kv_head, p);
-            for (o, v) in out.iter_mut().zip(&self.v[at..at + d]) {
-                *o += w * v;
-            }
+        let starts = (0..=row.pos).map(|p| self.offset(row.blocks, kv_head, p));
+        match &self.store {
+            Store::F32(p) => p.attend(starts, q, scale, out),
+            Store::Bf16(p) => p.attend(starts, q, scale, out),
+            Store::F16(p) => p.attend(starts, q, scale, out),
         }
     }
 }
