@@ -114,6 +114,11 @@ extern "C" {
         config: *mut *mut ucp_config_t,
     ) -> ucs_status_t;
     pub fn ucp_config_release(config: *mut ucp_config_t);
+    pub fn ucp_config_modify(
+        config: *mut ucp_config_t,
+        name: *const c_char,
+        value: *const c_char,
+    ) -> ucs_status_t;
     pub fn ucp_init_version(
         major: c_uint,
         minor: c_uint,

@@ -243,6 +243,18 @@ impl Shared {
     }
 }
 
+/// UCX's rendezvous threshold where Shardline picks it: without an RDMA device, messages up to
+/// 256 KiB go eagerly. There UCX's rendezvous runs over TCP (or shared memory) by exchanging
+/// active messages, and its `auto` threshold switches at 8 KiB: an all-reduce of 8 KiB then took
+/// about 39 us over UCX's tcp against 7 us eagerly, and 64 KiB 51 against 26 us (2 ranks on
+/// loopback, docs/performance.md, "Collectives over UCX"). With an RDMA device (or with
+/// `UCX_RNDV_THRESH` set), UCX's own choice stands: there the rendezvous reads the sender's
+/// registered memory directly.
+fn default_rndv_thresh() -> Option<&'static std::ffi::CStr> {
+    let rdma = std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some());
+    (std::env::var_os("UCX_RNDV_THRESH").is_none() && !rdma).then_some(c"262144")
+}
+
 /// This rank's UCP worker before it is connected.
 pub struct UcxTransport {
     shared: Arc<Shared>,
@@ -259,6 +271,13 @@ impl UcxTransport {
             let s = ffi::ucp_config_read(std::ptr::null(), std::ptr::null(), &mut config);
             if s != ffi::UCS_OK {
                 return Err(fail("ucp_config_read", s));
+            }
+            if let Some(thresh) = default_rndv_thresh() {
+                let s = ffi::ucp_config_modify(config, c"RNDV_THRESH".as_ptr(), thresh.as_ptr());
+                if s != ffi::UCS_OK {
+                    ffi::ucp_config_release(config);
+                    return Err(fail("ucp_config_modify(RNDV_THRESH)", s));
+                }
             }
             let mut params: ffi::ucp_params_t = std::mem::zeroed();
             params.field_mask = ffi::UCP_PARAM_FIELD_FEATURES;
