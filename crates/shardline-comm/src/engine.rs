@@ -15,6 +15,7 @@ use crate::heartbeat::Heart;
 use crate::progress::{exchange, push_once, Incoming, Outgoing, Patience, DEFAULT_SPIN};
 use crate::transport::shm::{ShmTransport, DEFAULT_RING_BYTES};
 use crate::transport::tcp::TcpTransport;
+use crate::transport::Registry;
 use crate::transport::{Endpoint, Pair, Setup, Transport, TransportChoice};
 use crate::wire::{Header, OpCode};
 
@@ -87,13 +88,23 @@ impl Links {
 }
 
 /// Reusable buffers, so that the hot path does not allocate.
-#[derive(Default)]
 pub(crate) struct Scratch {
     pub acc: Vec<f32>,
+    /// Bytes a collective sends from (the direct all-reduce's snapshot): announced to the
+    /// transport's registry, when it has one, whenever they move.
     pub bytes: Vec<u8>,
+    registry: Option<Arc<dyn Registry>>,
 }
 
 impl Scratch {
+    fn new(registry: Option<Arc<dyn Registry>>) -> Scratch {
+        Scratch {
+            acc: Vec::new(),
+            bytes: Vec::new(),
+            registry,
+        }
+    }
+
     pub fn acc(&mut self, n: usize) -> &mut [f32] {
         if self.acc.len() < n {
             self.acc.resize(n, 0.0);
@@ -103,9 +114,24 @@ impl Scratch {
 
     pub fn bytes(&mut self, n: usize) -> &mut [u8] {
         if self.bytes.len() < n {
+            // A larger buffer may move: its old registration goes before the old memory does.
+            if let Some(r) = &self.registry {
+                r.release(&self.bytes);
+            }
             self.bytes.resize(n, 0);
+            if let Some(r) = &self.registry {
+                r.register(&self.bytes);
+            }
         }
         &mut self.bytes[..n]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(r) = &self.registry {
+            r.release(&self.bytes);
+        }
     }
 }
 
@@ -304,7 +330,7 @@ impl Engine {
         );
         let local_ranks = id.endpoints.iter().filter(|e| e.host == me.host).count();
         let ranks = id.endpoints.iter().map(|e| e.world_rank).collect();
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch::new(transports.iter().find_map(|t| t.registry()));
         // Preallocate for the direct all-reduce of half types (the largest accumulator).
         scratch.acc(DIRECT_MAX_BYTES / 2);
         scratch.bytes(DIRECT_MAX_BYTES);

@@ -48,10 +48,8 @@ impl Engine {
                     drop(sends);
                     return self.reduce_as_they_come(Sends::new(), h, buf, op);
                 }
+                self.scratch.bytes(buf.len());
                 let mut snap = std::mem::take(&mut self.scratch.bytes);
-                if snap.len() < buf.len() {
-                    snap.resize(buf.len(), 0);
-                }
                 let own = &mut snap[..buf.len()];
                 own.copy_from_slice(buf);
                 let own: &[u8] = own;

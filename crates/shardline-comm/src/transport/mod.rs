@@ -11,6 +11,7 @@ pub mod tcp;
 #[cfg(feature = "ucx")]
 pub mod ucx;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{CommError, Result};
@@ -105,6 +106,23 @@ pub trait Transport {
     fn connect(&mut self, setup: &Setup, peers: &[usize]) -> Result<Vec<(usize, Box<dyn Pair>)>>;
     /// Called once every pair of the group works (after the group's first barrier).
     fn connected(&mut self) {}
+    /// Where the group announces memory it keeps and sends from, when this transport registers
+    /// memory with its network (UCX); `None`: it does not.
+    fn registry(&self) -> Option<Arc<dyn Registry>> {
+        None
+    }
+}
+
+/// Memory a group keeps for as long as it lives (its collective scratch), announced to a
+/// transport that registers memory with its network (UCX: `ucp_mem_map`), so that the memory is
+/// registered once and sends from it carry that registration instead of each registering its
+/// own. `release` comes before the memory is freed or moved: a registration must never outlive
+/// the pages it names (memory allocated later at the same address is other pages).
+pub trait Registry: Send + Sync {
+    /// Registers `mem` (a failure only means sends from it register as they go).
+    fn register(&self, mem: &[u8]);
+    /// Forgets any registration of `mem`.
+    fn release(&self, mem: &[u8]);
 }
 
 /// Which transport a group uses for its peers.

@@ -138,6 +138,20 @@ impl<R: Registrar> RegCache<R> {
         Ok(reg)
     }
 
+    /// The cached registration covering `len` bytes at `addr`, if there is one (nothing is
+    /// registered): for memory whose owner registers it and releases it when it goes.
+    pub fn find(&mut self, addr: usize, len: usize) -> Option<Arc<Registration<R>>> {
+        self.clock += 1;
+        let end = addr.saturating_add(len);
+        let (_, e) = self.entries.range_mut(..=addr).next_back()?;
+        if e.reg.addr + e.reg.len < end {
+            return None;
+        }
+        e.used = self.clock;
+        self.stats.hits += 1;
+        Some(e.reg.clone())
+    }
+
     /// Forgets every registration that overlaps `len` bytes at `addr`, because their owner frees
     /// (or has freed) that memory; returns how many there were. Each is unregistered now, or when
     /// the last transfer using it lets go.
@@ -213,6 +227,19 @@ mod tests {
     fn cache(entries: usize, bytes: usize) -> (Arc<Fake>, RegCache<Fake>) {
         let fake = Arc::new(Fake::default());
         (fake.clone(), RegCache::new(fake, entries, bytes))
+    }
+
+    #[test]
+    fn find_returns_a_covering_registration_and_never_registers() {
+        let (fake, mut c) = cache(8, 1 << 30);
+        let a = *c.get(0x1000, 0x1000).unwrap().handle();
+        assert_eq!(c.find(0x1800, 0x800).map(|r| *r.handle()), Some(a));
+        assert!(c.find(0x1800, 0x801).is_none(), "past the end");
+        assert!(c.find(0x800, 0x100).is_none(), "below the start");
+        assert_eq!(fake.live(), vec![a]);
+        assert_eq!((c.stats().hits, c.stats().misses), (1, 1));
+        c.invalidate(0x1000, 0x1000);
+        assert!(c.find(0x1000, 0x10).is_none(), "released");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use super::liveness::PidWatch;
 use super::regcache::{RegCache, Registrar, Registration};
-use super::{Endpoint, Pair, Setup, Transport};
+use super::{Endpoint, Pair, Registry, Setup, Transport};
 use crate::error::{CommError, Result};
 
 /// Largest message a pair sends; a longer one announced by a peer is refused before anything is
@@ -255,6 +255,29 @@ fn default_rndv_thresh() -> Option<&'static std::ffi::CStr> {
     (std::env::var_os("UCX_RNDV_THRESH").is_none() && !rdma).then_some(c"262144")
 }
 
+/// The group's kept memory, registered in the worker's registration cache; sends from it find
+/// the registration there (`Link::write`).
+struct UcxRegistry(Arc<Shared>);
+
+impl Registry for UcxRegistry {
+    fn register(&self, mem: &[u8]) {
+        let mut cache = self.0.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(s) = cache.get(mem.as_ptr() as usize, mem.len()) {
+            tracing::debug!(
+                "ucx: registering {} bytes of the group's scratch failed ({}); sends from it \
+                 register as they go",
+                mem.len(),
+                ffi::status_text(s)
+            );
+        }
+    }
+
+    fn release(&self, mem: &[u8]) {
+        let mut cache = self.0.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.invalidate(mem.as_ptr() as usize, mem.len());
+    }
+}
+
 /// This rank's UCP worker before it is connected.
 pub struct UcxTransport {
     shared: Arc<Shared>,
@@ -340,6 +363,10 @@ impl UcxTransport {
 impl Transport for UcxTransport {
     fn name(&self) -> &'static str {
         "ucx"
+    }
+
+    fn registry(&self) -> Option<Arc<dyn Registry>> {
+        Some(Arc::new(UcxRegistry(self.shared.clone())))
     }
 
     fn reaches(&self, _me: &Endpoint, peer: &Endpoint) -> bool {
@@ -742,7 +769,12 @@ impl UcxPair {
             let rest = parts[i].len() - at;
             if !copy_all && rest > GATHER_MAX {
                 let n = rest.min(MSG_MAX);
-                self.post_send(parts[i][at..].as_ptr(), n, None, None)?;
+                let ptr = parts[i][at..].as_ptr();
+                // Memory the group registered (its scratch) goes with its registration; other
+                // memory UCX registers itself, in its own cache, which sees the memory freed.
+                let reg = (self.shared.cache.lock().unwrap_or_else(|e| e.into_inner()))
+                    .find(ptr as usize, n);
+                self.post_send(ptr, n, None, reg)?;
                 off += n;
                 continue;
             }

@@ -139,6 +139,45 @@ fn frames_of_every_size_arrive_whole_and_in_order() {
 }
 
 #[test]
+fn memory_the_group_registers_is_sent_with_its_registration_until_it_is_released() {
+    let (t0, _t1, mut a, mut b) = connected();
+    let registry = t0.registry().expect("ucx registers memory");
+    // A payload above GATHER_MAX goes zero-copy from the caller's memory: here, registered memory.
+    let frames = vec![frame(3 * GATHER_MAX, 1)];
+    registry.register(&frames[0].1);
+    let registered = stats(&t0);
+    assert_eq!(registered.misses, 1, "{registered:?}");
+    let got = transfer(&mut *a, &mut *b, &frames, false).unwrap();
+    assert!(got == flat(&frames), "the bytes differ");
+    let sent = stats(&t0);
+    assert!(
+        sent.hits > registered.hits,
+        "the send did not find the registration: {sent:?}"
+    );
+    assert_eq!(sent.misses, registered.misses, "{sent:?}");
+    // Released before the memory goes, then memory allocated again (perhaps at the same
+    // address): no send uses the old registration, and nothing is registered behind the owner's
+    // back.
+    registry.release(&frames[0].1);
+    drop(frames);
+    let released = stats(&t0);
+    assert_eq!(
+        released.invalidations,
+        sent.invalidations + 1,
+        "{released:?}"
+    );
+    let frames = vec![frame(3 * GATHER_MAX, 2)];
+    let got = transfer(&mut *a, &mut *b, &frames, false).unwrap();
+    assert!(got == flat(&frames), "the bytes differ");
+    let after = stats(&t0);
+    assert_eq!(
+        (after.hits, after.misses),
+        (released.hits, released.misses),
+        "{after:?}"
+    );
+}
+
+#[test]
 fn a_transient_failure_is_retried_once_counted_and_recovers() {
     let (t0, t1, mut a, mut b) = connected();
     let frames = vec![frame(8192, 1), frame(2 * MSG_MAX, 2)];
