@@ -26,18 +26,24 @@ pub enum Algo {
     Direct,
     /// Reduce-scatter then all-gather around a ring: least traffic per rank, for large messages.
     Ring,
+    /// Pairwise exchanges of the whole buffer with rank `me ^ 1`, `me ^ 2`, ...: log2(ranks)
+    /// steps, each waiting on one peer, for small messages when ranks share cores (a power of two
+    /// of ranks; others take the ring).
+    Doubling,
 }
 
 impl Algo {
     /// Parses a `SHARDLINE_ALLREDUCE_ALGO` value: `auto` or empty (`None`: chosen by size against
-    /// [`DIRECT_MAX_BYTES`]), `direct` or `ring`; anything else is a [`CommError::Config`].
+    /// [`DIRECT_MAX_BYTES`]), `direct`, `ring` or `doubling`; anything else is a
+    /// [`CommError::Config`].
     pub fn parse(s: &str) -> Result<Option<Algo>> {
         match s {
             "auto" | "" => Ok(None),
             "direct" => Ok(Some(Algo::Direct)),
             "ring" => Ok(Some(Algo::Ring)),
+            "doubling" => Ok(Some(Algo::Doubling)),
             other => Err(CommError::Config(format!(
-                "SHARDLINE_ALLREDUCE_ALGO='{other}' (expected auto, direct or ring)"
+                "SHARDLINE_ALLREDUCE_ALGO='{other}' (expected auto, direct, ring or doubling)"
             ))),
         }
     }
@@ -152,7 +158,11 @@ pub(crate) struct Engine {
     pub size: usize,
     pub links: Links,
     pub scratch: Scratch,
+    /// The all-reduce algorithm `SHARDLINE_ALLREDUCE_ALGO` forces (`None`: by size and ranks).
     pub algo: Option<Algo>,
+    /// More than two ranks outnumbering this host's CPUs: small all-reduces take recursive
+    /// doubling rather than the direct exchange (see [`Engine::all_reduce_algo`]).
+    pub crowded: bool,
     pub id: Identity,
     seq: u32,
     /// Why the group is unusable, once it is (shared with the `Group`, which reports it without
@@ -334,17 +344,11 @@ impl Engine {
         // Preallocate for the direct all-reduce of half types (the largest accumulator).
         scratch.acc(DIRECT_MAX_BYTES / 2);
         scratch.bytes(DIRECT_MAX_BYTES);
-        let algo = match Algo::parse(
+        let algo = Algo::parse(
             std::env::var("SHARDLINE_ALLREDUCE_ALGO")
                 .unwrap_or_default()
                 .trim(),
-        )? {
-            // The direct all-reduce has each rank wait on every other; when they share cores,
-            // each of those waits can cost a turn of the scheduler, while the ring waits on one
-            // neighbour at a time (docs/performance.md, collectives over UCX).
-            None if size > 2 && oversubscribed(local_ranks) => Some(Algo::Ring),
-            chosen => chosen,
-        };
+        )?;
         let mut engine = Engine {
             rank,
             size,
@@ -357,6 +361,7 @@ impl Engine {
             },
             scratch,
             algo,
+            crowded: size > 2 && oversubscribed(local_ranks),
             id,
             seq: 0,
             poisoned: Arc::default(),

@@ -35,7 +35,7 @@ fn collectives<T: Elem>(g: &Group, sizes: &[usize]) -> Check {
     let (me, n) = (g.rank(), g.size());
     let name = T::DTYPE.name();
     for &len in sizes {
-        for algo in [Algo::Direct, Algo::Ring] {
+        for algo in [Algo::Direct, Algo::Ring, Algo::Doubling] {
             for op in [ReduceOp::Sum, ReduceOp::Max] {
                 let mut buf: Vec<T> = (0..len).map(|i| T::from_f32(val(me, i))).collect();
                 ctx("all_reduce", g.all_reduce_with(&mut buf, op, algo))?;
@@ -130,7 +130,11 @@ fn collectives<T: Elem>(g: &Group, sizes: &[usize]) -> Check {
 /// on every rank holding the same hidden state).
 fn identical_everywhere(g: &Group) -> Check {
     let (me, n) = (g.rank(), g.size());
-    for (algo, len) in [(Algo::Direct, 1000), (Algo::Ring, 30_001)] {
+    for (algo, len) in [
+        (Algo::Direct, 1000),
+        (Algo::Ring, 30_001),
+        (Algo::Doubling, 1000),
+    ] {
         let mut buf: Vec<f32> = (0..len)
             .map(|i| ((me * 7919 + i * 104_729) % 1000) as f32 * 0.001_3 + 1e-7 * i as f32)
             .collect();

@@ -22,12 +22,10 @@ impl Engine {
         if self.size == 1 {
             return Ok(());
         }
-        let auto = if buf.len() <= DIRECT_MAX_BYTES {
-            Algo::Direct
-        } else {
-            Algo::Ring
-        };
-        match algo.or(self.algo).unwrap_or(auto) {
+        match algo
+            .or(self.algo)
+            .unwrap_or(self.all_reduce_algo(buf.len()))
+        {
             Algo::Direct => {
                 let h = Engine::header(OpCode::AllReduce, dtype, tag, buf.len(), buf.len());
                 if self.size > 2 && op == ReduceOp::Sum {
@@ -60,7 +58,68 @@ impl Engine {
                 r
             }
             Algo::Ring => self.all_reduce_ring(buf, dtype, op, tag),
+            Algo::Doubling if self.size.is_power_of_two() => {
+                self.all_reduce_doubling(buf, dtype, op, tag)
+            }
+            Algo::Doubling => self.all_reduce_ring(buf, dtype, op, tag),
         }
+    }
+
+    /// The all-reduce for `bytes` unless one is forced: small buffers go whole to the peers in
+    /// one round (direct), large ones around the ring (least traffic). When more than two ranks
+    /// share too few cores, the direct exchange has each rank wait on every other, each wait
+    /// costing a turn of the scheduler: small buffers then take recursive doubling (log2(ranks)
+    /// pairwise steps) and large ones the ring, which waits on one neighbour at a time
+    /// (docs/performance.md, collectives over UCX).
+    pub(crate) fn all_reduce_algo(&self, bytes: usize) -> Algo {
+        match (bytes <= DIRECT_MAX_BYTES, self.crowded) {
+            (true, false) => Algo::Direct,
+            (true, true) => Algo::Doubling,
+            (false, _) => Algo::Ring,
+        }
+    }
+
+    /// Recursive doubling: in step d (1, 2, 4, ...) each rank exchanges its whole partial result
+    /// with rank `me ^ d`, so log2(size) steps in all, each waiting on one peer. Both ranks of a
+    /// step add the same two partial sums (in either order, which gives the same value), so every
+    /// rank ends with the same bits. `size` is a power of two.
+    fn all_reduce_doubling(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        tag: u32,
+    ) -> Result<()> {
+        let (me, size) = (self.rank, self.size);
+        let h = Engine::header(OpCode::AllReduce, dtype, tag, buf.len(), buf.len());
+        // `buf` is reduced in place while the peer still reads this rank's partial: that goes
+        // from a snapshot (scratch taken out of `self` and put back: nothing is allocated).
+        self.scratch.bytes(buf.len());
+        let mut snap = std::mem::take(&mut self.scratch.bytes);
+        let mut r = Ok(());
+        let mut d = 1;
+        while d < size && r.is_ok() {
+            let partner = me ^ d;
+            let own = &mut snap[..buf.len()];
+            own.copy_from_slice(buf);
+            let mut sends: Sends = Sends::new();
+            sends.push(Outgoing::new(partner, h, &*own));
+            let mut recvs: Recvs = Recvs::new();
+            recvs.push(Incoming::new(
+                Source::Peer(partner),
+                h,
+                Sink::Reduce {
+                    dst: Region::one(&mut *buf),
+                    op,
+                },
+            ));
+            r = self
+                .links
+                .run(&mut sends, &mut recvs, false, OpCode::AllReduce);
+            d *= 2;
+        }
+        self.scratch.bytes = snap;
+        r
     }
 
     /// Drives `sends` and reduces what each peer sends under header `h` into `dst` as it comes
