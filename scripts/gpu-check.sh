@@ -9,7 +9,10 @@
 # and the kernels' NVRTC compile check).
 # Results go to $OUT (default gpu-results/).
 #
-# STEPS picks the parts (default all): tests verify decode batch serve whole prefill. `batch` times
+# STEPS picks the parts (default all): tests verify decode batch serve whole prefill profile.
+# `profile` (not in the default) runs Nsight Compute (ncu) over two batched steps (B = 2 and 64)
+# of each BATCH_MODELS model on 2 layers and prints each kernel's time, DRAM bytes and bandwidth
+# (ncu_*.csv in $OUT): where a step's time goes. `batch` times
 # batched steps (`bench decode --batch 1,2,...,64`, the floor beside each; B = 16 to 64 again
 # with every product on the CUDA cores, SHARDLINE_GROUPED_MMA=0) and `serve` runs the
 # server under `bench serve` at 1, 8 and 64 clients, on BATCH_MODELS (default Qwen3-30B-A3B's and
@@ -23,6 +26,8 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 steps=${STEPS:-tests verify decode batch serve whole prefill}
+# ncu's metrics of each kernel in a profiled step.
+ncu_metrics=gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
 has() { [[ " $steps " == *" $1 "* ]]; }
 
 if [ -n "${SHARDLINE_GPU_BIN:-}" ]; then
@@ -168,6 +173,21 @@ if has prefill; then
     done
 fi
 
+if has profile; then
+    echo "== per-kernel profile of batched steps (ncu)"
+    for case in $batch_models; do
+        p=${case%%:*}
+        for b in 2 64; do
+            # The skipped launches cover start-up and the warm-up steps; ncu replays each kernel
+            # of a graph on its own (--graph-profiling node, its default).
+            timeout 300 ncu --clock-control none --launch-skip 150 --launch-count 120 --csv --print-units base \
+                --metrics "$ncu_metrics" "$sl" bench decode --device cuda --preset "$p" \
+                --layers 2 --dtype bf16 --batch "$b" --iters 3 >"$out/ncu_${p}_$b.csv" ||
+                echo "ncu $p B=$b FAILED"
+        done
+    done
+fi
+
 echo "== summary"
 python3 - "$out" <<'PY'
 import glob, json, os, sys
@@ -197,4 +217,25 @@ for name, r in rows("serve_*.jsonl"):
     print(f"{name}: {json.dumps(r)}")
 for name, r in rows("prefill_*.jsonl"):
     print(f"{name}: {r['path']} {r['us_per_token']} us/token")
+# ncu's CSV: one row per (kernel launch, metric); the program's own output lines are not quoted.
+import csv, collections
+for path in sorted(glob.glob(os.path.join(out, "ncu_*.csv"))):
+    per = collections.defaultdict(lambda: collections.defaultdict(float))
+    count = collections.Counter()
+    with open(path) as f:
+        rows_ = [r for r in csv.reader(line for line in f if line.startswith('"'))]
+    if not rows_:
+        continue
+    head, body = rows_[0], rows_[1:]
+    col = {k: i for i, k in enumerate(head)}
+    for r in body:
+        name, metric = r[col["Kernel Name"]], r[col["Metric Name"]]
+        value = float(r[col["Metric Value"]].replace(",", "") or 0)
+        per[name][metric] += value
+        if metric == "gpu__time_duration.sum":
+            count[name] += 1
+    print(f"{os.path.basename(path)}: kernel, launches, total us, GB read, GB/s")
+    for name, m in sorted(per.items(), key=lambda kv: -kv[1]["gpu__time_duration.sum"]):
+        ns, by = m["gpu__time_duration.sum"], m["dram__bytes_read.sum"]
+        print(f"  {name[:40]:40} {count[name]:4} {ns / 1e3:9.1f} {by / 1e9:7.3f} {by / max(ns, 1):7.0f}")
 PY
