@@ -58,8 +58,8 @@ pub enum ModelError {
         /// The shape stored.
         actual: Vec<usize>,
     },
-    /// A safetensors weight of a dtype other than F32, F16 and BF16.
-    #[error("{origin}: tensor `{name}` has dtype {dtype}, expected F32, F16 or BF16")]
+    /// A safetensors weight of a dtype other than F32, F16, BF16 and block-scaled F8_E4M3.
+    #[error("{origin}: tensor `{name}` has dtype {dtype}, expected F32, F16, BF16 or F8_E4M3 (with block scales)")]
     TensorDType {
         /// The file holding it.
         origin: String,
@@ -67,6 +67,17 @@ pub enum ModelError {
         name: String,
         /// The dtype stored, as safetensors names it.
         dtype: String,
+    },
+    /// A quantized weight that cannot be dequantized: its scales are missing, mis-shaped or not
+    /// finite, or its data holds NaN codes.
+    #[error("{origin}: tensor `{name}`: {reason}")]
+    Quantized {
+        /// The file holding it.
+        origin: String,
+        /// The weight's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
     },
     /// A tokenizer (`tokenizer.json` or a GGUF's vocabulary) that cannot be built.
     #[error("{path}: cannot load the tokenizer: {reason}")]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod fp8;
 pub mod generate;
 pub mod gguf;
 pub mod kv_pool;

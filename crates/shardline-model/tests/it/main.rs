@@ -8,6 +8,7 @@ mod bad_input;
 mod cuda_backend;
 mod engine;
 mod fixtures;
+mod fp8;
 mod gguf;
 mod paged;
 mod quantized;
