@@ -64,7 +64,9 @@ if has verify; then
     echo "   split over ranks sharing the GPU (host sums)"
     for d in fixtures/*/ ${SHARED_FIXTURES:-../shared/fixtures}/*/; do
         [ -f "$d/reference.json" ] || continue
-        for plan in "" "--gpu-comm nccl" "--tp 2" "--tp 4" "--ep 2" "--tp 4 --ep 2"; do
+        # `--reduce-dtype model`: a bf16 or f16 model's sums through NCCL in its own type.
+        for plan in "" "--gpu-comm nccl" "--gpu-comm nccl --reduce-dtype model" "--tp 2" "--tp 4" \
+            "--ep 2" "--tp 4 --ep 2"; do
             case "$plan" in *ep*) grep -q -e num_local_experts -e num_experts "$d/config.json" || continue ;; esac
             # shellcheck disable=SC2086  # the plan is a word list
             "$sl" verify --model "$d" --device cuda $plan >/dev/null 2>&1 ||

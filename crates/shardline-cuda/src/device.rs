@@ -95,6 +95,11 @@ pub struct Kernels {
     /// The largest of a row of f32 values and its lowest index, by one block
     /// ([`crate::ops::argmax`]).
     pub argmax: CudaFunction,
+    /// A segment's partial output rounded to bf16 or f16 for a 16-bit all-reduce
+    /// ([`crate::ops::to16`]).
+    pub to16: CudaFunction,
+    /// A 16-bit all-reduce's sum widened back, the residual added ([`crate::ops::add16`]).
+    pub add16: CudaFunction,
 }
 
 impl Kernels {
@@ -128,6 +133,8 @@ impl Kernels {
             combine_slots_norm: f("combine_slots_norm")?,
             embed_row: f("embed_row")?,
             argmax: f("argmax")?,
+            to16: f("to16")?,
+            add16: f("add16")?,
         })
     }
 

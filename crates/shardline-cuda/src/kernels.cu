@@ -691,6 +691,28 @@ extern "C" __global__ void embed_row(const void* __restrict__ table, int dtype,
     }
 }
 
+// Sums across ranks in a 16-bit type (`--reduce-dtype model` through NCCL): to16 rounds a
+// segment's partial output once (bf16 != 0: to bf16, else f16) for the all-reduce, and add16
+// widens the sum again and adds the residual the segment left out (residual null: none), so the
+// residual stream itself stays f32. Grid-stride over n values.
+extern "C" __global__ void to16(const float* __restrict__ x, u16* __restrict__ y16, long n,
+                                int bf16) {
+    let_next_start();
+    wait_for_previous();
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x)
+        y16[i] = f32_to_16(x[i], bf16);
+}
+
+extern "C" __global__ void add16(const float* __restrict__ residual, const u16* __restrict__ s16,
+                                 float* __restrict__ out, long n, int bf16) {
+    let_next_start();
+    wait_for_previous();
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x)
+        out[i] = (residual ? residual[i] : 0.0f) + f16_to_f32(s16[i], bf16);
+}
+
 // The largest of the n values of row r (grid.y) and its index (the lowest index among equal
 // values), by one block per row: best[2r] = the value, best[2r + 1] = the index as a float (exact
 // below 2^24, far above any vocabulary). NaN never wins, so a row of NaN gives index 0 and NEG_INF.

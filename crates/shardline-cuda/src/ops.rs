@@ -680,3 +680,45 @@ pub fn argmax(dev: &CudaDevice, x: u64, rows: usize, n: usize, best: u64) -> Res
         "argmax",
     )
 }
+
+/// A grid-stride launch over `n` elements.
+fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `y16[i] = round(x[i])` for `n` values, in bf16 or else f16: a partial sum as a 16-bit
+/// all-reduce takes it.
+pub fn to16(dev: &CudaDevice, x: u64, y16: u64, n: usize, bf16: bool) -> Result<(), CudaError> {
+    let (len, bf16) = (n as i64, bf16 as i32);
+    launch(
+        dev,
+        &dev.kernels().to16,
+        grid_stride(n),
+        &mut kernel_args![x, y16, len, bf16],
+        "to16",
+    )
+}
+
+/// `out[i] = residual[i] + s16[i]` for `n` values (`residual` 0: none; `s16` bf16 or else f16):
+/// a 16-bit all-reduce's sum back in the f32 residual stream.
+pub fn add16(
+    dev: &CudaDevice,
+    residual: u64,
+    s16: u64,
+    out: u64,
+    n: usize,
+    bf16: bool,
+) -> Result<(), CudaError> {
+    let (len, bf16) = (n as i64, bf16 as i32);
+    launch(
+        dev,
+        &dev.kernels().add16,
+        grid_stride(n),
+        &mut kernel_args![residual, s16, out, len, bf16],
+        "add16",
+    )
+}

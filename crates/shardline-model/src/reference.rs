@@ -175,8 +175,9 @@ pub fn verify<B: Backend, R: Reduce>(
 ) -> Result<VerifyReport> {
     let vocab = engine.backend.spec().vocab;
     let weight_dtype = engine.backend.weight_dtype();
-    // Only sums that pass through the host between ranks are rounded.
-    let sum_dtype = if engine.reduce.world() > 1 && !engine.backend.sums_across_ranks() {
+    // Sums between ranks are rounded to the engine's sum type, on the host or (set through
+    // `Backend::set_sum_dtype`) on the device, where a communicator of one rank rounds too.
+    let sum_dtype = if engine.reduce.world() > 1 || engine.backend.sums_across_ranks() {
         engine.sum_dtype
     } else {
         SumDType::F32

@@ -360,6 +360,7 @@ pub fn build(
         engine.sum_dtype = SumDType::of_weights(engine.backend.weight_dtype());
     }
     agree_on_sum_dtype(&mut engine)?;
+    engine.backend.set_sum_dtype(engine.sum_dtype)?;
     Ok(engine)
 }
 

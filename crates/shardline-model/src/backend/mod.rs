@@ -127,6 +127,13 @@ pub trait Backend {
         false
     }
 
+    /// The type the sums of [`Backend::sums_across_ranks`] travel in between the ranks (the
+    /// engine's `sum_dtype`); a backend whose sums the engine does on the host ignores it.
+    fn set_sum_dtype(&mut self, dtype: SumDType) -> Result<()> {
+        let _ = dtype;
+        Ok(())
+    }
+
     /// The vocabulary rows this rank's lm_head holds.
     fn vocab_rows(&self) -> Range<usize>;
 
@@ -202,6 +209,9 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
     }
     fn sums_across_ranks(&self) -> bool {
         (**self).sums_across_ranks()
+    }
+    fn set_sum_dtype(&mut self, dtype: SumDType) -> Result<()> {
+        (**self).set_sum_dtype(dtype)
     }
     fn vocab_rows(&self) -> Range<usize> {
         (**self).vocab_rows()

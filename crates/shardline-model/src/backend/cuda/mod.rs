@@ -18,7 +18,7 @@ use stack::{
     HostMlp, KvPlace, LayerShape, LayerStack, PagedKv, Prefill,
 };
 
-use crate::backend::{Backend, Decoded, PagedRow, Sampled, Want};
+use crate::backend::{Backend, Decoded, PagedRow, Sampled, SumDType, Want};
 use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
 use crate::layer::{Exec, FfnWeights, Layer, Mlp};
@@ -523,6 +523,15 @@ impl Backend for CudaBackend {
     /// (the stack all-reduces each segment before its output is copied to the host).
     fn sums_across_ranks(&self) -> bool {
         self.stack.comm().is_some()
+    }
+
+    fn set_sum_dtype(&mut self, dtype: SumDType) -> Result<()> {
+        let dtype = match dtype {
+            SumDType::F32 => DType::F32,
+            SumDType::BF16 => DType::BF16,
+            SumDType::F16 => DType::F16,
+        };
+        Ok(self.stack.set_sum_dtype(&self.dev, dtype)?)
     }
 
     fn vocab_rows(&self) -> std::ops::Range<usize> {

@@ -544,6 +544,15 @@ pub struct LayerStack {
     paged_graphs: Option<(PagedKey, StepGraphs)>,
     /// Sums each segment's output across the ranks on the device.
     comm: Option<DeviceComm>,
+    /// Sums in a 16-bit type (`--reduce-dtype model` on a bf16 or f16 model), with room for a
+    /// step's partial sums in it; `None`: f32.
+    sums16: Option<Sums16>,
+}
+
+/// The 16-bit type the ranks sum in, and room for one row of partial sums in it.
+struct Sums16 {
+    bf16: bool,
+    buf: CudaSlice<u16>,
 }
 
 /// The captured graphs of a step.
@@ -623,6 +632,7 @@ impl LayerStack {
             graphs: None,
             paged_graphs: None,
             comm: None,
+            sums16: None,
         })
     }
 
@@ -631,7 +641,77 @@ impl LayerStack {
     pub fn set_comm(&mut self, dev: &CudaDevice, comm: DeviceComm) -> Result<(), CudaError> {
         self.comm = Some(comm);
         self.graphs = None;
-        self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Sync)
+        self.paged_graphs = None;
+        self.enqueue_all_reduce(dev, Segment::Attention, false, &mut AfterOp::Sync)
+    }
+
+    /// The type the segments' outputs are summed in across the ranks: f32, or the model's bf16 or
+    /// f16 (half the bytes; each rank's partial sum rounded once, the residual stream kept in
+    /// f32). Without a communicator there is nothing to sum.
+    pub fn set_sum_dtype(&mut self, dev: &CudaDevice, dtype: DType) -> Result<(), CudaError> {
+        if self.comm.is_none() {
+            return Ok(());
+        }
+        self.sums16 = match dtype {
+            DType::F32 => None,
+            DType::BF16 | DType::F16 => Some(Sums16 {
+                bf16: dtype == DType::BF16,
+                buf: dev.zeros(self.shape.hidden)?,
+            }),
+            other => {
+                return Err(CudaError::Shape(format!(
+                    "sums across ranks in {other} (f32, bf16 or f16)"
+                )))
+            }
+        };
+        self.graphs = None;
+        self.paged_graphs = None;
+        Ok(())
+    }
+
+    /// Whether this rank's segments add the residual themselves: without other ranks, or on rank
+    /// 0 when the sums are f32 (the all-reduce then counts it once). With 16-bit sums no rank
+    /// does: the residual is added in f32 after the sum ([`LayerStack::sum_across_ranks`]).
+    pub(crate) fn fuses_residual(&self) -> bool {
+        match &self.comm {
+            None => true,
+            Some(c) => c.rank() == 0 && self.sums16.is_none(),
+        }
+    }
+
+    /// Queues the sum of the `n` f32 values at `buf` across the ranks, in place (nothing without
+    /// a communicator). With 16-bit sums, each rank's values are rounded once into `buf16` (room
+    /// for `n` 16-bit values), summed there, and widened back into `buf` with `residual` (0:
+    /// none) added; with f32 sums `residual` is not read (rank 0's segment added it).
+    ///
+    /// # Safety
+    /// `buf`, `buf16` and a nonzero `residual` are live device allocations of at least `n`
+    /// elements that stay live until the stream has run the sum.
+    pub(crate) unsafe fn sum_across_ranks(
+        &self,
+        dev: &CudaDevice,
+        buf: u64,
+        n: usize,
+        residual: u64,
+        buf16: u64,
+    ) -> Result<(), CudaError> {
+        let Some(comm) = &self.comm else {
+            return Ok(());
+        };
+        match &self.sums16 {
+            None => comm.all_reduce_sum_raw(dev, buf, n, DType::F32),
+            Some(s) => {
+                let dtype = if s.bf16 { DType::BF16 } else { DType::F16 };
+                ops::to16(dev, buf, buf16, n, s.bf16)?;
+                comm.all_reduce_sum_raw(dev, buf16, n, dtype)?;
+                ops::add16(dev, residual, buf16, buf, n, s.bf16)
+            }
+        }
+    }
+
+    /// Room for a row of 16-bit partial sums (0 with f32 sums).
+    fn row16(&self, dev: &CudaDevice) -> u64 {
+        self.sums16.as_ref().map_or(0, |s| dptr(dev, &s.buf))
     }
 
     /// Key (or value) values per position of this rank's KV heads.
@@ -652,31 +732,43 @@ impl LayerStack {
             .map(|g| matches!(g, StepGraphs::Whole(_)))
     }
 
-    /// The residual of chained layers: across ranks only rank 0 adds it, so that the all-reduce
-    /// counts it once.
+    /// The residual of chained layers (see [`LayerStack::fuses_residual`]).
     fn chained_residual(&self) -> Residual {
-        match &self.comm {
-            Some(c) if c.rank() != 0 => Residual::Partial,
-            _ => Residual::Fused,
+        if self.fuses_residual() {
+            Residual::Fused
+        } else {
+            Residual::Partial
         }
     }
 
-    /// Queues the all-reduce of `segment`'s output, when there is a communicator.
+    /// Queues the all-reduce of `segment`'s output, when there is a communicator; `chained`: the
+    /// segment is one of a step's chained layers, whose residual a 16-bit sum adds after it (the
+    /// host adds it for the segments it drives itself).
     fn enqueue_all_reduce(
         &self,
         dev: &CudaDevice,
         segment: Segment,
+        chained: bool,
         after: &mut AfterOp,
     ) -> Result<(), CudaError> {
         let Some(comm) = &self.comm else {
             return Ok(());
         };
-        let buf = match segment {
-            Segment::Attention => &self.scratch.x_mid,
-            Segment::Ffn => &self.scratch.x,
+        let (buf, residual) = match segment {
+            Segment::Attention => (&self.scratch.x_mid, &self.scratch.x),
+            Segment::Ffn => (&self.scratch.x, &self.scratch.x_mid),
         };
-        // SAFETY: the buffer is this stack's, of `hidden` f32 values, and lives as long as it.
-        unsafe { comm.all_reduce_sum_raw(dev, dptr(dev, buf), self.shape.hidden, DType::F32)? };
+        let residual = if chained { dptr(dev, residual) } else { 0 };
+        // SAFETY: the buffers are this stack's, of `hidden` values each, and live as long as it.
+        unsafe {
+            self.sum_across_ranks(
+                dev,
+                dptr(dev, buf),
+                self.shape.hidden,
+                residual,
+                self.row16(dev),
+            )?
+        };
         if matches!(after, AfterOp::Sync) {
             comm.wait(dev)?;
         }
@@ -799,9 +891,9 @@ impl LayerStack {
             StepGraphs::Segments(graphs) => {
                 for g in graphs {
                     g[0].launch().during("replaying the attention graph")?;
-                    self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
+                    self.enqueue_all_reduce(dev, Segment::Attention, true, &mut AfterOp::Queue)?;
                     g[1].launch().during("replaying the ffn graph")?;
-                    self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
+                    self.enqueue_all_reduce(dev, Segment::Ffn, true, &mut AfterOp::Queue)?;
                 }
                 Ok(())
             }
@@ -837,7 +929,7 @@ impl LayerStack {
         for l in 0..self.layers.len() {
             let normed = fuse_norms && l > 0;
             self.enqueue_attention(dev, l, res, normed, after, kv)?;
-            self.enqueue_all_reduce(dev, Segment::Attention, after)?;
+            self.enqueue_all_reduce(dev, Segment::Attention, true, after)?;
             let g = self
                 .layers
                 .get(l + 1)
@@ -848,7 +940,7 @@ impl LayerStack {
                 eps: self.shape.eps,
             });
             self.enqueue_ffn(dev, l, res, next, after)?;
-            self.enqueue_all_reduce(dev, Segment::Ffn, after)?;
+            self.enqueue_all_reduce(dev, Segment::Ffn, true, after)?;
         }
         if !fuse_norms || self.layers.is_empty() {
             ops::rms_norm(
@@ -892,7 +984,7 @@ impl LayerStack {
             &mut AfterOp::Queue,
             Kv::Own,
         )?;
-        self.enqueue_all_reduce(dev, Segment::Attention, &mut AfterOp::Queue)?;
+        self.enqueue_all_reduce(dev, Segment::Attention, false, &mut AfterOp::Queue)?;
         self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
         dev.stream()
@@ -913,7 +1005,7 @@ impl LayerStack {
             .memcpy_htod(x, &mut self.scratch.x_mid)
             .during("copying the hidden state")?;
         self.enqueue_ffn(dev, l, Residual::Partial, None, &mut AfterOp::Queue)?;
-        self.enqueue_all_reduce(dev, Segment::Ffn, &mut AfterOp::Queue)?;
+        self.enqueue_all_reduce(dev, Segment::Ffn, false, &mut AfterOp::Queue)?;
         self.wait_comm(dev)?;
         self.check_hidden(out.len())?;
         dev.stream()

@@ -23,7 +23,6 @@ use shardline_cuda::error::DriverContext;
 use shardline_cuda::ops::{self, KvRows, SharedExpert, Weights};
 use shardline_cuda::prefill_ops::{active_groups, Grouped, PrefillKernels};
 use shardline_cuda::{CudaDevice, CudaError};
-use shardline_tensor::DType;
 
 use super::paged::PagedKv;
 use super::{capture_graph, DeviceFfn, FfnShape, LayerStack};
@@ -64,6 +63,8 @@ struct Buffers {
     expert_out: CudaSlice<f32>,
     shared_out: CudaSlice<f32>,
     shared_logit: CudaSlice<f32>,
+    /// A segment's output in the 16-bit type the ranks sum in, when they do.
+    sum16: CudaSlice<u16>,
     /// The sampled rows' final hidden states.
     picked: CudaSlice<f32>,
     logits: CudaSlice<f32>,
@@ -137,6 +138,7 @@ impl Buffers {
             expert_out: dev.zeros(rows * per.slots * h)?,
             shared_out: dev.zeros(rows * h)?,
             shared_logit: dev.zeros(rows)?,
+            sum16: dev.zeros(rows * h)?,
             picked: dev.zeros(rows * h)?,
             logits: dev.zeros(rows * per.vocab)?,
             best: dev.zeros(2 * rows)?,
@@ -321,9 +323,9 @@ impl BatchStep {
         )?;
         for l in 0..stack.layers.len() {
             self.enqueue_attention(dev, stack, pool, l, n)?;
-            self.all_reduce(dev, stack, &b.x_mid, n)?;
+            self.all_reduce(dev, stack, &b.x_mid, &b.x, n)?;
             self.enqueue_ffn(dev, stack, l, n)?;
-            self.all_reduce(dev, stack, &b.x, n)?;
+            self.all_reduce(dev, stack, &b.x, &b.x_mid, n)?;
         }
         if m == 0 {
             return Ok(());
@@ -381,28 +383,38 @@ impl BatchStep {
         }
     }
 
-    /// The residual a segment adds: the stream itself, on one rank or rank 0 of several (the
-    /// all-reduce then counts it once); nothing on the other ranks.
+    /// The residual a segment adds: the stream itself, where the rank's segments add it
+    /// ([`LayerStack::fuses_residual`]); nothing on the others.
     fn residual(dev: &CudaDevice, stack: &LayerStack, x: &CudaSlice<f32>) -> u64 {
-        match &stack.comm {
-            Some(c) if c.rank() != 0 => 0,
-            _ => dptr(dev, x),
+        if stack.fuses_residual() {
+            dptr(dev, x)
+        } else {
+            0
         }
     }
 
+    /// Sums a segment's output `buf` (`n` rows) across the ranks; with 16-bit sums the residual
+    /// `res` is added after the sum.
     fn all_reduce(
         &self,
         dev: &CudaDevice,
         stack: &LayerStack,
         buf: &CudaSlice<f32>,
+        res: &CudaSlice<f32>,
         n: usize,
     ) -> Result<(), CudaError> {
-        let Some(comm) = &stack.comm else {
-            return Ok(());
-        };
-        // SAFETY: `buf` is one of this step's buffers, of at least `n * hidden` f32 values, and
-        // lives in `self` until the step has been waited for.
-        unsafe { comm.all_reduce_sum_raw(dev, dptr(dev, buf), n * stack.shape.hidden, DType::F32) }
+        let b = &self.buf;
+        // SAFETY: `buf`, `res` and `sum16` are this step's buffers, of at least `n * hidden`
+        // values, and live in `self` until the step has been waited for.
+        unsafe {
+            stack.sum_across_ranks(
+                dev,
+                dptr(dev, buf),
+                n * stack.shape.hidden,
+                dptr(dev, res),
+                dptr(dev, &b.sum16),
+            )
+        }
     }
 
     /// x -> x_mid = x + attention(x) for `n` rows.

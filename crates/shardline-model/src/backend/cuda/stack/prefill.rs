@@ -20,7 +20,6 @@ use shardline_cuda::gemm::Gemm;
 use shardline_cuda::ops::{self, KvRows, SharedExpert, Weights};
 use shardline_cuda::prefill_ops::PrefillKernels;
 use shardline_cuda::{CudaDevice, CudaError};
-use shardline_tensor::DType;
 
 use super::paged::PagedKv;
 use super::{DeviceFfn, DeviceLayer, DeviceMlp, FfnShape, LayerStack};
@@ -47,6 +46,8 @@ struct Buffers {
     attn: CudaSlice<f32>,
     /// The segment's output rows, `[rows, hidden]`.
     y: CudaSlice<f32>,
+    /// The same in the 16-bit type the ranks sum in, when they do.
+    y16: CudaSlice<u16>,
     router_logits: CudaSlice<f32>,
     /// `[rows, top_k]` chosen experts (local numbers, -1: another rank's) and their weights.
     expert_ids: CudaSlice<i32>,
@@ -108,17 +109,21 @@ fn get(dev: &CudaDevice, buf: &CudaSlice<f32>, dst: &mut [f32]) -> Result<(), Cu
 }
 
 /// Copies a segment's output rows to `out`, first summing them across the ranks on the GPU when
-/// the stack has a communicator (as the decode path does: the engine then skips its host sum).
+/// the stack has a communicator (as the decode path does: the engine then skips its host sum);
+/// `y16` is room for them in the 16-bit type the ranks may sum in.
 fn finish(
     dev: &CudaDevice,
     stack: &LayerStack,
     y: &CudaSlice<f32>,
+    y16: &mut CudaSlice<u16>,
     out: &mut [f32],
 ) -> Result<(), CudaError> {
     if let Some(comm) = stack.comm() {
-        // SAFETY: `y` holds at least `out.len()` f32 (fitted to the rows) and lives in `self`
-        // until the download below has waited for the stream.
-        unsafe { comm.all_reduce_sum_raw(dev, dptr(dev, y), out.len(), DType::F32)? };
+        let y16 = fit(dev, y16, out.len())?;
+        // SAFETY: `y` holds at least `out.len()` f32 (fitted to the rows) and `y16` as many
+        // 16-bit values; both live in `self` until the download below has waited for the stream.
+        // The segments left the residual out: the engine adds it on the host.
+        unsafe { stack.sum_across_ranks(dev, dptr(dev, y), out.len(), 0, y16)? };
         comm.wait(dev)?;
     }
     get(dev, y, out)
@@ -178,6 +183,7 @@ impl Prefill {
                 qkv: z()?,
                 attn: z()?,
                 y: z()?,
+                y16: dev.zeros(1)?,
                 router_logits: z()?,
                 expert_ids: dev.zeros(1)?,
                 expert_weights: z()?,
@@ -282,7 +288,7 @@ impl Prefill {
         k.attention_rows(dev, dims, rows, qkv, kv, attn)?;
         let wo = w.weights(dev, &w.o, 0);
         self.gemm.linear(dev, k, wo, attn, y, rows, h, q)?;
-        finish(dev, stack, &self.buf.y, out)
+        finish(dev, stack, &self.buf.y, &mut self.buf.y16, out)
     }
 
     /// The FFN segment of layer `l` for the rows `x`: writes the partial residual update to `out`.
@@ -357,7 +363,7 @@ impl Prefill {
             }
             _ => return Err(CudaError::Shape("FFN weights and shape disagree".into())),
         }
-        finish(dev, stack, &self.buf.y, out)
+        finish(dev, stack, &self.buf.y, &mut self.buf.y16, out)
     }
 
     /// The final norm and the lm_head for the rows `x`: their logits (`[rows, vocab]`) in `out`,
