@@ -25,6 +25,8 @@ mod gemm;
 mod group;
 mod kscale;
 mod layout;
+#[cfg(target_arch = "x86_64")]
+mod packed;
 mod q4_k;
 mod q8_0;
 mod q8_k;

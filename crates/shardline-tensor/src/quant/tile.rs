@@ -50,6 +50,20 @@ pub(super) trait IntOps {
     unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
     /// `acc` plus the sum of the two i16 products per i32 lane.
     unsafe fn dot_i16(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// `acc` plus the products of unsigned bytes `u` below 16 and signed bytes `y`, in the lanes'
+    /// own form (i16 pairs on AVX2, which hold 8 such additions: 8 · 2 · 15 · 127 < 2^15, or
+    /// i32 fours); [`IntOps::small_lanes`] makes the i32 sums of four bytes.
+    unsafe fn dot_small(acc: __m256i, u: __m256i, y: __m256i) -> __m256i;
+    /// The i32 sums of four byte products from [`IntOps::dot_small`]'s lanes.
+    unsafe fn small_lanes(acc: __m256i) -> __m256i;
+    /// Whether [`IntOps::dot_i8`] adds the signed weight bytes offset by 128: the sums it
+    /// extends must then start at `-128` times the activation bytes' sums of four.
+    const BIASED: bool;
+    /// Signed weight bytes `w` as [`IntOps::dot_i8`] takes them (once for many activations).
+    unsafe fn prepare_i8(w: __m256i) -> __m256i;
+    /// `acc` plus the four products of signed bytes `w` (prepared as `p`) and `y` per i32 lane
+    /// (`y` never -128).
+    unsafe fn dot_i8(acc: __m256i, p: __m256i, w: __m256i, y: __m256i) -> __m256i;
 }
 
 pub(super) struct Avx2;
@@ -70,6 +84,29 @@ impl IntOps for Avx2 {
     unsafe fn dot_i16(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
     }
+
+    #[inline(always)]
+    unsafe fn dot_small(acc: __m256i, u: __m256i, y: __m256i) -> __m256i {
+        _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, y))
+    }
+
+    #[inline(always)]
+    unsafe fn small_lanes(acc: __m256i) -> __m256i {
+        _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+    }
+
+    const BIASED: bool = false;
+
+    /// `|w|` for the sign trick.
+    #[inline(always)]
+    unsafe fn prepare_i8(w: __m256i) -> __m256i {
+        _mm256_abs_epi8(w)
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(acc: __m256i, p: __m256i, w: __m256i, y: __m256i) -> __m256i {
+        Self::dot4(acc, p, _mm256_sign_epi8(y, w))
+    }
 }
 
 pub(super) struct Vnni;
@@ -89,21 +126,57 @@ impl IntOps for Vnni {
     unsafe fn dot_i16(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpwssd_epi32(acc, a, b)
     }
+
+    #[inline(always)]
+    unsafe fn dot_small(acc: __m256i, u: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, y)
+    }
+
+    #[inline(always)]
+    unsafe fn small_lanes(acc: __m256i) -> __m256i {
+        acc
+    }
+
+    const BIASED: bool = true;
+
+    /// `w + 128` as unsigned bytes.
+    #[inline(always)]
+    unsafe fn prepare_i8(w: __m256i) -> __m256i {
+        _mm256_xor_si256(w, _mm256_set1_epi8(-128))
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(acc: __m256i, p: __m256i, _: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, p, y)
+    }
 }
 
-/// A format's tile kernel: one weight block against the same block of `C` activation rows.
+/// A format's tile kernel: one unit of weight blocks against the same unit of `C` activation
+/// rows. A unit is one weight block read where it lies, or (packed kernels) `UNIT_BLOCKS` blocks
+/// rearranged by [`TileKernel::pack`] once per group of weight rows, for all the activation rows.
 pub(super) trait TileKernel {
     /// Bytes per weight block.
     const W_BYTES: usize;
+    /// Weight blocks per unit.
+    const UNIT_BLOCKS: usize = 1;
+    /// Bytes per packed unit; 0 where the kernel reads the blocks where they lie.
+    const PACKED_BYTES: usize = 0;
 
-    /// Adds weight block `w` times block `b` of each row of `a` to that row's sums in `acc`.
+    /// Packs the `blocks` (1..=`UNIT_BLOCKS`) weight blocks at `w` into the unit at `out` (the
+    /// missing blocks of a row's last unit as zeros).
     ///
-    /// Safety: `w` points at one whole weight block and each row of `a` holds block `b`, on a CPU
-    /// with `O`'s features.
+    /// Safety: `w` points at `blocks` whole blocks and `out` at `PACKED_BYTES` writable bytes, on
+    /// a CPU with AVX2.
+    unsafe fn pack(_w: *const u8, _blocks: usize, _out: *mut u8) {}
+
+    /// Adds weight unit `w` times unit `u` of each row of `a` to that row's sums in `acc`.
+    ///
+    /// Safety: `w` points at one whole unit and each row of `a` holds unit `u`, on a CPU with
+    /// `O`'s features.
     unsafe fn block<O: IntOps, const C: usize>(
         w: *const u8,
         a: &[ActRow; C],
-        b: usize,
+        u: usize,
         acc: &mut [__m256; C],
     );
 }
@@ -259,12 +332,12 @@ impl TileKernel for Q6K {
 }
 
 /// `out[c * n + r]` = weight row `r` of the `n` rows of `blocks` `K` blocks in `w` times
-/// activation row `c` of `acts`: groups of weight rows that stay in L1, each met by every tile
-/// of up to [`COLS`] activation rows.
+/// activation row `c` of `acts`: groups of weight rows that stay in L1 (packed first, for packed
+/// kernels), each met by every tile of up to [`COLS`] activation rows.
 ///
 /// Safety: the CPU has `O`'s features; `w` holds `n` rows of `blocks` whole `K` blocks, every
-/// row of `acts` holds `blocks` blocks of the kind `K` takes, and `out` holds `acts.len() · n`
-/// values.
+/// row of `acts` holds `blocks.div_ceil(K::UNIT_BLOCKS)` units of the layout `K` takes, and `out`
+/// holds `acts.len() · n` values.
 #[inline(always)]
 pub(super) unsafe fn gemm<K: TileKernel, O: IntOps>(
     w: &[u8],
@@ -278,59 +351,90 @@ pub(super) unsafe fn gemm<K: TileKernel, O: IntOps>(
     }
     let n = w.len() / row_bytes;
     debug_assert_eq!(out.len(), acts.len() * n);
-    let group = (GROUP_BYTES / row_bytes).max(1);
+    let units = blocks.div_ceil(K::UNIT_BLOCKS);
+    let packed = K::PACKED_BYTES > 0;
+    let (unit_bytes, group_row_bytes) = if packed {
+        (K::PACKED_BYTES, units * K::PACKED_BYTES)
+    } else {
+        (K::W_BYTES, row_bytes)
+    };
+    let group = (GROUP_BYTES / group_row_bytes).max(1);
+    let mut scratch = if packed {
+        vec![0u8; group.min(n) * group_row_bytes]
+    } else {
+        Vec::new()
+    };
     for g0 in (0..n).step_by(group) {
-        let rows = g0..(g0 + group).min(n);
+        let rows = (g0 + group).min(n) - g0;
+        let first = if packed {
+            for r in 0..rows {
+                let raw = w.as_ptr().add((g0 + r) * row_bytes);
+                let dst = scratch.as_mut_ptr().add(r * group_row_bytes);
+                for u in 0..units {
+                    let b = u * K::UNIT_BLOCKS;
+                    let n = K::UNIT_BLOCKS.min(blocks - b);
+                    K::pack(raw.add(b * K::W_BYTES), n, dst.add(u * unit_bytes));
+                }
+            }
+            scratch.as_ptr()
+        } else {
+            w.as_ptr().add(g0 * row_bytes)
+        };
         let mut c0 = 0;
         while c0 < acts.len() {
             let cols = (acts.len() - c0).min(COLS);
             let t = Tile {
-                w: w.as_ptr(),
-                row_bytes,
-                blocks,
+                w: first,
+                stride: group_row_bytes,
+                unit_bytes,
+                units,
                 n,
                 c0,
+                r0: g0,
             };
             match cols {
-                1 => t.run::<K, O, 1>(rows.clone(), acts, out),
-                2 => t.run::<K, O, 2>(rows.clone(), acts, out),
-                3 => t.run::<K, O, 3>(rows.clone(), acts, out),
-                _ => t.run::<K, O, 4>(rows.clone(), acts, out),
+                1 => t.run::<K, O, 1>(rows, acts, out),
+                2 => t.run::<K, O, 2>(rows, acts, out),
+                3 => t.run::<K, O, 3>(rows, acts, out),
+                _ => t.run::<K, O, 4>(rows, acts, out),
             }
             c0 += cols;
         }
     }
 }
 
-/// Where a tile of activation rows `c0..` meets the weight rows.
+/// Where a tile of activation rows `c0..` meets a group of weight rows (output rows `r0..`).
 struct Tile {
+    /// The group's first weight row (packed or where it lies), then one every `stride` bytes.
     w: *const u8,
-    row_bytes: usize,
-    blocks: usize,
+    stride: usize,
+    unit_bytes: usize,
+    units: usize,
     n: usize,
     c0: usize,
+    r0: usize,
 }
 
 impl Tile {
-    /// Weight rows `rows` against activation rows `c0..c0 + C`.
+    /// The group's first `rows` weight rows against activation rows `c0..c0 + C`.
     ///
-    /// Safety: as [`gemm`], with `rows` among the weight rows and `c0 + C <= acts.len()`.
+    /// Safety: as [`gemm`], with `rows` rows in the group and `c0 + C <= acts.len()`.
     #[inline(always)]
     unsafe fn run<K: TileKernel, O: IntOps, const C: usize>(
         &self,
-        rows: std::ops::Range<usize>,
+        rows: usize,
         acts: &[ActRow],
         out: &mut [f32],
     ) {
         let a: [ActRow; C] = std::array::from_fn(|c| acts[self.c0 + c]);
-        for r in rows {
-            let row = self.w.add(r * self.row_bytes);
+        for r in 0..rows {
+            let row = self.w.add(r * self.stride);
             let mut acc = [_mm256_setzero_ps(); C];
-            for b in 0..self.blocks {
-                K::block::<O, C>(row.add(b * K::W_BYTES), &a, b, &mut acc);
+            for u in 0..self.units {
+                K::block::<O, C>(row.add(u * self.unit_bytes), &a, u, &mut acc);
             }
             for (c, acc) in acc.into_iter().enumerate() {
-                *out.get_unchecked_mut((self.c0 + c) * self.n + r) = hsum_256(acc);
+                *out.get_unchecked_mut((self.c0 + c) * self.n + self.r0 + r) = hsum_256(acc);
             }
         }
     }

@@ -752,6 +752,21 @@ fn gemm_checks_its_arguments() {
         QuantizedRows::for_weights(QuantFormat::Q4K, 3, &x[..300]),
         Err(QuantError::PartialBlock { .. })
     ));
+    // Rows quantized for Q4_K (and rearranged for its packed kernels) serve the other K-quants
+    // as rows quantized for them do.
+    let x = Rng(10).activations(5 * k);
+    let w6 = weight_row(&mut Rng(11), QuantFormat::Q6K, 3, false);
+    for isa in common::isas() {
+        let mut outs = [vec![0.0; 15], vec![0.0; 15]];
+        for (format, out) in [QuantFormat::Q4K, QuantFormat::Q6K]
+            .into_iter()
+            .zip(&mut outs)
+        {
+            let acts = QuantizedRows::for_weights(format, 5, &x).unwrap();
+            gemm(isa, QuantFormat::Q6K, &w6, &acts, out).unwrap();
+        }
+        assert_eq!(outs[0], outs[1], "{isa}");
+    }
     let none = QuantizedRows::for_weights(QuantFormat::Q8_0, 0, &[]).unwrap();
     assert!(none.row(0).is_none());
     gemm(Isa::Scalar, QuantFormat::Q8_0, &[], &none, &mut []).unwrap();
