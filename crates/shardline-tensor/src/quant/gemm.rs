@@ -20,8 +20,8 @@ pub struct QuantizedRows {
     data: RowsData,
     /// Whether each row was finite (and so quantized).
     finite: Vec<bool>,
-    /// The rows rearranged for the packed kernels of `format` (Q8_0 and Q4_K weights, x86, at
-    /// least [`pack_rows`] rows), one after another; empty where they do not run.
+    /// The rows rearranged for the packed kernels of `format` (Q8_0, Q4_K and Q5_K weights, x86,
+    /// at least [`pack_rows`] rows), one after another; empty where they do not run.
     packed: Vec<u8>,
 }
 
@@ -29,10 +29,11 @@ pub struct QuantizedRows {
 /// `usize::MAX` for formats without packed kernels. Packing a group of weight rows costs about
 /// what the packed kernels save on 4 activation rows for Q8_0 (which then ran 0.9-1.0 times the
 /// unpacked kernels, 1.3 at 8 rows, 1.9 at 32) and on 2 to 4 for Q4_K (1.0-1.3 times at 4 rows,
-/// 1.3-1.6 at 8), as measured on a 2-core Sapphire Rapids, one thread.
+/// 1.3-1.6 at 8), as measured on a 2-core Sapphire Rapids, one thread. Q5_K, which has no
+/// unpacked tile kernel, packs from the same row count as Q4_K.
 fn pack_rows(format: QuantFormat) -> usize {
     match format {
-        QuantFormat::Q4K => 4,
+        QuantFormat::Q4K | QuantFormat::Q5K => 4,
         QuantFormat::Q8_0 => 8,
         _ => usize::MAX,
     }
@@ -106,11 +107,11 @@ impl QuantizedRows {
         let mut packed = Vec::new();
         #[cfg(target_arch = "x86_64")]
         if rows >= pack_rows(format) {
-            use super::packed::{pack_acts_q4_k, pack_acts_q8_0};
+            use super::packed::{pack_acts_q8_0, pack_acts_q8_k};
             match (&data, format) {
-                (RowsData::Q8K(blocks), QuantFormat::Q4K) => {
+                (RowsData::Q8K(blocks), QuantFormat::Q4K | QuantFormat::Q5K) => {
                     for row in blocks.chunks_exact((elements / 256).max(1)) {
-                        pack_acts_q4_k(row, &mut packed);
+                        pack_acts_q8_k(row, &mut packed);
                     }
                 }
                 (RowsData::Q8_0 { bytes, .. }, QuantFormat::Q8_0) => {
@@ -180,8 +181,8 @@ fn pairs_with_q8k(format: QuantFormat) -> bool {
 /// `acts`; NaN for a row of `acts` that held a non-finite value. `isa` picks the path: the scalar
 /// one gives each product the bits of [`super::dot`]; the SIMD ones give the same integer sums,
 /// added in another order (so within f32 rounding of [`super::dot`] on the same path). AVX2 and
-/// AVX-512 VNNI tile Q8_0, Q4_K and Q6_K weights; other formats run [`super::dot_rows`] once per
-/// activation row.
+/// AVX-512 VNNI tile Q8_0, Q4_K and Q6_K weights, and Q5_K from [`pack_rows`] activation rows;
+/// other formats and fewer rows run [`super::dot_rows`] once per activation row.
 pub fn gemm(
     isa: Isa,
     format: QuantFormat,
@@ -246,7 +247,7 @@ fn tiled(
     acts: &QuantizedRows,
     out: &mut [f32],
 ) -> bool {
-    use super::packed::{Q4KPacked, Q8Packed};
+    use super::packed::{KPacked, Q8Packed};
     use super::tile::{gemm_avx2, gemm_vnni, ActRow, TileKernel, Q4K, Q6K, Q8};
 
     let m = acts.rows;
@@ -285,8 +286,9 @@ fn tiled(
     let entry = match format {
         QuantFormat::Q8_0 if packed => pick::<Q8Packed>(path),
         QuantFormat::Q8_0 => pick::<Q8>(path),
-        QuantFormat::Q4K if packed => pick::<Q4KPacked>(path),
+        QuantFormat::Q4K if packed => pick::<KPacked<false>>(path),
         QuantFormat::Q4K => pick::<Q4K>(path),
+        QuantFormat::Q5K if packed => pick::<KPacked<true>>(path),
         QuantFormat::Q6K => pick::<Q6K>(path),
         QuantFormat::Q4_0 | QuantFormat::Q5K => None,
     };
@@ -296,8 +298,8 @@ fn tiled(
     // SAFETY: `Path::for_isa` made the path only where the CPU has its features; the weights
     // are `out.len() / m` rows of `blocks` whole blocks (checked by `gemm`), every activation row
     // holds `blocks` blocks of the kind the format takes (packed for the packed kernels, made
-    // for this format: `packed` is only filled for Q8_0 and Q4_K), and quantized activations are
-    // never -128 (the Q8_0 kernels' sign trick needs that).
+    // for this format: `packed` is only filled for the formats with packed kernels), and
+    // quantized activations are never -128 (the Q8_0 kernels' sign trick needs that).
     unsafe { entry(weights, blocks, &rows, out) };
     let n = out.len() / m;
     for (out, finite) in out.chunks_exact_mut(n.max(1)).zip(&acts.finite) {

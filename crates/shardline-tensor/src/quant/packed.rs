@@ -1,9 +1,9 @@
-//! Packed tile kernels for Q8_0 and Q4_K weights against many activation rows: each group of
+//! Packed tile kernels for Q8_0, Q4_K and Q5_K weights against many activation rows: each group of
 //! weight rows is rearranged once (see `tile`'s driver) so that every i32 lane of a vector holds
 //! products of one sub-block only, and the activation rows are rearranged the same way once when
-//! quantized ([`pack_acts_q8_0`], [`pack_acts_q4_k`]).
+//! quantized ([`pack_acts_q8_0`], [`pack_acts_q8_k`]).
 //!
-//! A unit holds 8 sub-blocks of 32 elements (Q4_K: the 8 of a block; Q8_0: 8 consecutive
+//! A unit holds 8 sub-blocks of 32 elements (Q4_K, Q5_K: the 8 of a block; Q8_0: 8 consecutive
 //! blocks) as 8 vectors, vector `t` taking bytes `4t..4t + 4` of sub-block `i` into lane `i`
 //! (an 8 × 8 transpose of 32-bit words). Eight multiply-adds of four bytes (`vpdpbusd`, or
 //! `vpmaddubsw` then one `vpmaddwd` for all eight on AVX2) then leave each sub-block's integer dot
@@ -11,14 +11,14 @@
 //! a quarter of the multiplies of the unpacked kernels, which scale each sub-block's products in
 //! i16 (`vpmaddwd` with the scales) before adding them.
 //!
-//! Q4_K's min term takes the activation sums of each sub-block, scaled by the activation scale
+//! Q4_K's and Q5_K's min term takes the activation sums of each sub-block, scaled by the activation scale
 //! once when packed. Q8_0's signed weights go into `vpdpbusd` offset by 128, the offset's share
 //! `-128 Σ y` (per lane) starting the sums; on AVX2 they use the sign trick instead.
 
 use std::arch::x86_64::*;
 
 use super::kscale;
-use super::layout::{f16_at, q4_k, q8_0, QK};
+use super::layout::{f16_at, q4_k, q5_k, q8_0, QK};
 use super::tile::{ActRow, IntOps, TileKernel};
 use super::BlockQ8K;
 
@@ -27,9 +27,9 @@ const SUBS: usize = 8;
 /// Bytes of rearranged quants per unit.
 const QUANTS: usize = SUBS * 32;
 
-/// Bytes per packed Q4_K activation unit: the quants, the sums of each 32 times the scale (8
+/// Bytes per packed Q8_K activation unit (for Q4_K and Q5_K weights): the quants, the sums of each 32 times the scale (8
 /// f32), and the scale (f32).
-pub(super) const Q4K_ACT_BYTES: usize = QUANTS + 4 * SUBS + 4;
+pub(super) const K_ACT_BYTES: usize = QUANTS + 4 * SUBS + 4;
 /// Bytes per packed Q8_0 activation unit: the quants, `-128` times the sum of each block (8 i32),
 /// and the blocks' scales (8 f32).
 pub(super) const Q8_ACT_BYTES: usize = QUANTS + 4 * SUBS + 4 * SUBS;
@@ -44,11 +44,11 @@ fn transpose_bytes(sub: impl Fn(usize) -> [u8; 32], out: &mut [u8]) {
     }
 }
 
-/// Appends the packed Q4_K units of a row of Q8_K blocks to `out`.
-pub(super) fn pack_acts_q4_k(blocks: &[BlockQ8K], out: &mut Vec<u8>) {
+/// Appends the packed units of a row of Q8_K blocks (for Q4_K and Q5_K weights) to `out`.
+pub(super) fn pack_acts_q8_k(blocks: &[BlockQ8K], out: &mut Vec<u8>) {
     for b in blocks {
         let at = out.len();
-        out.resize(at + Q4K_ACT_BYTES, 0);
+        out.resize(at + K_ACT_BYTES, 0);
         let unit = &mut out[at..];
         transpose_bytes(
             |i| std::array::from_fn(|l| b.qs()[32 * i + l] as u8),
@@ -135,25 +135,45 @@ unsafe fn widen_u8(b: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b as i64)))
 }
 
-/// Q4_K weights packed: per block the 8 vectors of nibbles (as bytes), then `d · scale_i` and
-/// `dmin · min_i` (8 f32 each, exact: 11-bit by 6-bit products).
-pub(super) struct Q4KPacked;
+/// Q4_K (`Q5` false) or Q5_K (`Q5` true) weights packed: per block the 8 vectors of quants (as
+/// bytes), then `d · scale_i` and `dmin · min_i` (8 f32 each, exact: 11-bit by 6-bit products).
+pub(super) struct KPacked<const Q5: bool>;
 
-impl TileKernel for Q4KPacked {
-    const W_BYTES: usize = q4_k::BYTES;
+impl<const Q5: bool> KPacked<Q5> {
+    /// Where the packed scales and the nibbles lie in a block.
+    const SCALES: usize = if Q5 { q5_k::SCALES } else { q4_k::SCALES };
+    const QS: usize = if Q5 { q5_k::QS } else { q4_k::QS };
+}
+
+impl<const Q5: bool> TileKernel for KPacked<Q5> {
+    const W_BYTES: usize = if Q5 { q5_k::BYTES } else { q4_k::BYTES };
     const PACKED_BYTES: usize = QUANTS + 2 * 4 * SUBS;
 
     #[inline(always)]
     unsafe fn pack(w: *const u8, _blocks: usize, out: *mut u8) {
-        let mask = _mm256_set1_epi8(0x0F);
+        let (mask, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+        let mut high = _mm256_setzero_si256();
+        if Q5 {
+            high = _mm256_loadu_si256(w.add(q5_k::QH).cast());
+        }
         let mut sub = [_mm256_setzero_si256(); SUBS];
         for p in 0..4 {
-            let v = _mm256_loadu_si256(w.add(q4_k::QS + 32 * p).cast());
+            let v = _mm256_loadu_si256(w.add(Self::QS + 32 * p).cast());
             sub[2 * p] = _mm256_and_si256(v, mask);
             sub[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            if Q5 {
+                // Bits 2p and 2p + 1 of each high byte, as bit 4 (16-bit shifts by at most 4
+                // keep each byte's bit in that byte).
+                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(high, one));
+                let h1 =
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(high), one));
+                sub[2 * p] = _mm256_or_si256(sub[2 * p], h0);
+                sub[2 * p + 1] = _mm256_or_si256(sub[2 * p + 1], h1);
+                high = _mm256_srli_epi16::<2>(high);
+            }
         }
         store_transposed(sub, out);
-        let (scales, mins) = kscale::unpack_words(&*w.add(q4_k::SCALES).cast::<[u8; 12]>());
+        let (scales, mins) = kscale::unpack_words(&*w.add(Self::SCALES).cast::<[u8; 12]>());
         let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(w.cast::<i32>().read_unaligned()));
         let d = _mm256_broadcastss_ps(dd);
         let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
@@ -169,12 +189,24 @@ impl TileKernel for Q4KPacked {
         u: usize,
         acc: &mut [__m256; C],
     ) {
-        let y: [*const u8; C] = std::array::from_fn(|c| a[c].blocks.add(u * Q4K_ACT_BYTES));
+        let y: [*const u8; C] = std::array::from_fn(|c| a[c].blocks.add(u * K_ACT_BYTES));
+        // Q5_K's quants (below 32) fill AVX2's i16 lanes in 4 additions, Q4_K's in 8.
+        let run = if Q5 && !O::WIDE { SUBS / 2 } else { SUBS };
         let mut sum = [_mm256_setzero_si256(); C];
-        for t in 0..SUBS {
-            let q = _mm256_loadu_si256(w.add(32 * t).cast());
-            for (y, sum) in y.iter().zip(sum.iter_mut()) {
-                *sum = O::dot_small(*sum, q, _mm256_loadu_si256(y.add(32 * t).cast()));
+        for t0 in (0..SUBS).step_by(run) {
+            let mut part = [_mm256_setzero_si256(); C];
+            for t in t0..t0 + run {
+                let q = _mm256_loadu_si256(w.add(32 * t).cast());
+                for (y, part) in y.iter().zip(part.iter_mut()) {
+                    *part = O::dot_small(*part, q, _mm256_loadu_si256(y.add(32 * t).cast()));
+                }
+            }
+            for (sum, part) in sum.iter_mut().zip(part) {
+                *sum = if t0 == 0 {
+                    O::small_lanes(part)
+                } else {
+                    _mm256_add_epi32(*sum, O::small_lanes(part))
+                };
             }
         }
         let scales = _mm256_loadu_ps(w.add(QUANTS).cast());
@@ -182,7 +214,7 @@ impl TileKernel for Q4KPacked {
         for (c, acc) in acc.iter_mut().enumerate() {
             let y = y[c].add(QUANTS).cast::<f32>();
             let da = _mm256_broadcast_ss(&*y.add(SUBS));
-            let sum = _mm256_cvtepi32_ps(O::small_lanes(sum[c]));
+            let sum = _mm256_cvtepi32_ps(sum[c]);
             *acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(scales, da), *acc);
             *acc = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(y), *acc);
         }

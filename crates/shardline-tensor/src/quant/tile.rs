@@ -50,10 +50,13 @@ pub(super) trait IntOps {
     unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
     /// `acc` plus the sum of the two i16 products per i32 lane.
     unsafe fn dot_i16(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
-    /// `acc` plus the products of unsigned bytes `u` below 16 and signed bytes `y`, in the lanes'
-    /// own form (i16 pairs on AVX2, which hold 8 such additions: 8 · 2 · 15 · 127 < 2^15, or
-    /// i32 fours); [`IntOps::small_lanes`] makes the i32 sums of four bytes.
+    /// `acc` plus the products of unsigned bytes `u` below 32 and signed bytes `y`, in the lanes'
+    /// own form (i16 pairs on AVX2, which hold 8 such additions for `u` below 16 and 4 below 32:
+    /// 8 · 2 · 15 · 127 and 4 · 2 · 31 · 127 < 2^15; i32 fours where [`IntOps::WIDE`]);
+    /// [`IntOps::small_lanes`] makes the i32 sums of four bytes.
     unsafe fn dot_small(acc: __m256i, u: __m256i, y: __m256i) -> __m256i;
+    /// Whether [`IntOps::dot_small`]'s lanes are i32, for any number of additions.
+    const WIDE: bool;
     /// The i32 sums of four byte products from [`IntOps::dot_small`]'s lanes.
     unsafe fn small_lanes(acc: __m256i) -> __m256i;
     /// Whether [`IntOps::dot_i8`] adds the signed weight bytes offset by 128: the sums it
@@ -94,6 +97,8 @@ impl IntOps for Avx2 {
     unsafe fn small_lanes(acc: __m256i) -> __m256i {
         _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
     }
+
+    const WIDE: bool = false;
 
     const BIASED: bool = false;
 
@@ -136,6 +141,8 @@ impl IntOps for Vnni {
     unsafe fn small_lanes(acc: __m256i) -> __m256i {
         acc
     }
+
+    const WIDE: bool = true;
 
     const BIASED: bool = true;
 

@@ -722,6 +722,27 @@ fn gemm_gives_the_dot_products() {
 }
 
 #[test]
+fn gemm_sums_do_not_overflow_at_the_largest_quants() {
+    // Every quant at its largest magnitude (Q8_0: -128; the others: all bits set) against
+    // activations of one magnitude and sign (all quantized to -127 or 127), where the i16 and
+    // i32 sums of every path are fullest.
+    for format in QuantFormat::ALL {
+        let (n, blocks, m) = (3, 4, 5);
+        let byte = if format == QuantFormat::Q8_0 {
+            0x80
+        } else {
+            0xFF
+        };
+        let mut w = vec![byte; n * blocks * format.block_bytes()];
+        set_scales(format, &mut w, |_| 0x2C00);
+        let k = blocks * format.block_size();
+        for sign in [1.0, -1.0] {
+            check_gemm(format, &w, n, &vec![sign; m * k], m);
+        }
+    }
+}
+
+#[test]
 fn gemm_checks_its_arguments() {
     let (k, m, n) = (256, 3, 2);
     let x = Rng(8).activations(m * k);
