@@ -12,9 +12,8 @@
 //!
 //! Quantized weights (ggml block formats) meet their activation rows quantized per block, as
 //! llama.cpp does, through integer dot products: with one activation row, over all of a task's
-//! weight rows in one call ([`crate::quant::dot_rows`]); with several, a few weight rows at a time
-//! against every activation row in register tiles ([`crate::quant::gemm`]), which unpack each
-//! weight block once per tile of activation rows.
+//! weight rows in one call ([`crate::quant::dot_rows`]); with several, in register tiles of
+//! activation rows ([`crate::quant::gemm`]), which unpack each weight block once per tile.
 
 use rayon::prelude::*;
 
@@ -211,11 +210,6 @@ enum Work<'a> {
     Quant(QuantTask<'a>),
 }
 
-/// Weight rows at a time of a quantized task with several activation rows: [`gemm`] keeps them
-/// in L1 while every tile of activation rows meets them, and its outputs for all the activation
-/// rows fit a small buffer.
-const QUANT_ROWS: usize = 16;
-
 /// Whole rows of a quantized weight against all the activation rows of its product.
 struct QuantTask<'a> {
     format: QuantFormat,
@@ -243,21 +237,16 @@ impl QuantTask<'_> {
             }
             return;
         }
-        let mut out = vec![0f32; m * QUANT_ROWS];
-        for first in (0..rows).step_by(QUANT_ROWS) {
-            let n = QUANT_ROWS.min(rows - first);
-            let w = &self.w[first * self.row_bytes..(first + n) * self.row_bytes];
-            let out = &mut out[..m * n];
-            gemm(isa, self.format, w, self.acts, out)
-                .expect("whole rows of the activations' length, checked by the view");
-            for (r, out) in out.chunks_exact(n).enumerate() {
-                // SAFETY: the task owns columns [0, its rows) of each of y's m rows (products_on
-                // made it so); these are first..first + n of row r.
-                let y = unsafe {
-                    std::slice::from_raw_parts_mut(self.y.0.add(r * self.y_stride + first), n)
-                };
-                y.copy_from_slice(out);
-            }
+        // Several: the tiled product of all the task's rows into a buffer, then into y.
+        let mut out = vec![0f32; m * rows];
+        gemm(isa, self.format, self.w, self.acts, &mut out)
+            .expect("whole rows of the activations' length, checked by the view");
+        for (r, out) in out.chunks_exact(rows.max(1)).enumerate() {
+            // SAFETY: the task owns columns [0, its rows) of each of y's m rows (products_on made
+            // it so).
+            let y =
+                unsafe { std::slice::from_raw_parts_mut(self.y.0.add(r * self.y_stride), rows) };
+            y.copy_from_slice(out);
         }
     }
 }
