@@ -13,6 +13,12 @@
 # llama-bench, llama-quantize and llama-simple; CUDA only with --cuda and an nvcc). The build is
 # kept and redone only when a binary is missing (delete the build folder to force it). Needs cmake
 # and a C++ compiler (`apt-get install -y cmake g++`); LLAMA_CPP_PYTHON_VERSION picks the release.
+# LLAMA_CMAKE_ARGS adds cmake arguments, built in a folder of their own: e.g. where llama.cpp's
+# AMX kernels crash (GGML_NATIVE compiles them in on CPUs with AMX; seen as a segfault in
+# ggml_backend_amx_mul_mat on a 2-core Sapphire Rapids VM), the native flags without AMX:
+#   LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+#                     -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+# (`llama-bench --repack 0` also avoids them, but turns off the repacked Q4_K kernels too).
 #
 # Conversion (MODEL_DIR: config.json, *.safetensors, tokenizer.json) to MODEL-bf16.gguf:
 #   llama.cpp   the vendored convert_hf_to_gguf.py; it imports torch and transformers (the PyPI
@@ -80,6 +86,10 @@ if ((CUDA)); then
 else
     BUILD=$PEER_DIR/llama.cpp-$VERSION-cpu
 fi
+read -r -a extra_cmake <<<"${LLAMA_CMAKE_ARGS:-}"
+if ((${#extra_cmake[@]})); then
+    BUILD=$BUILD-$(printf '%s\n' "${extra_cmake[@]}" | md5sum | cut -c1-8)
+fi
 BIN=$BUILD/bin
 
 fetch_source() {
@@ -111,7 +121,8 @@ build() {
     local t0=$SECONDS
     cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
-        -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_APP=OFF "${cuda_flags[@]}" >"$PEER_DIR/cmake-configure.log" 2>&1 ||
+        -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_APP=OFF "${cuda_flags[@]}" "${extra_cmake[@]}" \
+        >"$PEER_DIR/cmake-configure.log" 2>&1 ||
         { tail -30 "$PEER_DIR/cmake-configure.log" >&2; die "cmake configure failed (log: $PEER_DIR/cmake-configure.log)"; }
     cmake --build "$BUILD" --config Release --target "${targets[@]}" -j"$JOBS" >"$PEER_DIR/cmake-build.log" 2>&1 ||
         { tail -30 "$PEER_DIR/cmake-build.log" >&2; die "build failed (log: $PEER_DIR/cmake-build.log)"; }

@@ -11,14 +11,14 @@
 //! are in the cache, so the weights still come from memory once.
 //!
 //! Quantized weights (ggml block formats) meet their activation rows quantized per block, as
-//! llama.cpp does, through integer dot products ([`crate::quant::dot_rows`]): with one
-//! activation row, over all of a task's weight rows in one call; with several, a few weight rows
-//! at a time against every activation row.
+//! llama.cpp does, through integer dot products: with one activation row, over all of a task's
+//! weight rows in one call ([`crate::quant::dot_rows`]); with several, in register tiles of
+//! activation rows ([`crate::quant::gemm`]), which unpack each weight block once per tile.
 
 use rayon::prelude::*;
 
 use crate::pool;
-use crate::quant::{dot_rows, QuantFormat, QuantizedRow};
+use crate::quant::{dot_rows, gemm, QuantFormat, QuantizedRows};
 use crate::simd::lanes::Simd;
 use crate::simd::tile::{dot_rows_bf16_pairs, dot_tile, pair_order};
 use crate::simd::weight::{with_weight, Weight};
@@ -140,17 +140,14 @@ fn products_on(isa: Isa, products: &mut [Product]) {
     let chunk_work = total_work.div_ceil(threads * CHUNKS_PER_THREAD);
     // A quantized weight meets its activation rows quantized once, up front (rows that cannot
     // be quantized, holding NaN or infinity, give NaN outputs for the model's finite check).
-    let quantized: Vec<Vec<Option<QuantizedRow>>> = products
+    let quantized: Vec<Option<QuantizedRows>> = products
         .iter()
         .map(|p| match p.w.dtype() {
-            DType::Quant(q) => {
-                let k = p.w.shape().dims()[1];
-                p.x.chunks_exact(k.max(1))
-                    .take(p.m)
-                    .map(|row| QuantizedRow::for_weights(q, row).ok())
-                    .collect()
-            }
-            _ => Vec::new(),
+            DType::Quant(q) => Some(
+                QuantizedRows::for_weights(q, p.m, &p.x[..p.m * p.w.shape().dims()[1]])
+                    .expect("rows of whole blocks, checked by the view"),
+            ),
+            _ => None,
         })
         .collect();
     let mut tasks = Vec::new();
@@ -175,16 +172,16 @@ fn products_on(isa: Isa, products: &mut [Product]) {
             let w = &p.w.bytes()[n0 * row_bytes..(n0 + rows) * row_bytes];
             // SAFETY: n0 < n, and y holds m rows of n.
             let y = Out(unsafe { y.0.add(n0) });
-            tasks.push(match p.w.dtype() {
-                DType::Quant(format) => Work::Quant(QuantTask {
+            tasks.push(match (p.w.dtype(), quantized) {
+                (DType::Quant(format), Some(acts)) => Work::Quant(QuantTask {
                     format,
                     w,
                     row_bytes,
-                    acts: quantized,
+                    acts,
                     y,
                     y_stride: n,
                 }),
-                dtype => Work::Float(Task {
+                (dtype, _) => Work::Float(Task {
                     dtype,
                     w,
                     rows,
@@ -213,45 +210,43 @@ enum Work<'a> {
     Quant(QuantTask<'a>),
 }
 
-/// Weight rows at a time of a quantized task: a few KiB, so that they stay in L1 while every
-/// activation row meets them.
-const QUANT_ROWS: usize = 8;
-
 /// Whole rows of a quantized weight against all the activation rows of its product.
 struct QuantTask<'a> {
     format: QuantFormat,
     w: &'a [u8],
     row_bytes: usize,
-    /// Each activation row quantized, `None` where it held a non-finite value.
-    acts: &'a [Option<QuantizedRow>],
+    /// The activation rows, quantized.
+    acts: &'a QuantizedRows,
     y: Out,
     y_stride: usize,
 }
 
 impl QuantTask<'_> {
     fn run(self, isa: Isa) {
-        // One activation row: all the rows in one call (which reads them front to back and
-        // computes what they take from the activation row once).
-        let group = if self.acts.len() == 1 {
-            self.w.len().max(1)
-        } else {
-            (QUANT_ROWS * self.row_bytes).max(1)
-        };
-        for (g, w) in self.w.chunks(group).enumerate() {
-            let first = g * (group / self.row_bytes.max(1));
-            let rows = w.len() / self.row_bytes;
-            for (r, act) in self.acts.iter().enumerate() {
-                // SAFETY: the task owns columns [0, its rows) of each of y's m rows (products_on
-                // made it so); these are first.. of row r.
-                let y = unsafe {
-                    std::slice::from_raw_parts_mut(self.y.0.add(r * self.y_stride + first), rows)
-                };
-                match act {
-                    Some(a) => dot_rows(isa, self.format, w, a.activations(), y)
-                        .expect("whole rows of the activations' length, checked by the view"),
-                    None => y.fill(f32::NAN),
-                }
+        let rows = self.w.len() / self.row_bytes.max(1);
+        let m = self.acts.rows();
+        if m == 1 {
+            // One activation row: all the rows in one call, which reads them front to back and
+            // computes what they take from the activation row once.
+            // SAFETY: the task owns columns [0, rows) of y's first row (products_on made it so).
+            let y = unsafe { std::slice::from_raw_parts_mut(self.y.0, rows) };
+            match self.acts.row(0) {
+                Some(a) => dot_rows(isa, self.format, self.w, a, y)
+                    .expect("whole rows of the activations' length, checked by the view"),
+                None => y.fill(f32::NAN),
             }
+            return;
+        }
+        // Several: the tiled product of all the task's rows into a buffer, then into y.
+        let mut out = vec![0f32; m * rows];
+        gemm(isa, self.format, self.w, self.acts, &mut out)
+            .expect("whole rows of the activations' length, checked by the view");
+        for (r, out) in out.chunks_exact(rows.max(1)).enumerate() {
+            // SAFETY: the task owns columns [0, its rows) of each of y's m rows (products_on made
+            // it so).
+            let y =
+                unsafe { std::slice::from_raw_parts_mut(self.y.0.add(r * self.y_stride), rows) };
+            y.copy_from_slice(out);
         }
     }
 }

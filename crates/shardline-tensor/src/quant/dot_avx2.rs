@@ -211,7 +211,7 @@ const fn k_scale_pick(j: usize) -> [u8; 32] {
     pick
 }
 
-const K_SCALE_PICK: [[u8; 32]; 8] = [
+pub(super) const K_SCALE_PICK: [[u8; 32]; 8] = [
     k_scale_pick(0),
     k_scale_pick(1),
     k_scale_pick(2),
@@ -223,7 +223,7 @@ const K_SCALE_PICK: [[u8; 32]; 8] = [
 ];
 
 #[inline(always)]
-unsafe fn load_const(bytes: &[u8; 32]) -> __m256i {
+pub(super) unsafe fn load_const(bytes: &[u8; 32]) -> __m256i {
     _mm256_loadu_si256(bytes.as_ptr().cast())
 }
 
@@ -410,7 +410,7 @@ const fn q6_scale_pick(s: usize) -> [u8; 32] {
     pick
 }
 
-const Q6_SCALE_PICK: [[u8; 32]; 4] = [
+pub(super) const Q6_SCALE_PICK: [[u8; 32]; 4] = [
     q6_scale_pick(0),
     q6_scale_pick(1),
     q6_scale_pick(2),

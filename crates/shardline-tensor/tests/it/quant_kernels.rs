@@ -1,15 +1,16 @@
 //! The quantized block formats' sizes, argument checks, quantizers and dot products: the scalar
 //! reference and every SIMD path against the dot of the dequantized rows (within a tolerance
-//! derived from their rounding steps), many rows at once against one at a time (bit for bit),
-//! and quantize/dequantize round trips (within bounds derived from the formats' step sizes).
+//! derived from their rounding steps), many rows at once against one at a time (bit for bit), the
+//! tiled matrix product against the dot products (within rounding), and quantize/dequantize round
+//! trips (within bounds derived from the formats' step sizes).
 
 use crate::common;
 
 use half::f16;
 use proptest::prelude::*;
 use shardline_tensor::quant::{
-    dequantize_row, dot, dot_rows, quantize_row_q4_k, quantize_row_q8_0, quantize_row_q8_k,
-    Activations, BlockQ8K, QuantError, QuantFormat,
+    dequantize_row, dot, dot_rows, gemm, quantize_row_q4_k, quantize_row_q8_0, quantize_row_q8_k,
+    Activations, BlockQ8K, QuantError, QuantFormat, QuantizedRows,
 };
 use shardline_tensor::Isa;
 
@@ -605,4 +606,189 @@ fn q4_k_is_accurate_on_gaussian_data() {
         100.0 * rms / x_rms
     );
     assert!(rms / x_rms < 0.12, "rms error {rms} against rms {x_rms}");
+}
+
+/// The largest magnitude of the integer weight factor an element of a `format` block can put
+/// into any partial sum of any path, times the block's scales: `|d|·max|q ± offset|` (Q8_0: 128;
+/// Q4_0: 15 + 8; Q6_K: |scale| <= 128 times 63 + 32, its offset taken off separately by some
+/// paths), and for Q4_K/Q5_K `|d|·63·31 + |dmin|·63` (scale times quant, and min).
+fn block_bound(format: QuantFormat, block: &[u8]) -> f64 {
+    let f16_at = |at: usize| {
+        f16::from_le_bytes([block[at], block[at + 1]])
+            .to_f64()
+            .abs()
+    };
+    match format {
+        QuantFormat::Q8_0 => 128.0 * f16_at(0),
+        QuantFormat::Q4_0 => 23.0 * f16_at(0),
+        QuantFormat::Q4K | QuantFormat::Q5K => 63.0 * 31.0 * f16_at(0) + 63.0 * f16_at(2),
+        QuantFormat::Q6K => 128.0 * 95.0 * f16_at(208),
+    }
+}
+
+/// Asserts that [`gemm`] of `w` (`n` rows) with the rows of `x` gives, on every path, each
+/// product as [`dot`] does on that path: the same bits on the scalar path; within f32 rounding
+/// on the SIMD paths, which tile the activation rows and may add the same exact integer sums in
+/// another order. NaN for rows of `x` holding a non-finite value.
+///
+/// Tolerance: both results sum the same exact per-block integers, each term rounded at most a few
+/// times (conversion, scale products, a fused multiply-add) and the accumulation at most once per
+/// block more, then at most 4 times adding lanes and once more combining Q4_K/Q5_K's min part:
+/// fewer than `blocks + 8` roundings on either side, each relative to a partial sum bounded by
+/// `A = Σ_blocks block_bound · Σ_i |a_i|` (the integer factors' largest magnitudes, before offsets
+/// or mins cancel, times the activations). So `|gemm - dot| <= 2·(blocks + 8)·u·A·(1 + O(u))`
+/// with `u = ε/2`; the tolerance is `(blocks + 16)·ε·A`, plus the smallest normal f32.
+fn check_gemm(format: QuantFormat, w: &[u8], n: usize, x: &[f32], m: usize) {
+    let k = x.len() / m;
+    let acts = QuantizedRows::for_weights(format, m, x).unwrap();
+    let row_bytes = format.row_bytes(k).unwrap();
+    let blocks = k / format.block_size();
+    for isa in common::isas() {
+        let mut got = vec![f32::NAN; m * n];
+        gemm(isa, format, w, &acts, &mut got).unwrap();
+        for c in 0..m {
+            let row = &x[c * k..(c + 1) * k];
+            let Some(act) = acts.row(c) else {
+                assert!(row.iter().any(|v| !v.is_finite()), "row {c} quantizes");
+                assert!(got[c * n..(c + 1) * n].iter().all(|v| v.is_nan()));
+                continue;
+            };
+            let act_abs: Vec<f64> = match act {
+                Activations::Q8_0(bytes) => bytes
+                    .chunks_exact(34)
+                    .map(|b| {
+                        let d = f16::from_le_bytes([b[0], b[1]]).to_f64().abs();
+                        b[2..].iter().map(|&q| d * (q as i8 as f64).abs()).sum()
+                    })
+                    .collect(),
+                Activations::Q8K(blocks) => blocks
+                    .iter()
+                    .map(|b| {
+                        let d = (b.d() as f64).abs();
+                        b.qs().iter().map(|&q| d * (q as f64).abs()).sum()
+                    })
+                    .collect(),
+            };
+            for r in 0..n {
+                let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
+                let want = dot(isa, format, wrow, act).unwrap();
+                let got = got[c * n + r];
+                if isa == Isa::Scalar {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{format} scalar ({r}, {c})");
+                    continue;
+                }
+                // The activation blocks of Q8_0 are 32 long; a K-quant block meets 256 values.
+                let per_block = act_abs.len() / blocks;
+                let magnitude: f64 = wrow
+                    .chunks_exact(format.block_bytes())
+                    .zip(act_abs.chunks_exact(per_block))
+                    .map(|(wb, a)| block_bound(format, wb) * a.iter().sum::<f64>())
+                    .sum();
+                let tol = (blocks + 16) as f64 * f32::EPSILON as f64 * magnitude
+                    + f32::MIN_POSITIVE as f64;
+                assert!(
+                    (got as f64 - want as f64).abs() <= tol,
+                    "{format} on {isa}, {n}x{k} by m={m}: ({r}, {c}) gives {got:e}, dot \
+                     {want:e} (tolerance {tol:e})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_gives_the_dot_products() {
+    let mut rng = Rng(7);
+    for format in QuantFormat::ALL {
+        let block = format.block_size();
+        // Rows around the tile and group sizes; one to three blocks (and 33 for groups of rows
+        // that do not fill the L1 budget evenly).
+        for (n, blocks) in [(1, 1), (5, 2), (17, 3), (6, 33)] {
+            let k = blocks * block;
+            let mut w = Vec::new();
+            for _ in 0..n {
+                let wide = rng.next().is_multiple_of(4);
+                w.extend(weight_row(&mut rng, format, blocks, wide));
+            }
+            for m in 1..=9 {
+                let mut x = rng.activations(m * k);
+                if m == 6 {
+                    x[4 * k + 7] = f32::NAN;
+                }
+                check_gemm(format, &w, n, &x, m);
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_sums_do_not_overflow_at_the_largest_quants() {
+    // Every quant at its largest magnitude (Q8_0: -128; the others: all bits set) against
+    // activations of one magnitude and sign (all quantized to -127 or 127), where the i16 and
+    // i32 sums of every path are fullest.
+    for format in QuantFormat::ALL {
+        let (n, blocks, m) = (3, 4, 5);
+        let byte = if format == QuantFormat::Q8_0 {
+            0x80
+        } else {
+            0xFF
+        };
+        let mut w = vec![byte; n * blocks * format.block_bytes()];
+        set_scales(format, &mut w, |_| 0x2C00);
+        let k = blocks * format.block_size();
+        for sign in [1.0, -1.0] {
+            check_gemm(format, &w, n, &vec![sign; m * k], m);
+        }
+    }
+}
+
+#[test]
+fn gemm_checks_its_arguments() {
+    let (k, m, n) = (256, 3, 2);
+    let x = Rng(8).activations(m * k);
+    let w = weight_row(&mut Rng(9), QuantFormat::Q4K, n, false);
+    let acts = QuantizedRows::for_weights(QuantFormat::Q4K, m, &x).unwrap();
+    assert_eq!((acts.rows(), acts.elements()), (m, k));
+    let mut out = vec![0.0; m * n];
+    for isa in common::isas() {
+        gemm(isa, QuantFormat::Q4K, &w, &acts, &mut out).unwrap();
+        assert!(matches!(
+            gemm(isa, QuantFormat::Q4K, &w[1..], &acts, &mut out),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            gemm(isa, QuantFormat::Q4K, &w, &acts, &mut out[1..]),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            gemm(isa, QuantFormat::Q8_0, &w, &acts, &mut out),
+            Err(QuantError::ActivationKind { .. })
+        ));
+    }
+    assert!(matches!(
+        QuantizedRows::for_weights(QuantFormat::Q4K, 2, &x[..701]),
+        Err(QuantError::Length { .. })
+    ));
+    assert!(matches!(
+        QuantizedRows::for_weights(QuantFormat::Q4K, 3, &x[..300]),
+        Err(QuantError::PartialBlock { .. })
+    ));
+    // Rows quantized for Q4_K (and rearranged for its packed kernels) serve the other K-quants
+    // as rows quantized for them do.
+    let x = Rng(10).activations(5 * k);
+    let w6 = weight_row(&mut Rng(11), QuantFormat::Q6K, 3, false);
+    for isa in common::isas() {
+        let mut outs = [vec![0.0; 15], vec![0.0; 15]];
+        for (format, out) in [QuantFormat::Q4K, QuantFormat::Q6K]
+            .into_iter()
+            .zip(&mut outs)
+        {
+            let acts = QuantizedRows::for_weights(format, 5, &x).unwrap();
+            gemm(isa, QuantFormat::Q6K, &w6, &acts, out).unwrap();
+        }
+        assert_eq!(outs[0], outs[1], "{isa}");
+    }
+    let none = QuantizedRows::for_weights(QuantFormat::Q8_0, 0, &[]).unwrap();
+    assert!(none.row(0).is_none());
+    gemm(Isa::Scalar, QuantFormat::Q8_0, &[], &none, &mut []).unwrap();
 }

@@ -1,11 +1,12 @@
 //! The matrix kernels over quantized weights: every output is the quantized dot product of its
-//! weight row with its activation row on the same instruction set (bit for bit, whether the rows
-//! run on one thread or many; `quant_kernels` bounds how far the paths are from each other), close
+//! weight row with its activation row on the same instruction set for one activation row, and the
+//! tiled product's for several (bit for bit, whether the rows run on one thread or many;
+//! `quant_kernels` bounds how far the paths and the two products are from each other), close
 //! to the product of the dequantized weights, and NaN where an activation row cannot be
 //! quantized.
 
 use shardline_tensor::kernels::{embedding, matmul_many_on, matvec_on, MatmulJob};
-use shardline_tensor::quant::{dot, QuantFormat, QuantizedRow};
+use shardline_tensor::quant::{dot, gemm, QuantFormat, QuantizedRow, QuantizedRows};
 use shardline_tensor::{DType, Isa, Tensor};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -13,20 +14,24 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect()
 }
 
-/// Each output computed on its own with the dot product on `isa`.
+/// The outputs as the quantized kernels define them on `isa`: each computed on its own with the
+/// dot product for one activation row, the tiled product of all the rows at once for several.
 fn expected(isa: Isa, w: &Tensor, x: &[f32], m: usize) -> Vec<f32> {
     let DType::Quant(q) = w.dtype() else {
         unreachable!()
     };
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
-    let row_bytes = w.dtype().row_bytes(k).unwrap();
     let mut y = vec![0f32; m * n];
-    for r in 0..m {
-        let act = QuantizedRow::for_weights(q, &x[r * k..(r + 1) * k]).unwrap();
-        for j in 0..n {
-            let row = &w.bytes()[j * row_bytes..(j + 1) * row_bytes];
-            y[r * n + j] = dot(isa, q, row, act.activations()).unwrap();
-        }
+    if m > 1 {
+        let acts = QuantizedRows::for_weights(q, m, x).unwrap();
+        gemm(isa, q, w.bytes(), &acts, &mut y).unwrap();
+        return y;
+    }
+    let row_bytes = w.dtype().row_bytes(k).unwrap();
+    let act = QuantizedRow::for_weights(q, x).unwrap();
+    for (j, y) in y.iter_mut().enumerate() {
+        let row = &w.bytes()[j * row_bytes..(j + 1) * row_bytes];
+        *y = dot(isa, q, row, act.activations()).unwrap();
     }
     y
 }
@@ -41,7 +46,7 @@ fn quantized_products_equal_the_dot_products() {
         // 512 x 1024 is past the size below which products run on one thread.
         for (n, k) in [(24, 256), (512, 1024)] {
             let w = Tensor::from_f32(DType::Quant(format), [n, k], &values(n * k, 1)).unwrap();
-            for m in [1, 3] {
+            for m in [1, 3, 6] {
                 let x = values(m * k, 2);
                 for isa in supported() {
                     let want = expected(isa, &w, &x, m);
