@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use shardline_model::{load_dir, load_tokenizer, Backend, Engine, Logits};
+
+use crate::common::checkpoint::{edit_config, edit_weights};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mixtral-tiny")
@@ -26,34 +28,6 @@ fn load_err(dir: &Path) -> String {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
-}
-
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
-    let path = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    f(v.as_object_mut().unwrap());
-    std::fs::write(&path, v.to_string()).unwrap();
-}
-
-type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
-
-/// Rewrites `model.safetensors`, letting `f` change or drop (return false) each tensor.
-fn edit_weights(dir: &Path, mut f: impl FnMut(&mut Entry) -> bool) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut entries: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    entries.retain_mut(&mut f);
-    let views: Vec<(String, TensorView)> = entries
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
 const Q: &str = "model.layers.1.self_attn.q_proj.weight";

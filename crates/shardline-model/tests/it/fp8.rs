@@ -8,12 +8,13 @@
 //! that rounding alone ([`tolerance`] derives the logits' share of it).
 
 use crate::common;
+use crate::common::checkpoint::{edit_config, edit_weights};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use shardline_model::fp8::{dequantize, Fp8Blocks};
 use shardline_model::load::{load_model, load_model_for};
@@ -331,34 +332,6 @@ fn assert_mentions(err: &str, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "error `{err}` does not mention `{n}`");
     }
-}
-
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
-    let path = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    f(v.as_object_mut().unwrap());
-    std::fs::write(&path, v.to_string()).unwrap();
-}
-
-type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
-
-/// Rewrites `model.safetensors`, letting `f` change or drop (return false) each tensor.
-fn edit_weights(dir: &Path, mut f: impl FnMut(&mut Entry) -> bool) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut entries: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    entries.retain_mut(&mut f);
-    let views: Vec<(String, TensorView)> = entries
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
 const Q: &str = "model.layers.1.self_attn.q_proj.weight";

@@ -417,6 +417,39 @@ pub(super) const Q6_SCALE_PICK: [[u8; 32]; 4] = [
     q6_scale_pick(3),
 ];
 
+/// Half `h` (0 or 1) of the Q6_K block at `w`: its scales 8h..8h + 8 in both 128-bit lanes (from
+/// `scales`, the block's 16 scales widened to i16) and its quants, 32s..32s + 32 of the group of
+/// 128 in `quants[s]`: the low (s < 2) or high nibbles of the low bytes 32 (s % 2).., with bits
+/// 2s, 2s + 1 of the high bytes moved to bits 4-5 (16-bit shifts of at most 4 bring nothing
+/// across bytes into those bits). Each quant is below 64, not yet offset by -32.
+#[inline(always)]
+pub(super) unsafe fn q6_k_half(w: *const u8, scales: __m256i, h: usize) -> (__m256i, [__m256i; 4]) {
+    let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    let lane_scales = if h == 0 {
+        _mm256_permute2x128_si256::<0x00>(scales, scales)
+    } else {
+        _mm256_permute2x128_si256::<0x11>(scales, scales)
+    };
+    let ql0 = _mm256_loadu_si256(w.add(64 * h).cast());
+    let ql1 = _mm256_loadu_si256(w.add(64 * h + 32).cast());
+    let hb = _mm256_loadu_si256(w.add(q6_k::QH + 32 * h).cast());
+    let parts = [
+        (_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(hb)),
+        (_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<2>(hb)),
+        (_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), hb),
+        (
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+            _mm256_srli_epi16::<2>(hb),
+        ),
+    ];
+    // (A loop, not `map`: a closure would not inherit the caller's target features.)
+    let mut quants = [_mm256_setzero_si256(); 4];
+    for (q, (nibbles, top)) in quants.iter_mut().zip(parts) {
+        *q = _mm256_or_si256(nibbles, _mm256_and_si256(top, m30));
+    }
+    (lane_scales, quants)
+}
+
 struct Q6K;
 
 impl BlockKernel for Q6K {
@@ -452,31 +485,9 @@ impl BlockKernel for Q6K {
     unsafe fn block(w: *const u8, s: &Q6Shared, acc: &mut __m256) {
         let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(q6_k::SCALES).cast()));
         let mut sum = _mm256_setzero_si256();
-        let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         for h in 0..2 {
-            // Scales 8h..8h + 8 in both 128-bit lanes.
-            let lane_scales = if h == 0 {
-                _mm256_permute2x128_si256::<0x00>(scales, scales)
-            } else {
-                _mm256_permute2x128_si256::<0x11>(scales, scales)
-            };
-            let ql0 = _mm256_loadu_si256(w.add(64 * h).cast());
-            let ql1 = _mm256_loadu_si256(w.add(64 * h + 32).cast());
-            let hb = _mm256_loadu_si256(w.add(q6_k::QH + 32 * h).cast());
-            // Quants 32s..32s + 32 of the group: the low (s < 2) or high nibbles of the low bytes
-            // 32 (s % 2).., and bits 2s, 2s + 1 of the high bytes moved to bits 4-5 (16-bit shifts
-            // of at most 4 bring nothing across bytes into those bits).
-            let quants = [
-                (_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(hb)),
-                (_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<2>(hb)),
-                (_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), hb),
-                (
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                    _mm256_srli_epi16::<2>(hb),
-                ),
-            ];
-            for (q_s, (nibbles, top)) in quants.into_iter().enumerate() {
-                let q = _mm256_or_si256(nibbles, _mm256_and_si256(top, m30));
+            let (lane_scales, quants) = q6_k_half(w, scales, h);
+            for (q_s, q) in quants.into_iter().enumerate() {
                 // Quants below 64: |q y + q' y'| <= 63 · 127 · 2 fits i16, and so does
                 // (q - 32) y + (q' - 32) y'.
                 let y = _mm256_loadu_si256(s.y.add(128 * h + 32 * q_s).cast());

@@ -20,7 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dot_avx2::{hsum_256, load_const, K_SCALE_PICK, Q6_SCALE_PICK};
+use super::dot_avx2::{hsum_256, load_const, q6_k_half, K_SCALE_PICK, Q6_SCALE_PICK};
 use super::kscale;
 use super::layout::{q4_k, q6_k, q8_0};
 use super::BlockQ8K;
@@ -286,7 +286,6 @@ impl TileKernel for Q6K {
         acc: &mut [__m256; C],
     ) {
         let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(q6_k::SCALES).cast()));
-        let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let y: [*const i8; C] = std::array::from_fn(|c| q8k(a[c], b).qs().as_ptr());
         // The offset first: -32 · scale_j times the sum of the 16 quants scale j covers
         // (|32 · 128 · 2032| · 2 fits i32).
@@ -300,29 +299,9 @@ impl TileKernel for Q6K {
             *sum = O::dot_i16(*sum, offset_scales, bsums);
         }
         for h in 0..2 {
-            // Scales 8h..8h + 8 in both 128-bit lanes.
-            let lane_scales = if h == 0 {
-                _mm256_permute2x128_si256::<0x00>(scales, scales)
-            } else {
-                _mm256_permute2x128_si256::<0x11>(scales, scales)
-            };
-            let ql0 = _mm256_loadu_si256(w.add(64 * h).cast());
-            let ql1 = _mm256_loadu_si256(w.add(64 * h + 32).cast());
-            let hb = _mm256_loadu_si256(w.add(q6_k::QH + 32 * h).cast());
-            // As the dot kernel: quants 32s..32s + 32 of the group of 128 from the low or high
-            // nibbles and bits 2s, 2s + 1 of the high bytes.
-            let quants = [
-                (_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(hb)),
-                (_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<2>(hb)),
-                (_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), hb),
-                (
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                    _mm256_srli_epi16::<2>(hb),
-                ),
-            ];
-            for (s, (nibbles, top)) in quants.into_iter().enumerate() {
+            let (lane_scales, quants) = q6_k_half(w, scales, h);
+            for (s, q) in quants.into_iter().enumerate() {
                 // Quants below 64: |q y + q' y'| <= 63 · 127 · 2 fits i16.
-                let q = _mm256_or_si256(nibbles, _mm256_and_si256(top, m30));
                 let scale = _mm256_shuffle_epi8(lane_scales, load_const(&Q6_SCALE_PICK[s]));
                 for (y, sum) in y.iter().zip(sum.iter_mut()) {
                     let y = _mm256_loadu_si256(y.add(128 * h + 32 * s).cast());

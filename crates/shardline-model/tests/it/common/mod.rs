@@ -3,6 +3,8 @@
 //! they would travel in as the comm crate's collectives do, and counts the exchanges.
 //! The comm crate's collectives between processes are tested by the CLI's distributed tests.
 
+pub mod checkpoint;
+
 use std::sync::{Arc, Barrier, Mutex};
 
 use half::{bf16, f16};
