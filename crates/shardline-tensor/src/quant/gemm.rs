@@ -5,6 +5,7 @@
 
 use super::dot::Path;
 use super::layout::{f16_at, q8_0};
+use super::rows::check_weight_rows;
 use super::{quantize_row_q8_0, quantize_row_q8_k, Activations, BlockQ8K, QuantError, QuantFormat};
 use crate::Isa;
 
@@ -212,17 +213,7 @@ pub fn gemm(
         });
     }
     let n = out.len().checked_div(m).unwrap_or(0);
-    let expected = row_bytes.checked_mul(n).ok_or(QuantError::Overflow {
-        format,
-        elements: n,
-    })?;
-    if weights.len() != expected {
-        return Err(QuantError::Length {
-            what: "weight bytes (rows times the activation row's size)",
-            expected,
-            actual: weights.len(),
-        });
-    }
+    check_weight_rows(format, weights, row_bytes, n)?;
     if m == 0 {
         return Ok(());
     }

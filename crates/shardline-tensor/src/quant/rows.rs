@@ -56,12 +56,22 @@ pub fn dot_rows(
 ) -> Result<(), QuantError> {
     let path = Path::for_isa(isa)?;
     let row_bytes = format.row_bytes(act.elements()?)?;
-    let expected = row_bytes
-        .checked_mul(out.len())
-        .ok_or(QuantError::Overflow {
-            format,
-            elements: out.len(),
-        })?;
+    check_weight_rows(format, weights, row_bytes, out.len())?;
+    path.rows(format, act, weights, row_bytes, out)
+}
+
+/// Checks that `weights` is `rows` rows of `row_bytes` bytes of `format` (the size of the
+/// activation row they meet).
+pub(super) fn check_weight_rows(
+    format: QuantFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    rows: usize,
+) -> Result<(), QuantError> {
+    let expected = row_bytes.checked_mul(rows).ok_or(QuantError::Overflow {
+        format,
+        elements: rows,
+    })?;
     if weights.len() != expected {
         return Err(QuantError::Length {
             what: "weight bytes (rows times the activation row's size)",
@@ -69,5 +79,5 @@ pub fn dot_rows(
             actual: weights.len(),
         });
     }
-    path.rows(format, act, weights, row_bytes, out)
+    Ok(())
 }
