@@ -9,7 +9,7 @@
 use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,21 +34,8 @@ impl Job {
         let mut output = Vec::new();
         for rank in 0..world {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardline-comm-worker"));
-            cmd.arg(scenario)
-                .env("SHARDLINE_RANK", rank.to_string())
-                .env("SHARDLINE_WORLD_SIZE", world.to_string())
-                .env("SHARDLINE_COORDINATOR", &addr)
-                .env("SHARDLINE_JOB_TOKEN", "test-token")
-                .env("SHARDLINE_TRANSPORT", transport)
-                .env("SHARDLINE_TIMEOUT", "60")
-                .env("SHARDLINE_SHM_RING_BYTES", "262144")
-                .env_remove("SHARDLINE_ALLREDUCE_ALGO")
-                .env_remove("SHARDLINE_HEARTBEAT")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            for (k, v) in extra {
-                cmd.env(k, v);
-            }
+            cmd.arg(scenario).env_remove("SHARDLINE_HEARTBEAT");
+            common::set_rank(&mut cmd, rank, world, &addr, transport, 60, extra);
             let mut child = cmd.spawn().expect("cannot start the worker");
             let text = Arc::new(Mutex::new(String::new()));
             let (stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());

@@ -48,12 +48,28 @@ pub fn spawn_rank(
             c
         }
     };
+    set_rank(&mut cmd, rank, world, addr, "tcp", 20, extra);
+    cmd.spawn().expect("cannot start the worker")
+}
+
+/// Makes `cmd` rank `rank` of a `world`-rank job meeting at `addr` over `transport`, each wait
+/// bounded by `timeout_s` seconds, with small shm rings (less /dev/shm, 64 MiB in a default
+/// container, and more wrap-arounds) and its output piped; `extra` variables go last.
+pub fn set_rank(
+    cmd: &mut Command,
+    rank: usize,
+    world: usize,
+    addr: &str,
+    transport: &str,
+    timeout_s: u32,
+    extra: &[(&str, &str)],
+) {
     cmd.env("SHARDLINE_RANK", rank.to_string())
         .env("SHARDLINE_WORLD_SIZE", world.to_string())
         .env("SHARDLINE_COORDINATOR", addr)
         .env("SHARDLINE_JOB_TOKEN", "test-token")
-        .env("SHARDLINE_TRANSPORT", "tcp")
-        .env("SHARDLINE_TIMEOUT", "20")
+        .env("SHARDLINE_TRANSPORT", transport)
+        .env("SHARDLINE_TIMEOUT", timeout_s.to_string())
         .env("SHARDLINE_SHM_RING_BYTES", "262144")
         .env_remove("SHARDLINE_ALLREDUCE_ALGO")
         .stdout(Stdio::piped())
@@ -61,7 +77,6 @@ pub fn spawn_rank(
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("cannot start the worker")
 }
 
 /// Waits for `child` at most `limit`, killing it past that; returns whether it succeeded and
@@ -168,21 +183,8 @@ pub fn run_job(
     let mut children: Vec<Child> = (0..world)
         .map(|rank| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardline-comm-worker"));
-            cmd.arg(scenario)
-                .env("SHARDLINE_RANK", rank.to_string())
-                .env("SHARDLINE_WORLD_SIZE", world.to_string())
-                .env("SHARDLINE_COORDINATOR", &addr)
-                .env("SHARDLINE_JOB_TOKEN", "test-token")
-                .env("SHARDLINE_TRANSPORT", transport)
-                .env("SHARDLINE_TIMEOUT", "20")
-                // Small rings: less /dev/shm (64 MiB in a default container) and more wrap-arounds.
-                .env("SHARDLINE_SHM_RING_BYTES", "262144")
-                .env_remove("SHARDLINE_ALLREDUCE_ALGO")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            for (k, v) in extra {
-                cmd.env(k, v);
-            }
+            cmd.arg(scenario);
+            set_rank(&mut cmd, rank, world, &addr, transport, 20, extra);
             cmd.spawn().expect("cannot start the worker")
         })
         .collect();
