@@ -3,27 +3,17 @@
 //! ranks still form a working group.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use shardline_comm::{CommError, Config, Group, ReduceOp, TransportChoice};
+
+use crate::common::connect;
 
 fn cfg(rank: usize, addr: &str, token: &str, secs: u64) -> Config {
     let mut c = Config::new(rank, 2, addr, token);
     c.timeout = Duration::from_secs(secs);
     c.transport = TransportChoice::Tcp;
     c
-}
-
-fn connect(addr: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => return s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("rank 0 never listened at {addr}: {e}"),
-        }
-    }
 }
 
 #[test]

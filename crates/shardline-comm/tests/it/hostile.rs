@@ -6,24 +6,13 @@
 //! which binds loopback for a job on one host: silent, garbage and idle connections there do not
 //! hold up the rank that really connects.
 
-use crate::common;
+use crate::common::{self, connect};
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn connect(addr: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => return s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("rank 0 never listened at {addr}: {e}"),
-        }
-    }
-}
 
 /// Sends `bytes`, giving up after a few seconds or on the first error (rank 0 may close).
 fn send(s: &mut TcpStream, bytes: &[u8]) -> bool {

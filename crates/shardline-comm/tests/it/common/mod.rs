@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,18 @@ pub struct Outcome {
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
+}
+
+/// A connection to rank 0's listener at `addr`, retried for up to 10 s while it starts.
+pub fn connect(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("rank 0 never listened at {addr}: {e}"),
+        }
+    }
 }
 
 /// Starts one rank of a `world`-rank job of `scenario` meeting at `addr`, its output piped; with
