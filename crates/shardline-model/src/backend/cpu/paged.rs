@@ -21,16 +21,16 @@ use crate::layer::{AttentionWeights, Exec};
 trait KvElem: Copy + Default + Send + Sync {
     /// `src` rounded into `dst` (of the same length).
     fn store(src: &[f32], dst: &mut [Self]);
-    /// `src` as f32 into `dst` (of the same length).
-    fn load(src: &[Self], dst: &mut [f32]);
+    /// `src` as f32: `src` itself, or widened into `buf` (of the same length).
+    fn load<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
 }
 
 impl KvElem for f32 {
     fn store(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
-    fn load(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+    fn load<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
     }
 }
 
@@ -39,8 +39,9 @@ impl KvElem for bf16 {
     fn store(src: &[f32], dst: &mut [bf16]) {
         dst.convert_from_f32_slice(src);
     }
-    fn load(src: &[bf16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
+    fn load<'a>(src: &'a [bf16], buf: &'a mut [f32]) -> &'a [f32] {
+        src.convert_to_f32_slice(buf);
+        buf
     }
 }
 
@@ -48,8 +49,9 @@ impl KvElem for f16 {
     fn store(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src);
     }
-    fn load(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
+    fn load<'a>(src: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        src.convert_to_f32_slice(buf);
+        buf
     }
 }
 
@@ -84,21 +86,19 @@ impl<E: KvElem> Planes<E> {
         out: &mut [f32],
     ) {
         let d = q.len();
-        // One position's key or value as f32 at a time: head_dim values, on the stack.
-        let mut row = [0.0f32; MAX_HEAD_DIM];
-        let row = &mut row[..d];
+        // One position's key or value widened to f32 at a time (16-bit caches): head_dim
+        // values, on the stack.
+        let mut buf = [0.0f32; MAX_HEAD_DIM];
+        let buf = &mut buf[..d];
         let mut scores: Vec<f32> = starts
             .clone()
-            .map(|at| {
-                E::load(&self.k[at..at + d], row);
-                dot(q, row) * scale
-            })
+            .map(|at| dot(q, E::load(&self.k[at..at + d], buf)) * scale)
             .collect();
         shardline_tensor::kernels::softmax(&mut scores);
         out.fill(0.0);
         for (at, w) in starts.zip(scores) {
-            E::load(&self.v[at..at + d], row);
-            for (o, v) in out.iter_mut().zip(row.iter()) {
+            let row = E::load(&self.v[at..at + d], buf);
+            for (o, v) in out.iter_mut().zip(row) {
                 *o += w * v;
             }
         }
